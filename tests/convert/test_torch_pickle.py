@@ -1,0 +1,76 @@
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mamba_llama_jax.convert.torch_pickle import load_torch_state_dict
+from mamba_llama_jax.errors import ModelFormatError
+
+FIX = Path(__file__).parents[1] / "fixtures" / "torch_pickle"
+
+
+def test_reads_fp32_bf16_fp16_int_and_strided_views():
+    sd = load_torch_state_dict(FIX / "tiny.bin")
+    ref = np.load(FIX / "tiny_expected.npz")
+    assert sorted(sd) == sorted(ref.files)
+    assert sd["b.weight"].dtype == ml_dtypes.bfloat16 and sd["c.half"].dtype == np.float16
+    for k in ref.files:
+        np.testing.assert_array_equal(np.asarray(sd[k], dtype=ref[k].dtype), ref[k])
+
+
+def test_code_in_pickle_is_refused_and_never_runs(tmp_path):
+    marker = Path("/tmp/mamba_llama_pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ModelFormatError, match=r"refusing to load posix\.system"):
+        load_torch_state_dict(FIX / "evil.bin")
+    assert not marker.exists()
+
+
+def test_missing_and_non_zip(tmp_path):
+    with pytest.raises(ModelFormatError, match="not found"):
+        load_torch_state_dict(tmp_path / "nope.bin")
+    bad = tmp_path / "legacy.bin"
+    bad.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ModelFormatError, match="not a torch zip checkpoint"):
+        load_torch_state_dict(bad)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info.filename, data)
+
+
+def test_truncated_storage_detected(tmp_path):
+    dst = tmp_path / "t.bin"
+    _rewrite(FIX / "tiny.bin", dst, lambda n, d: d[:-4] if "/data/" in n and len(d) > 8 else d)
+    with pytest.raises(ModelFormatError, match="bytes, expected"):
+        load_torch_state_dict(dst)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_mutated_pickle_only_raises_project_errors(tmp_path, pos, byte):
+    dst = tmp_path / "m.bin"
+
+    def edit(name, data):
+        if name.endswith("data.pkl"):
+            b = bytearray(data)
+            b[pos % len(b)] = byte
+            return bytes(b)
+        return data
+
+    _rewrite(FIX / "tiny.bin", dst, edit)
+    try:
+        sd = load_torch_state_dict(dst)
+    except ModelFormatError:
+        return
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
