@@ -57,3 +57,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(LlamaConfig, bad)
+
+
+def test_shipped_teacher_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs" / "teachers"
+    smol = load_config(LlamaConfig, root / "smollm2-135m.yaml")
+    assert (smol.num_layers, smol.head_dim, smol.tie_word_embeddings) == (30, 64, True)
+    big = load_config(LlamaConfig, root / "llama3-8b.yaml")
+    assert big.rope_scaling is not None and big.rope_scaling.factor == 8.0
