@@ -1,0 +1,272 @@
+"""HF Llama checkpoint directory -> (LlamaConfig, params, Tokenizer).
+
+A directory as `save_pretrained` / the Hub leaves it: config.json, tokenizer files, and the weights as one
+`model.safetensors` or several shards listed by `model.safetensors.index.json`. Tensors are read one at a time
+(memory-mapped by safetensors), so peak host memory is about one fp32 copy of the parameters, not two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mamba_llama_jax.config import LlamaConfig, RopeScaling
+from mamba_llama_jax.convert.common import llama_params
+from mamba_llama_jax.data.tokenizer import Tokenizer
+from mamba_llama_jax.errors import ConfigError, ModelFormatError
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_ROPE_TYPES = ("llama3", "linear")
+
+
+def read_hf_dir(path: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
+    """Reads a local HF Llama directory: config, fp32 numpy params (as `convert.common.llama_params`), tokenizer."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ModelFormatError(f"HF model directory not found: {d}")
+    raw = _read_json(d / CONFIG_FILE, what="model config")
+    cfg = llama_config_from_hf(raw, source=str(d / CONFIG_FILE))
+    gen = d / "generation_config.json"
+    if gen.is_file():
+        # Instruct checkpoints often list their end-of-turn ids only here (Llama 3: <|eot_id|>).
+        gen_raw = _read_json(gen, what="generation config")
+        if not isinstance(gen_raw, dict):
+            raise ModelFormatError(f"{gen}: expected a JSON object, got {type(gen_raw).__name__}")
+        extra = _eos_ids(gen_raw.get("eos_token_id"), str(gen))
+        cfg = _with_eos(cfg, extra)
+    with SafetensorsDir(d) as weights:
+        params = llama_params(cfg, weights.get, source=str(d))
+    tok = Tokenizer.from_hf_dir(d, eos_token_ids=cfg.eos_token_ids)
+    return cfg, params, tok
+
+
+def llama_config_from_hf(raw: dict[str, Any], source: str = CONFIG_FILE) -> LlamaConfig:
+    """LlamaConfig from a parsed HF config.json (Llama 2 / 3 / 3.1 / 3.2; transformers 4 or 5 layout)."""
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type != "llama":
+        raise ModelFormatError(
+            f"{source}: model_type is {model_type!r}, but only Llama-architecture checkpoints "
+            "(model_type 'llama') can be converted"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise ModelFormatError(f"{source}: {flag}=true is not supported (the Llama model here has no biases)")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
+
+    def req(key: str) -> Any:
+        if key not in raw:
+            raise ModelFormatError(f"{source}: required key {key!r} is missing")
+        return raw[key]
+
+    heads = req("num_attention_heads")
+    # transformers 5 moves rope_theta and the scaling into `rope_parameters`; 4.x keeps them top level.
+    rope_params = raw.get("rope_parameters") or {}
+    if not isinstance(rope_params, dict):
+        raise ModelFormatError(f"{source}: rope_parameters must be an object, got {rope_params!r}")
+    theta = rope_params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    scaling_raw = raw.get("rope_scaling") or (rope_params if rope_params else None)
+    try:
+        scaling = _rope_scaling(scaling_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    fields = dict(
+        vocab_size=_int(req("vocab_size"), "vocab_size", source),
+        hidden_size=_int(req("hidden_size"), "hidden_size", source),
+        intermediate_size=_int(req("intermediate_size"), "intermediate_size", source),
+        num_layers=_int(req("num_hidden_layers"), "num_hidden_layers", source),
+        num_heads=_int(heads, "num_attention_heads", source),
+        # Llama 2 7B/13B configs predate GQA and omit it: one KV head per query head.
+        num_kv_heads=_int(raw.get("num_key_value_heads") or heads, "num_key_value_heads", source),
+        head_dim=_int(raw.get("head_dim") or 0, "head_dim", source, minimum=0),
+        rms_norm_eps=_float(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
+        rope_theta=_float(theta, "rope_theta", source),
+        rope_scaling=scaling,
+        max_position_embeddings=_int(raw.get("max_position_embeddings", 2048), "max_position_embeddings", source),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
+        eos_token_ids=_eos_ids(raw.get("eos_token_id"), source),
+    )
+    try:
+        return LlamaConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _rope_scaling(raw: Any) -> RopeScaling | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"rope_scaling must be an object or null, got {raw!r}")
+    # Older configs spell it `type` (Llama 2 linear scaling); transformers >= 4.45 writes `rope_type`.
+    kind = raw.get("rope_type", raw.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"unknown rope scaling type {kind!r}: supported are {list(SUPPORTED_ROPE_TYPES)} "
+            "(or none for plain RoPE theta)"
+        )
+    if isinstance(raw.get("factor"), bool) or not isinstance(raw.get("factor"), (int, float)):
+        raise ConfigError(f"rope scaling {kind!r} needs a numeric 'factor', got {raw.get('factor')!r}")
+    try:
+        if kind == "linear":
+            return RopeScaling(rope_type="linear", factor=float(raw["factor"]))
+        defaults = RopeScaling()
+        return RopeScaling(
+            rope_type="llama3",
+            factor=float(raw["factor"]),
+            low_freq_factor=float(raw.get("low_freq_factor", defaults.low_freq_factor)),
+            high_freq_factor=float(raw.get("high_freq_factor", defaults.high_freq_factor)),
+            original_max_position_embeddings=int(
+                raw.get("original_max_position_embeddings", defaults.original_max_position_embeddings)),
+        )
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rope scaling {kind!r} has an invalid value: {e}") from None
+
+
+def _int(v: Any, key: str, source: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ModelFormatError(f"{source}: {key} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _float(v: Any, key: str, source: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ModelFormatError(f"{source}: {key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _eos_ids(v: Any, source: str) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    items = v if isinstance(v, list) else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ModelFormatError(f"{source}: eos_token_id must be an integer or a list of integers, got {v!r}")
+    return tuple(items)
+
+
+def _with_eos(cfg: LlamaConfig, extra: tuple[int, ...]) -> LlamaConfig:
+    merged = cfg.eos_token_ids + tuple(i for i in extra if i not in cfg.eos_token_ids)
+    return dataclasses.replace(cfg, eos_token_ids=merged)
+
+
+def _read_json(p: Path, *, what: str) -> Any:
+    if not p.is_file():
+        raise ModelFormatError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"cannot parse {what} {p}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------------- tensors
+
+
+class SafetensorsDir:
+    """Lazy name -> numpy tensor lookup over one or many safetensors files of a directory (a context manager)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = _weight_files(self.path)
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> "SafetensorsDir":
+        from safetensors import safe_open
+
+        try:
+            for f in self.files:
+                try:
+                    h = self._stack.enter_context(safe_open(str(f), framework="numpy"))
+                except Exception as e:  # safetensors raises its own error type for a corrupt header
+                    raise ModelFormatError(f"cannot read safetensors file {f}: {e}") from e
+                self._handles[f] = h
+                for k in h.keys():
+                    self._where.setdefault(k, f)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` (KeyError if absent); bf16 comes back as ml_dtypes.bfloat16."""
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type is not importable by a stable path
+            # safetensors builds without ml_dtypes cannot hand numpy a bf16 array: read the bytes ourselves.
+            try:
+                return _read_raw(f, name)
+            except ModelFormatError:
+                raise
+            except Exception:  # noqa: BLE001
+                raise ModelFormatError(f"{f}: cannot read tensor {name!r}: {e}") from e
+
+
+_RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _read_raw(f: Path, name: str) -> np.ndarray:
+    import ml_dtypes
+
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        info = header[name]
+        start, end = info["data_offsets"]
+        fh.seek(8 + n + start)
+        buf = fh.read(end - start)
+    dt = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _RAW_DTYPES.get(info["dtype"])
+    if dt is None:
+        raise ModelFormatError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    if len(buf) != end - start or len(buf) != np.dtype(dt).itemsize * int(np.prod(info["shape"])):
+        raise ModelFormatError(f"{f}: tensor {name!r} is truncated or its header is inconsistent")
+    return np.frombuffer(buf, dtype=dt).reshape(info["shape"])
+
+
+def _weight_files(d: Path) -> list[Path]:
+    index = d / INDEX_FILE
+    if index.is_file():
+        data = _read_json(index, what="safetensors index")
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise ModelFormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        files = sorted(set(wmap.values()))
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ModelFormatError(f"{index}: shard entry {name!r} is not a file name in the directory")
+        missing = [n for n in files if not (d / n).is_file()]
+        if missing:
+            raise ModelFormatError(
+                f"{index} lists shard file(s) {missing} that are not in {d}; download the complete checkpoint"
+            )
+        return [d / n for n in files]
+    single = d / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    found = sorted(d.glob("*.safetensors"))
+    if found:
+        return found
+    others = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pth"))
+    hint = f" (found {others}; re-save the model with safe_serialization=True)" if others else ""
+    raise ModelFormatError(f"no safetensors weights in {d}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
