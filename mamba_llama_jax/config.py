@@ -78,6 +78,92 @@ class LlamaConfig:
 
 DTYPES = {"float32", "bfloat16", "float16"}
 
+SCAN_IMPLS = ("sequential", "associative", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """The Mamba mixers that replace attention layers (DESIGN.md, "Attention → Mamba"); defaults are the official.
+
+    0 means "derive from the teacher": d_inner = num_heads·head_dim, d_xb = num_kv_heads·head_dim, d_state =
+    head_dim (mamba2) or 16 (mamba1), dt_rank = ceil(hidden/16) (mamba1). `scan` picks the reference op for full
+    sequences; Mamba1 has no chunked form, so 'chunked' runs its sequential scan.
+    """
+
+    variant: str = "mamba2"
+    d_state: int = 0
+    d_conv: int = 4
+    d_inner: int = 0
+    d_xb: int = 0
+    dt_rank: int = 0
+    chunk_size: int = 256
+    scan: str = "chunked"
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, ...] = (1.0, 16.0)
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("mamba1", "mamba2"):
+            raise ConfigError(f"mamba.variant must be 'mamba1' or 'mamba2', got {self.variant!r}")
+        if self.scan not in SCAN_IMPLS:
+            raise ConfigError(f"mamba.scan must be one of {list(SCAN_IMPLS)}, got {self.scan!r}")
+        for name in ("d_state", "d_inner", "d_xb", "dt_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"mamba.{name} must be >= 0 (0: derive from the teacher), got {getattr(self, name)}")
+        for name in ("d_conv", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"mamba.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor < 0:
+            raise ConfigError(
+                f"mamba dt init needs 0 < dt_min <= dt_max and dt_init_floor >= 0, got dt_min={self.dt_min}, "
+                f"dt_max={self.dt_max}, dt_init_floor={self.dt_init_floor}")
+        if len(self.A_init_range) != 2 or not 0 < self.A_init_range[0] <= self.A_init_range[1]:
+            raise ConfigError(f"mamba.A_init_range must be [low, high] with 0 < low <= high, got "
+                              f"{list(self.A_init_range)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """Which layers keep attention, and the Mamba mixer that replaces the others.
+
+    Give either `attn_layers` (explicit indices, the exported form) or `attn_fraction` (layer i keeps attention
+    iff i % k == k - 1, k = 1/fraction; 0 means no attention at all). `attn_layers` wins when both are given.
+    """
+
+    attn_layers: tuple[int, ...] | None = None
+    attn_fraction: float | None = None
+    mamba: MambaConfig = MambaConfig()
+
+    def __post_init__(self) -> None:
+        if self.attn_layers is None and self.attn_fraction is None:
+            raise ConfigError("hybrid config needs `attn_layers` (a list of layer indices) or `attn_fraction` "
+                              "(e.g. 0.5, 0.25, 0.125 or 0)")
+        if self.attn_layers is not None:
+            if any(i < 0 for i in self.attn_layers) or len(set(self.attn_layers)) != len(self.attn_layers):
+                raise ConfigError(f"attn_layers must be distinct non-negative indices, got {list(self.attn_layers)}")
+            object.__setattr__(self, "attn_layers", tuple(sorted(self.attn_layers)))
+        if self.attn_fraction is not None:
+            f = self.attn_fraction
+            if not 0 <= f <= 1 or (f > 0 and abs(1 / f - round(1 / f)) > 1e-6):
+                raise ConfigError(f"attn_fraction must be 0 or 1/k for an integer k (1, 0.5, 0.25, 0.125, ...), "
+                                  f"got {f}")
+
+    def layers_for(self, num_layers: int) -> tuple[int, ...]:
+        """The attention layer indices for a model of `num_layers` layers (validated against it)."""
+        if self.attn_layers is not None:
+            bad = [i for i in self.attn_layers if i >= num_layers]
+            if bad:
+                raise ConfigError(f"attn_layers {bad} out of range for a model with {num_layers} layers")
+            return self.attn_layers
+        f = float(self.attn_fraction)  # type: ignore[arg-type]
+        if f == 0:
+            return ()
+        k = round(1 / f)
+        return tuple(i for i in range(num_layers) if i % k == k - 1)
+
 
 # ----------------------------------------------------------------------------------------------- strict loading
 

@@ -61,3 +61,27 @@ def empty_state(layers: tuple[Any, ...], batch: int, slots: int) -> DecodeState:
         valid=jnp.zeros((batch, slots), bool),
         positions=jnp.zeros((batch,), jnp.int32),
     )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MambaCache:
+    """Decode state of one Mamba layer; its size does not grow with the context.
+
+    conv: (batch, channels, d_conv) the last d_conv conv inputs, newest last (the official layout), compute dtype.
+    ssm: fp32; Mamba2 (batch, heads, head_dim, d_state), Mamba1 (batch, d_inner, d_state).
+    `Mamba*.multistep` returns one with an extra axis 1 of size k: the state after each prefix.
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
+
+    @classmethod
+    def allocate(cls, batch: int, channels: int, d_conv: int, ssm_shape: tuple[int, ...], dtype: Any) -> "MambaCache":
+        return cls(jnp.zeros((batch, channels, d_conv), dtype), jnp.zeros((batch,) + tuple(ssm_shape), jnp.float32))
+
+    def prefix(self, accepted: jax.Array) -> "MambaCache":
+        """From a per-prefix cache (axis 1 = prefix), the state after `accepted` (b,) tokens (1-based, >= 1)."""
+        idx = (accepted - 1).astype(jnp.int32)
+        pick = lambda a: jnp.take_along_axis(a, idx.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
+        return MambaCache(pick(self.conv), pick(self.ssm))

@@ -1,0 +1,109 @@
+"""build_hybrid: layouts by fraction, what is copied and converted, frozen masks, progressive conversion."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig, from_dict
+from mamba_llama_jax.convert.from_attention import attn_layers_for, build_hybrid, trainable_mask
+from mamba_llama_jax.errors import ConfigError
+from mamba_llama_jax.models.llama import Attention, LlamaLM
+from mamba_llama_jax.models.mamba import Mamba1, Mamba2
+
+CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=8, num_heads=4, num_kv_heads=2,
+                  dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return LlamaLM(CFG, rngs=nnx.Rngs(0))
+
+
+def test_layouts_match_design():
+    assert attn_layers_for(32, 0.5) == tuple(range(1, 32, 2))
+    assert attn_layers_for(32, 0.25) == tuple(range(3, 32, 4))
+    assert attn_layers_for(32, 0.125) == (7, 15, 23, 31)
+    assert attn_layers_for(32, 0.0) == ()
+    assert attn_layers_for(30, 0.5) == tuple(range(1, 30, 2))
+    assert attn_layers_for(30, 0.25) == (3, 7, 11, 15, 19, 23, 27)
+    assert attn_layers_for(30, 0.125) == (7, 15, 23)
+
+
+def test_hybrid_config_errors():
+    with pytest.raises(ConfigError, match="attn_fraction"):
+        HybridConfig(attn_fraction=0.3)
+    with pytest.raises(ConfigError, match="out of range"):
+        HybridConfig(attn_layers=(1, 9)).layers_for(8)
+    with pytest.raises(ConfigError, match="attn_layers"):
+        HybridConfig()
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(HybridConfig, {"attn_fraction": 0.5, "mamba": {"d_stat": 4}})
+    cfg = from_dict(HybridConfig, {"attn_layers": [3, 1], "mamba": {"variant": "mamba1", "scan": "associative"}})
+    assert cfg.attn_layers == (1, 3) and cfg.mamba.variant == "mamba1"
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
+def test_copies_and_conversions(teacher, variant):
+    model = build_hybrid(teacher, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(variant=variant)),
+                         rngs=nnx.Rngs(1))
+    eq = np.testing.assert_array_equal
+    eq(model.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
+    eq(model.lm_head.kernel[...], teacher.lm_head.kernel[...])
+    eq(model.norm.weight[...], teacher.norm.weight[...])
+    for i, (layer, t) in enumerate(zip(model.layers, teacher.layers)):
+        eq(layer.mlp.down_proj.kernel[...], t.mlp.down_proj.kernel[...])
+        eq(layer.input_layernorm.weight[...], t.input_layernorm.weight[...])
+        a = t.mixer
+        if i in model.attn_layers:
+            assert isinstance(layer.mixer, Attention)
+            eq(layer.mixer.q_proj.kernel[...], a.q_proj.kernel[...])
+            continue
+        m = layer.mixer
+        eq(m.out_proj.kernel[...], a.o_proj.kernel[...])
+        if variant == "mamba2":
+            assert isinstance(m, Mamba2)
+            w, di, dxb = m.in_proj.kernel[...], m.d_inner, m.d_xb
+            eq(w[:, di:di + dxb], a.v_proj.kernel[...])
+            eq(w[:, di + dxb:di + 2 * dxb], a.k_proj.kernel[...])
+            eq(w[:, di + 2 * dxb:2 * di + 2 * dxb], a.q_proj.kernel[...])
+        else:
+            assert isinstance(m, Mamba1)
+            eq(m.in_proj_x.kernel[...], a.v_proj.kernel[...])
+            eq(m.B_proj.kernel[...], a.k_proj.kernel[...])
+            eq(m.C_proj.kernel[...], a.q_proj.kernel[...])
+
+
+def test_trainable_masks(teacher):
+    model = build_hybrid(teacher, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(1))
+    params = nnx.state(model, nnx.Param)
+    flat = jax.tree_util.tree_flatten_with_path(trainable_mask(model, "layerwise")(params))[0]
+    on = {jax.tree_util.keystr(p) for p, v in flat if v}
+    assert on and all("['mixer']" in p and any(f"['layers'][{i}]" in p for i in model.mamba_layers) for p in on)
+    assert any("['layers'][0]['mixer']['A_log']" in p for p in on)
+    assert len(on) == len(model.mamba_layers) * 8
+    assert all(jax.tree.leaves(trainable_mask(model, "end_to_end")(nnx.to_pure_dict(params))))
+    with pytest.raises(ConfigError, match="stage"):
+        trainable_mask(model, "pretrain")
+
+
+def test_progressive_keeps_trained_mamba_layers(teacher):
+    prev = build_hybrid(teacher, HybridConfig(attn_layers=(1, 2, 3, 5, 6, 7)), rngs=nnx.Rngs(1))
+    # pretend stage 1 trained layer 0's mixer and layer 2's attention
+    prev.layers[0].mixer.A_log.set_value(prev.layers[0].mixer.A_log[...] + 1.0)
+    prev.layers[2].mixer.v_proj.kernel.set_value(prev.layers[2].mixer.v_proj.kernel[...] * 2)
+    new = build_hybrid(teacher, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(2), previous=prev)
+    assert new.mamba_layers == (0, 2, 4, 6)
+    np.testing.assert_array_equal(new.layers[0].mixer.A_log[...], prev.layers[0].mixer.A_log[...])
+    np.testing.assert_array_equal(new.layers[4].mixer.in_proj.kernel[...], prev.layers[4].mixer.in_proj.kernel[...])
+    m2 = new.layers[2].mixer  # newly converted from the *previous* model's attention
+    np.testing.assert_array_equal(m2.in_proj.kernel[:, m2.d_inner:m2.d_inner + m2.d_xb],
+                                  prev.layers[2].mixer.v_proj.kernel[...])
+    with pytest.raises(ConfigError, match="back into attention"):
+        build_hybrid(teacher, HybridConfig(attn_layers=(0, 1)), rngs=nnx.Rngs(3), previous=prev)
+
+
+def test_mismatched_dims_are_refused(teacher):
+    with pytest.raises(ConfigError, match="d_state"):
+        build_hybrid(teacher, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(d_state=4)), rngs=nnx.Rngs(1))
