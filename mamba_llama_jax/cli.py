@@ -1,0 +1,183 @@
+"""Command line: `python run.py <command> ...` (or the `mamba-llama` script).
+
+User mistakes (a `MambaLlamaError`) print `error: <message>` on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Sequence
+
+from mamba_llama_jax.errors import MambaLlamaError
+
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 plus 7?",
+)
+
+
+def _default_dtype() -> str:
+    # XLA's CPU backend runs bf16 matmuls far slower than fp32; accelerators want bf16.
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from mamba_llama_jax.convert import load_teacher
+
+    dtype = _default_dtype() if args.dtype == "auto" else args.dtype
+    return load_teacher(args.teacher, dtype=dtype)
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from mamba_llama_jax.inference.generate import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens)
+
+
+def _generator(teacher: Any) -> Any:
+    from mamba_llama_jax.inference.generate import Generator
+
+    return Generator(teacher.model, pad_id=teacher.tokenizer.pad_token_id)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)  # validate options before the (slow) model load
+    teacher = _load(args)
+    gen = _generator(teacher)
+    answers = gen.generate(teacher.tokenizer, args.prompt, sampling, chat=not args.no_chat, stop=args.stop,
+                           system=args.system)
+    for i, a in enumerate(answers):
+        if len(answers) > 1:
+            print(f"--- [{i}] {args.prompt[i]}")
+        print(a)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.errors import GenerationError
+
+    sampling = _sampling(args)
+    teacher = _load(args)
+    gen = _generator(teacher)
+    tok = teacher.tokenizer
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = list(base)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for delta in gen.stream_text(tok, messages, sampling, stop=args.stop):
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        except GenerationError as e:
+            # Usually the history outgrew the context: start afresh rather than end the session.
+            print(f"\nerror: {e}\n(history cleared)", file=sys.stderr)
+            messages = list(base)
+            continue
+        except KeyboardInterrupt:
+            print(" [interrupted]", file=sys.stderr)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import jax
+
+    from mamba_llama_jax.inference.generate import SamplingConfig
+
+    t0 = time.perf_counter()
+    teacher = _load(args)
+    cfg = teacher.config
+    print(f"teacher: {cfg.num_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}, dtype {cfg.dtype}, "
+          f"on {jax.default_backend()} ({jax.device_count()} device(s)); loaded in {time.perf_counter() - t0:.1f} s")
+    gen = _generator(teacher)
+    tok = teacher.tokenizer
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: reproducible answers
+    ids = gen.encode_prompts(tok, DEMO_PROMPTS, chat=True)
+    t1 = time.perf_counter()
+    gen.run(ids, sampling, eos_ids=tok.eos_token_ids)  # compiles prefill and the decode loop
+    print(f"compiled (and ran once) in {time.perf_counter() - t1:.1f} s")
+    res = gen.run(ids, sampling, eos_ids=tok.eos_token_ids)
+    for prompt, answer in zip(DEMO_PROMPTS, res.ids()):
+        print(f"\nuser: {prompt}\nassistant: {tok.decode(answer).strip()}")
+    new = sum(res.lengths)
+    print(f"\nbatch of {len(ids)} prompts: prefill {res.prompt_tokens} tokens in {res.prefill_s * 1e3:.0f} ms "
+          f"({res.prompt_tokens / res.prefill_s:,.0f} tokens/s); decode {res.steps} steps, {new} new tokens in "
+          f"{res.decode_s:.2f} s ({new / res.decode_s:,.1f} tokens/s, "
+          f"{res.decode_s / max(res.steps, 1) * 1e3:.1f} ms/step)")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="GGUF file or HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="mamba_llama_jax: Llama teachers and Mamba hybrids")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="answer prompts and print the answers")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--no-chat", action="store_true", help="plain text continuation, no chat template")
+    _add_model(g)
+    _add_sampling(g, 128)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat, streaming the answers")
+    _add_model(c)
+    _add_sampling(c, 256)
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="load the teacher, answer a few chat prompts, print tokens/s")
+    _add_model(d)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MambaLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,512 @@
+"""Text generation: one jitted prefill, then the whole decode loop on device (`lax.while_loop` in one `jax.jit`).
+
+Design (the reasons, not the steps):
+- The model is split once (`nnx.split`) into a static graphdef and a state pytree; the jitted functions take both
+  and `nnx.merge` inside, so the compiled executables are cached by jax on (graphdef, shapes, static sampling
+  options) and a second call with the same shapes never recompiles.
+- Weight matrices are cast to the compute dtype once, outside the loop: the model would otherwise cast its fp32
+  master weights on every step, reading twice the bytes.
+- For a plain `LlamaLM`, q/k/v and gate/up are fused into one matmul each at load time (fewer, larger kernels:
+  decode at small batch is launch-bound), and decode attention reads only the filled part of the cache: the loop
+  is split into phases of `window_block` slots, each a `while_loop` whose attention window is a static prefix.
+- Prompts are left-padded, so every row's last prompt token sits at the same position and prefill computes the
+  LM head only there.
+- Sampling keys are `fold_in(seed, step)`, so the streaming path (one jitted step per token) samples the same
+  tokens as the on-device loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.models.cache import DecodeState
+from mamba_llama_jax.models.llama import (
+    MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
+)
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens. temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not isinstance(self.seed, int):
+            raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static (compile-time) part of a SamplingConfig; temperature and top_p values stay dynamic."""
+
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+
+
+def _spec(s: SamplingConfig, vocab: int) -> _Spec:
+    if s.greedy:
+        return _Spec(True, 0, False)
+    return _Spec(False, min(s.top_k, vocab), s.top_p < 1.0)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                  spec: _Spec) -> jax.Array:
+    """(b, V) fp32 logits -> (b,) int32 token ids."""
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if spec.top_k == 0 and not spec.use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if spec.top_k:
+        vals, idx = jax.lax.top_k(logits, spec.top_k)
+    else:  # top-p over the whole vocabulary needs it sorted
+        idx = jnp.argsort(-logits, axis=-1)
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    if spec.use_top_p:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens: the best is always kept
+        vals = jnp.where(before < top_p, vals, -jnp.inf)
+    choice = jax.random.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------- inference-only modules
+
+
+class FusedAttention(nnx.Module):
+    """`Attention` with q/k/v in one matmul and a decode path that reads only the first `decode_window` slots.
+
+    Same maths and the same KVCache as `models.llama.Attention`; built from one by `prepare_for_inference`.
+    """
+
+    def __init__(self, attn: Attention):
+        self.qkv = nnx.Param(jnp.concatenate(
+            [attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]], axis=1))
+        self.o = nnx.Param(attn.o_proj.kernel[...])
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.dtype = attn.dtype
+        self.decode_window = 0  # static, set per decode phase; 0 = the whole cache
+
+    def init_cache(self, batch: int, slots: int) -> Any:
+        return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
+
+    def __call__(self, x: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        from mamba_llama_jax.models.cache import KVCache
+
+        b, t, _ = x.shape
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        dt = jnp.dtype(self.dtype)
+        qkv = jnp.dot(x.astype(dt), self.qkv[...].astype(dt))
+        q = qkv[..., : h * d].reshape(b, t, h, d)
+        k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
+        v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            start = (0, ctx.index, 0, 0)
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                            jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+        if cache is None or ctx.prefill:
+            out = attend(q, k, v, chunk_mask(ctx))
+        elif t == 1:
+            out = _attend_one(q, cache.k, cache.v, cache_mask(ctx, cache.k.shape[1]), self.decode_window)
+        else:
+            out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask(ctx, cache.k.shape[1]))
+        y = jnp.dot(out.reshape(b, t, h * d).astype(dt), self.o[...].astype(dt))
+        return y, cache
+
+
+def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, window: int) -> jax.Array:
+    """One query per row against the cache, as broadcast-multiply-reduce rather than a batched matmul.
+
+    The cache is (b, slots, kv, d); a dot_general with batch dims (b, kv) would need it transposed, i.e. a copy
+    of the whole cache per layer per step. A reduction fusion reads it once, in place. Softmax in fp32.
+    """
+    b, _, h, d = q.shape
+    kv = kc.shape[2]
+    if window and window < kc.shape[1]:
+        kc, vc, mask = kc[:, :window], vc[:, :window], mask[..., :window]
+    qg = q[:, 0].reshape(b, 1, kv, h // kv, d).astype(jnp.float32)
+    scores = jnp.sum(qg * kc[:, :, :, None, :].astype(jnp.float32), axis=-1) / math.sqrt(d)  # (b, s, kv, g)
+    scores = jnp.where(mask[:, 0, :, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * vc[:, :, :, None, :].astype(jnp.float32), axis=1)  # (b, kv, g, d)
+    return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+class FusedMLP(nnx.Module):
+    """SwiGLU with gate and up in one matmul."""
+
+    def __init__(self, mlp: MLP):
+        self.gate_up = nnx.Param(jnp.concatenate([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1))
+        self.down = nnx.Param(mlp.down_proj.kernel[...])
+        self.dtype = mlp.down_proj.dtype
+        self.inter = mlp.gate_proj.kernel.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.dtype)
+        gu = jnp.dot(x.astype(dt), self.gate_up[...].astype(dt))
+        return jnp.dot(jax.nn.silu(gu[..., : self.inter]) * gu[..., self.inter:], self.down[...].astype(dt))
+
+
+def _fusable(model: DecoderLM) -> bool:
+    for layer in model.layers:
+        m = layer.mixer
+        if type(m) is not Attention or any(p.bias is not None for p in (m.q_proj, m.k_proj, m.v_proj, m.o_proj)):
+            return False
+        if type(layer.mlp) is not MLP:
+            return False
+    return True
+
+
+def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State, bool]:
+    """(graphdef, state, fused): a copy of `model` with fused projections where possible and weight matrices
+    cast to the compute dtype. The original model is left untouched."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    fused = fuse and _fusable(copy)
+    if fused:
+        for layer in copy.layers:
+            layer.mixer = FusedAttention(layer.mixer)
+            layer.mlp = FusedMLP(layer.mlp)
+    graphdef, state = nnx.split(copy)
+    compute = jnp.dtype(model.cfg.dtype)
+
+    # Norm weights (1-D) keep their dtype: the model upcasts them to fp32 anyway, and rounding them would change
+    # the result. Matrices are cast exactly as the model casts them on every call.
+    def cast(x: Any) -> Any:
+        if isinstance(x, jax.Array) and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(compute)
+        return x
+
+    return graphdef, jax.tree.map(cast, state), fused
+
+
+# ---------------------------------------------------------------------------------------------- jitted programs
+
+
+def _set_window(model: DecoderLM, window: int) -> None:
+    for layer in model.layers:
+        if isinstance(layer.mixer, FusedAttention):
+            layer.mixer.decode_window = window
+
+
+def _step(model: DecoderLM, tok: jax.Array, cache: DecodeState, key: jax.Array, i: jax.Array,
+          temperature: jax.Array, top_p: jax.Array, spec: _Spec) -> tuple[jax.Array, DecodeState]:
+    h, cache = model.hidden(tok[:, None], cache=cache)
+    logits = model.logits(h[:, 0])
+    return sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p, spec), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "spec"))
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, key: jax.Array,
+             temperature: jax.Array, top_p: jax.Array, *, slots: int, spec: _Spec) -> tuple[jax.Array, DecodeState]:
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(tokens.shape[0], slots)
+    h, cache = model.hidden(tokens, token_mask=mask, cache=cache, prefill=True)
+    logits = model.logits(h[:, -1])  # left padding: the last column is every row's last prompt token
+    return sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_p, spec), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "n_new", "eos", "pad_id", "phases"),
+                   donate_argnames=("cache",))
+def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, first: jax.Array, key: jax.Array,
+                 temperature: jax.Array, top_p: jax.Array, *, spec: _Spec, n_new: int, eos: tuple[int, ...],
+                 pad_id: int, phases: tuple[tuple[int, int], ...]) -> tuple[jax.Array, jax.Array, DecodeState]:
+    """All decode steps in one program. Returns (b, n_new) tokens (pad after EOS), the index of the first step
+    not run, and the cache (returned so that the donated input buffers are updated in place)."""
+    model = nnx.merge(graphdef, state)
+    b = first.shape[0]
+    eos_arr = jnp.asarray(eos, jnp.int32)
+
+    def is_eos(t: jax.Array) -> jax.Array:
+        return jnp.isin(t, eos_arr) if eos else jnp.zeros(t.shape, bool)
+
+    out = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(first)
+    carry = (jnp.int32(1), first, cache, is_eos(first), out)
+    for last_step, window in phases:
+        _set_window(model, window)  # a static attribute: each phase traces its own loop body
+
+        def cond(c: Any, last_step: int = last_step) -> jax.Array:
+            return (c[0] <= last_step) & ~jnp.all(c[3])
+
+        def body(c: Any) -> Any:
+            i, tok, cache, done, out = c
+            nxt, cache = _step(model, tok, cache, key, i, temperature, top_p, spec)
+            nxt = jnp.where(done, pad_id, nxt)
+            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+            return i + 1, nxt, cache, done | is_eos(nxt), out
+
+        carry = jax.lax.while_loop(cond, body, carry)
+    return carry[4], carry[0], carry[2]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
+def _single_step(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, tok: jax.Array, key: jax.Array,
+                 i: jax.Array, temperature: jax.Array, top_p: jax.Array, *, spec: _Spec
+                 ) -> tuple[jax.Array, DecodeState]:
+    model = nnx.merge(graphdef, state)
+    return _step(model, tok, cache, key, i, temperature, top_p, spec)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def decode_phases(prompt_len: int, n_new: int, slots: int, block: int) -> tuple[tuple[int, int], ...]:
+    """(last step, attention window) per phase. Step i (1-based) writes slot prompt_len + i - 1 and attends
+    to slots [0, prompt_len + i), so a phase with window W covers steps up to W - prompt_len."""
+    if n_new <= 1:
+        return ()
+    if block <= 0:
+        return ((n_new - 1, slots),)
+    phases = []
+    for w in range(_round_up(prompt_len + 1, block), slots + block, block):
+        w = min(w, slots)
+        last = min(w - prompt_len, n_new - 1)
+        if not phases or last > phases[-1][0]:
+            phases.append((last, w))
+        if last == n_new - 1:
+            break
+    return tuple(phases)
+
+
+# -------------------------------------------------------------------------------------------------- generator
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """tokens: (b, max_new_tokens) new ids, `pad_id` after a row's EOS; lengths: new tokens per row, EOS
+    excluded; steps: forward passes run after prefill; prefill_s / decode_s: wall time of each phase."""
+
+    tokens: np.ndarray
+    lengths: list[int]
+    steps: int
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    def ids(self) -> list[list[int]]:
+        return [self.tokens[r, : n].tolist() for r, n in enumerate(self.lengths)]
+
+
+class Generator:
+    """A model snapshot prepared for generation (fused, weights in the compute dtype, on device).
+
+    Weights are captured at construction: build a new Generator after training the model further.
+    """
+
+    def __init__(self, model: DecoderLM, *, fuse: bool = True, window_block: int = 128, prompt_multiple: int = 16,
+                 pad_id: int = 0):
+        self.cfg = model.cfg
+        self.graphdef, self.state, self.fused = prepare_for_inference(model, fuse=fuse)
+        self.window_block = window_block if self.fused else 0
+        self.prompt_multiple = max(1, prompt_multiple)
+        self.pad_id = int(pad_id)
+
+    # -------------------------------------------------------------------- validation and batching
+
+    def _check(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[int]]:
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
+            raise GenerationError("prompt_ids must be a non-empty list of token-id lists")
+        rows = []
+        limit = self.cfg.max_position_embeddings
+        for r, p in enumerate(prompt_ids):
+            if isinstance(p, (str, bytes)):
+                raise GenerationError(f"prompt {r} is a string; pass token ids (or use `generate` for text)")
+            ids = [int(t) for t in p]
+            if not ids:
+                raise GenerationError(f"prompt {r} is empty: give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {r} holds token id {bad[0]} outside the vocabulary "
+                                      f"[0, {self.cfg.vocab_size})")
+            if len(ids) + sampling.max_new_tokens > limit:
+                raise GenerationError(
+                    f"prompt {r} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
+                    f"the model's context of {limit} tokens: shorten the prompt or lower max_new_tokens "
+                    f"(at most {limit - sampling.max_new_tokens} prompt tokens)")
+            rows.append(ids)
+        return rows
+
+    def _batch(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        plen = _round_up(max(len(r) for r in rows), self.prompt_multiple)
+        tokens = np.full((len(rows), plen), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), plen), bool)
+        for i, r in enumerate(rows):
+            tokens[i, plen - len(r):] = r
+            mask[i, plen - len(r):] = True
+        return tokens, mask
+
+    def _slots(self, plen: int, n_new: int) -> int:
+        return _round_up(plen + n_new, self.window_block or self.prompt_multiple)
+
+    def _dyn(self, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jax.random.key(sampling.seed), jnp.float32(max(sampling.temperature, 1e-6)),
+                jnp.float32(sampling.top_p))
+
+    # -------------------------------------------------------------------- batch generation
+
+    def run(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+            eos_ids: Sequence[int] = ()) -> GenerationOutput:
+        """Generates for a batch of token-id prompts; EOS ends a row (pass no eos_ids for a fixed length)."""
+        rows = self._check(prompt_ids, sampling)
+        tokens, mask = self._batch(rows)
+        n_new = sampling.max_new_tokens
+        slots = self._slots(tokens.shape[1], n_new)
+        spec = _spec(sampling, self.cfg.vocab_size)
+        key, temp, top_p = self._dyn(sampling)
+        eos = tuple(sorted({int(e) for e in eos_ids}))
+
+        t0 = time.perf_counter()
+        first, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), key, temp, top_p,
+                                slots=slots, spec=spec)
+        first = jax.block_until_ready(first)
+        t1 = time.perf_counter()
+        phases = decode_phases(tokens.shape[1], n_new, slots, self.window_block)
+        out, steps, _ = _decode_loop(self.graphdef, self.state, cache, first, key, temp, top_p, spec=spec, n_new=n_new,
+                                  eos=eos, pad_id=self.pad_id, phases=phases)
+        out = np.asarray(jax.block_until_ready(out))
+        t2 = time.perf_counter()
+
+        lengths = []
+        for r in range(out.shape[0]):
+            hits = np.flatnonzero(np.isin(out[r], eos)) if eos else []
+            lengths.append(int(hits[0]) if len(hits) else n_new)
+        return GenerationOutput(out, lengths, int(steps) - 1, int(mask.sum()), t1 - t0, t2 - t1)
+
+    def stream(self, prompt: Sequence[int], sampling: SamplingConfig = SamplingConfig(),
+               eos_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Yields new token ids one at a time (one jitted step per token), stopping after EOS (not yielded)."""
+        rows = self._check([prompt], sampling)
+        tokens, mask = self._batch(rows)
+        n_new = sampling.max_new_tokens
+        slots = self._slots(tokens.shape[1], n_new)
+        spec = _spec(sampling, self.cfg.vocab_size)
+        key, temp, top_p = self._dyn(sampling)
+        eos = {int(e) for e in eos_ids}
+        tok, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), key, temp, top_p,
+                              slots=slots, spec=spec)
+        for i in range(1, n_new + 1):
+            t = int(tok[0])
+            if t in eos:
+                return
+            yield t
+            if i == n_new:
+                return
+            tok, cache = _single_step(self.graphdef, self.state, cache, tok, key, jnp.int32(i), temp, top_p,
+                                      spec=spec)
+
+    # -------------------------------------------------------------------- text
+
+    def encode_prompts(self, tokenizer: Any, prompts: Sequence[str], chat: bool = True,
+                       system: str | None = None) -> list[list[int]]:
+        out = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise GenerationError(f"prompts must be strings, got {type(p).__name__}")
+            if chat:
+                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+                out.append(tokenizer.encode_chat(msgs))
+            else:
+                out.append(tokenizer.encode(p, add_special_tokens=True))
+        return out
+
+    def generate(self, tokenizer: Any, prompts: str | Sequence[str], sampling: SamplingConfig = SamplingConfig(),
+                 *, chat: bool = True, stop: Sequence[str] = (), system: str | None = None) -> list[str]:
+        """Answers to text prompts (the chat template applied when `chat`), cut at EOS and at any stop string."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise GenerationError("no prompts given")
+        ids = self.encode_prompts(tokenizer, prompts, chat, system)
+        res = self.run(ids, sampling, eos_ids=tokenizer.eos_token_ids)
+        return [truncate_at_stop(tokenizer.decode(r), stop) for r in res.ids()]
+
+    def stream_text(self, tokenizer: Any, prompt: str | list[dict[str, str]],
+                    sampling: SamplingConfig = SamplingConfig(), *, chat: bool = True,
+                    stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yields text deltas as tokens arrive. `prompt` may be a whole message list (multi-turn chat)."""
+        if isinstance(prompt, list):
+            ids = tokenizer.encode_chat(prompt)
+        else:
+            ids = self.encode_prompts(tokenizer, [prompt], chat)[0]
+        got: list[int] = []
+        shown = ""
+        hold = max((len(s) for s in stop), default=0)
+        for t in self.stream(ids, sampling, eos_ids=tokenizer.eos_token_ids):
+            got.append(t)
+            text = tokenizer.decode(got)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+                continue
+            cut = truncate_at_stop(text, stop)
+            if cut != text:
+                if len(cut) > len(shown):
+                    yield cut[len(shown):]
+                return
+            # Hold back a possible stop-string prefix until it is decided.
+            safe = text[: max(len(shown), len(text) - hold + 1)] if hold else text
+            if len(safe) > len(shown):
+                yield safe[len(shown):]
+                shown = safe
+        text = truncate_at_stop(tokenizer.decode(got), stop)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            j = text.find(s)
+            if j >= 0:
+                cut = min(cut, j)
+    return text[:cut]
+
+
+# ------------------------------------------------------------------------------------------- convenience API
+
+
+def generate_ids(model: DecoderLM, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+                 eos_ids: Sequence[int] = (), *, pad_id: int = 0, fuse: bool = True) -> list[list[int]]:
+    """New token ids per prompt (EOS excluded). Builds a `Generator` each call; keep one for repeated use."""
+    return Generator(model, fuse=fuse, pad_id=pad_id).run(prompt_ids, sampling, eos_ids).ids()
+
+
+def generate(model: DecoderLM, tokenizer: Any, prompts: str | Sequence[str],
+             sampling: SamplingConfig = SamplingConfig(), *, chat: bool = True, stop: Sequence[str] = (),
+             system: str | None = None) -> list[str]:
+    """Text answers to text prompts. Builds a `Generator` each call; keep one for repeated use."""
+    return Generator(model, pad_id=tokenizer.pad_token_id).generate(tokenizer, prompts, sampling, chat=chat,
+                                                                    stop=stop, system=system)

