@@ -103,6 +103,45 @@ def llama_config_from_hf(raw: dict[str, Any], source: str = CONFIG_FILE) -> Llam
         raise ConfigError(f"{source}: {e}") from None
 
 
+def llama_config_to_hf(cfg: LlamaConfig, *, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The inverse of `llama_config_from_hf`: an HF (transformers 4.x layout) Llama config.json as a dict.
+
+    `llama_config_from_hf(llama_config_to_hf(c))` equals `c` up to the runtime-only `dtype`/`param_dtype`.
+    """
+    out: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+    }
+    s = cfg.rope_scaling
+    if s is not None:
+        out["rope_scaling"] = ({"rope_type": "linear", "factor": s.factor} if s.rope_type == "linear" else {
+            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings})
+    if cfg.bos_token_id is not None:
+        out["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_ids:
+        # transformers writes a single id as a plain int; Llama 3 instruct configs list several.
+        out["eos_token_id"] = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids)
+    return out
+
+
 def _rope_scaling(raw: Any) -> RopeScaling | None:
     if raw is None:
         return None
