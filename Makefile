@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 
 # On a GPU machine (the device): compiled kernels at real shapes; writes a junit report.
 test-gpu:
-	python3 -m pytest -q -m gpu --junitxml=benchmarks/results/test-gpu.xml
+	JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu --junitxml=benchmarks/results/test-gpu.xml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -27,11 +27,64 @@ def _default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def hybrid_config_for(spec: str) -> Any:
+    """`--hybrid` value: a percentage of attention kept (50, 25, 12.5, 0: configs/hybrids/) or a yaml path."""
+    from pathlib import Path
+
+    from mamba_llama_jax.config import HybridConfig, load_config
+    from mamba_llama_jax.errors import ConfigError
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "hybrids" / f"{spec}.yaml"
+    if shipped.is_file():
+        return load_config(HybridConfig, shipped)
+    if spec.endswith((".yaml", ".yml", ".json")):
+        return load_config(HybridConfig, spec)
+    try:
+        pct = float(spec)
+    except ValueError:
+        raise ConfigError(f"--hybrid takes a percentage of attention kept (50, 25, 12.5, 0) or a yaml file, "
+                          f"got {spec!r}") from None
+    return HybridConfig(attn_fraction=pct / 100)
+
+
 def _load(args: argparse.Namespace) -> Any:
-    from mamba_llama_jax.convert import load_teacher
+    """The model to run: the teacher, a hybrid built from it (`--hybrid`), or a saved hybrid (`--model`)."""
+    from flax import nnx
+
+    from mamba_llama_jax.convert import Teacher, load_teacher
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.convert.mambainllama import import_mambainllama
+    from mamba_llama_jax.errors import ConfigError
 
     dtype = _default_dtype() if args.dtype == "auto" else args.dtype
-    return load_teacher(args.teacher, dtype=dtype)
+    if getattr(args, "model", None) and getattr(args, "hybrid", None):
+        raise ConfigError("give --model (a saved hybrid) or --hybrid (build one from the teacher), not both")
+    if getattr(args, "model", None):
+        cfg, _, model, tok = import_mambainllama(args.model, dtype=dtype)
+        if tok is None:  # the official format may leave the tokenizer to the base model
+            tok = load_teacher(args.teacher, dtype=dtype).tokenizer
+        return Teacher(cfg, model, tok)
+    teacher = load_teacher(args.teacher, dtype=dtype)
+    if getattr(args, "hybrid", None):
+        hybrid = build_hybrid(teacher.model, hybrid_config_for(args.hybrid), rngs=nnx.Rngs(args.init_seed))
+        return Teacher(teacher.config, hybrid, teacher.tokenizer)
+    return teacher
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.convert.mambainllama import export_mambainllama
+
+    if not args.hybrid:
+        from mamba_llama_jax.errors import ConfigError
+
+        raise ConfigError("convert needs --hybrid (e.g. 50 for 50 % attention kept)")
+    loaded = _load(args)
+    out = export_mambainllama(loaded.model, args.out, dtype=args.save_dtype, tokenizer=loaded.tokenizer,
+                              overwrite=args.overwrite)
+    model = loaded.model
+    print(f"wrote {out}: {len(model.attn_layers)} attention layers {list(model.attn_layers)}, "
+          f"{len(model.mamba_layers)} Mamba layers initialised from attention")
+    return 0
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -135,6 +188,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or HF model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a saved hybrid (MambaInLlama format directory) instead of the teacher")
+    p.add_argument("--hybrid", default=None, metavar="PCT|YAML",
+                   help="build a hybrid from the teacher keeping PCT %% attention (50, 25, 12.5, 0) or per a yaml")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the fresh Mamba parameters (--hybrid)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -167,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("convert", help="build a hybrid from the teacher and save it (MambaInLlama format)")
+    _add_model(v)
+    v.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    v.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16"))
+    v.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    v.set_defaults(func=cmd_convert)
     return parser
 
 

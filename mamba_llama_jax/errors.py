@@ -23,3 +23,15 @@ class CheckpointError(MambaLlamaError):
 
 class GenerationError(MambaLlamaError, ValueError):
     """A generation request cannot be served (prompt too long, bad sampling options, ...)."""
+
+
+class KernelError(MambaLlamaError, ValueError):
+    """Inputs that a kernel (or its reference) cannot take: wrong shapes, dtypes or tiling options."""
+
+
+class DataError(MambaLlamaError, ValueError):
+    """A dataset is missing, malformed or lacks the columns a stage needs."""
+
+
+class TrainingError(MambaLlamaError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a mesh that does not fit the devices, ...)."""

@@ -23,3 +23,31 @@ def test_subcommands():
         assert parser.parse_args(cmd).command == cmd[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["distill"])
+
+
+TINY = __import__("pathlib").Path(__file__).parent / "fixtures" / "tiny_llama"
+
+
+def test_convert_then_generate_from_saved_hybrid(tmp_path, capsys):
+    out = tmp_path / "hybrid50"
+    assert main(["convert", "--teacher", str(TINY), "--hybrid", "50", "--out", str(out), "--dtype", "float32"]) == 0
+    assert "1 attention layers [1]" in capsys.readouterr().out
+    assert (out / "mamba_config.json").is_file() and (out / "model.safetensors").is_file()
+    args = ["--prompt", "hello", "--max-new-tokens", "5", "--no-chat", "--dtype", "float32"]
+    assert main(["generate", "--model", str(out), *args]) == 0
+    saved = capsys.readouterr().out
+    assert main(["generate", "--teacher", str(TINY), "--hybrid", "50", *args]) == 0
+    built = capsys.readouterr().out
+    assert saved == built and saved.strip()
+    # An existing export is never replaced silently.
+    assert main(["convert", "--teacher", str(TINY), "--hybrid", "50", "--out", str(out)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_bad_hybrid_options(tmp_path, capsys):
+    assert main(["generate", "--teacher", str(TINY), "--hybrid", "fifty", "--prompt", "x"]) == 2
+    assert "--hybrid takes a percentage" in capsys.readouterr().err
+    assert main(["generate", "--teacher", str(TINY), "--hybrid", "30", "--prompt", "x"]) == 2
+    assert "attn_fraction must be 0 or 1/k" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--hybrid", "50", "--prompt", "x"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""Chooses the Pallas kernel or the pure-JAX reference for each op, by backend, shape and dtype.
+
+`MAMBA_LLAMA_FORCE_REFERENCE=1` forces the reference everywhere (read at call time, so a test or a notebook can
+flip it). `last_choice("ssd")` says which implementation the latest trace picked, and `ssd_choice(...)` says which
+one a call would pick, without running it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from mamba_llama_jax.errors import KernelError
+
+FORCE_REFERENCE_ENV = "MAMBA_LLAMA_FORCE_REFERENCE"
+PALLAS_TRITON = "pallas_triton"
+REFERENCE = "reference_chunked"
+
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_last: dict[str, str] = {}
+
+
+def force_reference() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def last_choice(op: str = "ssd") -> str | None:
+    """The implementation the most recent trace of `op` used (`pallas_triton` or the op's reference name)."""
+    return _last.get(op)
+
+
+def record_choice(op: str, choice: str) -> None:
+    """Lets sibling kernels (e.g. `pallas_kernels.decode_attention`) report their pick through `last_choice`."""
+    _last[op] = choice
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def check_ssd_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                   D: jax.Array | None = None, dt_bias: jax.Array | None = None,
+                   initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                   chunk_size: int = 256, block_p: int | None = None, kernel: bool = True) -> None:
+    """Raises KernelError naming the first bad argument; runs on shapes only, before anything is traced.
+    `kernel=False` checks only what the reference needs too."""
+    def bad(msg: str) -> KernelError:
+        return KernelError(f"ssd: {msg}")
+
+    if getattr(x, "ndim", None) != 4:
+        raise bad(f"x must be (batch, length, heads, head_dim), got shape {getattr(x, 'shape', None)}")
+    b, l, h, p = x.shape
+    if l < 1:
+        raise bad("x has an empty sequence axis")
+    if dt.shape != (b, l, h):
+        raise bad(f"dt must be (batch, length, heads) = {(b, l, h)}, got {dt.shape}")
+    if A.shape != (h,):
+        raise bad(f"A must be (heads,) = ({h},), got {A.shape}")
+    if B.ndim != 4 or B.shape[:2] != (b, l):
+        raise bad(f"B must be (batch, length, groups, state) with batch, length = {(b, l)}, got {B.shape}")
+    if C.shape != B.shape:
+        raise bad(f"C must have B's shape {B.shape}, got {C.shape}")
+    g, n = B.shape[2], B.shape[3]
+    if g < 1 or h % g:
+        raise bad(f"the groups of B/C ({g}) must divide the heads ({h})")
+    for name, v in (("D", D), ("dt_bias", dt_bias)):
+        if v is not None and v.shape != (h,):
+            raise bad(f"{name} must be (heads,) = ({h},), got {v.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+        raise bad(f"initial_state must be (batch, heads, head_dim, state) = {(b, h, p, n)}, "
+                  f"got {initial_state.shape}")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, l):
+            raise bad(f"segment_ids must be (batch, length) = {(b, l)}, got {segment_ids.shape}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise bad(f"segment_ids must be integers, got {segment_ids.dtype}")
+    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        if v.dtype not in _FLOATS:
+            raise bad(f"{name} must be float32, bfloat16 or float16, got {v.dtype}")
+    if not kernel:
+        if chunk_size < 1:
+            raise bad(f"chunk_size must be positive, got {chunk_size}")
+        return
+    if not (_pow2(chunk_size) and 16 <= chunk_size <= 256):
+        raise bad(f"chunk_size must be a power of two in [16, 256], got {chunk_size}")
+    # Triton tiles are powers of two and the tensor-core products want >= 16 along every dimension.
+    if not (_pow2(p) and p >= 16) or not (_pow2(n) and n >= 16):
+        raise bad(f"head_dim ({p}) and state size ({n}) must be powers of two >= 16 for the Pallas kernel; "
+                  "use mamba_llama_jax.ops.ssd.ssd_chunked (or pallas_kernels.dispatch.ssd) for other sizes")
+    if block_p is not None and not (_pow2(block_p) and 16 <= block_p <= p and p % block_p == 0):
+        raise bad(f"block_p must be a power of two >= 16 dividing head_dim ({p}), got {block_p}")
+
+
+def doc_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
+    """(b, l) int32 document number: 0 at position 0, +1 wherever the id changes. Masks compare these, so ids
+    that come back (e.g. 0,0,1,1,0) still start a new document each time they change."""
+    if segment_ids is None:
+        return jnp.zeros((b, l), jnp.int32)
+    s = segment_ids
+    starts = jnp.concatenate([jnp.zeros((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def _on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def ssd_choice(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, **kw) -> str:
+    """Which implementation `ssd` would use for these arguments (raises KernelError for bad ones)."""
+    kw = dict(kw)
+    chunk = kw.pop("chunk_size", 256)
+    arrays = {k: kw.get(k) for k in ("D", "dt_bias", "initial_state", "segment_ids")}
+    check_ssd_args(x, dt, A, B, C, chunk_size=chunk, kernel=False, **arrays)
+    if force_reference() or not _on_gpu():
+        return REFERENCE
+    try:
+        check_ssd_args(x, dt, A, B, C, chunk_size=kw.get("kernel_chunk_size", 64), **arrays)
+    except KernelError:
+        return REFERENCE  # a shape the kernel does not tile (e.g. head_dim 48): the reference takes it
+    return PALLAS_TRITON
+
+
+def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+        D: jax.Array | None = None, dt_bias: jax.Array | None = None, dt_softplus: bool = True,
+        initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+        chunk_size: int = 256, kernel_chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Chunked SSD, same signature and result as `mamba_llama_jax.ops.ssd.ssd_chunked`.
+
+    On GPU runs the Pallas kernel; elsewhere (CPU, TPU until measured there) or with MAMBA_LLAMA_FORCE_REFERENCE=1
+    the XLA reference. `chunk_size` is the reference's chunk; the kernel tiles by `kernel_chunk_size` (64 fits the
+    on-chip (chunk x chunk) tiles best): the maths is chunk-independent, only round-off differs.
+    """
+    kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state, segment_ids=segment_ids)
+    choice = ssd_choice(x, dt, A, B, C, chunk_size=chunk_size, kernel_chunk_size=kernel_chunk_size,
+                        **{k: v for k, v in kw.items() if k != "dt_softplus"})
+    _last["ssd"] = choice
+    if choice == PALLAS_TRITON:
+        from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
+        return ssd_chunk_scan(x, dt, A, B, C, chunk_size=kernel_chunk_size, **kw)
+    from mamba_llama_jax.ops.ssd import ssd_chunked
+    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
