@@ -283,23 +283,29 @@ def _read_raw(f: Path, name: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dt).reshape(info["shape"])
 
 
+def shard_files(index: Path, what: str) -> list[Path]:
+    """The shard files an HF `*.index.json` names, checked to be plain names of files present beside it."""
+    d = index.parent
+    data = _read_json(index, what=what)
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise ModelFormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+    files = sorted(set(map(str, wmap.values())))
+    for name in files:
+        if Path(name).name != name:
+            raise ModelFormatError(f"{index}: shard entry {name!r} is not a file name in the directory")
+    missing = [n for n in files if not (d / n).is_file()]
+    if missing:
+        raise ModelFormatError(
+            f"{index} lists shard file(s) {missing} that are not in {d}; download the complete checkpoint"
+        )
+    return [d / n for n in files]
+
+
 def _weight_files(d: Path) -> list[Path]:
     index = d / INDEX_FILE
     if index.is_file():
-        data = _read_json(index, what="safetensors index")
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wmap, dict) or not wmap:
-            raise ModelFormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
-        files = sorted(set(wmap.values()))
-        for name in files:
-            if not isinstance(name, str) or Path(name).name != name:
-                raise ModelFormatError(f"{index}: shard entry {name!r} is not a file name in the directory")
-        missing = [n for n in files if not (d / n).is_file()]
-        if missing:
-            raise ModelFormatError(
-                f"{index} lists shard file(s) {missing} that are not in {d}; download the complete checkpoint"
-            )
-        return [d / n for n in files]
+        return shard_files(index, "safetensors index")
     single = d / SINGLE_FILE
     if single.is_file():
         return [single]

@@ -46,7 +46,7 @@ from flax import nnx
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.common import _align, _fetch
 from mamba_llama_jax.convert.hf import (SafetensorsDir, _eos_ids, _read_json, _with_eos, llama_config_from_hf,
-                                        llama_config_to_hf)
+                                        llama_config_to_hf, shard_files)
 from mamba_llama_jax.convert.torch_pickle import load_torch_state_dict
 from mamba_llama_jax.data.tokenizer import Tokenizer
 from mamba_llama_jax.errors import CheckpointError, ConfigError, ModelFormatError
@@ -454,17 +454,10 @@ class _open_weights:
 def _read_torch(d: Path) -> dict[str, np.ndarray]:
     index = d / TORCH_INDEX_FILE
     if index.is_file():
-        data = _read_json(index, what="pytorch_model.bin index")
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wmap, dict) or not wmap:
-            raise ModelFormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
-        files = sorted(set(wmap.values()))
-        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
-        if bad:
-            raise ModelFormatError(f"{index}: shard entries {bad} are not file names in the directory")
+        files = shard_files(index, "pytorch_model.bin index")
         state: dict[str, np.ndarray] = {}
         for f in files:
-            state.update(load_torch_state_dict(d / f))
+            state.update(load_torch_state_dict(f))
         return state
     if (d / TORCH_FILE).is_file():
         return load_torch_state_dict(d / TORCH_FILE)
