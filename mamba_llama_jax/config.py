@@ -165,6 +165,195 @@ class HybridConfig:
         return tuple(i for i in range(num_layers) if i % k == k - 1)
 
 
+# ------------------------------------------------------------------------------------------------ training
+
+
+OBJECTIVES = ("distill", "dpo", "hidden")
+TRAINABLE = ("mamba", "all")
+LOSS_NORMALIZATIONS = ("token_mean", "sequence_sum")
+DATA_KINDS = ("chat", "pairs", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a stage's examples come from and how they are shaped.
+
+    source: a local .json/.jsonl/.parquet file or directory of them, a directory written by
+    `data.sources.generate_offline` (kind 'tokens'), or a Hugging Face hub dataset name. kind: 'chat' (a
+    `messages` column), 'pairs' (`chosen`/`rejected`, for DPO) or 'tokens' (pre-tokenised `tokens`/`loss_mask`).
+    """
+
+    source: str
+    kind: str = "chat"
+    split: str = "train"
+    seq_len: int = 2048
+    pack: bool = True
+    shuffle_seed: int = 0
+    num_epochs: int = 1  # 0: repeat forever (the stage's `steps` ends it)
+    max_examples: int = 0  # 0: all
+    max_prompt_len: int = 512  # pairs only: prompts are cut (from the left) to this many tokens
+    num_packing_bins: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"data.kind must be one of {list(DATA_KINDS)}, got {self.kind!r}")
+        for name in ("seq_len", "num_packing_bins"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("num_epochs", "max_examples", "max_prompt_len"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kind == "pairs" and self.max_prompt_len >= self.seq_len:
+            raise ConfigError(f"data.max_prompt_len ({self.max_prompt_len}) must be below data.seq_len "
+                              f"({self.seq_len}) so that responses keep some room")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine (or constant) decay, global-norm clipping. Defaults: the official
+    layer-wise stage (lr 8e-5, betas (0.9, 0.98), clip 0.1)."""
+
+    lr: float = 8e-5
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.1  # 0: off
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim: lr must be > 0 and warmup_steps, grad_clip, weight_decay >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and 0 <= self.end_lr_ratio <= 1):
+            raise ConfigError("optim: b1, b2 must be in [0, 1) and end_lr_ratio in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights and normalisations of a stage's loss (see `train/losses.py`). Defaults: the official layer-wise
+    stage, CE (per-token mean) + 0.1·KL with `batchmean` (= 'sequence_sum': summed over positions, / B)."""
+
+    ce_weight: float = 1.0
+    kl_weight: float = 0.1
+    temperature: float = 1.0
+    ce_normalization: str = "token_mean"
+    kl_normalization: str = "sequence_sum"
+    dpo_beta: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("ce_normalization", "kl_normalization"):
+            if getattr(self, name) not in LOSS_NORMALIZATIONS:
+                raise ConfigError(f"loss.{name} must be one of {list(LOSS_NORMALIZATIONS)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.temperature <= 0 or self.dpo_beta <= 0 or self.ce_weight < 0 or self.kl_weight < 0:
+            raise ConfigError("loss: temperature and dpo_beta must be > 0, weights >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of a recipe: an objective over the shared step function.
+
+    objective: 'distill' (CE/KL against the teacher: layer-wise, end-to-end, SFT), 'dpo' (against a frozen copy
+    of the student at the stage's start), 'hidden' (MOHAWK hidden-state alignment: each Mamba mixer matches the
+    teacher's attention output on the teacher's own layer input). train: 'mamba' (only Mamba mixers) or 'all'.
+    hybrid: this stage's layout; a stage whose layout has fewer attention layers than the previous one converts
+    the new Mamba layers from the previous stage's attention weights (progressive conversion). None: the
+    recipe's `hybrid`, or the previous stage's.
+    """
+
+    name: str
+    data: DataConfig
+    objective: str = "distill"
+    train: str = "mamba"
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences (pairs for DPO)
+    grad_accum: int = 1
+    hybrid: HybridConfig | None = None
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"stage name must be a non-empty name without '/', got {self.name!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"stage {self.name}: objective must be one of {list(OBJECTIVES)}, "
+                              f"got {self.objective!r}")
+        if self.train not in TRAINABLE:
+            raise ConfigError(f"stage {self.name}: train must be one of {list(TRAINABLE)}, got {self.train!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"stage {self.name}: {name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"stage {self.name}: batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                              f"({self.grad_accum})")
+        want = "pairs" if self.objective == "dpo" else None
+        if want and self.data.kind != want:
+            raise ConfigError(f"stage {self.name}: objective 'dpo' needs data.kind 'pairs', got {self.data.kind!r}")
+        if self.objective != "dpo" and self.data.kind == "pairs":
+            raise ConfigError(f"stage {self.name}: data.kind 'pairs' is only for objective 'dpo'")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor). -1 in one axis: all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ConfigError(f"mesh sizes must be positive, with at most one -1 (the rest), got {list(sizes)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between saves (the last step is always saved)
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every <= 0 or self.keep <= 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep must be positive integers")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A recipe: a teacher, a target hybrid layout, and stages run in order, each from the previous one's result.
+
+    teacher: a GGUF file or HF directory (None: the embedded SmolLM2-135M-Instruct). output_dir holds one
+    checkpoint directory per stage, metrics.jsonl and loss.png.
+    """
+
+    output_dir: str
+    stages: tuple[StageConfig, ...]
+    hybrid: HybridConfig = HybridConfig(attn_fraction=0.5)
+    teacher: str | None = None
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = 10
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be distinct, got {names}")
+        if self.log_every <= 0:
+            raise ConfigError(f"log_every must be a positive integer, got {self.log_every}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+
+
 # ----------------------------------------------------------------------------------------------- strict loading
 
 

@@ -1,0 +1,275 @@
+"""Where training examples come from: Hugging Face datasets, local json/jsonl/parquet files, and the offline
+source — prompts built here from templates × topics, answered by the teacher once and stored as token ids.
+
+Every loader returns an indexable sequence of plain dicts in one of three normalised forms, which
+`data/pipeline.py` tokenises:
+- chat:   {"messages": [{"role", "content"}, ...]}
+- pairs:  {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}
+          or, pre-tokenised, {"prompt_ids", "chosen_ids", "rejected_ids"}
+- tokens: {"tokens": [ids], "loss_mask": [0/1]}
+
+DPO pairs of the offline source: chosen = the teacher's own sampled answer; rejected = that answer corrupted
+(`corrupt_answer`: its first third kept, the rest shuffled and cut short). The teacher itself prefers the chosen
+one by construction (shuffled text is far less likely under it), no second generation pass is needed, and the
+pairs teach the cheap, honest signal available without a reward model: fluent, complete answers over broken ones.
+`rejected="resample"` instead samples a second answer at a high temperature (a degraded sample), at the cost of
+another generation pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mamba_llama_jax.errors import DataError
+
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ROLES = {"system", "user", "assistant"}
+
+
+# ----------------------------------------------------------------------------------------------- file loading
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    """The `datasets` builder name and the data files of a local file or directory."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if any(p.suffix == ".parquet" for p in files):  # a parquet dataset dir; its json files are metadata
+            files = [p for p in files if p.suffix == ".parquet"]
+    if not files:
+        raise DataError(f"no .json, .jsonl or .parquet files in {path}")
+    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{path}: expected only .json/.jsonl or only .parquet files, got "
+                        f"{sorted(p.name for p in files)}")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def load_table(source: str, split: str = "train") -> Any:
+    """A `datasets.Dataset` from a local file/directory, or from the Hugging Face hub when `source` is not a path."""
+    import datasets
+
+    p = Path(source).expanduser()
+    try:
+        if p.exists():
+            builder, files = _local_files(p)
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        if source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_SUFFIXES:
+            raise DataError(f"dataset file not found: {source}")
+        return datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFound, DatasetNotFound, ArrowInvalid, ...)
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {e}") from e
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise DataError(f"{where}[{i}]: each message needs a role in {sorted(ROLES)} and a string content, "
+                            f"got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def normalize_chat(row: dict[str, Any], where: str = "example") -> dict[str, Any]:
+    """{"messages": [...]} from a row with a `messages` column (UltraChat's layout)."""
+    if "messages" not in row:
+        raise DataError(f"{where}: a chat dataset needs a `messages` column, got columns {sorted(row)}")
+    msgs = _messages(row["messages"], f"{where}.messages")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: no assistant message, so nothing to train on")
+    return {"messages": msgs}
+
+
+def normalize_pair(row: dict[str, Any], where: str = "example") -> dict[str, Any]:
+    """{"prompt", "chosen", "rejected"} from `chosen`/`rejected` columns: message lists sharing a prompt (as in
+    UltraFeedback-binarized) or strings with a `prompt` column."""
+    if "chosen" not in row or "rejected" not in row:
+        raise DataError(f"{where}: a preference dataset needs `chosen` and `rejected` columns, got {sorted(row)}")
+    c, r = row["chosen"], row["rejected"]
+    if isinstance(c, str) and isinstance(r, str):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: string `chosen`/`rejected` need a string `prompt` column")
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}]}
+    c, r = _messages(c, f"{where}.chosen"), _messages(r, f"{where}.rejected")
+    n = 0
+    while n < min(len(c), len(r)) and c[n] == r[n] and c[n]["role"] != "assistant":
+        n += 1
+    if n == 0 or n == len(c) or n == len(r):
+        raise DataError(f"{where}: chosen and rejected must share a prompt (the leading non-assistant messages) "
+                        "and each continue it with an answer")
+    return {"prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
+
+
+def normalize_tokens(row: dict[str, Any], where: str = "example") -> dict[str, Any]:
+    if "tokens" not in row:
+        raise DataError(f"{where}: a pre-tokenised dataset needs a `tokens` column, got {sorted(row)}")
+    toks = list(row["tokens"])
+    mask = list(row.get("loss_mask") or [1] * len(toks))
+    if len(mask) != len(toks):
+        raise DataError(f"{where}: `loss_mask` has {len(mask)} entries for {len(toks)} tokens")
+    return {"tokens": toks, "loss_mask": mask}
+
+
+class Examples:
+    """A lazily normalised, indexable view of a table: what grain's `MapDataset.source` reads."""
+
+    def __init__(self, table: Any, kind: str, max_examples: int = 0):
+        self.table, self.kind = table, kind
+        self.n = len(table) if not max_examples else min(len(table), max_examples)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.table[int(i)]
+        where = f"example {int(i)}"
+        if self.kind == "chat":
+            if "tokens" in row:
+                return normalize_tokens(row, where)
+            return normalize_chat(row, where)
+        if self.kind == "pairs":
+            if "rejected_tokens" in row:  # the offline source
+                p = len(row["prompt_ids"])
+                return {"prompt_ids": list(row["prompt_ids"]), "chosen_ids": list(row["tokens"])[p:],
+                        "rejected_ids": list(row["rejected_tokens"])[p:]}
+            return normalize_pair(row, where)
+        return normalize_tokens(row, where)
+
+
+def load_examples(source: str, kind: str, *, split: str = "train", max_examples: int = 0) -> Examples:
+    """A stage's examples, validated on the first row so that a wrong column fails now rather than mid-run."""
+    table = load_table(source, split)
+    ex = Examples(table, kind, max_examples)
+    if len(ex) == 0:
+        raise DataError(f"dataset {source!r} is empty")
+    ex[0]
+    return ex
+
+
+# ------------------------------------------------------------------------------------------- the offline source
+
+
+TEMPLATES = (
+    "Explain {topic} to a curious twelve-year-old.",
+    "Give three surprising facts about {topic}.",
+    "Write a short poem about {topic}.",
+    "What are the main advantages and disadvantages of {topic}?",
+    "Summarise the history of {topic} in a few sentences.",
+    "How would you teach a beginner about {topic}? Give a step-by-step plan.",
+    "Write a friendly email inviting a colleague to a talk on {topic}.",
+    "List common misconceptions about {topic} and correct them.",
+    "Describe {topic} using an everyday analogy.",
+    "What questions would an expert ask about {topic}?",
+    "Write a two-paragraph story in which {topic} plays a key role.",
+    "Compare {topic} with something similar and explain the difference.",
+)
+
+TOPICS = (
+    "photosynthesis", "black holes", "the water cycle", "volcanoes", "honey bees", "the printing press",
+    "machine learning", "prime numbers", "the Roman Empire", "climate change", "vaccines", "the internet",
+    "electric cars", "coffee", "chess", "the human heart", "rainbows", "tides", "recycling", "jazz music",
+    "the Moon landing", "DNA", "earthquakes", "bicycles", "compound interest", "sleep", "the Great Wall of China",
+    "solar panels", "octopuses", "democracy", "gravity", "bread baking", "the Olympic Games", "magnets",
+    "rain forests", "the periodic table", "writing a CV", "learning a language", "time zones", "penguins",
+)
+
+
+def offline_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct prompts (templates × topics, shuffled by `seed`); at most len(TEMPLATES)·len(TOPICS)."""
+    allp = [t.format(topic=topic) for t in TEMPLATES for topic in TOPICS]
+    if n > len(allp):
+        raise DataError(f"the offline source has {len(allp)} distinct prompts; asked for {n}")
+    random.Random(seed).shuffle(allp)
+    return allp[:n]
+
+
+def corrupt_answer(ids: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """A dispreferred answer: the first third kept, the rest shuffled, cut to 50–100 % of the original length."""
+    ids = list(ids)
+    if len(ids) < 3:
+        return ids[:1] if ids else []
+    keep = len(ids) // 3
+    rest = ids[keep:]
+    rng.shuffle(rest)
+    out = ids[:keep] + rest
+    return out[: max(1, int(len(out) * rng.uniform(0.5, 1.0)))]
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Atomic write: a temp file renamed into place, so a killed run never leaves a half part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32()) if isinstance(v[0], list) else None)
+                      for k, v in cols.items()})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def generate_offline(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompts: int = 256,
+                     max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.7, top_p: float = 0.95,
+                     seed: int = 0, rejected: str = "shuffle", shard_index: int = 0, shard_count: int = 1,
+                     prompts: Sequence[str] | None = None) -> Path:
+    """The teacher's answers to the offline prompts (or `prompts`), written as parquet parts of token ids.
+
+    Each row: prompt_ids, tokens (prompt + answer + end-of-turn), loss_mask (answer only), rejected_tokens,
+    rejected_loss_mask. Batched with the fast `Generator`; host `shard_index` of `shard_count` answers prompts
+    i ≡ shard_index (mod shard_count); parts already on disk are skipped, so a killed run resumes where it stopped.
+    """
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
+
+    if rejected not in ("shuffle", "resample"):
+        raise DataError(f"rejected must be 'shuffle' or 'resample', got {rejected!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(prompts) if prompts is not None else offline_prompts(num_prompts, seed)
+    mine = [(i, p) for i, p in enumerate(texts) if i % shard_count == shard_index]
+    eos = list(tokenizer.eos_token_ids)
+    end = [eos[0]] if eos else []
+    gen: Generator | None = None
+    for b in range(0, len(mine), batch_size):
+        part = out / f"part-{shard_index:03d}-{b // batch_size:05d}.parquet"
+        if part.exists():
+            continue
+        gen = gen or Generator(model, pad_id=tokenizer.pad_token_id)
+        chunk = mine[b:b + batch_size]
+        pids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for _, p in chunk]
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + b,
+                                  max_new_tokens=max_new_tokens)
+        res = gen.run(pids, sampling, eos_ids=eos)
+        answers = res.ids()
+        finished = [n < max_new_tokens for n in res.lengths]
+        if rejected == "resample":
+            hot = SamplingConfig(temperature=1.5, seed=seed * 100003 + b + 1, max_new_tokens=max_new_tokens)
+            bad = gen.run(pids, hot, eos_ids=eos).ids()
+        else:
+            rng = np.random.default_rng([seed, shard_index, b])
+            bad = [corrupt_answer(a, rng) for a in answers]
+        rows = []
+        for (i, _), p, a, done, r in zip(chunk, pids, answers, finished, bad):
+            a = a + (end if done else [])
+            rows.append({"prompt_ids": p, "tokens": p + a, "loss_mask": [0] * len(p) + [1] * len(a),
+                         "rejected_tokens": p + r + end, "rejected_loss_mask": [0] * len(p) + [1] * (len(r) + len(end))})
+        _write_parquet(part, rows)
+    meta = {"num_prompts": len(texts), "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p, "seed": seed, "rejected": rejected, "shard_count": shard_count}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    return out

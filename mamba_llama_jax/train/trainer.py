@@ -1,0 +1,487 @@
+"""The trainer: one jitted, sharded step for every stage; optax; orbax checkpoints with exact resume; metrics.
+
+Why it is built this way:
+- The step is `jax.jit` over pure functions (`nnx.split` once, `nnx.merge` inside), not `nnx.jit`: the graph
+  traversal happens once at trace time and the compiled step is a plain function of arrays.
+- The student is split into *trainable* and *frozen* parameters by the stage's filter. Only the trainable ones are
+  differentiated and given optimizer state, so a frozen parameter has no gradient computed, no Adam moments and
+  cannot change (this is what `optax.masked`/`multi_transform` would do, minus the wasted weight gradients).
+  `optax.masked` still applies weight decay to matrices only.
+- Parameters travel as flat dicts {"layers/3/mixer/in_proj/kernel": array}: plain pytrees for optax and orbax,
+  with one NamedSharding each from their logical axes (`train/mesh.py`). The teacher is sharded by the same rules.
+- The frozen teacher (or DPO reference) runs before `value_and_grad`, under `stop_gradient`.
+- Gradient accumulation scans over micro-batches inside the step; the loss is the mean of the micro-batch
+  losses (each normalised within its micro-batch, as the official HF-Trainer-based code does).
+- Everything that decides the future of a run is in the checkpoint — parameters, optimizer state, data-iterator
+  state, RNG, step — so a resumed run continues bit-for-bit. A non-finite loss stops the run before anything is
+  saved, so the newest checkpoint on disk is always a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mamba_llama_jax.config import (
+    CheckpointConfig, HybridConfig, OptimConfig, StageConfig, TrainConfig, load_config,
+)
+from mamba_llama_jax.errors import CheckpointError, TrainingError
+from mamba_llama_jax.models.llama import DecoderLM
+from mamba_llama_jax.train import mesh as mesh_lib
+from mamba_llama_jax.train import stages
+
+log = logging.getLogger(__name__)
+Flat = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------------------------- flat parameters
+
+
+class Flattener:
+    """nnx.State <-> flat dict keyed by 'a/b/0/c', keeping the State's tree structure for the way back."""
+
+    def __init__(self, state: nnx.State):
+        paths, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+        # The last key of each path is the Variable's own `value` attribute: not part of the parameter's name.
+        self.names = ["/".join(_key(k) for k in (p[:-1] if p and _key(p[-1]) == "value" else p)) for p, _ in paths]
+        if len(set(self.names)) != len(self.names):
+            raise TrainingError("parameter names collide when flattened")
+
+    def flat(self, state: nnx.State) -> Flat:
+        return dict(zip(self.names, jax.tree.leaves(state)))
+
+    def unflat(self, flat: Flat) -> nnx.State:
+        return jax.tree.unflatten(self.treedef, [flat[n] for n in self.names])
+
+
+def _key(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+@dataclasses.dataclass
+class SplitModel:
+    """A model split for training: static graph, trainable and frozen parameter dicts, other state."""
+
+    graphdef: Any
+    trainable: Flat
+    frozen: Flat
+    rest: nnx.State
+    t_flat: Flattener
+    f_flat: Flattener
+    shardings: dict[str, Any]  # name -> NamedSharding, for trainable and frozen alike
+
+    def merge(self, trainable: Flat | None = None, frozen: Flat | None = None) -> Any:
+        return nnx.merge(self.graphdef, self.t_flat.unflat(self.trainable if trainable is None else trainable),
+                         self.f_flat.unflat(self.frozen if frozen is None else frozen), self.rest)
+
+
+def split_model(model: DecoderLM, train: str, mesh: jax.sharding.Mesh) -> SplitModel:
+    """Splits `model` by the stage's trainable filter and places its parameters on `mesh`."""
+    filt = stages.trainable_filter(model, train)
+    graphdef, tr, fr, rest = nnx.split(model, filt, nnx.Param, ...)
+    tf, ff = Flattener(tr), Flattener(fr)
+    shard = {**tf.flat(mesh_lib.state_shardings(tr, mesh)), **ff.flat(mesh_lib.state_shardings(fr, mesh))}
+    # Trainable arrays are donated to the step: copy them, since a converted model shares buffers with its
+    # teacher (copied weights are the same arrays).
+    trainable = {k: jax.device_put(v, shard[k], may_alias=False) for k, v in tf.flat(tr).items()}
+    frozen = {k: jax.device_put(v, shard[k]) for k, v in ff.flat(fr).items()}
+    return SplitModel(graphdef, trainable, frozen, rest, tf, ff, shard)
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to lr over warmup_steps, then cosine to end_lr_ratio·lr at `steps` (or constant)."""
+    warm = min(cfg.warmup_steps, max(steps - 1, 0))
+    if cfg.schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(cfg.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)],
+                                    [warm])
+    return optax.warmup_cosine_decay_schedule(0.0 if warm else cfg.lr, cfg.lr, warm, max(steps, warm + 1),
+                                              end_value=cfg.lr * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay on matrices only) after global-norm clipping."""
+    sched = lr_schedule(cfg, steps)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), sched
+
+
+# ------------------------------------------------------------------------------------------------------- step
+
+
+@dataclasses.dataclass
+class Step:
+    """The compiled step and what it needs: `step(trainable, opt_state, rng, frozen, teacher, batch)`."""
+
+    fn: Callable[..., Any]
+    student: SplitModel
+    teacher: SplitModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    opt_shardings: Any
+
+
+def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (n, B/n, ...) with micro-batch a holding rows a, a+n, a+2n, ...: every device keeps a share of
+    every micro-batch (a contiguous split would leave devices idle)."""
+    def one(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh: jax.sharding.Mesh,
+               *, donate: bool = True) -> Step:
+    """The stage's jitted train step over `mesh`. The teacher is the DPO reference for objective 'dpo'."""
+    s = split_model(student, stage.train, mesh)
+    t = split_model(teacher, "all", mesh)
+    tx, sched = make_optimizer(stage.optim, stage.steps)
+    ref_fn, loss_fn = stages.objective(stage.objective)
+    loss_cfg, accum = stage.loss, stage.grad_accum
+
+    def one_micro(trainable: Flat, frozen: Flat, teacher_p: Flat, mb: dict[str, jax.Array]):
+        ref = jax.lax.stop_gradient(ref_fn(t.merge(teacher_p), mb))
+
+        def f(tr: Flat):
+            return loss_fn(s.merge(tr, frozen), mb, ref, loss_cfg)
+        return jax.value_and_grad(f, has_aux=True)(trainable)
+
+    def step(trainable: Flat, opt_state: Any, rng: jax.Array, frozen: Flat, teacher_p: Flat,
+             batch: dict[str, jax.Array]):
+        if accum == 1:
+            (loss, metrics), grads = one_micro(trainable, frozen, teacher_p, batch)
+        else:
+            def body(acc, mb):
+                (l, m), g = one_micro(trainable, frozen, teacher_p, mb)
+                return jax.tree.map(jnp.add, acc, g), (l, m)
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, (ls, ms) = jax.lax.scan(body, zeros, _micro(batch, accum))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, metrics = jnp.mean(ls), jax.tree.map(jnp.mean, ms)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        rng, _ = jax.random.split(rng)  # consumed by stochastic objectives; advanced every step for exact resume
+        return trainable, opt_state, rng, metrics
+
+    t_shard = {k: s.shardings[k] for k in s.trainable}
+    opt_shard = _opt_shardings(tx, s, mesh)
+    repl = mesh_lib.replicated(mesh)
+    fn = jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                 out_shardings=(t_shard, opt_shard, repl, repl))
+    return Step(fn, s, t, tx, sched, mesh, opt_shard)
+
+
+def _opt_shardings(tx: optax.GradientTransformation, s: SplitModel, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of the optimizer state: every moment like the parameter it belongs to; counters replicated."""
+    abstract = jax.eval_shape(tx.init, s.trainable)
+    repl = mesh_lib.replicated(mesh)
+
+    def one(path: tuple[Any, ...], leaf: Any) -> Any:
+        for k in reversed(path):
+            name = _key(k)
+            if name in s.trainable and getattr(leaf, "shape", None) == s.trainable[name].shape:
+                return s.shardings[name]
+        return repl
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def init_opt_state(step: Step) -> Any:
+    """Optimizer state created directly in its sharded layout."""
+    return jax.jit(step.tx.init, out_shardings=step.opt_shardings)(step.student.trainable)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class Checkpointer:
+    """orbax CheckpointManager over items `state` (params, optimizer, rng, step), `data` (grain iterator), `meta`.
+
+    Saves are async; the manager writes each step to a temporary directory and renames it when complete, so a
+    killed save leaves no step directory. A step directory that exists but cannot be read (corrupt, truncated,
+    edited) raises `CheckpointError` naming it; `restore_latest` then falls back to the previous step.
+    """
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+        self.dir = Path(directory).absolute()
+        self.cfg = cfg
+        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                            create=True)
+        self.mngr = ocp.CheckpointManager(self.dir, options=opts, item_names=("state", "data", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.mngr.all_steps())
+
+    def save(self, step: int, state: dict[str, Any], data_iter: Any, meta: dict[str, Any]) -> None:
+        import grain
+
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore(self, step: int, abstract_state: dict[str, Any], data_iter: Any) -> tuple[dict[str, Any], dict]:
+        import grain
+
+        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir} cannot be restored ({type(e).__name__}: {e}); it is corrupt "
+                f"or incomplete: delete {self.dir / str(step)} to resume from an earlier step") from e
+        return out["state"], out["meta"]
+
+    def restore_latest(self, abstract_state: dict[str, Any], data_iter: Any
+                       ) -> tuple[int, dict[str, Any], dict] | None:
+        """The newest readable checkpoint (older ones tried in turn), or None when there is none."""
+        steps = self.steps()
+        errors = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iter)
+                if errors:
+                    log.warning("resumed from step %d; newer checkpoints were unreadable:\n%s", step,
+                                "\n".join(errors))
+                return step, state, meta
+            except CheckpointError as e:
+                log.warning("%s", e)
+                errors.append(str(e))
+        if errors:
+            raise CheckpointError(f"no readable checkpoint in {self.dir}:\n" + "\n".join(errors))
+        return None
+
+    def quarantine_after(self, step: int) -> None:
+        """Renames step directories newer than `step` (unreadable ones that restore skipped) to
+        `<step>.unreadable`, so the resumed run can save those steps again; nothing is deleted."""
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            src = self.dir / str(s)
+            dst = self.dir / f"{s}.unreadable"
+            n = 1
+            while dst.exists():
+                dst, n = self.dir / f"{s}.unreadable{n}", n + 1
+            os.replace(src, dst)
+            log.warning("moved unreadable checkpoint %s aside to %s", src, dst)
+        if newer:
+            self.mngr.reload()
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Append-only jsonl of per-step metrics; on resume, lines past the restored step are dropped (rewritten
+    atomically), so the file always describes the run that produced the checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """loss vs step as a PNG; None (with a log note) when matplotlib is not installed (`pip install '.[bench]'`)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipping the loss plot (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage in dict.fromkeys(r.get("stage", "") for r in records):
+        rs = [r for r in records if r.get("stage", "") == stage]
+        ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label=stage or None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    if len(records) and records[0].get("stage"):
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- fit
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: DecoderLM
+    steps: int
+    metrics: list[dict[str, Any]]
+    checkpoint_dir: Path
+
+
+def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *, out_dir: str | Path,
+        mesh: jax.sharding.Mesh | None = None, seed: int = 0, checkpoint: CheckpointConfig = CheckpointConfig(),
+        log_every: int = 10, progress: bool = True,
+        callbacks: Sequence[Callable[[int, dict[str, float]], None]] = ()) -> FitResult:
+    """Runs (or resumes) one stage: `data` is a grain IterDataset of per-host batches (see `data/pipeline.py`).
+
+    Checkpoints go to `out_dir/checkpoints`, metrics to `out_dir/metrics.jsonl`. If a checkpoint exists the run
+    continues from it — same parameters, optimizer state, data position and RNG — so the result equals an
+    uninterrupted run's. `callbacks(step, metrics)` run after every step (after its checkpoint, if any).
+    Returns the trained student (the model object passed in, updated in place).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    mesh = mesh or mesh_lib.make_mesh()
+    step_obj = build_step(stage, student, teacher, mesh)
+    s = step_obj.student
+    data_iter = iter(data)
+    ckpt = Checkpointer(out / "checkpoints", checkpoint)
+
+    opt_state = init_opt_state(step_obj)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), mesh_lib.replicated(mesh))
+    state = {"trainable": s.trainable, "frozen": s.frozen, "opt_state": opt_state, "rng": rng,
+             "step": jnp.zeros((), jnp.int32)}
+    restored = ckpt.restore_latest(_abstract(state), data_iter)
+    start = 0
+    if restored is not None:
+        start, state, meta = restored
+        if meta.get("stage") != stage.name:
+            raise CheckpointError(f"{ckpt.dir} holds stage {meta.get('stage')!r}, not {stage.name!r}: use another "
+                                  "output directory")
+        log.info("stage %s: resuming from step %d", stage.name, start)
+        ckpt.quarantine_after(start)
+    trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
+    rng = state["rng"]
+    teacher_p = {**step_obj.teacher.trainable, **step_obj.teacher.frozen}
+    metrics_log = MetricsLog(out / "metrics.jsonl", start)
+
+    bar = tqdm(total=stage.steps, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
+    last_good = start if restored is not None else None
+    t_last, tok_since = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, stage.steps + 1):
+            try:
+                local = next(data_iter)
+            except StopIteration:
+                raise TrainingError(f"stage {stage.name}: the data ran out after {step - 1} of {stage.steps} steps; "
+                                    "raise data.num_epochs (0 = repeat) or lower steps") from None
+            batch = mesh_lib.global_batch(local, mesh)
+            trainable, opt_state, rng, m = step_obj.fn(trainable, opt_state, rng, frozen, teacher_p, batch)
+            m = {k: float(v) for k, v in m.items()}
+            m["lr"] = float(step_obj.schedule(step - 1))
+            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                where = (f"the last good checkpoint is step {last_good} in {ckpt.dir}" if last_good is not None
+                         else "no checkpoint was written yet")
+                raise TrainingError(f"stage {stage.name}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}) "
+                                    f"at step {step}; stopped without saving — {where}. Lower optim.lr, raise "
+                                    "optim.grad_clip's strictness or check the data")
+            tok_since += stages.real_tokens(local) * jax.process_count()
+            if step % checkpoint.every == 0 or step == stage.steps:
+                ckpt.save(step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state, "rng": rng,
+                                 "step": jnp.asarray(step, jnp.int32)}, data_iter,
+                          {"stage": stage.name, "step": step, "loss": m["loss"]})
+                last_good = step
+            if step % log_every == 0 or step == stage.steps:
+                now = time.perf_counter()
+                rate = tok_since / max(now - t_last, 1e-9)
+                t_last, tok_since = now, 0
+                rec = {"stage": stage.name, "step": step, **m, "tokens_per_s": rate}
+                if jax.process_index() == 0:
+                    metrics_log.write(rec)
+                bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            for cb in callbacks:
+                cb(step, m)
+    finally:
+        bar.close()
+        ckpt.close()
+    nnx.update(student, s.t_flat.unflat(trainable), s.f_flat.unflat(frozen))
+    records = metrics_log.read()
+    if jax.process_index() == 0 and records:
+        plot_losses(records, out / "loss.png")
+    return FitResult(student, stage.steps, records, ckpt.dir)
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+def _stage_data(stage: StageConfig, tokenizer: Any) -> Any:
+    from mamba_llama_jax.data import pipeline, sources
+
+    ex = sources.load_examples(stage.data.source, stage.data.kind, split=stage.data.split,
+                               max_examples=stage.data.max_examples)
+    return pipeline.build_dataset(ex, tokenizer, stage.data, batch_size=stage.batch_size,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True,
+               config: TrainConfig | None = None) -> DecoderLM:
+    """Runs every stage of a recipe in order (the CLI's `distill|sft|dpo|pipeline`), each resuming from its own
+    checkpoints and starting from the previous stage's result; returns the final student."""
+    from mamba_llama_jax.convert import load_teacher
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+
+    cfg = config or load_config(TrainConfig, config_path, list(overrides))
+    teacher_cfg, teacher, tok = load_teacher(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    out = Path(cfg.output_dir)
+    student: DecoderLM | None = None
+    layout: HybridConfig = cfg.hybrid
+    for i, stage in enumerate(cfg.stages):
+        layout = stage.hybrid or layout
+        rngs = nnx.Rngs(cfg.seed + 1000 * i)
+        student = build_hybrid(teacher, layout, rngs=rngs, previous=student)  # type: ignore[arg-type]
+        ref = nnx.clone(student) if stage.objective == "dpo" else teacher
+        fit(stage, student, ref, _stage_data(stage, tok), out_dir=out / stage.name, mesh=mesh,
+            seed=cfg.seed + i, checkpoint=cfg.checkpoint, log_every=cfg.log_every, progress=progress)
+    return student  # type: ignore[return-value]
