@@ -183,6 +183,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_prompts(source: str, limit: int) -> list[str]:
+    """The first user message of each chat row of a dataset (local file/dir or a `datasets` hub name)."""
+    from mamba_llama_jax.data.sources import load_examples
+    from mamba_llama_jax.errors import DataError
+
+    rows = load_examples(source, "chat", max_examples=limit)
+    prompts = []
+    for i in range(len(rows)):
+        msgs = rows[i].get("messages") or []
+        user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
+        if user:
+            prompts.append(user)
+    if not prompts:
+        raise DataError(f"{source}: no rows with a user message to answer")
+    return prompts
+
+
+def cmd_gen_labels(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.data.sources import generate_offline
+
+    prompts = dataset_prompts(args.dataset, args.num_prompts) if args.dataset else None
+    teacher = _load(args)
+    t0 = time.perf_counter()
+    out = generate_offline(teacher.model, teacher.tokenizer, args.out, num_prompts=args.num_prompts,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           temperature=args.temperature, seed=args.seed, prompts=prompts,
+                           shard_index=args.shard_index, shard_count=args.shard_count)
+    print(f"wrote the teacher's answers to {out} in {time.perf_counter() - t0:.1f} s "
+          f"(parts already there were kept; rerun to resume)")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.train.trainer import run_recipe
+
+    run_recipe(args.config, args.overrides)
+    return 0
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="GGUF file or HF model directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -232,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16"))
     v.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     v.set_defaults(func=cmd_convert)
+
+    gl = sub.add_parser("gen-labels", help="the teacher's answers to prompts, stored as token ids (resumable)")
+    _add_model(gl)
+    gl.add_argument("--out", required=True, metavar="DIR")
+    gl.add_argument("--dataset", default=None, metavar="SRC",
+                    help="local json/jsonl/parquet (file or dir) or a datasets hub name with `messages` rows "
+                         "(default: the project's offline prompts)")
+    gl.add_argument("--num-prompts", type=int, default=256)
+    gl.add_argument("--max-new-tokens", type=int, default=128)
+    gl.add_argument("--batch-size", type=int, default=16)
+    gl.add_argument("--temperature", type=float, default=0.7)
+    gl.add_argument("--seed", type=int, default=0)
+    gl.add_argument("--shard-index", type=int, default=0, help="this host's shard (multi-host)")
+    gl.add_argument("--shard-count", type=int, default=1)
+    gl.set_defaults(func=cmd_gen_labels)
+
+    pl = sub.add_parser("pipeline", help="run every stage of a training recipe (configs/recipes/*.yaml)")
+    pl.add_argument("--config", required=True, metavar="YAML")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.steps=10")
+    pl.set_defaults(func=cmd_pipeline)
     return parser
 
 

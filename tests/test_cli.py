@@ -19,7 +19,8 @@ def test_bad_sampling_option_fails_before_loading(tmp_path, capsys):
 
 def test_subcommands():
     parser = build_parser()
-    for cmd in (["generate", "--prompt", "x"], ["chat"], ["demo"]):
+    for cmd in (["generate", "--prompt", "x"], ["chat"], ["demo"], ["convert", "--out", "d"],
+                ["gen-labels", "--out", "d"], ["pipeline", "--config", "c.yaml"]):
         assert parser.parse_args(cmd).command == cmd[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["distill"])
@@ -51,3 +52,32 @@ def test_bad_hybrid_options(tmp_path, capsys):
     assert "attn_fraction must be 0 or 1/k" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--hybrid", "50", "--prompt", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_gen_labels_offline_and_from_a_dataset(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "labels"
+    base = ["gen-labels", "--teacher", str(TINY), "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "2"]
+    assert main([*base, "--out", str(out), "--num-prompts", "3"]) == 0
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == 3 and all(sum(r["loss_mask"]) >= 1 for r in rows)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": "a"}]}) for i in range(2)))
+    assert main([*base, "--out", str(tmp_path / "ds"), "--dataset", str(data)]) == 0
+    rows = [r for p in sorted((tmp_path / "ds").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == 2
+    assert main([*base, "--out", str(tmp_path / "x"), "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_pipeline_bad_config(tmp_path, capsys):
+    assert main(["pipeline", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "r.yaml"
+    bad.write_text("stages: []\nbogus: 1\n")
+    assert main(["pipeline", "--config", str(bad)]) == 2
+    assert "bogus" in capsys.readouterr().err

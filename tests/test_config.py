@@ -67,3 +67,12 @@ def test_shipped_teacher_configs_load():
     assert (smol.num_layers, smol.head_dim, smol.tie_word_embeddings) == (30, 64, True)
     big = load_config(LlamaConfig, root / "llama3-8b.yaml")
     assert big.rope_scaling is not None and big.rope_scaling.factor == 8.0
+
+
+def test_overrides_index_lists():
+    d = apply_overrides({"stages": [{"steps": 1}, {"steps": 2}]}, ["stages.1.steps=5", "stages.0.lr=0.1"])
+    assert d == {"stages": [{"steps": 1, "lr": 0.1}, {"steps": 5}]}
+    with pytest.raises(ConfigError, match="not an index of a list of 2"):
+        apply_overrides({"stages": [{}, {}]}, ["stages.2.steps=1"])
+    with pytest.raises(ConfigError, match="not a mapping or list"):
+        apply_overrides({"a": 1}, ["a.b=2"])
