@@ -22,6 +22,15 @@ _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _last: dict[str, str] = {}
 
 
+UNVERIFIED_ENV = "MAMBA_LLAMA_UNVERIFIED_KERNELS"
+
+
+def unverified_allowed() -> bool:
+    """Whether kernels not yet proven equal to their reference when compiled on a GPU may be chosen (benchmarks
+    and the device test run set it; users get the reference until `make test-gpu` has passed for the kernel)."""
+    return os.environ.get(UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 

@@ -6,9 +6,12 @@ Design (the reasons, not the steps):
   options) and a second call with the same shapes never recompiles.
 - Weight matrices are cast to the compute dtype once, outside the loop: the model would otherwise cast its fp32
   master weights on every step, reading twice the bytes.
-- For a plain `LlamaLM`, q/k/v and gate/up are fused into one matmul each at load time (fewer, larger kernels:
-  decode at small batch is launch-bound), and decode attention reads only the filled part of the cache: the loop
-  is split into phases of `window_block` slots, each a `while_loop` whose attention window is a static prefix.
+- In every attention layer of any `DecoderLM` (teacher or hybrid), q/k/v and gate/up are fused into one matmul
+  each at load time (fewer, larger kernels: decode at small batch is launch-bound); Mamba layers keep their own
+  single-step decode. A decode step's attention is one Pallas launch on GPU (RoPE + cache write + attention over
+  the filled slots, `pallas_kernels/decode_attention.py`); the XLA reference elsewhere reads only the filled part
+  of the cache by splitting the loop into phases of `window_block` slots, each a `while_loop` whose attention
+  window is a static prefix.
 - Prompts are left-padded, so every row's last prompt token sits at the same position and prefill computes the
   LM head only there.
 - Sampling keys are `fold_in(seed, step)`, so the streaming path (one jitted step per token) samples the same
@@ -33,6 +36,8 @@ from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
 )
+from mamba_llama_jax.ops.attention import attend_one
+from pallas_kernels.decode_attention import decode_attention, kernel_would_run
 
 # ------------------------------------------------------------------------------------------------------ sampling
 
@@ -105,9 +110,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 
 
 class FusedAttention(nnx.Module):
-    """`Attention` with q/k/v in one matmul and a decode path that reads only the first `decode_window` slots.
+    """`Attention` with q/k/v in one matmul and a one-launch decode step.
 
     Same maths and the same KVCache as `models.llama.Attention`; built from one by `prepare_for_inference`.
+    A single-token decode step goes through `pallas_kernels.decode_attention.decode_attention`: on GPU one Pallas
+    kernel does RoPE, the cache write and attention over the filled slots; elsewhere (or with
+    MAMBA_LLAMA_FORCE_REFERENCE=1) the XLA reference reads the first `decode_window` slots.
     """
 
     def __init__(self, attn: Attention):
@@ -128,6 +136,10 @@ class FusedAttention(nnx.Module):
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         dt = jnp.dtype(self.dtype)
         qkv = jnp.dot(x.astype(dt), self.qkv[...].astype(dt))
+        if cache is not None and not ctx.prefill and t == 1:
+            out, kc, vc = decode_attention(qkv[:, 0], cache.k, cache.v, ctx.cos[:, 0], ctx.sin[:, 0], ctx.index,
+                                           ctx.valid, num_heads=h, num_kv_heads=kv, window=self.decode_window)
+            return jnp.dot(out[:, None].astype(dt), self.o[...].astype(dt)), KVCache(kc, vc)
         q = qkv[..., : h * d].reshape(b, t, h, d)
         k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
         v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
@@ -138,8 +150,6 @@ class FusedAttention(nnx.Module):
                             jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
         if cache is None or ctx.prefill:
             out = attend(q, k, v, chunk_mask(ctx))
-        elif t == 1:
-            out = _attend_one(q, cache.k, cache.v, cache_mask(ctx, cache.k.shape[1]), self.decode_window)
         else:
             out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask(ctx, cache.k.shape[1]))
         y = jnp.dot(out.reshape(b, t, h * d).astype(dt), self.o[...].astype(dt))
@@ -147,21 +157,9 @@ class FusedAttention(nnx.Module):
 
 
 def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, window: int) -> jax.Array:
-    """One query per row against the cache, as broadcast-multiply-reduce rather than a batched matmul.
-
-    The cache is (b, slots, kv, d); a dot_general with batch dims (b, kv) would need it transposed, i.e. a copy
-    of the whole cache per layer per step. A reduction fusion reads it once, in place. Softmax in fp32.
-    """
+    """(b, 1, h, d) query against the cache with a (b, 1, slots) mask; see `ops.attention.attend_one`."""
     b, _, h, d = q.shape
-    kv = kc.shape[2]
-    if window and window < kc.shape[1]:
-        kc, vc, mask = kc[:, :window], vc[:, :window], mask[..., :window]
-    qg = q[:, 0].reshape(b, 1, kv, h // kv, d).astype(jnp.float32)
-    scores = jnp.sum(qg * kc[:, :, :, None, :].astype(jnp.float32), axis=-1) / math.sqrt(d)  # (b, s, kv, g)
-    scores = jnp.where(mask[:, 0, :, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * vc[:, :, :, None, :].astype(jnp.float32), axis=1)  # (b, kv, g, d)
-    return out.reshape(b, 1, h, d).astype(q.dtype)
+    return attend_one(q[:, 0], kc, vc, mask[:, 0], window).reshape(b, 1, h, d)
 
 
 class FusedMLP(nnx.Module):
@@ -179,37 +177,50 @@ class FusedMLP(nnx.Module):
         return jnp.dot(jax.nn.silu(gu[..., : self.inter]) * gu[..., self.inter:], self.down[...].astype(dt))
 
 
-def _fusable(model: DecoderLM) -> bool:
-    for layer in model.layers:
-        m = layer.mixer
-        if type(m) is not Attention or any(p.bias is not None for p in (m.q_proj, m.k_proj, m.v_proj, m.o_proj)):
-            return False
-        if type(layer.mlp) is not MLP:
-            return False
-    return True
+def _fusable_attention(m: Any) -> bool:
+    return type(m) is Attention and all(p.bias is None for p in (m.q_proj, m.k_proj, m.v_proj, m.o_proj))
+
+
+# Leaves cast to the compute dtype: weight matrices that the model casts on every call anyway (Linear kernels,
+# the embedding / tied LM head, the fused matrices). Others keep their dtype — norm weights, and the Mamba conv
+# weights, A_log, D and dt_bias, which the model upcasts to fp32: rounding them would change the result.
+_CAST = frozenset({"kernel", "embedding", "qkv", "o", "gate_up", "down"})
 
 
 def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State, bool]:
     """(graphdef, state, fused): a copy of `model` with fused projections where possible and weight matrices
-    cast to the compute dtype. The original model is left untouched."""
+    cast to the compute dtype. The original model is left untouched.
+
+    Works on any `DecoderLM` (the teacher, `HybridLM`, ...): every plain bias-free attention layer becomes a
+    `FusedAttention` and every plain MLP a `FusedMLP`; other mixers (Mamba) keep their own decode path.
+    `fused` says whether any layer was fused.
+    """
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
-    fused = fuse and _fusable(copy)
-    if fused:
+    fused = False
+    if fuse:
         for layer in copy.layers:
-            layer.mixer = FusedAttention(layer.mixer)
-            layer.mlp = FusedMLP(layer.mlp)
+            if _fusable_attention(layer.mixer):
+                layer.mixer = FusedAttention(layer.mixer)
+                fused = True
+            if type(layer.mlp) is MLP:
+                layer.mlp = FusedMLP(layer.mlp)
+                fused = True
     graphdef, state = nnx.split(copy)
     compute = jnp.dtype(model.cfg.dtype)
 
-    # Norm weights (1-D) keep their dtype: the model upcasts them to fp32 anyway, and rounding them would change
-    # the result. Matrices are cast exactly as the model casts them on every call.
-    def cast(x: Any) -> Any:
-        if isinstance(x, jax.Array) and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating):
+    def cast(path: tuple[Any, ...], x: Any) -> Any:
+        name = getattr(path[-1], "key", path[-1]) if path else None
+        if (name in _CAST and isinstance(x, jax.Array) and x.ndim >= 2
+                and jnp.issubdtype(x.dtype, jnp.floating)):
             return x.astype(compute)
         return x
 
-    return graphdef, jax.tree.map(cast, state), fused
+    return graphdef, jax.tree_util.tree_map_with_path(cast, state), fused
+
+
+def has_fused_attention(graphdef: nnx.GraphDef, state: nnx.State) -> bool:
+    return any(isinstance(layer.mixer, FusedAttention) for layer in nnx.merge(graphdef, state).layers)
 
 
 # ---------------------------------------------------------------------------------------------- jitted programs
@@ -330,7 +341,8 @@ class Generator:
                  pad_id: int = 0):
         self.cfg = model.cfg
         self.graphdef, self.state, self.fused = prepare_for_inference(model, fuse=fuse)
-        self.window_block = window_block if self.fused else 0
+        self.has_attention = has_fused_attention(self.graphdef, self.state)
+        self.window_block = window_block if self.has_attention else 0
         self.prompt_multiple = max(1, prompt_multiple)
         self.pad_id = int(pad_id)
 
@@ -368,6 +380,21 @@ class Generator:
             mask[i, plen - len(r):] = True
         return tokens, mask
 
+    def uses_kernel(self) -> bool:
+        """Whether decode attention runs as the Pallas kernel (GPU, not forced to the reference)."""
+        return self.has_attention and kernel_would_run(self.cfg.head_dim, self.window_block or self.prompt_multiple)
+
+    def decode_attention_impl(self) -> str:
+        """Which decode-attention implementation `run` uses: `pallas_triton`, `reference_xla` or `none`."""
+        if not self.has_attention:
+            return "none"
+        return "pallas_triton" if self.uses_kernel() else "reference_xla"
+
+    def phases(self, plen: int, n_new: int, slots: int) -> tuple[tuple[int, int], ...]:
+        """The decode loop's phases. The kernel bounds its reads by the fill itself, so it needs one phase (one
+        traced loop body, one compile); the reference reads a static window, so it grows in `window_block`s."""
+        return decode_phases(plen, n_new, slots, 0 if self.uses_kernel() else self.window_block)
+
     def _slots(self, plen: int, n_new: int) -> int:
         return _round_up(plen + n_new, self.window_block or self.prompt_multiple)
 
@@ -393,7 +420,7 @@ class Generator:
                                 slots=slots, spec=spec)
         first = jax.block_until_ready(first)
         t1 = time.perf_counter()
-        phases = decode_phases(tokens.shape[1], n_new, slots, self.window_block)
+        phases = self.phases(tokens.shape[1], n_new, slots)
         out, steps, _ = _decode_loop(self.graphdef, self.state, cache, first, key, temp, top_p, spec=spec, n_new=n_new,
                                   eos=eos, pad_id=self.pad_id, phases=phases)
         out = np.asarray(jax.block_until_ready(out))

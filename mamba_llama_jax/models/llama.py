@@ -227,8 +227,13 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
-        y, cache = self.mixer(self.input_layernorm(x), ctx, cache)
+    def __call__(self, x: jax.Array, ctx: Context, cache: Any, verify: bool = False) -> tuple[jax.Array, Any]:
+        h = self.input_layernorm(x)
+        # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is a mask).
+        if verify and hasattr(self.mixer, "multistep"):
+            y, cache = self.mixer.multistep(h, ctx, cache)
+        else:
+            y, cache = self.mixer(h, ctx, cache)
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -257,8 +262,14 @@ class DecoderLM(nnx.Module):
 
     def hidden(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               cache: DecodeState | None = None, prefill: bool = False) -> tuple[jax.Array, DecodeState | None]:
-        """Final-norm hidden states (b, t, D) and the advanced cache."""
+               cache: DecodeState | None = None, prefill: bool = False,
+               verify: bool = False) -> tuple[jax.Array, DecodeState | None]:
+        """Final-norm hidden states (b, t, D) and the advanced cache.
+
+        `verify=True` (speculative verification; needs a cache, all tokens real, no segment ids): Mamba layers
+        run `multistep`, so their entries of the returned cache hold the state after *every* prefix of the chunk
+        (axis 1) — a pending state that `inference.speculative.Pending.commit` cuts to the accepted length.
+        """
         b, t = tokens.shape
         mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
         if positions is None:
@@ -275,7 +286,7 @@ class DecoderLM(nnx.Module):
         x = self.embed_tokens(tokens)
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, ctx, None if cache is None else cache.layers[i])
+            x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify)
             new_layers.append(c)
         x = self.norm(x)
         if cache is not None:

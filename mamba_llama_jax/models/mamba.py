@@ -172,6 +172,11 @@ def conv_window(u: jax.Array, history: jax.Array | None, token_mask: jax.Array,
     """
     b, t, c = u.shape
     hist = jnp.zeros((b, c, width), u.dtype) if history is None else history.astype(u.dtype)
+    if t == 1 and segment_ids is None:
+        # A decode step: shift in the new input where it is real. Same result as the general path below, without
+        # its cumsum / argmax / gather (three kernels per layer per step).
+        shifted = jnp.concatenate([hist[:, :, 1:], jnp.swapaxes(u, 1, 2)], axis=2)
+        return jnp.where(token_mask.astype(bool)[:, :, None], shifted, hist)
     full = jnp.concatenate([hist, jnp.swapaxes(u, 1, 2)], axis=2)  # (b, c, width + t)
     real = jnp.concatenate([jnp.ones((b, width), bool), token_mask.astype(bool)], axis=1)
     count = jnp.cumsum(real, axis=1, dtype=jnp.int32)  # (b, width + t)
@@ -221,6 +226,18 @@ def _dims(cfg: LlamaConfig, mcfg: MambaConfig) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------ Mamba2
+
+
+def ssd_step(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+             D: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One decode step of the Mamba2 recurrence without a scan (a length-1 `lax.scan` costs a loop per layer
+    unless XLA happens to remove it). state (b,h,p,n) fp32; x (b,1,h,p); dt (b,1,h) (softplus applied); B, C
+    (b,1,h,n) (already one group per head); A, D (h,) fp32. Same maths as `ops.ssd.ssd_multistep` at k = 1."""
+    xf, dtf = x[:, 0].astype(F32), dt[:, 0].astype(F32)
+    s = (jnp.exp(dtf * A)[:, :, None, None] * state.astype(F32)
+         + (dtf[:, :, None] * xf)[..., None] * B[:, 0].astype(F32)[:, :, None, :])
+    y = jnp.einsum("bhpn,bhn->bhp", s, C[:, 0].astype(F32)) + D[None, :, None] * xf
+    return y[:, None].astype(x.dtype), s
 
 
 class Mamba2(nnx.Module):
@@ -288,7 +305,9 @@ class Mamba2(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(F32))
         D = self.D[...].astype(F32)
         init = None if cache is None or ctx.prefill else cache.ssm
-        if init is not None and ctx.segment_ids is None and t <= MULTISTEP_MAX:
+        if init is not None and ctx.segment_ids is None and t == 1:
+            y, final = ssd_step(init, xs, dt, A, B, C, D)
+        elif init is not None and ctx.segment_ids is None and t <= MULTISTEP_MAX:
             y, states = ssd_ops.ssd_multistep(init, xs, dt, A, B, C, D=D, dt_softplus=False)
             final = states[:, -1]
         else:

@@ -168,3 +168,59 @@ def test_real_teacher_knows_the_capital_of_france():
     t = load_teacher(dtype="float32")
     answer = generate(t.model, t.tokenizer, "What is the capital of France?", SamplingConfig(max_new_tokens=16))
     assert answer == ["The capital of France is Paris."]
+
+
+# ------------------------------------------------------------------------------------------ hybrid fast path
+
+HCFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
+                   dtype="float32", rope_theta=1e4, max_position_embeddings=64)
+
+
+def unfused_greedy(model, prompts, n):
+    """The model's own decode (its Attention / Mamba mixers, no Generator): prefill each prompt alone, then
+    one `model(tok, cache=...)` call per new token."""
+    from flax import nnx as _nnx
+
+    graphdef, state = _nnx.split(model)
+
+    @jax.jit
+    def step(state, toks, cache, prefill_mask):
+        m = _nnx.merge(graphdef, state)
+        logits, cache = m(toks, cache=cache, token_mask=prefill_mask)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+    out = []
+    for p in prompts:
+        m = _nnx.merge(graphdef, state)
+        cache = m.init_cache(1, len(p) + n)
+        toks = jnp.asarray([p], jnp.int32)
+        tok, cache = jax.jit(lambda s, t, c: (lambda mm: mm(t, cache=c, prefill=True))(_nnx.merge(graphdef, s)))(
+            state, toks, cache)
+        tok = jnp.argmax(tok[:, -1], -1).astype(jnp.int32)
+        seq = [int(tok[0])]
+        for _ in range(n - 1):
+            tok, cache = step(state, tok[:, None], cache, jnp.ones((1, 1), bool))
+            seq.append(int(tok[0]))
+        out.append(seq)
+    return out
+
+
+def test_hybrid_fast_path_equals_unfused_decode():
+    from mamba_llama_jax.config import HybridConfig
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.inference.generate import FusedAttention, FusedMLP
+    from mamba_llama_jax.models.mamba import Mamba2
+
+    teacher = LlamaLM(HCFG, rngs=nnx.Rngs(3))
+    hybrid = build_hybrid(teacher, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(4))
+    gen = Generator(hybrid, window_block=8)
+    fast = nnx.merge(gen.graphdef, gen.state)
+    kinds = [type(layer.mixer) for layer in fast.layers]
+    assert kinds == [Mamba2, FusedAttention, Mamba2, FusedAttention]
+    assert all(type(layer.mlp) is FusedMLP for layer in fast.layers)
+    assert gen.decode_attention_impl() == "reference_xla"  # CPU
+    # Mamba parameters the model upcasts to fp32 are not rounded by the inference copy.
+    assert fast.layers[0].mixer.A_log[...].dtype == hybrid.layers[0].mixer.A_log[...].dtype
+    prompts = [[5, 17, 3, 8, 41, 9, 60], [12, 7, 30]]
+    got = gen.run(prompts, SamplingConfig(max_new_tokens=8)).ids()
+    assert got == unfused_greedy(hybrid, prompts, 8)
