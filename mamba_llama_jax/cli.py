@@ -6,11 +6,16 @@ User mistakes (a `MambaLlamaError`) print `error: <message>` on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, Sequence
 
 from mamba_llama_jax.errors import MambaLlamaError
+
+# The project uses transformers for tokenizers only, never its torch models: its "PyTorch was not found" advice
+# would only confuse CLI users.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
