@@ -1,0 +1,415 @@
+"""Speculative decoding for Mamba/attention hybrids (Algorithm 2 of "The Mamba in the Llama").
+
+A draft model (any `DecoderLM`: Llama, hybrid, pure Mamba) proposes k tokens one at a time; the target checks all
+of them in a single forward pass (`verify`): attention layers write the chunk's K/V and attend to cache + chunk in
+parallel, Mamba layers run `multistep` from their one cached state and return the state after every prefix of the
+chunk. Acceptance keeps a prefix; `Pending.commit` then advances every cache by exactly that many tokens per row.
+No recurrent state per draft token survives a round: after commit each Mamba layer holds one state again.
+
+Round invariants (both kept per row):
+- target: has consumed every committed token except the last, `x0`. It verifies [x0, d1..dk] (k+1 tokens), so
+  logits j score d_{j+1} and logits k give the bonus token. With n accepted it keeps the prefix x0, d1..dn (n+1).
+- draft: has consumed every committed token except the last two, `x_prev, x0`. It starts a round with a 2-token
+  verify call on [x_prev, x0] (proposing d1), then k-1 single steps on d1..d_{k-1}; k+1 fed tokens, like the
+  target. With n accepted it keeps x_prev, x0, d1..d_{n-1} (n+1). Lagging one token is what makes "all k accepted"
+  cheap: d_k was never fed to the draft, and becomes next round's `x_prev` instead of costing an extra draft step.
+  The first fed pair gets per-prefix Mamba states from `verify`, the single steps' states are stacked by the
+  scan; both are dropped at commit.
+
+Shared-slot KV layout with per-row acceptance (`models/cache.py`: one write index for the whole batch): a chunk of
+k+1 tokens is written at slots [index, index+k+1) for every row; commit marks row r's slots past its kept count
+invalid, advances the shared index by the *largest* kept count, and advances each row's own RoPE position by its
+own count. Rows that kept fewer tokens thus leave invalid holes (masked out of attention, like left padding), and
+RoPE stays exact because positions are per row, not per slot. Slots past the new index are overwritten next round.
+With batch 1 there are never holes. With more rows, holes could outgrow the cache, so before a round that would not
+fit, `compact` moves every row's valid slots to the front (a stable per-row gather: order, and so causality, is
+kept). Finished rows (EOS or max_new_tokens) keep 0 tokens: their caches are frozen, so they use no more slots.
+
+Sampling follows the standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): draft token
+d ~ q is accepted with probability min(1, p(d)/q(d)); at the first rejection the correction is drawn from
+norm(max(0, p - q)); if all k are accepted the bonus token is drawn from p. p and q are the *filtered*
+distributions (temperature, top-k, top-p applied as `generate.sample_logits` applies them), so the output is
+distributed exactly as the target's own sampling with the same options. Greedy keeps the longest prefix equal to
+the target's argmax plus the target's argmax after it, so it reproduces plain greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.inference.generate import SamplingConfig, _spec, _Spec, prepare_for_inference
+from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaCache
+from mamba_llama_jax.models.llama import DecoderLM
+
+# --------------------------------------------------------------------------------------------- pending state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Pending:
+    """A cache after a verify-style chunk, before acceptance.
+
+    state: the cache with the whole chunk written (index, valid, positions advanced by the chunk); its Mamba
+      layers hold the state after every prefix of the chunk on axis 1, (b, t, ...).
+    start: () the slot of the chunk's first token. start_positions: (b,) RoPE positions before the chunk.
+    before: per layer, the MambaCache before the chunk (None for attention layers), for rows that keep nothing.
+    """
+
+    state: DecodeState
+    start: jax.Array
+    start_positions: jax.Array
+    before: tuple[Any, ...]
+
+    def commit(self, keep: jax.Array) -> DecodeState:
+        """The cache advanced by `keep` (b,) tokens of the chunk per row (0 <= keep <= chunk length)."""
+        keep = keep.astype(jnp.int32)
+        st = self.state
+        rel = jnp.arange(st.slots, dtype=jnp.int32)[None, :] - self.start
+        in_chunk = (rel >= 0) & (self.start + rel < st.index)
+        valid = jnp.where(in_chunk, rel < keep[:, None], st.valid)
+        layers = []
+        for cur, old in zip(st.layers, self.before):
+            if isinstance(cur, MambaCache):
+                picked = cur.prefix(jnp.maximum(keep, 1))
+                layers.append(jax.tree.map(lambda new, prev: _where_rows(keep > 0, new, prev), picked, old))
+            else:
+                layers.append(cur)
+        return DecodeState(tuple(layers), self.start + jnp.max(keep), valid, self.start_positions + keep)
+
+
+def _where_rows(cond: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(cond.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+
+def verify(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:
+    """One forward over t real tokens per row from `cache`: fp32 logits (b, t, V) and the pending state."""
+    h, state = model.hidden(tokens, cache=cache, verify=True)
+    before = tuple(c if isinstance(c, MambaCache) else None for c in cache.layers)
+    return model.logits(h), Pending(state, cache.index, cache.positions, before)
+
+
+def _latest(state: DecodeState) -> DecodeState:
+    """A per-prefix (pending) state as if the whole chunk were accepted: the last prefix of every Mamba layer."""
+    layers = tuple(jax.tree.map(lambda a: a[:, -1], c) if isinstance(c, MambaCache) else c for c in state.layers)
+    return dataclasses.replace(state, layers=layers)
+
+
+def compact(state: DecodeState) -> DecodeState:
+    """Every row's valid KV slots moved to the front, in order; the shared index becomes the largest row count.
+
+    Positions are untouched (RoPE was applied when K was written) and Mamba states do not live in slots.
+    """
+    order = jnp.argsort(~state.valid, axis=1, stable=True)  # valid slots first, each group in slot order
+    count = jnp.sum(state.valid, axis=1, dtype=jnp.int32)
+    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    layers = tuple(KVCache(take(c.k), take(c.v)) if isinstance(c, KVCache) else c for c in state.layers)
+    valid = jnp.arange(state.slots, dtype=jnp.int32)[None, :] < count[:, None]
+    return DecodeState(layers, jnp.max(count), valid, state.positions)
+
+
+# ---------------------------------------------------------------------------------------------- distributions
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, spec: _Spec) -> jax.Array:
+    """Logits (..., V) of the distribution `generate.sample_logits` samples from: temperature applied, tokens
+    outside top-k / top-p set to -inf (the same kept set, ties included, since the same top_k/sort picks it).
+    Written so that `sample_logits` could become `categorical(filter_logits(...))`."""
+    logits = logits.astype(jnp.float32) / temperature
+    if spec.top_k == 0 and not spec.use_top_p:
+        return logits
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-1])
+    if spec.top_k:
+        vals, idx = jax.lax.top_k(flat, spec.top_k)
+    else:
+        idx = jnp.argsort(-flat, axis=-1)
+        vals = jnp.take_along_axis(flat, idx, axis=-1)
+    if spec.use_top_p:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        vals = jnp.where(before < top_p, vals, -jnp.inf)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    return jnp.full_like(flat, -jnp.inf).at[rows, idx].set(vals).reshape(shape)
+
+
+def accept_greedy(target_logits: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """target_logits (b, k+1, V), drafts (b, k) -> (accepted count n (b,), the target's token after them (b,))."""
+    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+    n = jnp.sum(jnp.cumprod(drafts == best[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+
+
+def accept_sampling(p: jax.Array, q: jax.Array, drafts: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative-sampling acceptance. p (b, k+1, V) target probabilities, q (b, k, V) the draft's (drafts were
+    sampled from q). Returns (accepted count n, the correction — or bonus when n = k — token)."""
+    b, k = drafts.shape
+    ku, kc = jax.random.split(key)
+    pd = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+    qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(ku, (b, k), jnp.float32)
+    ok = u * qd < pd  # u < p/q without dividing; qd > 0 for a token q sampled
+    n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # at n = k the residual is p itself: the bonus
+    pick = lambda a: jnp.take_along_axis(a, n[:, None, None], axis=1)[:, 0]
+    pn = pick(p)
+    resid = jnp.maximum(pn - pick(q_pad), 0.0)
+    # p == q to the last bit (the target drafting for itself) leaves no residual mass, but then a rejection
+    # has probability 0 anyway; fall back to p so the draw is still well defined.
+    resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, pn)
+    c = jax.random.categorical(kc, jnp.log(resid), axis=-1).astype(jnp.int32)
+    return n, c
+
+
+# ------------------------------------------------------------------------------------------------ one round
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+          spec: _Spec) -> tuple[jax.Array, jax.Array | None]:
+    """(token, its filtered probabilities or None when greedy) from (b, V) logits."""
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    f = filter_logits(logits, temperature, top_p, spec)
+    return jax.random.categorical(key, f, axis=-1).astype(jnp.int32), jax.nn.softmax(f, axis=-1)
+
+
+def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax.Array, key: jax.Array,
+                temperature: jax.Array, top_p: jax.Array, *, k: int,
+                spec: _Spec) -> tuple[jax.Array, jax.Array | None, Pending]:
+    """k draft tokens (b, k), their filtered draft probabilities (b, k, V) (None when greedy), and the draft's
+    pending state over the k+1 fed tokens [x_prev, x0, d1..d_{k-1}] (see the module docstring)."""
+    logits, first = verify(model, jnp.stack([x_prev, x0], axis=1), cache)
+    d1, q1 = _pick(logits[:, 1], jax.random.fold_in(key, 0), temperature, top_p, spec)
+    if k == 1:
+        return d1[:, None], None if q1 is None else q1[:, None], first
+
+    def step(carry: tuple[jax.Array, DecodeState], i: jax.Array) -> tuple[Any, Any]:
+        tok, st = carry
+        h, st = model.hidden(tok[:, None], cache=st)
+        nxt, q = _pick(model.logits(h[:, 0]), jax.random.fold_in(key, i), temperature, top_p, spec)
+        mamba = tuple(c if isinstance(c, MambaCache) else None for c in st.layers)
+        return (nxt, st), (nxt, q, mamba)
+
+    (_, last), (ds, qs, mamba) = jax.lax.scan(step, (d1, _latest(first.state)), jnp.arange(1, k))
+    layers = []
+    for i, c in enumerate(last.layers):
+        if isinstance(c, MambaCache):  # [states after x_prev, x0] ++ [after d1 .. d_{k-1}] on the prefix axis
+            layers.append(jax.tree.map(lambda a, s: jnp.concatenate([a, jnp.moveaxis(s, 0, 1)], axis=1),
+                                       first.state.layers[i], mamba[i]))
+        else:
+            layers.append(c)
+    pending = Pending(dataclasses.replace(last, layers=tuple(layers)), first.start, first.start_positions,
+                      first.before)
+    drafts = jnp.concatenate([d1[:, None], jnp.moveaxis(ds, 0, 1)], axis=1)
+    probs = None if q1 is None else jnp.concatenate([q1[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
+    return drafts, probs, pending
+
+
+# ------------------------------------------------------------------------------------------ the jitted loop
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "k", "spec", "n_new", "eos", "pad_id",
+                                             "slots"))
+def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx.GraphDef, draft_state: nnx.State,
+               tokens: jax.Array, mask: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+               k: int, spec: _Spec, n_new: int, eos: tuple[int, ...], pad_id: int, slots: int) -> dict[str, Any]:
+    """Prefill both models, then draft-verify-accept rounds in one `while_loop` until every row is done."""
+    target = nnx.merge(target_def, target_state)
+    draft = nnx.merge(draft_def, draft_state)
+    b, plen = tokens.shape
+    eos_arr = jnp.asarray(eos, jnp.int32)
+
+    def is_eos(t: jax.Array) -> jax.Array:
+        return jnp.isin(t, eos_arr) if eos else jnp.zeros(t.shape, bool)
+
+    tc = target.init_cache(b, slots)
+    h, tc = target.hidden(tokens, token_mask=mask, cache=tc, prefill=True)
+    first, _ = _pick(target.logits(h[:, -1]), jax.random.fold_in(key, 0), temperature, top_p, spec)
+    dc = draft.init_cache(b, slots)
+    if plen > 1:  # the draft lags one token: it holds the prompt but its last token
+        _, dc = draft.hidden(tokens[:, :-1], token_mask=mask[:, :-1], cache=dc, prefill=True)
+
+    width = n_new + k + 1  # a row still running has < n_new tokens and gains at most k+1 in a round
+    out = jnp.full((b, width), pad_id, jnp.int32).at[:, 0].set(first)
+    ntok = jnp.ones((b,), jnp.int32)
+    done = is_eos(first) | (n_new <= 1)
+    hist = jnp.zeros((k + 1,), jnp.int32)
+    carry = (jnp.int32(0), tokens[:, -1], first, tc, dc, out, ntok, done, hist, jnp.int32(0))
+    j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+
+    def fit(st: DecodeState) -> tuple[DecodeState, jax.Array]:
+        if b == 1:  # one row never leaves holes: index == its own length
+            return st, jnp.int32(0)
+        full = st.index + (k + 1) > slots
+        return jax.lax.cond(full, compact, lambda s: s, st), full.astype(jnp.int32)
+
+    def body(c: Any) -> Any:
+        r, x_prev, x0, tc, dc, out, ntok, done, hist, compactions = c
+        (tc, ct), (dc, cd) = fit(tc), fit(dc)
+        compactions = compactions + ct + cd
+        rk = jax.random.fold_in(key, r + 1)
+        kd, ka = jax.random.split(rk)
+        drafts, q, dpend = draft_round(draft, dc, x_prev, x0, kd, temperature, top_p, k=k, spec=spec)
+        logits, tpend = verify(target, jnp.concatenate([x0[:, None], drafts], axis=1), tc)
+        if spec.greedy:
+            n, corr = accept_greedy(logits, drafts)
+        else:
+            p = jax.nn.softmax(filter_logits(logits, temperature, top_p, spec), axis=-1)
+            n, corr = accept_sampling(p, q, drafts, ka)
+        active = ~done
+        keep = jnp.where(active, n + 1, 0)
+        tc, dc = tpend.commit(keep), dpend.commit(keep)
+
+        # Emitted this round: d1..dn then the correction; cut after the first EOS.
+        pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+        emit = jnp.where(j < n[:, None], pad, corr[:, None])
+        hit = is_eos(emit) & (j <= n[:, None])
+        first_eos = jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1), k + 1)
+        m = jnp.where(active, jnp.minimum(n + 1, first_eos + 1), 0)
+        cols = jnp.where(j < m[:, None], ntok[:, None] + j, width)  # out of range: dropped
+        out = out.at[jnp.arange(b)[:, None], cols].set(emit, mode="drop")
+        ntok = ntok + m
+        done = done | (first_eos <= k) | (ntok >= n_new)
+        hist = hist + jnp.zeros_like(hist).at[n].add(active.astype(jnp.int32))
+        x_prev = jnp.where(active, jnp.where(n > 0, jnp.take_along_axis(pad, jnp.maximum(n - 1, 0)[:, None],
+                                                                        axis=1)[:, 0], x0), x_prev)
+        x0 = jnp.where(active, corr, x0)
+        return r + 1, x_prev, x0, tc, dc, out, ntok, done, hist, compactions
+
+    r, *_, out, ntok, done, hist, compactions = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, carry)
+    return dict(tokens=out[:, :n_new], rounds=r, accepted_hist=hist, compactions=compactions)
+
+
+# ------------------------------------------------------------------------------------------------- front end
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """acceptance_rate: accepted draft tokens / drafted tokens, over rows still running in each round.
+    rounds: draft-verify rounds run (each is one target forward). accepted_hist[n]: (row, round) pairs in which
+    exactly n of the k drafts were accepted. tokens_per_round: mean tokens a running row gains per round.
+    compactions: KV-cache compactions (target + draft) forced by per-row holes; always 0 at batch 1."""
+
+    acceptance_rate: float
+    rounds: int
+    k: int
+    accepted_hist: list[int]
+    tokens_per_round: float
+    compactions: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class SpeculativeDecoder:
+    """A target and a draft prepared once (weights in the compute dtype, on device) for repeated calls.
+
+    Weights are captured at construction, as in `generate.Generator`.
+    """
+
+    def __init__(self, target: DecoderLM, draft: DecoderLM, *, prompt_multiple: int = 16, pad_id: int = 0,
+                 fuse: bool = True):
+        if draft.cfg.vocab_size != target.cfg.vocab_size:
+            raise GenerationError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                                  f"({target.cfg.vocab_size}): the draft must share the target's tokenizer")
+        self.cfg = target.cfg
+        self.max_positions = min(target.cfg.max_position_embeddings, draft.cfg.max_position_embeddings)
+        self.target_def, self.target_state, _ = prepare_for_inference(target, fuse=fuse)
+        self.draft_def, self.draft_state, _ = prepare_for_inference(draft, fuse=fuse)
+        self.prompt_multiple = max(1, prompt_multiple)
+        self.pad_id = int(pad_id)
+
+    def _batch(self, prompt_ids: Sequence[Sequence[int]], n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
+            raise GenerationError("prompt_ids must be a non-empty list of token-id lists")
+        rows = []
+        for r, p in enumerate(prompt_ids):
+            if isinstance(p, (str, bytes)):
+                raise GenerationError(f"prompt {r} is a string; pass token ids")
+            ids = [int(t) for t in p]
+            if not ids:
+                raise GenerationError(f"prompt {r} is empty: give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {r} holds token id {bad[0]} outside the vocabulary "
+                                      f"[0, {self.cfg.vocab_size})")
+            if len(ids) + n_new > self.max_positions:
+                raise GenerationError(f"prompt {r} has {len(ids)} tokens; with max_new_tokens={n_new} that exceeds "
+                                      f"the context of {self.max_positions} tokens: shorten the prompt or lower "
+                                      f"max_new_tokens")
+            rows.append(ids)
+        plen = _round_up(max(len(r) for r in rows), self.prompt_multiple)
+        tokens = np.full((len(rows), plen), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), plen), bool)
+        for i, r in enumerate(rows):
+            tokens[i, plen - len(r):] = r
+            mask[i, plen - len(r):] = True
+        return tokens, mask
+
+    def run(self, prompt_ids: Sequence[Sequence[int]], *, k: int = 4, sampling: SamplingConfig | None = None,
+            max_new_tokens: int | None = None, eos_ids: Sequence[int] = (),
+            slots: int | None = None) -> tuple[np.ndarray, list[int], SpecStats]:
+        """(tokens (b, max_new_tokens) with `pad_id` after EOS, new tokens per row excluding EOS, stats).
+
+        `slots` overrides the KV-cache length (tests use it to force compaction); by default it fits every round.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise GenerationError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+        sampling = sampling or SamplingConfig()
+        n_new = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(n_new, int) or n_new <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {n_new!r}")
+        tokens, mask = self._batch(prompt_ids, n_new)
+        # A running row holds < prompt + n_new + k tokens after compaction, and a round needs k+1 free slots.
+        need = tokens.shape[1] + n_new + 2 * (k + 1)
+        slots = _round_up(need, self.prompt_multiple) if slots is None else int(slots)
+        if slots < tokens.shape[1] + 2 * (k + 1):
+            raise GenerationError(f"slots={slots} is too small for a {tokens.shape[1]}-token prompt and k={k}")
+        spec = _spec(sampling, self.cfg.vocab_size)
+        eos = tuple(sorted({int(e) for e in eos_ids}))
+        t0 = time.perf_counter()
+        res = _speculate(self.target_def, self.target_state, self.draft_def, self.draft_state, jnp.asarray(tokens),
+                         jnp.asarray(mask), jax.random.key(sampling.seed),
+                         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), k=k, spec=spec,
+                         n_new=n_new, eos=eos, pad_id=self.pad_id, slots=slots)
+        res = jax.device_get(res)
+        seconds = time.perf_counter() - t0
+        out = np.asarray(res["tokens"])
+        lengths = []
+        for r in range(out.shape[0]):
+            hits = np.flatnonzero(np.isin(out[r], eos)) if eos else []
+            lengths.append(int(hits[0]) if len(hits) else n_new)
+        hist = [int(x) for x in res["accepted_hist"]]
+        row_rounds = sum(hist)
+        accepted = sum(n * c for n, c in enumerate(hist))
+        stats = SpecStats(acceptance_rate=accepted / max(1, k * row_rounds), rounds=int(res["rounds"]), k=k,
+                          accepted_hist=hist, tokens_per_round=(accepted + row_rounds) / max(1, row_rounds),
+                          compactions=int(res["compactions"]), seconds=seconds)
+        return out, lengths, stats
+
+
+def speculative_generate(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], *, k: int = 4,
+                         sampling: SamplingConfig | None = None, max_new_tokens: int | None = None,
+                         eos_ids: Sequence[int] = (), pad_id: int = 0) -> tuple[list[list[int]], SpecStats]:
+    """New token ids per prompt (EOS excluded) from speculative decoding of `target` with `draft`, and stats.
+
+    Same distribution as `generate.generate_ids(target, ...)` with the same sampling options (identical tokens
+    when greedy). `max_new_tokens` defaults to `sampling.max_new_tokens`. Builds a `SpeculativeDecoder` each call;
+    keep one for repeated use.
+    """
+    dec = SpeculativeDecoder(target, draft, pad_id=pad_id)
+    out, lengths, stats = dec.run(prompt_ids, k=k, sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    return [out[r, :n].tolist() for r, n in enumerate(lengths)], stats

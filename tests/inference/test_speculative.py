@@ -1,0 +1,352 @@
+"""Speculative decoding: greedy output equals plain greedy decoding, the sampling rule preserves the target's
+distribution, per-row acceptance and cache rollback are exact (fp32, tiny models)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats as sps
+
+from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
+from mamba_llama_jax.convert.from_attention import build_hybrid
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.inference.generate import SamplingConfig, _spec
+from mamba_llama_jax.inference.speculative import (
+    SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, filter_logits, speculative_generate, verify,
+)
+from mamba_llama_jax.models.cache import KVCache, MambaCache
+from mamba_llama_jax.models.llama import LlamaLM
+
+CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
+                  dtype="float32", max_position_embeddings=256)
+DRAFT_CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=2,
+                        num_kv_heads=1, dtype="float32", max_position_embeddings=256)
+PROMPTS = [[5, 17, 3, 8, 41, 9, 60, 2, 33], [12, 7, 50], [44]]
+N = 24
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+@functools.cache
+def teacher():
+    return LlamaLM(CFG, rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def target(fraction, variant="mamba2"):
+    return build_hybrid(teacher(), HybridConfig(attn_fraction=fraction, mamba=MambaConfig(variant=variant,
+                                                                                          chunk_size=4)),
+                        rngs=nnx.Rngs(7))
+
+
+@functools.cache
+def random_draft(kind):
+    """Unrelated random models: acceptance near 0. Each kind exercises another draft cache (KV, mixed, Mamba)."""
+    small = LlamaLM(DRAFT_CFG, rngs=nnx.Rngs(11))
+    if kind == "llama":
+        return small
+    fraction, variant = {"hybrid": (0.5, "mamba1"), "mamba": (0.0, "mamba2")}[kind]
+    return build_hybrid(small, HybridConfig(attn_fraction=fraction, mamba=MambaConfig(variant=variant,
+                                                                                      chunk_size=4)),
+                        rngs=nnx.Rngs(12))
+
+
+@functools.cache
+def noisy_copy(fraction, scale=0.2):
+    """The target with perturbed weights: agrees often but not always, so rows accept different counts."""
+    model = target(fraction)
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    noisy = [x + scale * jnp.std(x) * jax.random.normal(kk, x.shape, x.dtype) if x.ndim >= 2 else x
+             for x, kk in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, noisy))
+
+
+SLOTS = 64
+
+
+@functools.cache
+def _ref_step(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tok, cache):
+        logits, cache = nnx.merge(graphdef, state)(tok[:, None], cache=cache)
+        return jnp.argmax(logits[:, -1], -1), cache
+
+    return state, step, model.init_cache(1, SLOTS)
+
+
+def reference_greedy(model, prompt, n, eos=()):
+    """Plain greedy decoding with the model's own cached decode, one token per step (the prompt too: one compile
+    per model, whatever the prompt length)."""
+    state, step, cache = _ref_step(model)
+    for t in prompt:
+        tok, cache = step(state, jnp.asarray([t], jnp.int32), cache)
+    out = []
+    for _ in range(n):
+        out.append(int(tok[0]))
+        if out[-1] in eos:
+            return out[:-1]
+        tok, cache = step(state, tok, cache)
+    return out
+
+
+@functools.cache
+def _fwd(model):
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+    return lambda x: run(state, jnp.asarray(x, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------- greedy = plain
+
+# One fast case per attention share, random and self drafts, small and large k; the full grid is `-m slow`.
+FAST = {(0.5, "random", 8), (0.25, "self", 5), (0.0, "random", 2), (0.0, "self", 1)}
+DRAFT_FOR = {0.5: "llama", 0.25: "hybrid", 0.0: "mamba"}
+
+
+def _grid():
+    for fraction in (0.5, 0.25, 0.0):
+        for which in ("random", "self"):
+            for k in range(1, 9):
+                marks = () if (fraction, which, k) in FAST else (pytest.mark.slow,)
+                yield pytest.param(fraction, which, k, marks=marks, id=f"attn{fraction}-{which}-k{k}")
+
+
+@pytest.mark.parametrize("fraction,which,k", list(_grid()))
+def test_greedy_equals_plain_greedy(fraction, which, k):
+    tgt = target(fraction)
+    draft = tgt if which == "self" else random_draft(DRAFT_FOR[fraction])
+    got, st = speculative_generate(tgt, draft, PROMPTS, k=k, max_new_tokens=N)
+    assert got == [reference_greedy(tgt, p, N) for p in PROMPTS]
+    assert len(st.accepted_hist) == k + 1 and sum(st.accepted_hist) > 0
+    if which == "self":  # the draft is the target: every round accepts all k
+        assert st.accepted_hist[:k] == [0] * k and st.acceptance_rate == 1.0
+        assert st.rounds == -(-(N - 1) // (k + 1))
+    else:  # an unrelated draft: rounds that accept nothing must occur
+        assert st.accepted_hist[0] > 0 and st.acceptance_rate < 0.5
+
+
+def test_mixed_acceptance_batch_equals_rows_alone_and_plain():
+    """Rows accept different counts per round (holes in the shared KV slots); a tight cache forces compaction."""
+    tgt, draft, k = target(0.25), noisy_copy(0.25), 4
+    dec = SpeculativeDecoder(tgt, draft)  # prompts padded to 16: one compiled program for every row alone
+    # the least that fits (longest real prompt + N + 2(k+1)); left padding and holes then force compaction
+    slots = max(map(len, PROMPTS)) + N + 2 * (k + 1)
+    out, lengths, st = dec.run(PROMPTS, k=k, max_new_tokens=N, slots=slots)
+    seen = [n for n, c in enumerate(st.accepted_hist) if c]
+    assert 0 in seen and k in seen and len(seen) >= 3, st  # zero, all, and partial acceptance all happened
+    assert st.compactions > 0
+    ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
+    assert [out[r, :n].tolist() for r, n in enumerate(lengths)] == ref
+    for r, p in enumerate(PROMPTS):
+        alone, _, st1 = dec.run([p], k=k, max_new_tokens=N)
+        assert alone[0].tolist() == ref[r]
+        assert st1.compactions == 0
+
+
+def test_eos_stops_rows_and_pads():
+    tgt, draft = target(0.5), noisy_copy(0.5)
+    ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
+    eos = ref[0][5]  # a token row 0 emits mid-way (and maybe others too)
+    out, lengths, _ = SpeculativeDecoder(tgt, draft, pad_id=0).run(PROMPTS, k=3, max_new_tokens=N, eos_ids=[eos])
+    got = [out[r, :n].tolist() for r, n in enumerate(lengths)]
+    assert got == [reference_greedy(tgt, p, N, eos=(eos,)) for p in PROMPTS]
+    assert len(got[0]) <= 5
+    assert out.shape == (3, N)
+    for r, n in enumerate(lengths):
+        if n < N:
+            assert out[r, n] == eos and (out[r, n + 1:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------- verify / commit / rollback
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
+def test_commit_equals_decoding_only_the_kept_tokens(variant):
+    """verify 5 tokens, keep 0 / 2 / 5 of them per row: the cache then decodes exactly as one that only ever saw
+    the kept tokens; a row keeping 0 is untouched."""
+    model = target(0.5, variant)
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(0, 61, (3, 6)), jnp.int32)
+    chunk = jnp.asarray(rng.integers(0, 61, (3, 5)), jnp.int32)
+    nxt = jnp.asarray(rng.integers(0, 61, (3, 2)), jnp.int32)
+    keep = jnp.asarray([0, 2, 5], jnp.int32)
+
+    @jax.jit
+    def spec_path(state):
+        m = nnx.merge(graphdef, state)
+        _, c = m(prompt, cache=m.init_cache(3, 20), prefill=True)
+        vlogits, pend = verify(m, chunk, c)
+        # the pending Mamba caches carry one state per prefix, attention caches none
+        assert all(isinstance(x, KVCache) or x.ssm.shape[1] == 5 for x in pend.state.layers)
+        c = pend.commit(keep)
+        logits, c = m(nxt, cache=c)
+        return vlogits, logits, c
+
+    vlogits, logits, cache = spec_path(state)
+    assert cache.layers[1].k.shape[1] == 20 and isinstance(cache.layers[0], MambaCache)
+    np.testing.assert_array_equal(np.asarray(cache.positions), [8, 10, 13])
+    # References in one full forward (causal: right padding changes nothing before it): rows 0-2 hold the prompt,
+    # the kept tokens and the next two; rows 3-5 the prompt and the whole chunk.
+    rows = [np.concatenate([prompt[r], chunk[r, :int(keep[r])], nxt[r], np.zeros(5 - int(keep[r]), np.int32)])
+            for r in range(3)]
+    rows += [np.concatenate([prompt[r], chunk[r], nxt[r]]) for r in range(3)]
+    full = _fwd(model)(np.stack(rows))
+    np.testing.assert_allclose(vlogits, full[3:, 6:11], atol=1e-5, rtol=1e-5)
+    for r in range(3):
+        at = 6 + int(keep[r])
+        np.testing.assert_allclose(logits[r], full[r, at:at + 2], atol=1e-5, rtol=1e-5)
+
+
+def test_draft_round_rolls_back_to_the_kept_prefix():
+    """After a draft round and a commit keeping n+1 of its k+1 fed tokens, the draft proposes exactly what a
+    draft that was only ever fed those tokens proposes."""
+    draft, k = random_draft("hybrid"), 4
+    graphdef, state = nnx.split(draft)
+    rng = np.random.default_rng(1)
+    prompt = jnp.asarray(rng.integers(0, 61, (3, 5)), jnp.int32)
+    spec = _spec(SamplingConfig(), 61)
+    one = jnp.float32(1.0)
+    keep = jnp.asarray([1, 3, 5], jnp.int32)  # n = 0, 2, 4 = k accepted
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        _, c = m(prompt[:, :-2], cache=m.init_cache(3, 24), prefill=True)
+        d, _, pend = draft_round(m, c, prompt[:, -2], prompt[:, -1], jax.random.key(0), one, one, k=k, spec=spec)
+        c = pend.commit(keep)
+        fed = jnp.concatenate([prompt[:, -2:], d[:, :-1]], axis=1)  # x_prev, x0, d1..d_{k-1}
+        n = keep - 1
+        pad = jnp.concatenate([d, jnp.zeros((3, 1), jnp.int32)], axis=1)
+        x_prev = jnp.where(n > 0, jnp.take_along_axis(pad, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0], prompt[:, -1])
+        x0 = jnp.asarray([7, 8, 9], jnp.int32)  # any correction token
+        d2, _, _ = draft_round(m, c, x_prev, x0, jax.random.key(1), one, one, k=k, spec=spec)
+        return d, fed, d2, x_prev, x0
+
+    d, fed, d2, x_prev, x0 = run(state)
+    for r in range(3):
+        consumed = list(prompt[r, :-2]) + list(fed[r, :int(keep[r])])
+        seq = [int(t) for t in consumed] + [int(x_prev[r]), int(x0[r])]
+        assert reference_greedy(draft, seq, k) == d2[r].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- acceptance
+
+
+def test_accept_greedy_counts():
+    V = 5
+    best = jnp.asarray([[1, 2, 3], [1, 2, 3], [1, 2, 3]])  # argmax per position (k = 2, plus bonus)
+    logits = jax.nn.one_hot(best, V)
+    drafts = jnp.asarray([[0, 2], [1, 0], [1, 2]])
+    n, c = accept_greedy(logits, drafts)
+    assert n.tolist() == [0, 1, 2] and c.tolist() == [1, 2, 3]
+
+
+def _chi2_ok(counts, probs, alpha=1e-3):
+    """Chi-square goodness of fit, cells with tiny expected counts merged; True if not rejected at `alpha`."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    exp = probs / probs.sum() * counts.sum()
+    big = exp >= 5
+    obs_m = np.append(counts[big], counts[~big].sum())
+    exp_m = np.append(exp[big], exp[~big].sum())
+    if exp_m[-1] == 0:
+        if obs_m[-1] > 0:
+            return False
+        obs_m, exp_m = obs_m[:-1], exp_m[:-1]
+    if len(exp_m) == 1:  # a single possible outcome: nothing to test beyond the above
+        return True
+    return sps.chisquare(obs_m, exp_m).pvalue > alpha
+
+
+def test_accept_sampling_rule_preserves_p():
+    """The rule alone, on synthetic p, q: the first emitted token is distributed as p[0], the second (given the
+    first draft was accepted) as p[1]; and all-equal p = q accepts everything."""
+    rng = np.random.default_rng(0)
+    b, k, V = 200_000, 2, 6
+    p = jnp.asarray(rng.dirichlet(np.ones(V) * 0.7, size=k + 1), jnp.float32)
+    q = jnp.asarray(rng.dirichlet(np.ones(V) * 0.7, size=k), jnp.float32)
+    kd, ka = jax.random.split(jax.random.key(5))
+    drafts = jax.random.categorical(kd, jnp.log(q), shape=(b, k)).astype(jnp.int32)
+    n, c = accept_sampling(jnp.broadcast_to(p, (b, k + 1, V)), jnp.broadcast_to(q, (b, k, V)), drafts, ka)
+    n, c, drafts = map(np.asarray, (n, c, drafts))
+    first = np.where(n >= 1, drafts[:, 0], c)
+    assert _chi2_ok(np.bincount(first, minlength=V), p[0])
+    second = np.where(n >= 2, drafts[:, 1], c)[n >= 1]
+    assert _chi2_ok(np.bincount(second, minlength=V), p[1])
+    assert not _chi2_ok(np.bincount(drafts[:, 0], minlength=V), p[0])  # the test can tell q from p
+    n_same, _ = accept_sampling(jnp.broadcast_to(q[:1], (4, 2, V)), jnp.broadcast_to(q[:1], (4, 1, V)),
+                                drafts[:4, :1], ka)
+    assert (np.asarray(n_same) == 1).all()
+
+
+def test_filter_logits_keeps_the_sampled_set():
+    logits = jnp.asarray([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    spec = _spec(SamplingConfig(temperature=1.0, top_k=3, top_p=0.8), 5)
+    f = filter_logits(logits, jnp.float32(1.0), jnp.float32(0.8), spec)
+    # top-3 = {0, 2, 1}; their softmax mass before each: 0, .67, .91 -> top-p 0.8 keeps {0, 2}
+    assert np.isfinite(np.asarray(f[0])).tolist() == [True, False, True, False, False]
+    plain = _spec(SamplingConfig(temperature=0.5), 5)
+    np.testing.assert_allclose(filter_logits(logits, jnp.float32(0.5), jnp.float32(1.0), plain), logits / 0.5)
+
+
+TINY = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
+                   dtype="float32", max_position_embeddings=64)
+
+
+def _peaky(model, scale):
+    """Random-init logits are nearly uniform; a larger LM head makes p and q distinct and far from uniform."""
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * scale
+    return model
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0, seed=3),
+                                      SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4)],
+                         ids=["plain", "topk-topp"])
+def test_sampling_preserves_target_distribution(sampling):
+    """Many rows of one prompt in one call: the 2nd and 3rd new tokens (decided by speculation, k = 2) follow
+    the target's own sampling distribution (exact, by enumerating the earlier tokens)."""
+    teacher_t = LlamaLM(TINY, rngs=nnx.Rngs(20))
+    tgt = _peaky(build_hybrid(teacher_t, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(chunk_size=4)),
+                              rngs=nnx.Rngs(21)), 20.0)
+    draft = _peaky(LlamaLM(TINY, rngs=nnx.Rngs(22)), 20.0)
+    prompt, rows, V = [3, 1, 4, 1, 5], 3000, TINY.vocab_size
+    out, _, st = SpeculativeDecoder(tgt, draft, prompt_multiple=1).run([prompt] * rows, k=2, sampling=sampling,
+                                                                       max_new_tokens=3)
+    assert st.accepted_hist[0] > 0 and st.accepted_hist[1] + st.accepted_hist[2] > 0
+
+    spec = _spec(sampling, V)
+    temp, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
+    seqs = [prompt + [a, b] for a in range(V) for b in range(V)]  # every (t1, t2): one forward gives all of p
+    probs = lambda m: np.asarray(jax.nn.softmax(filter_logits(_fwd(m)(seqs), temp, top_p, spec), -1), np.float64)
+    pt, pd = probs(tgt).reshape(V, V, -1, V), probs(draft).reshape(V, V, -1, V)
+    p1, p2, p3 = pt[0, 0, -3], pt[:, 0, -2], pt[:, :, -1]  # p(t1), p(t2 | t1), p(t3 | t1, t2)
+    q2 = pd[:, 0, -2]
+    marg2 = p1 @ p2
+    marg3 = np.einsum("a,ab,abc->c", p1, p2, p3)
+    assert _chi2_ok(np.bincount(out[:, 0], minlength=V), p1)
+    assert _chi2_ok(np.bincount(out[:, 1], minlength=V), marg2)
+    assert _chi2_ok(np.bincount(out[:, 2], minlength=V), marg3)
+    assert not _chi2_ok(np.bincount(out[:, 1], minlength=V), p1 @ q2)  # the draft's own marginal is rejected
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_requests():
+    with pytest.raises(GenerationError, match="vocabulary"):
+        SpeculativeDecoder(target(0.5), LlamaLM(TINY, rngs=nnx.Rngs(0)))
+    dec = SpeculativeDecoder(target(0.5), target(0.5))
+    with pytest.raises(GenerationError, match="k"):
+        dec.run(PROMPTS, k=0)
+    with pytest.raises(GenerationError, match="context"):
+        dec.run(PROMPTS, k=2, max_new_tokens=250)
+    with pytest.raises(GenerationError, match="empty"):
+        dec.run([[]], k=2)
