@@ -1,6 +1,7 @@
 """Command line: `python run.py <command> ...` (or the `mamba-llama` script).
 
-User mistakes (a `MambaLlamaError`) print `error: <message>` on stderr and exit with status 2, never a traceback.
+User mistakes (a `MambaLlamaError`) print `error: <message>` on stderr and exit with status 2, never a traceback;
+a training run stopped by SIGTERM saves a checkpoint, prints `preempted: ...` and exits with 143.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from mamba_llama_jax.errors import MambaLlamaError
+from mamba_llama_jax.errors import MambaLlamaError, Preempted
 
 # The project uses transformers for tokenizers only, never its torch models: its "PyTorch was not found" advice
 # would only confuse CLI users.
@@ -220,10 +221,152 @@ def cmd_gen_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_draft(path: str, dtype: str) -> Any:
+    """A draft model: a saved hybrid (MambaInLlama directory) or a Llama (GGUF file / HF directory)."""
+    from pathlib import Path
+
+    from mamba_llama_jax.convert import load_teacher
+    from mamba_llama_jax.convert.mambainllama import import_mambainllama
+
+    p = Path(path)
+    if (p / "mamba_config.json").is_file():
+        return import_mambainllama(p, dtype=dtype)[2]
+    return load_teacher(p, dtype=dtype).model
+
+
+def cmd_speculate(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.errors import ConfigError
+    from mamba_llama_jax.inference.speculative import speculative_generate
+
+    sampling = _sampling(args)
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    target = _load(args)
+    dtype = _default_dtype() if args.dtype == "auto" else args.dtype
+    draft = _load_draft(args.draft, dtype)
+    if draft.cfg.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                          f"({target.config.vocab_size}): they must share a tokenizer")
+    tok = target.tokenizer
+    ids = [tok.encode_chat([{"role": "user", "content": p}]) if not args.no_chat else tok.encode(p)
+           for p in args.prompt]
+    out, stats = speculative_generate(target.model, draft, ids, k=args.k, sampling=sampling,
+                                      eos_ids=tok.eos_token_ids, pad_id=tok.pad_token_id)
+    for prompt, answer in zip(args.prompt, out):
+        if len(out) > 1:
+            print(f"--- {prompt}")
+        print(tok.decode(answer).strip())
+    print(f"k={stats.k}: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.2f}, "
+          f"{stats.tokens_per_round:.2f} tokens per round, {stats.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from mamba_llama_jax.train.trainer import run_recipe
 
     run_recipe(args.config, args.overrides)
+    return 0
+
+
+def _write_json(path: str, data: Any) -> None:
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, out)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Every metric asked for, on the model (`--model`/`--hybrid`) and, as the baseline, on the teacher."""
+    from pathlib import Path
+
+    from mamba_llama_jax.errors import ConfigError
+
+    if not (args.ppl or args.niah or args.lm_eval or args.chat):
+        raise ConfigError("eval needs at least one of --ppl CORPUS..., --niah, --lm-eval TASKS, --chat FILE")
+    prompts = None
+    if args.chat:  # a bad prompt file fails before the (slow) model load
+        from mamba_llama_jax.eval.chat_compare import load_prompts
+
+        prompts = load_prompts(args.chat, args.chat_limit)
+    tasks = [t for t in (args.lm_eval or "").split(",") if t.strip()]
+    if args.lm_eval is not None and not tasks:
+        raise ConfigError("--lm-eval needs task names, e.g. --lm-eval arc_easy,hellaswag")
+    t0 = time.perf_counter()
+    loaded = _load(args)
+    is_student = bool(args.model or args.hybrid)
+    teacher = _load(argparse.Namespace(**{**vars(args), "model": None, "hybrid": None})) if (
+        is_student and not args.no_teacher_baseline) else (None if is_student else loaded)
+    tok = loaded.tokenizer
+    cfg = loaded.config
+    report: dict[str, Any] = {
+        "model": args.model or (f"hybrid {args.hybrid} % attention (untrained, built from the teacher)"
+                                if args.hybrid else "teacher"),
+        "teacher": args.teacher or "default (SmolLM2-135M-Instruct)",
+        "attn_layers": list(getattr(loaded.model, "attn_layers", range(cfg.num_layers))),
+        "dtype": cfg.dtype, "load_s": time.perf_counter() - t0,
+    }
+    if args.ppl:
+        from mamba_llama_jax.eval.perplexity import evaluate_perplexity, load_corpus, perplexity_report
+        from mamba_llama_jax.eval.scoring import Scorer
+
+        scorer = Scorer(loaded.model, batch_size=args.batch_size)
+        scorer.check_length(args.context, f"--context {args.context}")
+        t_scorer = Scorer(teacher.model, batch_size=args.batch_size) if is_student and teacher else None
+        res, t_res = {}, {}
+        for spec in args.ppl:
+            corpus = load_corpus(spec, tok, max_tokens=args.max_tokens, split=args.split,
+                                 teacher=(teacher or loaded).model if spec == "heldout" else None,
+                                 heldout_dir=args.heldout_dir, heldout_prompts=args.heldout_prompts)
+            res[corpus.name] = evaluate_perplexity(scorer, corpus, context=args.context, stride=args.stride)
+            if t_scorer is not None:
+                t_res[corpus.name] = evaluate_perplexity(t_scorer, corpus, context=args.context, stride=args.stride)
+            r = res[corpus.name]
+            extra = f", teacher {t_res[corpus.name].ppl:.3f}, ratio {r.ppl / t_res[corpus.name].ppl:.3f}" if (
+                corpus.name in t_res) else ""
+            print(f"ppl {corpus.name}: {r.ppl:.3f} over {r.tokens} tokens{extra}")
+        report["perplexity"] = perplexity_report(res, t_res or None)
+    if args.niah:
+        from mamba_llama_jax.eval.niah import NiahConfig, run_niah, save_heatmap
+
+        ncfg = NiahConfig(base_length=args.niah_base_len, multipliers=tuple(args.niah_multipliers),
+                          depths=tuple(args.niah_depths), trials=args.niah_trials, extrapolate=args.niah_extrapolate,
+                          batch_size=args.batch_size)
+        niah = run_niah(loaded.model, tok, ncfg)
+        png = Path(args.out).with_suffix(".niah.png")
+        niah["png"], niah["png_note"] = map(str, save_heatmap(niah, png))
+        if is_student and teacher:
+            ceiling = run_niah(teacher.model, tok, ncfg)
+            niah["teacher_rate"] = ceiling["rate"]
+            niah["teacher_overall"] = ceiling["overall"]
+        print(f"niah: overall {niah['overall']:.0%}, by length {niah['rate_by_length']}; heat map {png}")
+        report["niah"] = niah
+    if tasks:
+        from mamba_llama_jax.eval.lm_eval_adapter import run_lm_eval
+
+        report["lm_eval"] = run_lm_eval(loaded.model, tok, tasks, include_path=args.lm_eval_include,
+                                        limit=args.lm_eval_limit, num_fewshot=args.lm_eval_fewshot,
+                                        batch_size=args.batch_size)
+        print(f"lm-eval: {report['lm_eval']['results']}")
+    if prompts is not None:
+        from mamba_llama_jax.eval.chat_compare import APIJudge, compare
+
+        if teacher is None or not is_student:
+            raise ConfigError("--chat compares a student with the teacher: give --model or --hybrid (and keep the "
+                              "teacher baseline)")
+        api = APIJudge(args.api_judge) if args.api_judge else None
+        report["chat"] = compare(loaded.model, teacher.model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, api_judge=api)
+        s = report["chat"]["summary"]
+        print(f"chat ({s['label']}): judge win rate {s.get('judge_win_rate', float('nan')):.2f}, "
+              f"log-prob win rate {s['logprob_win_rate']:.2f}, mean tokens {s['student_mean_tokens']:.0f} vs "
+              f"teacher {s['teacher_mean_tokens']:.0f}")
+    report["total_s"] = time.perf_counter() - t0
+    _write_json(args.out, report)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -292,10 +435,53 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--shard-count", type=int, default=1)
     gl.set_defaults(func=cmd_gen_labels)
 
+    sp = sub.add_parser("speculate", help="speculative decoding: a draft proposes k tokens, the target verifies")
+    sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    sp.add_argument("--draft", required=True, metavar="PATH",
+                    help="draft model: a saved hybrid directory, a GGUF file or an HF directory")
+    sp.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    sp.add_argument("--no-chat", action="store_true")
+    _add_model(sp)
+    _add_sampling(sp, 128)
+    sp.set_defaults(func=cmd_speculate)
+
     pl = sub.add_parser("pipeline", help="run every stage of a training recipe (configs/recipes/*.yaml)")
     pl.add_argument("--config", required=True, metavar="YAML")
     pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.steps=10")
     pl.set_defaults(func=cmd_pipeline)
+    ev = sub.add_parser("eval", help="perplexity, needle in a haystack, lm-eval tasks, chat comparison -> json")
+    _add_model(ev)
+    ev.add_argument("--out", default="eval_report.json", metavar="JSON", help="report path")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--no-teacher-baseline", action="store_true",
+                    help="skip the teacher's own scores (ratios and ceilings) when evaluating a hybrid")
+    ev.add_argument("--ppl", nargs="+", default=[], metavar="CORPUS",
+                    help="heldout | pydoc | a .txt/.md/.json/.jsonl/.parquet file or dir | a datasets name")
+    ev.add_argument("--context", type=int, default=1024, help="perplexity window, tokens")
+    ev.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default context-1)")
+    ev.add_argument("--max-tokens", type=int, default=65536, help="tokens read per corpus (0 = all)")
+    ev.add_argument("--split", default="train", help="split of a datasets corpus")
+    ev.add_argument("--heldout-dir", default="data/heldout-chats", metavar="DIR",
+                    help="cache of the teacher's answers to the held-out prompts (generated when missing)")
+    ev.add_argument("--heldout-prompts", type=int, default=60)
+    ev.add_argument("--niah", action="store_true", help="needle in a haystack (heat map PNG beside the report)")
+    ev.add_argument("--niah-base-len", type=int, default=1024, help="the distillation length")
+    ev.add_argument("--niah-multipliers", type=float, nargs="+", default=[1, 2, 4, 8])
+    ev.add_argument("--niah-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ev.add_argument("--niah-trials", type=int, default=2)
+    ev.add_argument("--niah-extrapolate", action="store_true",
+                    help="allow lengths past the model's context (RoPE extrapolation; caveat in the report)")
+    ev.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
+    ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of local task yaml files")
+    ev.add_argument("--lm-eval-limit", type=float, default=None, help="examples per task (or a fraction)")
+    ev.add_argument("--lm-eval-fewshot", type=int, default=None)
+    ev.add_argument("--chat", default=None, metavar="PROMPTS_FILE",
+                    help="answer prompts (.txt lines or AlpacaEval/MT-Bench json/jsonl) and compare with the teacher")
+    ev.add_argument("--chat-limit", type=int, default=0, help="first N prompts (0 = all)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="answer length for --chat")
+    ev.add_argument("--api-judge", default=None, metavar="MODEL",
+                    help="also ask an OpenAI-compatible judge (needs network and $OPENAI_API_KEY; untested here)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -303,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except Preempted as e:
+        # 128 + SIGTERM, as if the signal had ended the process: supervisors rerun it, and the rerun resumes
+        print(f"preempted: {e}", file=sys.stderr)
+        return 143
     except MambaLlamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

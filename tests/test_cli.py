@@ -20,7 +20,8 @@ def test_bad_sampling_option_fails_before_loading(tmp_path, capsys):
 def test_subcommands():
     parser = build_parser()
     for cmd in (["generate", "--prompt", "x"], ["chat"], ["demo"], ["convert", "--out", "d"],
-                ["gen-labels", "--out", "d"], ["pipeline", "--config", "c.yaml"]):
+                ["gen-labels", "--out", "d"], ["pipeline", "--config", "c.yaml"],
+                ["speculate", "--prompt", "x", "--draft", "d"]):
         assert parser.parse_args(cmd).command == cmd[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["distill"])
@@ -81,3 +82,18 @@ def test_pipeline_bad_config(tmp_path, capsys):
     bad.write_text("stages: []\nbogus: 1\n")
     assert main(["pipeline", "--config", str(bad)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_speculate_matches_plain_greedy(tmp_path, capsys):
+    draft = tmp_path / "draft"
+    assert main(["convert", "--teacher", str(TINY), "--hybrid", "0", "--out", str(draft), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    args = ["--teacher", str(TINY), "--hybrid", "50", "--prompt", "hello", "--max-new-tokens", "6", "--no-chat",
+            "--dtype", "float32"]
+    assert main(["generate", *args]) == 0
+    plain = capsys.readouterr().out
+    assert main(["speculate", *args, "--draft", str(draft), "--k", "3"]) == 0
+    res = capsys.readouterr()
+    assert res.out == plain and "acceptance" in res.err
+    assert main(["speculate", *args, "--draft", str(draft), "--k", "0"]) == 2
+    assert "--k must be >= 1" in capsys.readouterr().err
