@@ -1,5 +1,6 @@
 """Where training examples come from: Hugging Face datasets, local json/jsonl/parquet files, and the offline
 source — prompts built here from templates × topics, answered by the teacher once and stored as token ids.
+A disjoint set of templates and topics (`heldout_prompts`) is kept out of training for evaluation.
 
 Every loader returns an indexable sequence of plain dicts in one of three normalised forms, which
 `data/pipeline.py` tokenises:
@@ -75,7 +76,8 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
         raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages, got {type(value).__name__}")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+        if (not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str)
+                or m["role"] not in ROLES):
             raise DataError(f"{where}[{i}]: each message needs a role in {sorted(ROLES)} and a string content, "
                             f"got {m!r}")
         out.append({"role": m["role"], "content": m["content"]})
@@ -114,14 +116,46 @@ def normalize_pair(row: dict[str, Any], where: str = "example") -> dict[str, Any
     return {"prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
 
 
+def _ids(value: Any, where: str, what: str) -> list[int]:
+    """A list of non-negative integer ids (numpy integers included: parquet columns give them)."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise DataError(f"{where}: `{what}` must be a list of integers, got {type(value).__name__}")
+    out = list(value)
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in out):
+        bad = next(t for t in out if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0))
+        raise DataError(f"{where}: `{what}` must hold non-negative integers, got {bad!r}")
+    return [int(t) for t in out]
+
+
+def _mask(value: Any, n: int, where: str, what: str) -> list[int]:
+    if value is None:
+        return [1] * n
+    mask = _ids(value, where, what)
+    if len(mask) != n:
+        raise DataError(f"{where}: `{what}` has {len(mask)} entries for {n} tokens")
+    if any(m > 1 for m in mask):
+        raise DataError(f"{where}: `{what}` must hold 0 or 1")
+    return mask
+
+
 def normalize_tokens(row: dict[str, Any], where: str = "example") -> dict[str, Any]:
     if "tokens" not in row:
-        raise DataError(f"{where}: a pre-tokenised dataset needs a `tokens` column, got {sorted(row)}")
-    toks = list(row["tokens"])
-    mask = list(row.get("loss_mask") or [1] * len(toks))
-    if len(mask) != len(toks):
-        raise DataError(f"{where}: `loss_mask` has {len(mask)} entries for {len(toks)} tokens")
-    return {"tokens": toks, "loss_mask": mask}
+        raise DataError(f"{where}: a pre-tokenised dataset needs a `tokens` column, got {sorted(map(str, row))}")
+    toks = _ids(row["tokens"], where, "tokens")
+    return {"tokens": toks, "loss_mask": _mask(row.get("loss_mask"), len(toks), where, "loss_mask")}
+
+
+def normalize_offline_pair(row: dict[str, Any], where: str = "example") -> dict[str, Any]:
+    """A pre-tokenised pair of the offline source: `prompt_ids`, `tokens` and `rejected_tokens` (both prompt +
+    answer)."""
+    for col in ("prompt_ids", "tokens", "rejected_tokens"):
+        if col not in row:
+            raise DataError(f"{where}: an offline preference row needs `{col}`, got columns {sorted(map(str, row))}")
+    p = _ids(row["prompt_ids"], where, "prompt_ids")
+    chosen, rejected = _ids(row["tokens"], where, "tokens"), _ids(row["rejected_tokens"], where, "rejected_tokens")
+    if chosen[:len(p)] != p or rejected[:len(p)] != p:
+        raise DataError(f"{where}: `tokens` and `rejected_tokens` must start with `prompt_ids`")
+    return {"prompt_ids": p, "chosen_ids": chosen[len(p):], "rejected_ids": rejected[len(p):]}
 
 
 class Examples:
@@ -143,9 +177,7 @@ class Examples:
             return normalize_chat(row, where)
         if self.kind == "pairs":
             if "rejected_tokens" in row:  # the offline source
-                p = len(row["prompt_ids"])
-                return {"prompt_ids": list(row["prompt_ids"]), "chosen_ids": list(row["tokens"])[p:],
-                        "rejected_ids": list(row["rejected_tokens"])[p:]}
+                return normalize_offline_pair(row, where)
             return normalize_pair(row, where)
         return normalize_tokens(row, where)
 
@@ -188,11 +220,39 @@ TOPICS = (
 )
 
 
+# Held out whole from training: `offline_prompts` never uses these templates or topics, so `heldout_prompts`
+# (held-out templates × held-out topics) measures generalisation to new prompt *families*, not new samples of the
+# training distribution. Evaluation only (eval/perplexity.py's `heldout` corpus); never add them to training.
+HELDOUT_TEMPLATES = (
+    "Write a short dialogue between two friends arguing about {topic}.",
+    "What would a newspaper headline about {topic} look like in the year 2100? Explain it.",
+    "Give a one-paragraph beginner's glossary of the key terms around {topic}.",
+    "Plan a one-day school field trip themed on {topic}.",
+    "Write a product review, good or bad, of something related to {topic}.",
+)
+
+HELDOUT_TOPICS = (
+    "glaciers", "the violin", "medieval castles", "origami", "submarines", "the immune system", "kites",
+    "lighthouses", "the stock market", "tea ceremonies", "wind turbines", "spiders",
+)
+
+
 def offline_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct prompts (templates × topics, shuffled by `seed`); at most len(TEMPLATES)·len(TOPICS)."""
+    """`n` distinct prompts (templates × topics, shuffled by `seed`); at most len(TEMPLATES)·len(TOPICS).
+    Never draws from the held-out families (`heldout_prompts`)."""
     allp = [t.format(topic=topic) for t in TEMPLATES for topic in TOPICS]
     if n > len(allp):
         raise DataError(f"the offline source has {len(allp)} distinct prompts; asked for {n}")
+    random.Random(seed).shuffle(allp)
+    return allp[:n]
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct evaluation prompts from HELDOUT_TEMPLATES × HELDOUT_TOPICS (shuffled by `seed`): no template
+    and no topic of them occurs in `offline_prompts`."""
+    allp = [t.format(topic=topic) for t in HELDOUT_TEMPLATES for topic in HELDOUT_TOPICS]
+    if n > len(allp):
+        raise DataError(f"the held-out source has {len(allp)} distinct prompts; asked for {n}")
     random.Random(seed).shuffle(allp)
     return allp[:n]
 
