@@ -185,6 +185,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"({res.prompt_tokens / res.prefill_s:,.0f} tokens/s); decode {res.steps} steps, {new} new tokens in "
           f"{res.decode_s:.2f} s ({new / res.decode_s:,.1f} tokens/s, "
           f"{res.decode_s / max(res.steps, 1) * 1e3:.1f} ms/step)")
+    if not args.no_distill and not (args.model or args.hybrid):
+        from mamba_llama_jax.demo import DemoSizes, distill_demo
+        from mamba_llama_jax.inference.generate import Generator
+
+        print("\n--- distillation on CPU: a small instance of the recipe (the full recipes are meant for a GPU or "
+              "TPU: see configs/recipes/ and the README) ---")
+        sizes = DemoSizes(train_prompts=args.train_prompts)
+        summary = distill_demo(teacher, out_dir=args.out, sizes=sizes, overrides=args.overrides)
+        student = summary["student"]
+        sgen = Generator(student, pad_id=tok.pad_token_id)
+        sres = sgen.run(ids, sampling, eos_ids=tok.eos_token_ids)
+        print(f"\nthe hybrid ({len(summary['mamba_layers'])} Mamba layers) answers the same prompts:")
+        for prompt, answer in zip(DEMO_PROMPTS, sres.ids()):
+            print(f"\nuser: {prompt}\nhybrid: {tok.decode(answer).strip()}")
+        print(f"\nThis was a taste on {jax.default_backend().upper()}: {summary['train_examples']} training answers "
+              f"and a few dozen steps, so expect the held-out ratio ({summary['ratio']:.3f}) to stay above 1. The "
+              "full recipes (run.py pipeline --config configs/recipes/smollm2-135m-layerwise.yaml, llama3-8b-*) "
+              "are meant for a GPU or TPU. Outputs (metrics, loss plots, summary.json) are in "
+              f"{args.out}.")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -262,6 +281,10 @@ def cmd_speculate(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    if args.distributed:
+        from mamba_llama_jax.train.mesh import initialize_distributed
+
+        initialize_distributed()  # before run_recipe touches a device
     from mamba_llama_jax.train.trainer import run_recipe
 
     run_recipe(args.config, args.overrides)
@@ -411,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="load the teacher, answer a few chat prompts, print tokens/s")
     _add_model(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--no-distill", action="store_true", help="only chat with the teacher (skip the distillation)")
+    d.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes data, metrics, plots")
+    d.add_argument("--train-prompts", type=int, default=32, help="teacher answers to train on")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of configs/recipes/smollm2-135m-demo.yaml, e.g. stages.1.steps=20")
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("convert", help="build a hybrid from the teacher and save it (MambaInLlama format)")
@@ -448,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="run every stage of a training recipe (configs/recipes/*.yaml)")
     pl.add_argument("--config", required=True, metavar="YAML")
     pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.steps=10")
+    pl.add_argument("--distributed", action="store_true",
+                    help="multi-host: jax.distributed.initialize (TPU pods and SLURM detect themselves; else set "
+                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) - run the same command on every host")
     pl.set_defaults(func=cmd_pipeline)
     ev = sub.add_parser("eval", help="perplexity, needle in a haystack, lm-eval tasks, chat comparison -> json")
     _add_model(ev)

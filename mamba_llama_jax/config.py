@@ -172,6 +172,7 @@ OBJECTIVES = ("distill", "dpo", "hidden")
 TRAINABLE = ("mamba", "all")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_sum")
 DATA_KINDS = ("chat", "pairs", "tokens")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,8 @@ class StageConfig:
     teacher's attention output on the teacher's own layer input). train: 'mamba' (only Mamba mixers) or 'all'.
     hybrid: this stage's layout; a stage whose layout has fewer attention layers than the previous one converts
     the new Mamba layers from the previous stage's attention weights (progressive conversion). None: the
-    recipe's `hybrid`, or the previous stage's.
+    recipe's `hybrid`, or the previous stage's. skip_nonfinite: how many batches whose loss or gradient is NaN/inf
+    may be skipped (parameters and optimizer state left as they were) before the stage stops; 0 stops at the first.
     """
 
     name: str
@@ -275,8 +277,16 @@ class StageConfig:
     hybrid: HybridConfig | None = None
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    skip_nonfinite: int = 0  # batches with a non-finite loss/gradient skipped (state kept) before stopping; 0: stop
+    # Rematerialisation of the student's decoder layers in the backward pass: 'none' keeps every activation,
+    # 'full' recomputes each layer from its input, 'dots' saves matmul outputs only (see models/llama.py REMAT).
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"stage {self.name}: remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.skip_nonfinite < 0:
+            raise ConfigError(f"stage {self.name}: skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"stage name must be a non-empty name without '/', got {self.name!r}")
         if self.objective not in OBJECTIVES:
@@ -392,8 +402,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        # float() of an integer beyond ~1.8e308 raises OverflowError rather than giving inf
+        if (isinstance(value, int) and abs(value) > 2 ** 1023) or not math.isfinite(float(value)):
+            raise ConfigError(f"{where}: expected a finite number, got {_short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -434,8 +445,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. round(1 / 1e-320) overflows
+        raise ConfigError(f"{where or cls.__name__}: invalid value ({type(e).__name__}: {e})") from e
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -449,6 +460,36 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return conv(cfg)
 
 
+MAX_CONFIG_NODES = 100_000  # far above any real recipe; bounds what yaml aliases can expand to
+MAX_CONFIG_DEPTH = 64  # real recipes nest 4 deep; json round trips and the type checks recurse
+
+
+def _short_repr(v: Any) -> str:
+    # bit_length, not str(): str() of an int past 4300 digits raises ValueError
+    r = repr(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else f"an integer of {v.bit_length()} bits"
+    return r if len(r) <= 200 else r[:200] + "..."
+
+
+def _check_tree(data: Any, source: Any) -> None:
+    """Refuses a self-referencing document (a yaml alias inside its own anchor), one that expands to more than
+    MAX_CONFIG_NODES values (a "billion laughs" of nested aliases) or nests deeper than MAX_CONFIG_DEPTH."""
+    stack: list[tuple[Any, frozenset[int]]] = [(data, frozenset())]
+    count = 0
+    while stack:
+        node, ancestors = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"config {source} holds more than {MAX_CONFIG_NODES} values (nested yaml aliases?)")
+        if isinstance(node, (dict, list)):
+            if len(ancestors) >= MAX_CONFIG_DEPTH:
+                raise ConfigError(f"config {source} nests deeper than {MAX_CONFIG_DEPTH} levels")
+            if id(node) in ancestors:
+                raise ConfigError(f"config {source} refers to itself (a yaml alias inside its own anchor)")
+            inner = ancestors | {id(node)}
+            children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+            stack.extend((c, inner) for c in children)
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Reads a yaml or json file into a dict, with a clear error for a missing or malformed file."""
     p = Path(path)
@@ -457,8 +498,11 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot parse config file {p}: {e}") from e
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bad JSON/UTF-8, an int of > 4300 digits
+        raise ConfigError(f"cannot parse config file {p}: {str(e)[:300]}") from e
+    except RecursionError:
+        raise ConfigError(f"cannot parse config file {p}: nested too deeply") from None
+    _check_tree(data, p)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -468,6 +512,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Applies CLI overrides of the form `key.sub=value` (value parsed as yaml) to a nested dict copy."""
+    _check_tree(data, "mapping")
     out = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
@@ -475,8 +520,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            raise ConfigError(f"override {item[:100]!r}: cannot parse value: {str(e)[:300]}") from e
+        _check_tree(value, f"override {item!r}")
         node: Any = out
         parts = key.split(".")
         for depth, part in enumerate(parts):

@@ -285,8 +285,12 @@ class DecoderLM(nnx.Module):
         ctx = Context(positions, mask, segment_ids, cos, sin, index, valid, prefill)
         x = self.embed_tokens(tokens)
         new_layers = []
+        remat = getattr(self, "remat", "none")
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify)
+            if remat != "none" and cache is None:
+                x, c = remat_layer(layer, x, ctx, remat), None
+            else:
+                x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify)
             new_layers.append(c)
         x = self.norm(x)
         if cache is not None:
@@ -306,6 +310,23 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens: jax.Array, **kw: Any) -> tuple[jax.Array, DecodeState | None]:
         h, cache = self.hidden(tokens, **kw)
         return self.logits(h), cache
+
+
+# Rematerialisation policies for training (`StageConfig.remat`; set as `DecoderLM.remat`): with 'full' the backward
+# pass keeps only each layer's input and recomputes the rest, trading ~1/3 more FLOPs for activations that no
+# longer grow with depth; 'dots' also keeps the matmul outputs (less recompute, more memory).
+REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_layer(layer: Block, x: jax.Array, ctx: Context, policy: str) -> jax.Array:
+    """One decoder layer (no cache) under `jax.checkpoint`; the context's arrays are closed over (no gradients)."""
+    graphdef, state = nnx.split(layer)
+
+    def f(state: Any, x: jax.Array) -> jax.Array:
+        y, _ = nnx.merge(graphdef, state)(x, ctx, None)
+        return y
+    return jax.checkpoint(f, policy=REMAT[policy])(state, x)
 
 
 def _segment_positions(segment_ids: jax.Array) -> jax.Array:

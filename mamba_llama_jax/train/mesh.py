@@ -133,3 +133,38 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     process passes its own rows (the per-host shard of the pipeline); on one it is a plain device_put."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Joins a multi-host run (`jax.distributed.initialize`) before anything touches the devices; returns whether
+    it did. Arguments default to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; with none of them,
+    JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI), so on a TPU pod every host runs the same
+    command unchanged. CPU processes exchange collectives through gloo (the default CPU backend has none).
+
+    After it, `jax.devices()` lists every host's devices (the mesh spans them all), `jax.process_index()` picks
+    this host's shard of the data (`data.pipeline.build_dataset(shard_index=...)`), and `global_batch` assembles
+    the hosts' rows into global arrays."""
+    if jax.distributed.is_initialized():
+        return False
+    import os
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid)
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    import os
+
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise TrainingError(f"{name} must be an integer, got {v!r}") from None

@@ -15,6 +15,10 @@ Why it is built this way:
 - Everything that decides the future of a run is in the checkpoint — parameters, optimizer state, data-iterator
   state, RNG, step — so a resumed run continues bit-for-bit. A non-finite loss stops the run before anything is
   saved, so the newest checkpoint on disk is always a good one.
+- SIGTERM (what a preempted VM receives) sets a flag; after the current step the run saves a checkpoint, waits
+  until it is on disk and raises `Preempted`. A failed save raises `CheckpointError` naming the intact previous one.
+- With a stage's `skip_nonfinite`, a batch with a non-finite loss or gradient leaves parameters and optimizer state
+  as they were (a select inside the jitted step, since its inputs are donated), up to that many times.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +45,7 @@ from flax import nnx
 from mamba_llama_jax.config import (
     CheckpointConfig, HybridConfig, OptimConfig, StageConfig, TrainConfig, load_config,
 )
-from mamba_llama_jax.errors import CheckpointError, TrainingError
+from mamba_llama_jax.errors import CheckpointError, Preempted, TrainingError
 from mamba_llama_jax.models.llama import DecoderLM
 from mamba_llama_jax.train import mesh as mesh_lib
 from mamba_llama_jax.train import stages
@@ -99,9 +106,22 @@ def split_model(model: DecoderLM, train: str, mesh: jax.sharding.Mesh) -> SplitM
     shard = {**tf.flat(mesh_lib.state_shardings(tr, mesh)), **ff.flat(mesh_lib.state_shardings(fr, mesh))}
     # Trainable arrays are donated to the step: copy them, since a converted model shares buffers with its
     # teacher (copied weights are the same arrays).
-    trainable = {k: jax.device_put(v, shard[k], may_alias=False) for k, v in tf.flat(tr).items()}
-    frozen = {k: jax.device_put(v, shard[k]) for k, v in ff.flat(fr).items()}
+    trainable = {k: _place(v, shard[k], copy=True) for k, v in tf.flat(tr).items()}
+    frozen = {k: _place(v, shard[k]) for k, v in ff.flat(fr).items()}
     return SplitModel(graphdef, trainable, frozen, rest, tf, ff, shard)
+
+
+def _place(v: Any, sharding: Any, copy: bool = False) -> Any:
+    """An array on its sharding; an abstract one (a model from `nnx.eval_shape`, for ahead-of-time compilation of
+    models too big to materialise: benchmarks/memory_llama3_8b.py) just carries the sharding."""
+    if isinstance(v, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    if jax.process_count() > 1 and not sharding.is_fully_addressable:
+        # Several hosts: every host holds the same full value (same weights, same seeds); each places its own
+        # shards. (device_put of a host-local array onto a multi-host sharding gives arrays orbax cannot save.)
+        host = np.asarray(v)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.device_put(v, sharding, may_alias=False) if copy else jax.device_put(v, sharding)
 
 
 # ------------------------------------------------------------------------------------------------- optimizer
@@ -155,12 +175,17 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh: jax.sharding.Mesh,
                *, donate: bool = True) -> Step:
-    """The stage's jitted train step over `mesh`. The teacher is the DPO reference for objective 'dpo'."""
+    """The stage's jitted train step over `mesh`. The teacher is the DPO reference for objective 'dpo'.
+
+    With `stage.skip_nonfinite`, a step whose loss or gradient norm is not finite returns the parameters, optimizer
+    state it was given (metric `skipped` = 1): the choice is made inside the step because its inputs are donated."""
+    if stage.remat != "none":
+        student.remat = stage.remat  # static: part of the graphdef split below (the teacher never differentiates)
     s = split_model(student, stage.train, mesh)
     t = split_model(teacher, "all", mesh)
     tx, sched = make_optimizer(stage.optim, stage.steps)
     ref_fn, loss_fn = stages.objective(stage.objective)
-    loss_cfg, accum = stage.loss, stage.grad_accum
+    loss_cfg, accum, skip = stage.loss, stage.grad_accum, stage.skip_nonfinite > 0
 
     def one_micro(trainable: Flat, frozen: Flat, teacher_p: Flat, mb: dict[str, jax.Array]):
         ref = jax.lax.stop_gradient(ref_fn(t.merge(teacher_p), mb))
@@ -181,9 +206,16 @@ def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh:
             grads, (ls, ms) = jax.lax.scan(body, zeros, _micro(batch, accum))
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss, metrics = jnp.mean(ls), jax.tree.map(jnp.mean, ms)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_tr = optax.apply_updates(trainable, updates)
+        gnorm = optax.tree.norm(grads)
+        metrics = dict(metrics, loss=loss, grad_norm=gnorm)
+        if skip:
+            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_tr, new_opt = jax.tree.map(keep, new_tr, trainable), jax.tree.map(keep, new_opt, opt_state)
+            metrics["skipped"] = 1 - finite.astype(jnp.int32)
+        trainable, opt_state = new_tr, new_opt
         rng, _ = jax.random.split(rng)  # consumed by stochastic objectives; advanced every step for exact resume
         return trainable, opt_state, rng, metrics
 
@@ -241,7 +273,27 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        try:
+            # also where an earlier async save's write error surfaces
+            self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/OS errors alike mean the write failed
+            raise self._save_failed(step, e) from e
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose directory is on disk under its final name: orbax writes a step to a temporary directory and
+        renames it when every file is written, so these are the complete ones (read from disk, not orbax's cache)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
+        done = [s for s in self.complete_steps() if step is None or s < step]
+        intact = (f"the previous checkpoint, step {done[-1]} in {self.dir}, is intact and training can resume from it"
+                  if done else f"no complete checkpoint exists in {self.dir} yet")
+        # async saves report a failed write at the next save or at close, so the failing step may be an earlier one
+        when = f" (reported while saving step {step})" if step is not None else ""
+        return CheckpointError(f"writing a checkpoint failed{when}: {type(e).__name__}: {str(e)[:300]}; {intact}. "
+                               "Free disk space or fix the output directory, then rerun to resume")
 
     def restore(self, step: int, abstract_state: dict[str, Any], data_iter: Any) -> tuple[dict[str, Any], dict]:
         import grain
@@ -292,16 +344,27 @@ class Checkpointer:
             self.mngr.reload()
 
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - an async save's write error
+            raise self._save_failed(None, e) from e
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        try:
+            self.wait()
+        finally:
+            self.mngr.close()
 
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
+
+
+def _step_array(step: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """The step counter as a global array replicated over the mesh: on several hosts orbax refuses host-local
+    arrays, and every host holds the same value."""
+    return jax.device_put(np.asarray(step, np.int32), mesh_lib.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -315,19 +378,79 @@ class MetricsLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if (r := _record(ln)) and r.get("step", 0) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            # Advisory output: a full disk must not end the run here; the next checkpoint save reports it, naming
+            # the intact checkpoint to resume from.
+            log.warning("could not append to %s: %s", self.path, e)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+        return [r for ln in self.path.read_text().splitlines() if (r := _record(ln))]
+
+
+class TensorBoardLog:
+    """Scalars of every logged step as TensorBoard event files in `directory` (tensorboardX: no TensorFlow needed),
+    one tag per metric under the stage's name. Missing tensorboardX only skips them, with a log note."""
+
+    def __init__(self, directory: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            log.info("tensorboardX is not installed: no TensorBoard scalars (pip install tensorboardX)")
+            self.writer = None
+            return
+        self.writer = SummaryWriter(logdir=str(directory), flush_secs=30)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        stage, step = record.get("stage", ""), int(record["step"])
+        for k, v in record.items():
+            if k not in ("stage", "step") and isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{stage}/{k}" if stage else k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line, or None for a torn one (a kill during its write, a full disk): the log is advisory."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the training loop checks between steps (main thread only; restored on exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -390,7 +513,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
     opt_state = init_opt_state(step_obj)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), mesh_lib.replicated(mesh))
     state = {"trainable": s.trainable, "frozen": s.frozen, "opt_state": opt_state, "rng": rng,
-             "step": jnp.zeros((), jnp.int32)}
+             "step": _step_array(0, mesh)}
     restored = ckpt.restore_latest(_abstract(state), data_iter)
     start = 0
     if restored is not None:
@@ -404,47 +527,86 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
     rng = state["rng"]
     teacher_p = {**step_obj.teacher.trainable, **step_obj.teacher.frozen}
     metrics_log = MetricsLog(out / "metrics.jsonl", start)
+    tb = TensorBoardLog(out / "tensorboard") if jax.process_index() == 0 else None
 
     bar = tqdm(total=stage.steps, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
     last_good = start if restored is not None else None
+    skipped = 0
     t_last, tok_since = time.perf_counter(), 0
+
+    def save(step: int, loss: float) -> None:
+        ckpt.save(step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state, "rng": rng,
+                         "step": _step_array(step, mesh)}, data_iter,
+                  {"stage": stage.name, "step": step, "loss": loss})
+
+    sigterm = _SigtermFlag()
     try:
-        for step in range(start + 1, stage.steps + 1):
-            try:
-                local = next(data_iter)
-            except StopIteration:
-                raise TrainingError(f"stage {stage.name}: the data ran out after {step - 1} of {stage.steps} steps; "
-                                    "raise data.num_epochs (0 = repeat) or lower steps") from None
-            batch = mesh_lib.global_batch(local, mesh)
-            trainable, opt_state, rng, m = step_obj.fn(trainable, opt_state, rng, frozen, teacher_p, batch)
-            m = {k: float(v) for k, v in m.items()}
-            m["lr"] = float(step_obj.schedule(step - 1))
-            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
-                where = (f"the last good checkpoint is step {last_good} in {ckpt.dir}" if last_good is not None
-                         else "no checkpoint was written yet")
-                raise TrainingError(f"stage {stage.name}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}) "
-                                    f"at step {step}; stopped without saving — {where}. Lower optim.lr, raise "
-                                    "optim.grad_clip's strictness or check the data")
-            tok_since += stages.real_tokens(local) * jax.process_count()
-            if step % checkpoint.every == 0 or step == stage.steps:
-                ckpt.save(step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state, "rng": rng,
-                                 "step": jnp.asarray(step, jnp.int32)}, data_iter,
-                          {"stage": stage.name, "step": step, "loss": m["loss"]})
-                last_good = step
-            if step % log_every == 0 or step == stage.steps:
-                now = time.perf_counter()
-                rate = tok_since / max(now - t_last, 1e-9)
-                t_last, tok_since = now, 0
-                rec = {"stage": stage.name, "step": step, **m, "tokens_per_s": rate}
-                if jax.process_index() == 0:
-                    metrics_log.write(rec)
-                bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
-            bar.update(1)
-            for cb in callbacks:
-                cb(step, m)
+        with sigterm:
+            for step in range(start + 1, stage.steps + 2):
+                if sigterm.requested:
+                    # Preemption: keep the work since the last checkpoint, make sure it is on disk, then stop.
+                    done = step - 1
+                    if done > (last_good or 0):
+                        save(done, m["loss"])
+                        last_good = done
+                    ckpt.wait()
+                    where = (f"checkpoint step {last_good} in {ckpt.dir}" if last_good is not None
+                             else "no checkpoint (no step had run)")
+                    raise Preempted(f"stage {stage.name}: stopped by SIGTERM after step {done}; saved {where}. Rerun "
+                                    "the same command to resume")
+                if step > stage.steps:
+                    break
+                try:
+                    local = next(data_iter)
+                except StopIteration:
+                    raise TrainingError(f"stage {stage.name}: the data ran out after {step - 1} of {stage.steps} "
+                                        "steps; raise data.num_epochs (0 = repeat) or lower steps") from None
+                batch = mesh_lib.global_batch(local, mesh)
+                trainable, opt_state, rng, m = step_obj.fn(trainable, opt_state, rng, frozen, teacher_p, batch)
+                m = {k: float(v) for k, v in m.items()}
+                m["lr"] = float(step_obj.schedule(step - 1))
+                if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                    skipped += 1
+                    where = (f"the last good checkpoint is step {last_good} in {ckpt.dir}" if last_good is not None
+                             else "no checkpoint was written yet")
+                    if skipped > stage.skip_nonfinite:
+                        allowed = (f" after skipping {stage.skip_nonfinite} such batch(es) (skip_nonfinite)"
+                                   if stage.skip_nonfinite else "")
+                        raise TrainingError(
+                            f"stage {stage.name}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step "
+                            f"{step}{allowed}; stopped without saving — {where}. Lower optim.lr, raise "
+                            "optim.grad_clip's strictness, check the data, or set the stage's skip_nonfinite")
+                    # The step kept the previous parameters and optimizer state (see build_step).
+                    log.warning("stage %s: non-finite loss %s (grad norm %s) at step %d: batch skipped (%d of %d "
+                                "allowed); %s", stage.name, m["loss"], m["grad_norm"], step, skipped,
+                                stage.skip_nonfinite, where)
+                tok_since += stages.real_tokens(local) * jax.process_count()
+                if step % checkpoint.every == 0 or step == stage.steps:
+                    save(step, m["loss"])
+                    last_good = step
+                if step % log_every == 0 or step == stage.steps:
+                    now = time.perf_counter()
+                    rate = tok_since / max(now - t_last, 1e-9)
+                    t_last, tok_since = now, 0
+                    rec = {"stage": stage.name, "step": step, **m, "tokens_per_s": rate}
+                    if jax.process_index() == 0:
+                        metrics_log.write(rec)
+                        if tb is not None:
+                            tb.write(rec)
+                    bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
+                bar.update(1)
+                for cb in callbacks:
+                    cb(step, m)
     finally:
         bar.close()
-        ckpt.close()
+        if tb is not None:
+            tb.close()
+        try:
+            ckpt.close()
+        except CheckpointError:
+            if sys.exc_info()[1] is None:
+                raise
+            log.exception("closing the checkpoint manager failed while another error was raised")
     nnx.update(student, s.t_flat.unflat(trainable), s.f_flat.unflat(frozen))
     records = metrics_log.read()
     if jax.process_index() == 0 and records:
@@ -465,14 +627,20 @@ def _stage_data(stage: StageConfig, tokenizer: Any) -> Any:
 
 
 def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True,
-               config: TrainConfig | None = None) -> DecoderLM:
+               config: TrainConfig | None = None, teacher: Any = None,
+               stage_callbacks: Callable[[StageConfig], Sequence[Callable[[int, dict[str, float]], None]]] | None
+               = None) -> DecoderLM:
     """Runs every stage of a recipe in order (the CLI's `distill|sft|dpo|pipeline`), each resuming from its own
-    checkpoints and starting from the previous stage's result; returns the final student."""
+    checkpoints and starting from the previous stage's result; returns the final student.
+
+    `teacher`: an already loaded `convert.Teacher` (the demo has one in memory; loading it again costs seconds),
+    else the recipe's is loaded. `stage_callbacks(stage)`: the `fit` callbacks of each stage."""
     from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.from_attention import build_hybrid
 
     cfg = config or load_config(TrainConfig, config_path, list(overrides))
-    teacher_cfg, teacher, tok = load_teacher(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    loaded = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    teacher_cfg, teacher, tok = loaded
     mesh = mesh_lib.make_mesh(cfg.mesh)
     out = Path(cfg.output_dir)
     student: DecoderLM | None = None
@@ -483,5 +651,6 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
         student = build_hybrid(teacher, layout, rngs=rngs, previous=student)  # type: ignore[arg-type]
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher
         fit(stage, student, ref, _stage_data(stage, tok), out_dir=out / stage.name, mesh=mesh,
-            seed=cfg.seed + i, checkpoint=cfg.checkpoint, log_every=cfg.log_every, progress=progress)
+            seed=cfg.seed + i, checkpoint=cfg.checkpoint, log_every=cfg.log_every, progress=progress,
+            callbacks=stage_callbacks(stage) if stage_callbacks else ())
     return student  # type: ignore[return-value]
