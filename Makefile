@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-slow test-gpu bench fixtures clean
+.PHONY: setup demo test test-slow test-gpu bench fixtures reliability clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test-slow: $(STAMP)
 # On a GPU machine (the device): compiled kernels at real shapes; writes a junit report.
 test-gpu:
 	JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu --junitxml=benchmarks/results/test-gpu.xml
+
+# Parser fuzzing (10,000 inputs per parser, with coverage) and the kill/resume soak: writes
+# benchmarks/results/reliability.{md,json}. CPU only; about half an hour on 2 cores.
+reliability: $(STAMP)
+	JAX_PLATFORMS=cpu nice $(PY) benchmarks/fuzz_parsers.py
+	JAX_PLATFORMS=cpu nice $(PY) benchmarks/soak_preemption.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

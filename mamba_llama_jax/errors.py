@@ -35,3 +35,7 @@ class DataError(MambaLlamaError, ValueError):
 
 class TrainingError(MambaLlamaError, RuntimeError):
     """Training cannot go on (a non-finite loss, a mesh that does not fit the devices, ...)."""
+
+
+class Preempted(TrainingError):
+    """Training stopped on SIGTERM (what a preempted TPU/GPU VM receives) after saving a checkpoint."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -172,7 +173,7 @@ def _rope_scaling(raw: Any) -> RopeScaling | None:
         )
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"rope scaling {kind!r} has an invalid value: {e}") from None
 
 
@@ -183,8 +184,10 @@ def _int(v: Any, key: str, source: str, minimum: int = 1) -> int:
 
 
 def _float(v: Any, key: str, source: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ModelFormatError(f"{source}: {key} must be a number, got {v!r}")
+    # float() of an integer beyond ~1.8e308 raises OverflowError; NaN/inf would poison every forward pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) \
+            or not (abs(v) < 2 ** 1023 if isinstance(v, int) else math.isfinite(v)):
+        raise ModelFormatError(f"{source}: {key} must be a finite number, got {str(v)[:60]}")
     return float(v)
 
 
@@ -207,8 +210,8 @@ def _read_json(p: Path, *, what: str) -> Any:
         raise ModelFormatError(f"{what} not found: {p}")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"cannot parse {what} {p}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, an int of > 4300 digits
+        raise ModelFormatError(f"cannot parse {what} {p}: {str(e)[:300]}") from e
 
 
 # ------------------------------------------------------------------------------------------------------- tensors
@@ -266,21 +269,40 @@ _RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
 def _read_raw(f: Path, name: str) -> np.ndarray:
+    """One tensor read straight from the file's bytes. Every size in the header is checked against the file's
+    length before anything is read, so a corrupt header cannot make it allocate more than the file holds."""
     import ml_dtypes
 
+    size = f.stat().st_size
     with open(f, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-        info = header[name]
-        start, end = info["data_offsets"]
+        if n > size - 8:
+            raise ModelFormatError(f"{f}: safetensors header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelFormatError(f"{f}: safetensors header is not valid JSON: {e}") from None
+        info = header.get(name) if isinstance(header, dict) else None
+        if info is None:
+            raise ModelFormatError(f"{f}: no tensor {name!r} in the safetensors header")
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{f}: tensor {name!r} has a malformed header entry {str(info)[:200]}") from e
+        ok_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+        if not ok_ints or not 0 <= start <= end <= size - 8 - n or any(d < 0 for d in shape):
+            raise ModelFormatError(f"{f}: tensor {name!r} has data offsets {info['data_offsets']} or shape {shape} "
+                                   f"outside the file ({size - 8 - n} data bytes)")
+        dt = ml_dtypes.bfloat16 if dtype == "BF16" else _RAW_DTYPES.get(dtype)
+        if dt is None:
+            raise ModelFormatError(f"{f}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if end - start != np.dtype(dt).itemsize * math.prod(shape):
+            raise ModelFormatError(f"{f}: tensor {name!r} is truncated or its header is inconsistent")
         fh.seek(8 + n + start)
         buf = fh.read(end - start)
-    dt = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _RAW_DTYPES.get(info["dtype"])
-    if dt is None:
-        raise ModelFormatError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    if len(buf) != end - start or len(buf) != np.dtype(dt).itemsize * int(np.prod(info["shape"])):
-        raise ModelFormatError(f"{f}: tensor {name!r} is truncated or its header is inconsistent")
-    return np.frombuffer(buf, dtype=dt).reshape(info["shape"])
+    if len(buf) != end - start:
+        raise ModelFormatError(f"{f}: tensor {name!r} is truncated")
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
 def shard_files(index: Path, what: str) -> list[Path]:
@@ -294,7 +316,10 @@ def shard_files(index: Path, what: str) -> list[Path]:
     for name in files:
         if Path(name).name != name:
             raise ModelFormatError(f"{index}: shard entry {name!r} is not a file name in the directory")
-    missing = [n for n in files if not (d / n).is_file()]
+    try:
+        missing = [n for n in files if not (d / n).is_file()]
+    except OSError as e:  # e.g. a name longer than the filesystem allows
+        raise ModelFormatError(f"{index}: unusable shard file name: {e}") from None
     if missing:
         raise ModelFormatError(
             f"{index} lists shard file(s) {missing} that are not in {d}; download the complete checkpoint"

@@ -269,6 +269,7 @@ def import_mambainllama(path: str | Path, *, variant: str | None = None, dtype: 
         hybrid = HybridConfig(attn_layers=attn_layers,
                               mamba=_mamba_config(mraw, v, cfg, str(d / MAMBA_CONFIG_FILE)))
         try:
+            _check_fits_weights(cfg, hybrid, _weights_nbytes(d, get, names), str(d))
             model = HybridLM(cfg, hybrid, rngs=None)
         except ConfigError as e:
             raise ModelFormatError(f"{d / MAMBA_CONFIG_FILE}: {e}") from None
@@ -277,6 +278,28 @@ def import_mambainllama(path: str | Path, *, variant: str | None = None, dtype: 
     if any((d / f).is_file() for f in TOKENIZER_FILES):
         tok = Tokenizer.from_hf_dir(d, eos_token_ids=cfg.eos_token_ids)
     return cfg, hybrid, model, tok
+
+
+def _weights_nbytes(d: Path, get: Callable[[str], np.ndarray], names: set[str]) -> int:
+    """Bytes of weights the directory holds: the safetensors files' sizes, or the loaded torch tensors'."""
+    files = list(d.glob("*.safetensors"))
+    if files:
+        return sum(f.stat().st_size for f in files)
+    return sum(int(get(n).nbytes) for n in names)
+
+
+def _check_fits_weights(cfg: LlamaConfig, hybrid: HybridConfig, nbytes: int, source: str) -> None:
+    """The configs describe the model's shapes, and the model is allocated (zeros) before its tensors are read:
+    a corrupt size in them (d_conv: 2^40) must fail here, against the weights actually present, not in malloc."""
+    try:
+        abstract = nnx.eval_shape(lambda: HybridLM(cfg, hybrid, rngs=None))
+    except (TypeError, ValueError, OverflowError) as e:  # a size past int64 cannot even be a shape
+        raise ModelFormatError(f"{source}: config.json and {MAMBA_CONFIG_FILE} give impossible shapes: {e}") from e
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    if 2 * n > nbytes:  # 2 bytes: the narrowest float accepted (bf16/fp16)
+        raise ModelFormatError(f"{source}: config.json and {MAMBA_CONFIG_FILE} describe a model of {n:,} parameters, "
+                               f"but the weight files hold only {nbytes:,} bytes; the configs do not match the "
+                               "weights (or the download is incomplete)")
 
 
 def _check_mamba_config(raw: Any, cfg: LlamaConfig, source: str) -> tuple[int, ...]:
@@ -308,8 +331,8 @@ def _check_mamba_config(raw: Any, cfg: LlamaConfig, source: str) -> tuple[int, .
     if raw["hidden_act"] != "silu":
         raise ModelFormatError(f"{source}: field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported")
     eps = raw["rms_norm_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ModelFormatError(f"{source}: field 'rms_norm_eps' must be a number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or (isinstance(eps, int) and abs(eps) > 2 ** 1023):
+        raise ModelFormatError(f"{source}: field 'rms_norm_eps' must be a number, got {str(eps)[:60]}")
     if not math.isclose(float(eps), cfg.rms_norm_eps, rel_tol=1e-6):
         # One eps serves every layer here; the official code uses this one for Mamba layers only.
         raise ModelFormatError(f"{source}: field 'rms_norm_eps' is {eps}, but config.json has rms_norm_eps = "
@@ -384,8 +407,10 @@ def _same(value: Any, want: Any) -> bool:
 
 
 def _float(v: Any, key: str, source: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ModelFormatError(f"{source}: ssm_cfg.{key} must be a number, got {v!r}")
+    # float() of an integer beyond ~1.8e308 raises OverflowError rather than giving inf
+    if isinstance(v, bool) or not isinstance(v, (int, float)) \
+            or not (abs(v) < 2 ** 1023 if isinstance(v, int) else math.isfinite(v)):
+        raise ModelFormatError(f"{source}: ssm_cfg.{key} must be a finite number, got {str(v)[:60]}")
     return float(v)
 
 

@@ -9,6 +9,7 @@ arrays (bf16 as `ml_dtypes.bfloat16`), bounds-checked against their storage.
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -44,6 +45,10 @@ def _rebuild_tensor_v2(storage: np.ndarray, offset: int, size: tuple, stride: tu
         raise ModelFormatError("pickle: negative tensor offset, size or stride")
     if any(s == 0 for s in size):
         return np.zeros(size, storage.dtype)
+    # Zero or overlapping strides could make a tiny storage describe an enormous tensor, which the copy below
+    # would allocate; a state dict's tensors never hold more elements than their storage.
+    if math.prod(size) > storage.size:
+        raise ModelFormatError(f"pickle: tensor of size {size} has more elements than its storage of {storage.size}")
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if last >= storage.size:
         raise ModelFormatError(f"pickle: tensor of size {size} reaches past its storage of {storage.size} items")
@@ -91,6 +96,9 @@ class _Unpickler(pickle.Unpickler):
                 info = self.zf.getinfo(name)
             except KeyError:
                 raise ModelFormatError(f"pickle: storage {key!r} is missing from the archive") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                # torch writes storages uncompressed; a compressed one could inflate ~1000x past the file's size
+                raise ModelFormatError(f"pickle: storage {key!r} is compressed, which torch never writes")
             if info.file_size != int(numel) * stype.dtype.itemsize:
                 raise ModelFormatError(
                     f"pickle: storage {key!r} holds {info.file_size} bytes, expected {numel} x {stype.dtype}")

@@ -65,6 +65,17 @@ class SamplingConfig:
         if not isinstance(self.seed, int):
             raise GenerationError(f"seed must be an integer, got {self.seed!r}")
 
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "SamplingConfig":
+        """From a mapping of options (a request body, a config file): unknown names are an error, not ignored."""
+        if not isinstance(options, dict):
+            raise GenerationError(f"sampling options must be a mapping, got {type(options).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(map(str, set(options) - set(known)))
+        if unknown:
+            raise GenerationError(f"unknown sampling option(s) {unknown}; valid options are {known}")
+        return cls(**options)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
