@@ -342,6 +342,41 @@ class GenerationOutput:
         return [self.tokens[r, : n].tolist() for r, n in enumerate(self.lengths)]
 
 
+def check_prompts(prompt_ids: Sequence[Sequence[int]], *, vocab_size: int, context: int,
+                  max_new_tokens: int) -> list[list[int]]:
+    """Validated token-id rows: non-empty, in the vocabulary, and leaving room for `max_new_tokens`."""
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
+        raise GenerationError("prompt_ids must be a non-empty list of token-id lists")
+    rows = []
+    for r, p in enumerate(prompt_ids):
+        if isinstance(p, (str, bytes)):
+            raise GenerationError(f"prompt {r} is a string; pass token ids (or use `generate` for text)")
+        ids = [int(t) for t in p]
+        if not ids:
+            raise GenerationError(f"prompt {r} is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {r} holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if len(ids) + max_new_tokens > context:
+            raise GenerationError(
+                f"prompt {r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                f"the model's context of {context} tokens: shorten the prompt or lower max_new_tokens "
+                f"(at most {context - max_new_tokens} prompt tokens)")
+        rows.append(ids)
+    return rows
+
+
+def left_pad(rows: list[list[int]], multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) with every row right-aligned, the length rounded up to `multiple` (fewer compiles)."""
+    plen = _round_up(max(len(r) for r in rows), multiple)
+    tokens = np.full((len(rows), plen), pad_id, np.int32)
+    mask = np.zeros((len(rows), plen), bool)
+    for i, r in enumerate(rows):
+        tokens[i, plen - len(r):] = r
+        mask[i, plen - len(r):] = True
+    return tokens, mask
+
+
 class Generator:
     """A model snapshot prepared for generation (fused, weights in the compute dtype, on device).
 
@@ -360,36 +395,11 @@ class Generator:
     # -------------------------------------------------------------------- validation and batching
 
     def _check(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[int]]:
-        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
-            raise GenerationError("prompt_ids must be a non-empty list of token-id lists")
-        rows = []
-        limit = self.cfg.max_position_embeddings
-        for r, p in enumerate(prompt_ids):
-            if isinstance(p, (str, bytes)):
-                raise GenerationError(f"prompt {r} is a string; pass token ids (or use `generate` for text)")
-            ids = [int(t) for t in p]
-            if not ids:
-                raise GenerationError(f"prompt {r} is empty: give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise GenerationError(f"prompt {r} holds token id {bad[0]} outside the vocabulary "
-                                      f"[0, {self.cfg.vocab_size})")
-            if len(ids) + sampling.max_new_tokens > limit:
-                raise GenerationError(
-                    f"prompt {r} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
-                    f"the model's context of {limit} tokens: shorten the prompt or lower max_new_tokens "
-                    f"(at most {limit - sampling.max_new_tokens} prompt tokens)")
-            rows.append(ids)
-        return rows
+        return check_prompts(prompt_ids, vocab_size=self.cfg.vocab_size, context=self.cfg.max_position_embeddings,
+                             max_new_tokens=sampling.max_new_tokens)
 
     def _batch(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        plen = _round_up(max(len(r) for r in rows), self.prompt_multiple)
-        tokens = np.full((len(rows), plen), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), plen), bool)
-        for i, r in enumerate(rows):
-            tokens[i, plen - len(r):] = r
-            mask[i, plen - len(r):] = True
-        return tokens, mask
+        return left_pad(rows, self.prompt_multiple, self.pad_id)
 
     def uses_kernel(self) -> bool:
         """Whether decode attention runs as the Pallas kernel (GPU, not forced to the reference)."""

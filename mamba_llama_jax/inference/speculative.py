@@ -46,7 +46,8 @@ import numpy as np
 from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
-from mamba_llama_jax.inference.generate import SamplingConfig, _spec, _Spec, prepare_for_inference
+from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, left_pad,
+                                                 prepare_for_inference)
 from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaCache
 from mamba_llama_jax.models.llama import DecoderLM
 
@@ -310,10 +311,6 @@ class SpecStats:
         return dataclasses.asdict(self)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 class SpeculativeDecoder:
     """A target and a draft prepared once (weights in the compute dtype, on device) for repeated calls.
 
@@ -333,31 +330,9 @@ class SpeculativeDecoder:
         self.pad_id = int(pad_id)
 
     def _batch(self, prompt_ids: Sequence[Sequence[int]], n_new: int) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
-            raise GenerationError("prompt_ids must be a non-empty list of token-id lists")
-        rows = []
-        for r, p in enumerate(prompt_ids):
-            if isinstance(p, (str, bytes)):
-                raise GenerationError(f"prompt {r} is a string; pass token ids")
-            ids = [int(t) for t in p]
-            if not ids:
-                raise GenerationError(f"prompt {r} is empty: give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise GenerationError(f"prompt {r} holds token id {bad[0]} outside the vocabulary "
-                                      f"[0, {self.cfg.vocab_size})")
-            if len(ids) + n_new > self.max_positions:
-                raise GenerationError(f"prompt {r} has {len(ids)} tokens; with max_new_tokens={n_new} that exceeds "
-                                      f"the context of {self.max_positions} tokens: shorten the prompt or lower "
-                                      f"max_new_tokens")
-            rows.append(ids)
-        plen = _round_up(max(len(r) for r in rows), self.prompt_multiple)
-        tokens = np.full((len(rows), plen), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), plen), bool)
-        for i, r in enumerate(rows):
-            tokens[i, plen - len(r):] = r
-            mask[i, plen - len(r):] = True
-        return tokens, mask
+        rows = check_prompts(prompt_ids, vocab_size=self.cfg.vocab_size, context=self.max_positions,
+                             max_new_tokens=n_new)
+        return left_pad(rows, self.prompt_multiple, self.pad_id)
 
     def run(self, prompt_ids: Sequence[Sequence[int]], *, k: int = 4, sampling: SamplingConfig | None = None,
             max_new_tokens: int | None = None, eos_ids: Sequence[int] = (),
