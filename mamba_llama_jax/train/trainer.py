@@ -468,7 +468,8 @@ def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
         ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label=stage or None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if records and all(r["loss"] > 0 for r in records):  # a DPO or skipped-batch loss can be <= 0
+        ax.set_yscale("log")
     if len(records) and records[0].get("stage"):
         ax.legend()
     fig.tight_layout()
