@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mamba_llama_jax.ops.ssd import linear_recurrence_associative, segment_starts
+from mamba_llama_jax.ops.ssd import discretize, linear_recurrence_associative, segment_starts
 
 F32 = jnp.float32
 
@@ -52,18 +52,7 @@ def linear_scan_associative(a: jax.Array, b: jax.Array,
 
 
 def _prep(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    d = u.shape[2]
-    g = B.shape[2]
-    if d % g or C.shape[2] != g:
-        raise ValueError(f"B/C groups ({B.shape[2]}, {C.shape[2]}) must be equal and divide the channels ({d})")
-    dl = delta.astype(F32)
-    if delta_bias is not None:
-        dl = dl + delta_bias.astype(F32)
-    if delta_softplus:
-        dl = jax.nn.softplus(dl)
-    rep = d // g
-    Bd = jnp.repeat(B.astype(F32), rep, axis=2)  # (b,l,d,n)
-    Cd = jnp.repeat(C.astype(F32), rep, axis=2)
+    dl, Bd, Cd = discretize(delta, delta_bias, delta_softplus, B, C, u.shape[2], "channels")  # Bd: (b,l,d,n)
     return (u.astype(F32), dl, A.astype(F32), Bd, Cd, None if D is None else D.astype(F32),
             None if z is None else z.astype(F32))
 

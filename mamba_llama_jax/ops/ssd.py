@@ -27,21 +27,26 @@ F32 = jnp.float32
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
+def discretize(dt: jax.Array, bias: jax.Array | None, softplus: bool, B: jax.Array, C: jax.Array,
+               channels: int, what: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """fp32 step sizes (+ bias, softplus) and B, C expanded from their groups to `channels` (heads or inner
+    channels) along axis 2; shared by the SSD and the selective-scan references."""
+    g = B.shape[2]
+    if channels % g or C.shape[2] != g:
+        raise ValueError(f"B/C groups ({B.shape[2]}, {C.shape[2]}) must be equal and divide the {what} ({channels})")
+    dtf = dt.astype(F32)
+    if bias is not None:
+        dtf = dtf + bias.astype(F32)
+    if softplus:
+        dtf = jax.nn.softplus(dtf)
+    rep = channels // g
+    return dtf, jnp.repeat(B.astype(F32), rep, axis=2), jnp.repeat(C.astype(F32), rep, axis=2)
+
+
 def _prep(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array | None,
           dt_bias: jax.Array | None, dt_softplus: bool):
     """fp32 copies with dt discretised and B, C expanded from groups to heads: (b,l,h,n)."""
-    h = x.shape[2]
-    g = B.shape[2]
-    if h % g or C.shape[2] != g:
-        raise ValueError(f"B/C groups ({B.shape[2]}, {C.shape[2]}) must be equal and divide the heads ({h})")
-    dtf = dt.astype(F32)
-    if dt_bias is not None:
-        dtf = dtf + dt_bias.astype(F32)
-    if dt_softplus:
-        dtf = jax.nn.softplus(dtf)
-    rep = h // g
-    Bh = jnp.repeat(B.astype(F32), rep, axis=2)
-    Ch = jnp.repeat(C.astype(F32), rep, axis=2)
+    dtf, Bh, Ch = discretize(dt, dt_bias, dt_softplus, B, C, x.shape[2], "heads")
     Df = None if D is None else D.astype(F32)
     return x.astype(F32), dtf, A.astype(F32), Bh, Ch, Df
 
