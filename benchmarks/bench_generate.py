@@ -1,17 +1,26 @@
-"""Prefill and decode throughput of the JAX teacher vs HF eager `generate`, same weights, same run.
+"""Decode throughput of the JAX teacher and its hybrids; the teacher vs HF eager `generate` on the same weights.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_generate.py [--teacher PATH] [--out DIR]
+    PYTHONPATH=$PWD python3 benchmarks/bench_generate.py [--suite teacher|device] [--out DIR] [--tiny]
 
-Default model: random weights of the SmolLM2-135M shape in bf16. Prompt 128 tokens, 256 new tokens, EOS ignored
-(fixed decode length). The orchestrator (this process, which never imports jax) runs workers in subprocesses,
-one at a time, because XLA flags are read once per process and JAX and torch would fight over GPU memory:
-  1. `explore`: each JAX variant (XLA flags, fused or plain model) at batch 1 and 64, a few runs each;
-  2. `final`: the best variant at every batch, >= 20 runs, plus the facts the results file explains step time
-     with (measured copy bandwidth, the LM head alone, kernels per decode step counted in the optimised HLO);
-     it saves the weights for
-  3. `hf`: transformers' LlamaForCausalLM (eager attention, bf16, cuda) `generate` with min_new_tokens =
-     max_new_tokens, timed with CUDA synchronisation.
-Writes <out>/generate.json and <out>/generate.md.
+Default model: random weights of the SmolLM2-135M shape in bf16; EOS ignored (fixed decode length). The
+orchestrator (this process, which never imports jax) runs workers in subprocesses, because XLA flags are read
+once per process and JAX and torch would fight over GPU memory.
+
+`--suite teacher` (issue 3's table, prompt 128, 256 new tokens): `explore` each JAX variant at batch 1 and 64;
+`final`: the best at every batch with the step-time facts (copy bandwidth, LM head alone, kernels per step from
+the optimised HLO); `hf`: transformers' eager `generate`. Writes generate.json / generate.md.
+
+`--suite device` (one device call, a hard overall deadline, results written after every row so a kill still
+leaves tables):
+  1. the gpu-marked tests of the decode kernels (compiled Triton vs the pure-JAX references);
+  2. the hybrid table (issue 4): decode tokens/s and cache bytes per sequence for the teacher and the 50 / 25 /
+     12.5 / 0 % attention hybrids at contexts 128 and 4096 and batches 1, 64, 256 — one model and shape compiled
+     at a time, in one worker watched by the orchestrator (a worker that stops reporting is killed and restarted
+     past the stuck row), runs per row bounded by time; writes generate_hybrid.json / .md;
+  3. decode-path variants of the teacher (prompt 128, 256 new tokens, >= 20 runs, batch 1 and 64): the old XLA
+     path, decode attention alone, + the fused GEMVs, and XLA flag variants; launching ops per step from the
+     optimised HLO; writes generate_variants.json / .md.
+`--tiny` runs either suite on a tiny model (a CPU smoke test of this script).
 """
 
 from __future__ import annotations
@@ -29,28 +38,42 @@ from pathlib import Path
 from typing import Any
 
 CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-VARIANTS = {
-    # name: (XLA_FLAGS additions, fuse, window_block). Decode attention is the Pallas kernel on GPU unless the
-    # variant name says `ref` (run with MAMBA_LLAMA_FORCE_REFERENCE=1: the XLA reference, the previous path).
-    "fused+cmdbuf_while": (CMDBUF, True, 128),
-    "ref+cmdbuf_while": (CMDBUF, True, 128),
-    # flag names checked against XLA's DebugOptions in jax 0.11 (xla_gpu_experimental_force_split_k: 0 = the
-    # heuristic, n > 0 forces n; the older xla_gpu_enable_split_k_autotuning is a reserved, removed field)
-    "fused+cmdbuf+splitk1": (CMDBUF + " --xla_gpu_experimental_force_split_k=1", True, 128),
-    "fused+cmdbuf+no_triton_gemm": (CMDBUF + " --xla_gpu_enable_triton_gemm=false", True, 128),
-    "fused": ("", True, 128),
-    "plain+cmdbuf_while": ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL", False, 0),
+FORCE_REF = "MAMBA_LLAMA_FORCE_REFERENCE"  # pallas_kernels.dispatch.FORCE_REFERENCE_ENV (no jax import here)
+FUSED_ENV = "MAMBA_LLAMA_FUSED_DECODE"  # pallas_kernels.fused_decode.FUSED_DECODE_ENV
+SPLITK1 = " --xla_gpu_experimental_force_split_k=1"  # the live split-K flag in jax 0.11's DebugOptions
+NO_TRITON_GEMM = " --xla_gpu_enable_triton_gemm=false"
+# name: (XLA_FLAGS, fused projections, window block, environment). Kernels are chosen at trace time from the
+# environment, so variants with the same flags share one worker process.
+VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
+    "fused": (CMDBUF, True, 128, {}),  # decode attention kernel + fused GEMVs: the default decode path
+    "attn": (CMDBUF, True, 128, {FUSED_ENV: "0"}),  # decode attention kernel, XLA GEMMs (the previous path)
+    "ref": (CMDBUF, True, 128, {FORCE_REF: "1"}),  # every kernel off: XLA attention and GEMMs (the old path)
+    "attn+splitk1": (CMDBUF + SPLITK1, True, 128, {FUSED_ENV: "0"}),
+    "attn+no_triton_gemm": (CMDBUF + NO_TRITON_GEMM, True, 128, {FUSED_ENV: "0"}),
+    "fused+no_triton_gemm": (CMDBUF + NO_TRITON_GEMM, True, 128, {}),
+    "fused_nocmdbuf": ("", True, 128, {}),
+    "plain+cmdbuf_while": (CMDBUF, False, 0, {FUSED_ENV: "0"}),
 }
+DEVICE_VARIANTS = ("fused", "attn", "ref", "attn+splitk1", "attn+no_triton_gemm")
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                     num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                     max_position_embeddings=8192, tie_word_embeddings=True)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16)
 
 
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    """Atomic (temp file + rename): the orchestrator may read it at any moment, and a kill must not tear it."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ JAX worker
@@ -68,8 +91,7 @@ def _jax_model(teacher: str | None, tiny: bool = False) -> Any:
         return load_teacher(teacher, dtype="bfloat16", param_dtype="bfloat16").model
     shape = dict(SMOLLM2_135M)
     if tiny:  # a smoke test of this script on a CPU
-        shape.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16)
+        shape.update(TINY)
     cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16")
     return LlamaLM(cfg, rngs=nnx.Rngs(0))
 
@@ -106,87 +128,135 @@ def _hlo_facts(hlo: str) -> dict[str, Any]:
     return per_body
 
 
+class _Env:
+    """Sets environment variables for a block (the kernel dispatchers read them at trace time)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.saved = env, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant named in --variant (all with this process's XLA flags) at every batch: prefill and the
+    on-device decode loop compiled ahead of time (the compile is timed, and its optimised HLO gives the launch
+    count), then `args.runs` timed runs. Results are written after every batch."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "bench_generate_jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    model = _jax_model(args.teacher, args.tiny)
+    res: dict[str, Any] = {"variants": {}}
+    gen = None
+    for name in args.variant.split(","):
+        _, fuse, block, env = VARIANTS[name]
+        with _Env(env):
+            jax.clear_caches()  # kernel choices are made at trace time: nothing traced for another variant
+            try:
+                gen, out = _measure_variant(name, model, args, fuse, block, res)
+            except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others)
+                out = {"variant": name, "error": repr(e)[:3000], "batches": {}}
+                print(f"[{name}] failed: {e!r}"[:3000], flush=True)
+        res["variants"][name] = out
+        _write_json(args.result, res)
+    if args.facts and gen is not None:
+        res["facts"] = _facts(gen, gen.cfg, args)
+    if args.save_weights and gen is not None:
+        _save_weights(gen, gen.cfg, args.save_weights)
+    _write_json(args.result, res)
+    return res
+
+
+def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool, block: int,
+                     res: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from mamba_llama_jax.inference import generate as G
-
-    # Shared by the workers: the final run reuses the executables the exploration compiled.
-    jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "bench_generate_jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    _, fuse, block = VARIANTS[args.variant]
-    model = _jax_model(args.teacher, args.tiny)
-    cfg = model.cfg
-    gen = G.Generator(model, fuse=fuse, window_block=block)
-    del model
     from pallas_kernels import dispatch
+
+    gen = G.Generator(model, fuse=fuse, window_block=block)
+    cfg = gen.cfg
     n_new, plen = args.new_tokens, args.prompt_len
     sampling = G.SamplingConfig(max_new_tokens=n_new)
     spec = G._spec(sampling, cfg.vocab_size)
     key, temp, top_p = gen._dyn(sampling)
-    out: dict[str, Any] = {"variant": args.variant, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                           "fused": gen.fused, "window_block": gen.window_block, "batches": {},
-                           "decode_attention": gen.decode_attention_impl(),
-                           "force_reference_env": os.environ.get(dispatch.FORCE_REFERENCE_ENV, "")}
+    out: dict[str, Any] = {"variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": gen.fused,
+                           "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[name][3]),
+                           "decode_attention": gen.decode_attention_impl()}
+    res["variants"][name] = out
     rng = np.random.default_rng(0)
     for b in args.batches:
+        if time.time() > args.deadline_at - 10:
+            out.setdefault("skipped", []).append(f"batch {b}: deadline")
+            continue
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, plen)), jnp.int32)
         mask = jnp.ones((b, plen), bool)
         slots = gen._slots(plen, n_new)
         phases = gen.phases(plen, n_new, slots)
+        tc = time.perf_counter()
+        pcomp = G._prefill.lower(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots,
+                                 spec=spec).compile()
+        first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
+        dispatch.record_choice("fused_decode", "none")
+        dcomp = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
+                                     n_new=n_new, eos=(), pad_id=0, phases=phases).compile()
+        compile_s = time.perf_counter() - tc
+        traced = {"decode_attention": dispatch.last_choice("decode_attention"),
+                  "fused_decode": dispatch.last_choice("fused_decode")}
 
         def once() -> tuple[float, float, Any]:
             t0 = time.perf_counter()
-            first, cache = G._prefill(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots, spec=spec)
+            first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
             jax.block_until_ready((first, cache))
             t1 = time.perf_counter()
-            toks, steps, cache = G._decode_loop(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
-                                                n_new=n_new, eos=(), pad_id=0, phases=phases)
+            toks, steps, cache = dcomp(gen.state, cache, first, key, temp, top_p)
             jax.block_until_ready((toks, cache))
             t2 = time.perf_counter()
             assert int(steps) == n_new, int(steps)
             return t1 - t0, t2 - t1, toks
 
-        tc = time.perf_counter()
-        _, _, toks = once()  # compile + warm-up
-        compile_s = time.perf_counter() - tc
-        once()
+        _, _, toks = once()  # warm-up
         pre, dec = [], []
-        budget_end = time.perf_counter() + args.max_seconds_per_batch
         for r in range(args.runs):
             p, d, _ = once()
             pre.append(p)
             dec.append(d)
-            if r + 1 >= 5 and time.perf_counter() > budget_end:
+            if r + 1 >= 5 and time.time() > args.deadline_at - 5:
                 break
         steps = n_new - 1
         row = {
-            "runs": len(dec), "compile_and_first_run_s": compile_s,
+            "runs": len(dec), "compile_s": compile_s,
             "prefill_ms": median(pre) * 1e3, "prefill_tokens_per_s": b * plen / median(pre),
             "decode_ms_per_step": median(dec) / steps * 1e3, "decode_tokens_per_s": b * steps / median(dec),
             "decode_ms_per_step_min": min(dec) / steps * 1e3,
             "first_tokens_row0": np.asarray(toks[0, :16]).tolist(),
-            "decode_attention_traced": dispatch.last_choice("decode_attention"),
+            "decode_attention_traced": traced["decode_attention"], "fused_decode_traced": traced["fused_decode"],
+            "fused_decode": gen.fused_decode_impl(b),
         }
+        if args.hlo:
+            hlo = dcomp.as_text()
+            row["hlo_while_bodies"] = _hlo_facts(hlo)
+            if args.dump_dir and b == 1 and name == "fused":  # one dump: the device returns at most 8 files
+                Path(args.dump_dir, f"decode_b{b}_{name.replace('+', '_')}.hlo.txt").write_text(hlo)
         out["batches"][str(b)] = row
-        Path(args.result).write_text(json.dumps(out))  # partial results survive a timeout
-        print(f"[{args.variant}] b={b}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s; decode "
-              f"{row['decode_ms_per_step']:.3f} ms/step = {row['decode_tokens_per_s']:,.0f} tok/s "
-              f"({len(dec)} runs; compile {compile_s:.1f} s)", flush=True)
-        if args.hlo and b in (1, 64):
-            first, cache = G._prefill(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots, spec=spec)
-            hlo = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
-                                       n_new=n_new, eos=(), pad_id=0, phases=phases).compile().as_text()
-            out["batches"][str(b)]["hlo_while_bodies"] = _hlo_facts(hlo)
-            if args.dump_dir:
-                Path(args.dump_dir, f"decode_b{b}.hlo.txt").write_text(hlo)
-    if args.facts:
-        out["facts"] = _facts(gen, cfg, args)
-    if args.save_weights:
-        _save_weights(gen, cfg, args.save_weights)
-    return out
+        _write_json(args.result, res)
+        print(f"[{name}] b={b}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s; decode "
+              f"{row['decode_ms_per_step']:.3f} ms/step = {row['decode_tokens_per_s']:,.0f} tok/s ({len(dec)} runs; "
+              f"compile {compile_s:.1f} s; attention {traced['decode_attention']}, GEMVs {row['fused_decode']})",
+              flush=True)
+        del cache
+    return gen, out
 
 
 def _facts(gen: Any, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -230,6 +300,7 @@ def _facts(gen: Any, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
+
 def _save_weights(gen: Any, cfg: Any, path: str) -> None:
     """HF-named fp32 arrays of the model's weights (unfused names: read back from the fused matrices)."""
     import dataclasses
@@ -265,6 +336,7 @@ def _save_weights(gen: Any, cfg: Any, path: str) -> None:
     np.savez(path, **{k: np.ascontiguousarray(v) for k, v in t.items()})
     cfgd = dataclasses.asdict(cfg)
     Path(path + ".json").write_text(json.dumps(cfgd, default=str))
+
 
 
 # ------------------------------------------------------------------------------------------------- HF worker
@@ -339,27 +411,33 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
                   f"({len(full)} runs)", flush=True)
     return out
 
-
 # ----------------------------------------------------------------------------------------------- orchestrator
+
+
+def _worker_env(xla_flags: str = "", env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MAMBA_LLAMA_UNVERIFIED_KERNELS"] = "1"  # the benchmark measures the kernels whether or not test-gpu passed
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # the workers run this file as a script: let them import the project from this checkout
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.update(env_extra or {})
+    return env
 
 
 def _spawn(mode: str, args: argparse.Namespace, extra: list[str], xla_flags: str = "",
            timeout: float = 600, env_extra: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Runs a worker to completion (or its timeout / the deadline); returns whatever it had written."""
     timeout = max(10.0, min(timeout, args.deadline_at - time.time()))
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         res = f.name
     cmd = [sys.executable, __file__, "--worker", mode, "--result", res, "--new-tokens", str(args.new_tokens),
-           "--prompt-len", str(args.prompt_len)] + (["--tiny"] if args.tiny else []) + (["--teacher", args.teacher] if args.teacher else []) + extra
-    env = dict(os.environ)
-    env["MAMBA_LLAMA_UNVERIFIED_KERNELS"] = "1"  # the benchmark measures the kernels whether or not test-gpu has passed
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if "--variant" in extra and extra[extra.index("--variant") + 1].startswith("ref"):
-        env["MAMBA_LLAMA_FORCE_REFERENCE"] = "1"
-    env.update(env_extra or {})
+           "--prompt-len", str(args.prompt_len), "--deadline-at", str(time.time() + timeout)]
+    cmd += (["--tiny"] if args.tiny else []) + (["--teacher", args.teacher] if args.teacher else []) + extra
     t = time.perf_counter()
     try:
-        rc = subprocess.run(cmd, env=env, timeout=timeout).returncode
+        rc = subprocess.run(cmd, env=_worker_env(xla_flags, env_extra), timeout=timeout + 15).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     print(f"worker {mode} {' '.join(extra)} finished rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -368,8 +446,15 @@ def _spawn(mode: str, args: argparse.Namespace, extra: list[str], xla_flags: str
         return None
     out = json.loads(text)
     if rc != 0:
-        out["incomplete"] = f"worker ended with {rc}: only the batches listed were measured"
+        out["incomplete"] = f"worker ended with {rc}: only the rows listed were measured"
     return out
+
+
+def _variant_result(r: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    v = ((r or {}).get("variants") or {}).get(name)
+    if v is not None and r.get("incomplete"):
+        v = {**v, "incomplete": r["incomplete"]}
+    return v
 
 
 def _versions() -> dict[str, str]:
@@ -391,7 +476,6 @@ def _device() -> str:
     except (OSError, subprocess.SubprocessError):
         return "cpu (no nvidia-smi)"
 
-
 def orchestrate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     args.deadline_at = time.time() + args.deadline_s
@@ -401,10 +485,10 @@ def orchestrate(args: argparse.Namespace) -> None:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     if len(names) > 1:
         for name in names:
-            r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5",
-                                     "--max-seconds-per-batch", "10"], VARIANTS[name][0], timeout=240)
-            if r:
-                explore[name] = r
+            r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], VARIANTS[name][0],
+                       timeout=240)
+            if _variant_result(r, name):
+                explore[name] = _variant_result(r, name)
 
         def score(r: dict[str, Any]) -> float:  # distance to the two goals (0.5 ms at b=1, 0.85 ms at b=64)
             if set(r["batches"]) != {"1", "64"}:
@@ -415,10 +499,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         best = names[0]
     print(f"best variant: {best}", flush=True)
     weights = str(Path(tempfile.gettempdir()) / "bench_generate_weights.npz")
-    final = _spawn("jax", args, ["--variant", best, "--batches", ",".join(map(str, args.batches)), "--runs",
-                                 str(args.runs), "--max-seconds-per-batch", "30", "--hlo", "--facts",
-                                 "--dump-dir", str(out_dir)] + (["--save-weights", weights] if not args.no_hf else []),
-                   VARIANTS[best][0])
+    r = _spawn("jax", args, ["--variant", best, "--batches", ",".join(map(str, args.batches)), "--runs",
+                             str(args.runs), "--hlo", "--facts", "--dump-dir", str(out_dir)]
+               + (["--save-weights", weights] if not args.no_hf else []), VARIANTS[best][0])
+    final = _variant_result(r, best)
+    if final is not None and (r or {}).get("facts"):
+        final["facts"] = r["facts"]
     hf = None
     _report(args, out_dir, explore, best, final, None, started)
     if not args.no_hf and final is not None:
@@ -504,10 +590,13 @@ def render_md(r: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
-
 # ------------------------------------------------------------------------------------- hybrid decode worker
 
 HYBRID_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0)  # attention fraction; 1.0 = the teacher itself
+
+
+def _model_name(f: float) -> str:
+    return "teacher" if f == 1.0 else f"attn{f * 100:g}%"
 
 
 def _hybrid_models(args: argparse.Namespace) -> dict[str, Any]:
@@ -517,67 +606,80 @@ def _hybrid_models(args: argparse.Namespace) -> dict[str, Any]:
     from mamba_llama_jax.convert.from_attention import build_hybrid
 
     teacher = _jax_model(args.teacher, args.tiny)
-    models = {}
-    for f in args.fractions:
-        name = "teacher" if f == 1.0 else f"attn{f * 100:g}%"
-        models[name] = teacher if f == 1.0 else build_hybrid(teacher, HybridConfig(attn_fraction=f),
-                                                              rngs=nnx.Rngs(1))
-    return models
+    return {_model_name(f): teacher if f == 1.0 else build_hybrid(teacher, HybridConfig(attn_fraction=f),
+                                                                   rngs=nnx.Rngs(1))
+            for f in args.fractions}
 
 
-def _fill_cache(cache: Any, plen: int, seed: int) -> Any:
-    """A DecodeState as if a `plen`-token prompt had been prefilled: random K/V and Mamba states (never zeros:
-    they can time faster than real data), slots [0, plen) valid, next write at slot plen."""
+def _filled_cache(abstract: Any, plen: int, seed: int) -> Any:
+    """A DecodeState as if a `plen`-token prompt had been prefilled: every K/V and Mamba state entry a
+    deterministic pseudo-random value (never zeros: they can time faster than real data), slots [0, plen)
+    valid, the next write at slot plen. Built in one jit from shapes, elementwise: no temporaries beyond the
+    cache itself (256 x 4352 slots of K/V is 26 GB)."""
     import jax
     import jax.numpy as jnp
 
     from mamba_llama_jax.models.cache import DecodeState
 
+    leaves, tree = jax.tree.flatten(abstract.layers)
+    b, slots = abstract.valid.shape
+
     @jax.jit
-    def fill(cache: Any) -> Any:
-        leaves, tree = jax.tree.flatten(cache.layers)
-        keys = jax.random.split(jax.random.key(seed), max(1, len(leaves)))
-        new = [(jax.random.normal(k, a.shape, jnp.float32) * (0.1 if a.dtype == jnp.float32 else 1.0)).astype(a.dtype)
-               for k, a in zip(keys, leaves)]
-        b, slots = cache.valid.shape
+    def make() -> Any:
+        new = []
+        for i, a in enumerate(leaves):
+            ang = jnp.full(a.shape, 0.1 * (seed + i), jnp.float32)
+            for dim, c in enumerate((0.7548, 0.5698, 0.3247, 0.1735, 0.0934)[: len(a.shape)]):
+                ang = ang + jax.lax.broadcasted_iota(jnp.float32, a.shape, dim) * c
+            scale = 0.1 if a.dtype == jnp.float32 else 1.0  # fp32 = Mamba ssm states: keep them moderate
+            new.append((jnp.sin(ang * 12.9898) * scale).astype(a.dtype))
         valid = jnp.broadcast_to(jnp.arange(slots)[None] < plen, (b, slots))
         return DecodeState(jax.tree.unflatten(tree, new), jnp.int32(plen), valid, jnp.full((b,), plen, jnp.int32))
-    return fill(cache)
+    return make()
+
+
+def _load_result(path: str) -> dict[str, Any] | None:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    return json.loads(text) if text.strip() else None
 
 
 def worker_hybrid(args: argparse.Namespace) -> dict[str, Any]:
     """Decode tokens/s at a given context for the teacher and the hybrids, timing the on-device decode loop
     alone from a cache filled as if a prompt of `plen` tokens had been prefilled (prefill at 256 x 4096 would
-    not fit as one XLA attention call, and it is not what this table measures). Per (plen, batch) all models
-    are compiled in parallel threads first, then timed one after another."""
-    import concurrent.futures as cf
+    not fit as one XLA attention call, and it is not what this table measures). One model and shape at a time:
+    compile (ahead of time), fill the cache, time; the result file is rewritten before each compile (a
+    heartbeat the orchestrator watches) and after each row. Resumes from an existing result file, skipping rows
+    done or marked skipped there (the orchestrator restarts a killed worker this way)."""
+    import gc
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from mamba_llama_jax.inference import generate as G
-    from mamba_llama_jax.models.cache import DecodeState
     from pallas_kernels import dispatch
 
     deadline = args.stage_deadline_at
-    models = _hybrid_models(args)
-    gens = {n: G.Generator(m, window_block=128) for n, m in models.items()}
-    cfg = next(iter(models.values())).cfg
-    del models
+    out = _load_result(args.result) or {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "new_tokens": args.new_tokens, "models": {}, "rows": [],
+        "skipped": [], "workers": 0, "method": "decode loop only, from a cache filled with pseudo-random K/V and "
+                                               "Mamba states at the given context (prompt) length"}
+    out["workers"] += 1
+    out["current"] = None
+    done = {tuple(r["key"]) for r in out["rows"]} | {tuple(s["key"]) for s in out["skipped"]}
+    save = lambda: _write_json(args.result, out)
+    save()
+    gens = {n: G.Generator(m, window_block=128) for n, m in _hybrid_models(args).items()}
     n_new = args.new_tokens
-    sampling = G.SamplingConfig(max_new_tokens=n_new)
-    spec = G._spec(sampling, cfg.vocab_size)
-    out: dict[str, Any] = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "new_tokens": n_new, "models": {},
-                           "rows": [], "method": "decode loop only, from a cache filled with random K/V and Mamba "
-                                                 "states at the given context (prompt) length"}
     for n, g in gens.items():
         m = nnx.merge(g.graphdef, g.state)
         out["models"][n] = {"attn_layers": [i for i, l in enumerate(m.layers) if isinstance(l.mixer, G.FusedAttention)],
-                            "num_layers": len(m.layers), "decode_attention": g.decode_attention_impl(),
+                            "num_layers": len(m.layers),
                             "weight_bytes": sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(g.state))}
-    save = lambda: Path(args.result).write_text(json.dumps(out))
+        del m
+    save()
     dev = jax.devices()[0]
 
     def mem() -> int:
@@ -586,282 +688,451 @@ def worker_hybrid(args: argparse.Namespace) -> dict[str, Any]:
         except Exception:  # noqa: BLE001  (not every backend reports memory)
             return 0
 
+    sampling = G.SamplingConfig(max_new_tokens=n_new)
     for plen, b in args.grid:
-        if time.time() > deadline - 10:
-            out.setdefault("skipped", []).append(f"plen {plen} batch {b}: stage deadline")
-            continue
-        slots = G._round_up(plen + n_new, 128)
-        key, temp, top_p = gens["teacher" if "teacher" in gens else next(iter(gens))]._dyn(sampling)
-        first = jnp.zeros((b,), jnp.int32) + 7
-
-        def compile_one(name: str) -> tuple[str, Any, str, float]:
-            try:
-                return _compile_one(name)
-            except Exception as e:  # noqa: BLE001  (one model failing to compile must not lose the others)
-                print(f"[hybrid] {name} plen {plen} b {b}: compile failed: {e!r}"[:2000], flush=True)
-                return name, None, repr(e)[:2000], 0.0
-
-        def _compile_one(name: str) -> tuple[str, Any, str, float]:
-            g = gens[name]
-            t0 = time.perf_counter()
-            abstract = jax.eval_shape(lambda: nnx.merge(g.graphdef, g.state).init_cache(b, slots))
-            lowered = G._decode_loop.lower(g.graphdef, g.state, abstract, first, key, temp, top_p, spec=spec,
-                                           n_new=n_new, eos=(), pad_id=0, phases=g.phases(plen, n_new, slots))
-            comp = lowered.compile()
-            return name, comp, comp.as_text(), time.perf_counter() - t0
-
-        names = [n for n in gens]
-        with cf.ThreadPoolExecutor(max_workers=len(names)) as ex:
-            compiled = {n: (c, hlo, t) for n, c, hlo, t in ex.map(compile_one, names)}
-        for name in names:
-            if time.time() > deadline - 5:
-                out.setdefault("skipped", []).append(f"plen {plen} batch {b} {name}: stage deadline")
+        for name, g in gens.items():
+            key = (name, plen, b)
+            if key in done:
                 continue
-            g = gens[name]
-            comp, hlo, ctime = compiled[name]
-            if comp is None:
-                out.setdefault("skipped", []).append(f"plen {plen} batch {b} {name}: compile failed: {hlo[:300]}")
+            if time.time() > deadline - 8:
+                out["skipped"].append({"key": list(key), "why": "stage deadline"})
+                save()
                 continue
-            m0 = mem()
-            cache = _fill_cache(nnx.merge(g.graphdef, g.state).init_cache(b, slots), plen, seed=b + plen)
-            jax.block_until_ready(cache)
-            m1 = mem()
-            layer_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(cache.layers))
-            valid0 = cache.valid
-            runs = args.runs if b * plen < 256 * 4096 else args.runs_big
-            times = []
-            row_end = time.time() + args.max_seconds_per_batch
-            for r in range(runs + 1):  # the first call warms up
-                c_in = DecodeState(cache.layers, jnp.int32(plen), jnp.array(valid0), jnp.full((b,), plen, jnp.int32))
-                t0 = time.perf_counter()
-                toks, steps, cache_out = comp(g.state, c_in, first, key, temp, top_p)
-                jax.block_until_ready((toks, cache_out))
-                dt = time.perf_counter() - t0
-                cache = cache_out
-                if r:
-                    times.append(dt)
-                if r >= 3 and time.time() > deadline - 5:
-                    break
-                if r >= 5 and time.time() > row_end:  # long rows stop at >= 5 timed runs; the table says how many
-                    break
-            assert int(steps) == n_new, int(steps)
-            steps_run = n_new - 1
-            row = {"model": name, "prompt_len": plen, "batch": b, "slots": slots, "runs": len(times),
-                   "decode_ms_per_step": median(times) / steps_run * 1e3,
-                   "decode_ms_per_step_min": min(times) / steps_run * 1e3,
-                   "decode_tokens_per_s": b * steps_run / median(times),
-                   "cache_bytes_per_row": layer_bytes / b,
-                   "measured_device_bytes_per_row": (m1 - m0) / b if m1 > m0 else None,
-                   "compile_s": ctime, "decode_attention": g.decode_attention_impl(),
-                   "launching_ops_per_step": {k: v["launching_ops"] for k, v in _hlo_facts(hlo).items()}}
-            out["rows"].append(row)
+            out["current"] = {"key": list(key), "since": time.time()}
             save()
-            print(f"[hybrid] {name:>10} plen {plen:5d} b {b:3d}: {row['decode_ms_per_step']:.3f} ms/step = "
-                  f"{row['decode_tokens_per_s']:,.0f} tok/s; cache {row['cache_bytes_per_row'] / 1e6:.2f} MB/row "
-                  f"({len(times)} runs, compile {ctime:.0f} s, attention {row['decode_attention']}, ops/step "
-                  f"{row['launching_ops_per_step']})", flush=True)
-            del cache, cache_out
-        del compiled
+            if os.environ.get("BENCH_GENERATE_STALL_ON") == f"{name},{plen},{b}":  # smoke test of the watchdog
+                time.sleep(3600)
+            try:
+                row = _hybrid_row(g, name, plen, b, n_new, sampling, args, deadline, mem)
+                out["rows"].append(row)
+                print(f"[hybrid] {name:>10} ctx {plen:5d} b {b:3d}: {row['decode_ms_per_step']:.3f} ms/step = "
+                      f"{row['decode_tokens_per_s']:,.0f} tok/s; cache {row['cache_bytes_per_row'] / 1e6:.2f} "
+                      f"MB/row ({row['runs']} runs, compile {row['compile_s']:.1f} s, attention "
+                      f"{row['decode_attention']}, GEMVs {row['fused_decode']}, ops/step "
+                      f"{row['launching_ops_per_step']})", flush=True)
+            except Exception as e:  # noqa: BLE001  (one row failing, e.g. out of memory, must not lose the rest)
+                out["skipped"].append({"key": list(key), "why": f"failed: {e!r}"[:1500]})
+                print(f"[hybrid] {name} ctx {plen} b {b}: failed: {e!r}"[:1500], flush=True)
+            out["current"] = None
+            save()
+            gc.collect()
     out["decode_attention_traced"] = dispatch.last_choice("decode_attention")
     save()
     return out
 
 
+_FALLBACKS = ({FUSED_ENV: "0"}, {FORCE_REF: "1"})
+
+
+def _hybrid_row(g: Any, name: str, plen: int, b: int, n_new: int, sampling: Any, args: argparse.Namespace,
+                deadline: float, mem: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mamba_llama_jax.inference import generate as G
+    from mamba_llama_jax.models.cache import DecodeState
+    from pallas_kernels import dispatch
+
+    slots = G._round_up(plen + n_new, 128)
+    spec = G._spec(sampling, g.cfg.vocab_size)
+    key, temp, top_p = g._dyn(sampling)
+    first = jnp.zeros((b,), jnp.int32) + 7
+    abstract = jax.eval_shape(lambda: nnx.merge(g.graphdef, g.state).init_cache(b, slots))
+
+    def compile_loop() -> tuple[Any, float]:
+        dispatch.record_choice("decode_attention", "none")
+        dispatch.record_choice("fused_decode", "none")
+        t0 = time.perf_counter()
+        comp = G._decode_loop.lower(g.graphdef, g.state, abstract, first, key, temp, top_p, spec=spec, n_new=n_new,
+                                    eos=(), pad_id=0, phases=g.phases(plen, n_new, slots)).compile()
+        return comp, time.perf_counter() - t0
+
+    # A kernel that does not compile: the fused GEMVs off, then every kernel off; the step that worked stays
+    # in force for the rest of the worker (set in os.environ), and the row says so.
+    fallback = None
+    while True:
+        try:
+            comp, ctime = compile_loop()
+            break
+        except Exception as e:  # noqa: BLE001
+            nxt = next((env for env in _FALLBACKS if any(os.environ.get(k) != v for k, v in env.items())), None)
+            if nxt is None:
+                raise
+            fallback = f"{nxt} after: {e!r}"[:1000]
+            print(f"[hybrid] {name} ctx {plen} b {b}: compile failed, retrying with {nxt}: {e!r}"[:1500], flush=True)
+            os.environ.update(nxt)
+            jax.clear_caches()
+    # what the trace chose; a trace reused from jit's cache records nothing: then what the Generator predicts
+    impl = {"decode_attention": dispatch.last_choice("decode_attention"),
+            "fused_decode": dispatch.last_choice("fused_decode")}
+    if impl["decode_attention"] == "none" and g.has_attention:
+        impl["decode_attention"] = g.decode_attention_impl()
+    if impl["fused_decode"] == "none":
+        impl["fused_decode"] = g.fused_decode_impl(b)
+    ops = {k: v["launching_ops"] for k, v in _hlo_facts(comp.as_text()).items()}
+    m0 = mem()
+    cache = _filled_cache(abstract, plen, seed=b + plen)
+    jax.block_until_ready(cache)
+    m1 = mem()
+    layer_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(cache.layers))
+    valid0 = cache.valid
+    times: list[float] = []
+    row_end = time.time() + args.max_seconds_per_row
+    for r in range(args.runs + 1):  # the first call warms up
+        c_in = DecodeState(cache.layers, jnp.int32(plen), jnp.array(valid0), jnp.full((b,), plen, jnp.int32))
+        t0 = time.perf_counter()
+        toks, steps, cache = comp(g.state, c_in, first, key, temp, top_p)
+        jax.block_until_ready((toks, cache))
+        dt = time.perf_counter() - t0
+        if r:
+            times.append(dt)
+        if r >= args.min_runs and time.time() > row_end:  # long rows stop early; the table says how many
+            break
+        if r >= 2 and time.time() > deadline - 3:
+            break
+    assert int(steps) == n_new, int(steps)
+    steps_run = n_new - 1
+    row = {"key": [name, plen, b], "model": name, "prompt_len": plen, "batch": b, "slots": slots,
+           "runs": len(times), "decode_ms_per_step": median(times) / steps_run * 1e3,
+           "decode_ms_per_step_min": min(times) / steps_run * 1e3,
+           "decode_tokens_per_s": b * steps_run / median(times), "cache_bytes_per_row": layer_bytes / b,
+           "measured_device_bytes_per_row": (m1 - m0) / b if m1 > m0 else None, "compile_s": ctime,
+           **impl, "launching_ops_per_step": ops}
+    if fallback:
+        row["fallback"] = fallback
+    del cache, c_in, valid0, comp
+    return row
+
+
+# ------------------------------------------------------------------------------------------- device suite
+
+GPU_TESTS = ("tests/pallas/test_decode_attention.py", "tests/pallas/test_fused_decode.py")
+
+
+def _report_head(args: argparse.Namespace, what: str) -> dict[str, Any]:
+    return {"what": what, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": _device(), "versions": _versions(),
+            "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
+            "config": {"model": "random weights, SmolLM2-135M shape" + (" (tiny)" if args.tiny else ""),
+                       "dtype": "bfloat16", "eos": "ignored (fixed decode length)"},
+            "stages": {}}
+
+
+def _gpu_tests(args: argparse.Namespace, out_dir: Path, t_end: float) -> dict[str, Any]:
+    """The kernels' compiled tests. tests/conftest.py defaults JAX_PLATFORMS to cpu: without JAX_PLATFORMS=cuda
+    every gpu test would skip (seen 2026-11-23), and all-skipped is not a pass."""
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+           f"--junitxml={out_dir / 'test-gpu.xml'}", *GPU_TESTS]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(20, min(args.test_timeout_s,
+                                                                                   t_end - time.time())),
+                           env={**os.environ, "JAX_PLATFORMS": "cuda"})
+        tail = (r.stdout + r.stderr)[-4000:]
+        rc: Any = r.returncode
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))[-4000:]
+        rc = "timeout"
+    failed = sorted({f for f in GPU_TESTS if re.search(rf"(FAILED|ERROR) {re.escape(f)}", tail)})
+    summary = (tail.strip().splitlines() or [""])[-1]
+    ok = rc == 0 and " passed" in summary and not failed
+    return {"rc": rc, "passed": ok, "failed_files": failed, "summary": summary, "tail": tail,
+            "s": time.perf_counter() - t}
+
+
+def _kernel_env_after_tests(tests: dict[str, Any] | None) -> tuple[dict[str, str], str]:
+    """Which kernels the measurements may use: a kernel whose compiled test failed is turned off (measured on
+    its reference rather than not at all); no test result (tiny run, timeout) changes nothing."""
+    if not tests or tests.get("rc") in ("timeout", None):
+        return {}, "kernels as dispatched (no test verdict)"
+    failed = tests.get("failed_files") or []
+    if any("decode_attention" in f for f in failed):
+        return {FORCE_REF: "1"}, "every kernel off: test_decode_attention failed on the GPU"
+    if any("fused_decode" in f for f in failed):
+        return {FUSED_ENV: "0"}, "fused GEMVs off: test_fused_decode failed on the GPU"
+    return {}, "kernels as dispatched"
+
+
+def _hybrid_stage(args: argparse.Namespace, deadline: float, env_extra: dict[str, str],
+                  progress: Any) -> dict[str, Any] | None:
+    """Runs the hybrid worker under a watchdog: a worker that rewrites nothing for `stall_s` is killed, its
+    current row marked stalled, and a new worker resumes after it; a worker that dies is restarted the same way;
+    at the deadline the worker is killed and what it wrote is the table."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        res = f.name
+    cmd = [sys.executable, __file__, "--worker", "hybrid", "--result", res, "--new-tokens", str(args.table_new_tokens),
+           "--grid", ";".join(f"{p},{b}" for p, b in args.grid), "--runs", str(args.table_runs), "--min-runs",
+           str(args.table_min_runs), "--stage-deadline-at", str(deadline), "--max-seconds-per-row",
+           str(args.max_seconds_per_row), "--fractions", ",".join(map(str, args.fractions))]
+    cmd += (["--tiny"] if args.tiny else []) + (["--teacher", args.teacher] if args.teacher else [])
+    events = []
+    for attempt in range(args.max_restarts + 1):
+        if time.time() > deadline - 15:
+            break
+        proc = subprocess.Popen(cmd, env=_worker_env(CMDBUF, env_extra))
+        last = time.time()
+        why = None
+        while proc.poll() is None:
+            time.sleep(1.0)
+            try:
+                last = max(last, os.path.getmtime(res))
+            except OSError:
+                pass
+            if time.time() - last > args.stall_s:
+                why = f"stalled: nothing reported for {args.stall_s:.0f} s, worker killed"
+            elif time.time() > deadline + 10:
+                why = "stage deadline: worker killed"
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+            progress(_load_result(res))
+        out = _load_result(res) or {}
+        rc = proc.returncode
+        events.append({"attempt": attempt, "rc": rc, "why": why})
+        print(f"hybrid worker attempt {attempt}: rc={rc} {why or ''}", flush=True)
+        if rc == 0 or (why or "").startswith("stage deadline"):
+            break
+        cur = out.get("current")
+        if cur:  # the row it was on: stalled or crashed there; the next worker starts after it
+            out["skipped"].append({"key": cur["key"], "why": why or f"worker died (rc {rc}) on this row"})
+            out["current"] = None
+            _write_json(res, out)
+        elif not out:
+            break  # died before writing anything: a restart would do the same
+    out = _load_result(res)
+    if out is not None:
+        out["watchdog"] = events
+    return out
+
+
 def orchestrate_device(args: argparse.Namespace) -> None:
-    """The one device call: (1) the kernel's compiled GPU test, (2) the teacher, old path (XLA reference
-    attention) vs new (Pallas kernel), b = 1 and 64, (3) the hybrid table, (4) XLA flag experiments if time is
-    left. Each stage has a deadline; results are written after every stage (json + md) under --out."""
+    """The one device call: (1) gpu tests of the decode kernels, (2) the hybrid table, (3) decode-path
+    variants of the teacher. Stage deadlines come from one overall deadline; both result files are rewritten
+    whenever something new is known."""
     started = time.perf_counter()
     t_end = time.time() + args.deadline_s
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(), "versions": _versions(),
-        "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
-        "config": {"model": "random weights, SmolLM2-135M shape" + (" (tiny)" if args.tiny else ""),
-                   "dtype": "bfloat16", "new_tokens": args.new_tokens, "eos": "ignored (fixed decode length)",
-                   "hybrid_grid": args.grid, "runs": args.runs, "runs_big": args.runs_big},
-        "stages": {}}
+    hyb = _report_head(args, "hybrid table")
+    hyb["config"].update(new_tokens=args.table_new_tokens, grid=args.grid, runs=args.table_runs,
+                         min_runs=args.table_min_runs, max_seconds_per_row=args.max_seconds_per_row)
+    var = _report_head(args, "decode-path variants")
+    var["config"].update(prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
+                         batches=args.variant_batches)
 
     def write() -> None:
-        rep["wall_s"] = time.perf_counter() - started
-        (out_dir / "generate_hybrid.json").write_text(json.dumps(rep, indent=1))
-        (out_dir / "generate_hybrid.md").write_text(render_hybrid_md(rep))
+        for rep, stem, render in ((hyb, "generate_hybrid", render_hybrid_md), (var, "generate_variants",
+                                                                               render_variants_md)):
+            rep["wall_s"] = time.perf_counter() - started
+            _write_json(out_dir / f"{stem}.json", rep)
+            (out_dir / f"{stem}.md").write_text(render(rep))
 
-    # 1. compiled kernel test
-    if not args.tiny:
-        t = time.perf_counter()
-        try:
-            # tests/conftest.py defaults JAX_PLATFORMS to cpu: without this the gpu tests skip (seen 2026-11-23)
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                "tests/pallas/test_decode_attention.py"], capture_output=True, text=True,
-                               timeout=min(120, t_end - time.time()), env={**os.environ, "JAX_PLATFORMS": "cuda"})
-            tail = (r.stdout + r.stderr)[-3000:]
-            # all skipped is not a pass: the hybrid stage then falls back to the reference too
-            rc = r.returncode if " passed" in tail else f"{r.returncode} (nothing passed)"
-            rep["stages"]["gpu_test"] = {"rc": rc, "tail": tail, "s": time.perf_counter() - t}
-        except subprocess.TimeoutExpired:
-            rep["stages"]["gpu_test"] = {"rc": "timeout", "s": time.perf_counter() - t}
-        print("gpu test:", rep["stages"]["gpu_test"].get("rc"), rep["stages"]["gpu_test"].get("tail", "")[-600:],
-              flush=True)
+    # 1. compiled kernel tests
+    tests = None
+    if not args.tiny and not args.skip_tests:
+        tests = _gpu_tests(args, out_dir, t_end)
+        hyb["stages"]["gpu_tests"] = var["stages"]["gpu_tests"] = tests
+        print(f"gpu tests: rc {tests['rc']}, {tests['summary']}; failed files {tests['failed_files']}", flush=True)
         write()
-    # 2. teacher: old path vs new path
-    args.deadline_at = t_end
-    budget = args.deadline_s
-    teacher = {}
-    for name, share in (("ref+cmdbuf_while", 0.14), ("fused+cmdbuf_while", 0.14)):
-        args.deadline_at = min(t_end, time.time() + share * budget)
-        r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", str(args.runs),
-                                 "--max-seconds-per-batch", "20", "--hlo"], VARIANTS[name][0],
-                   timeout=share * budget)
-        teacher[name] = r
-        rep["stages"]["teacher_paths"] = teacher
-        write()
-    # 3. hybrid table
-    args.deadline_at = t_end
-    hyb_deadline = t_end - args.flags_reserve_s
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        res = f.name
-    env = dict(os.environ)
-    env["MAMBA_LLAMA_UNVERIFIED_KERNELS"] = "1"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CMDBUF).strip()
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if (rep["stages"].get("gpu_test") or {}).get("rc", 0) != 0:
-        # the compiled kernel did not pass: measure the hybrids on the reference rather than not at all
-        env["MAMBA_LLAMA_FORCE_REFERENCE"] = "1"
-        rep["config"]["hybrid_forced_reference"] = True
-    cmd = [sys.executable, __file__, "--worker", "hybrid", "--result", res, "--new-tokens", str(args.new_tokens),
-           "--grid", ";".join(f"{p},{b}" for p, b in args.grid), "--runs", str(args.runs), "--runs-big",
-           str(args.runs_big), "--stage-deadline-at", str(hyb_deadline), "--max-seconds-per-batch",
-           str(args.max_seconds_per_batch),
-           "--fractions", ",".join(map(str, args.fractions))] + (["--tiny"] if args.tiny else [])
+    env_extra, kernels_note = _kernel_env_after_tests(tests)
+    hyb["config"]["kernels"] = kernels_note
+    var["config"]["kernels"] = "as each variant names them" + (f" (while for the hybrid table: {kernels_note})"
+                                                                 if env_extra else "")
+    # 2. hybrid table
+    hyb_deadline = min(time.time() + args.hybrid_budget_s, t_end - args.variants_reserve_s)
+
+    def progress(partial: dict[str, Any] | None) -> None:
+        if partial and len(partial.get("rows", [])) != len((hyb["stages"].get("hybrid") or {}).get("rows", [])):
+            hyb["stages"]["hybrid"] = partial
+            write()
+
     t = time.perf_counter()
-    try:
-        rc = subprocess.run(cmd, env=env, timeout=max(10, hyb_deadline - time.time() + 20)).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    text = Path(res).read_text() if Path(res).exists() else ""
-    rep["stages"]["hybrid"] = json.loads(text) if text else None
-    if rep["stages"]["hybrid"] is not None and rc != 0:
-        rep["stages"]["hybrid"]["incomplete"] = f"worker ended with {rc}"
-    print(f"hybrid worker rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
+    hyb["stages"]["hybrid"] = _hybrid_stage(args, hyb_deadline, env_extra, progress)
+    hyb["stages"]["hybrid_s"] = time.perf_counter() - t
     write()
-    # 4. XLA flag experiments (split-K off; cuBLAS instead of Triton GEMMs), only with time left
-    flags = {}
-    for name in ("fused+cmdbuf+splitk1", "fused+cmdbuf+no_triton_gemm"):
+    # 3. variants: those sharing XLA flags share a worker (kernel choices are per trace, flags per process)
+    groups: dict[str, list[str]] = {}
+    names = list(args.device_variants)
+    if env_extra and "fused" in names:  # its kernels failed their test: last in its worker, so a crash loses less
+        names = [n for n in names if n != "fused"] + ["fused"]
+    for name in names:
+        groups.setdefault(VARIANTS[name][0], []).append(name)
+    args.deadline_at = t_end
+    var["stages"]["variants"] = {}
+    for flags, names in groups.items():
         left = t_end - time.time()
-        if left < 45:
-            flags[name] = {"skipped": f"only {left:.0f} s left"}
+        if left < 25:
+            for n in names:
+                var["stages"]["variants"][n] = {"skipped": f"only {left:.0f} s left"}
             continue
-        args.deadline_at = t_end
-        flags[name] = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "10",
-                                           "--max-seconds-per-batch", "8", "--hlo"], VARIANTS[name][0],
-                             timeout=left / 2 if name.endswith("splitk1") else left - 5)
-        rep["stages"]["xla_flags"] = flags
+        # no env_extra: each variant names its own kernels (a failed test shows in the table's header)
+        r = _spawn("jax", args, ["--variant", ",".join(names), "--batches", ",".join(map(str, args.variant_batches)),
+                                 "--runs", str(args.runs), "--hlo", "--dump-dir", str(out_dir)], flags,
+                   timeout=left - 5)
+        for n in names:
+            var["stages"]["variants"][n] = _variant_result(r, n) or {"skipped": "worker wrote nothing"}
         write()
-    rep["stages"]["xla_flags"] = flags
     write()
-    print(render_hybrid_md(rep), flush=True)
+    print(render_hybrid_md(hyb), flush=True)
+    print(render_variants_md(var), flush=True)
 
 
 def _fmt_ops(d: dict[str, int] | None) -> str:
     return "/".join(str(v) for v in (d or {}).values()) or "-"
 
 
-def render_hybrid_md(r: dict[str, Any]) -> str:
-    L = [f"# Decode: teacher vs hybrids ({r['date']})", "",
+def _header_md(r: dict[str, Any], title: str) -> list[str]:
+    L = [f"# {title} ({r['date']})", "",
          f"Device: {r['device']}. Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
-         f"Model: {r['config']['model']}, bf16; {r['config']['new_tokens']} new tokens (EOS ignored). "
-         f"Command: `{r['command']}`. Wall {r.get('wall_s', 0):.0f} s.", ""]
-    st = r["stages"]
-    g = st.get("gpu_test")
+         f"Model: {r['config']['model']}, bf16. Command: `{r['command']}`. Wall {r.get('wall_s', 0):.0f} s. "
+         f"Kernels: {r['config'].get('kernels', '-')}.", ""]
+    g = r["stages"].get("gpu_tests")
     if g:
-        last = (g.get("tail") or "").strip().splitlines()[-1:] or [""]
-        L += [f"**Kernel test on the GPU** (compiled Triton vs the XLA reference, "
-              f"`pytest -m gpu tests/pallas/test_decode_attention.py`): rc {g['rc']}, `{last[0]}`.", ""]
-    tp = st.get("teacher_paths") or {}
-    if tp:
-        L += ["## Teacher, prompt 128: old path (XLA reference attention) vs new (Pallas decode attention)", "",
-              "| variant | decode attention | batch | prefill tok/s | decode ms/step | decode tok/s | runs | "
-              "launching ops / step (per while body) |", "|---|---|---|---|---|---|---|---|"]
-        for name, v in list(tp.items()) + list((st.get("xla_flags") or {}).items()):
-            if not v or "batches" not in v:
-                L.append(f"| {name} | - | - | - | - | - | - | {'skipped' if v else 'failed'} |")
-                continue
-            for b, row in v["batches"].items():
-                ops = {k: x["launching_ops"] for k, x in (row.get("hlo_while_bodies") or {}).items()}
-                L.append(f"| {name} | {row.get('decode_attention_traced') or v.get('decode_attention')} | {b} | "
-                         f"{row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.3f} | "
-                         f"{row['decode_tokens_per_s']:,.0f} | {row['runs']} | {_fmt_ops(ops)} |")
-        L.append("")
-    h = st.get("hybrid")
-    if h:
-        L += ["## Teacher vs hybrids: decode at a given context", "",
-              f"Method: {h['method']}; medians (runs per row in the table). Cache bytes per row are computed from "
-              "the allocated cache pytree (K/V of attention layers for all slots; conv + ssm states of Mamba "
-              "layers); 'measured' is the device allocator's bytes_in_use delta after allocating and filling it.", ""]
-        if h.get("incomplete"):
-            L += [f"**Incomplete**: {h['incomplete']}.", ""]
-        L += ["| model | attention layers | context | batch | decode ms/step | decode tok/s | x teacher | "
-              "cache MB/row | measured MB/row | ops/step | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base = {(x["prompt_len"], x["batch"]): x for x in h["rows"] if x["model"] == "teacher"}
-        for x in sorted(h["rows"], key=lambda x: (x["prompt_len"], x["batch"])):
-            mdl = h["models"][x["model"]]
-            t = base.get((x["prompt_len"], x["batch"]))
-            ratio = f"{x['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}" if t else "-"
-            meas = x.get("measured_device_bytes_per_row")
-            L.append(f"| {x['model']} | {len(mdl['attn_layers'])}/{mdl['num_layers']} | {x['prompt_len']} | "
-                     f"{x['batch']} | {x['decode_ms_per_step']:.3f} | {x['decode_tokens_per_s']:,.0f} | {ratio} | "
-                     f"{x['cache_bytes_per_row'] / 1e6:.2f} | {meas / 1e6 if meas else float('nan'):.2f} | "
-                     f"{_fmt_ops(x['launching_ops_per_step'])} | {x['runs']} |")
-        for s in h.get("skipped", []):
-            L.append(f"- not run: {s}")
-        L.append("")
+        verdict = "passed" if g["passed"] else f"NOT passed (failed: {', '.join(g['failed_files']) or '-'})"
+        L += [f"**Kernel tests on the GPU** (`pytest -m gpu {' '.join(GPU_TESTS)}`, compiled Triton vs the "
+              f"pure-JAX references): {verdict}; rc {g['rc']}, `{g['summary']}`.", ""]
+    return L
+
+
+def render_hybrid_md(r: dict[str, Any]) -> str:
+    L = _header_md(r, "Decode: teacher vs hybrids")
+    h = r["stages"].get("hybrid")
+    if not h:
+        return "\n".join(L + ["Hybrid table: no rows (the stage has not run or its worker wrote nothing).", ""])
+    c = r["config"]
+    L += [f"Method: {h['method']}; {c['new_tokens']} new tokens per run, median over the runs in the table (up to "
+          f"{c['runs']}, at least {c['min_runs']}, fewer where a row would pass {c['max_seconds_per_row']} s). "
+          "Cache MB per sequence: the allocated decode state per row (attention layers' K/V for every slot, Mamba "
+          "layers' conv + fp32 ssm state); 'measured' is the device allocator's bytes_in_use delta after "
+          "allocating and filling it. Ops/step: launching ops per decode step in the optimised HLO's while body. "
+          "Attention / GEMVs: the implementations traced (pallas_triton = the Pallas kernels).", ""]
+    L += ["| model | attention layers | context | batch | decode ms/step | decode tok/s | x teacher | "
+          "cache MB/seq | measured MB/seq | attention / GEMVs | ops/step | runs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(x["prompt_len"], x["batch"]): x for x in h["rows"] if x["model"] == "teacher"}
+    order = list(h["models"])
+    for x in sorted(h["rows"], key=lambda x: (x["prompt_len"], x["batch"], order.index(x["model"]))):
+        mdl = h["models"][x["model"]]
+        t = base.get((x["prompt_len"], x["batch"]))
+        ratio = f"{x['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}" if t else "-"
+        meas = x.get("measured_device_bytes_per_row")
+        impl = f"{x.get('decode_attention')} / {x.get('fused_decode')}" + (" (fallback)" if x.get("fallback") else "")
+        L.append(f"| {x['model']} | {len(mdl['attn_layers'])}/{mdl['num_layers']} | {x['prompt_len']} | "
+                 f"{x['batch']} | {x['decode_ms_per_step']:.3f} | {x['decode_tokens_per_s']:,.0f} | {ratio} | "
+                 f"{x['cache_bytes_per_row'] / 1e6:.2f} | {meas / 1e6 if meas else float('nan'):.2f} | {impl} | "
+                 f"{_fmt_ops(x['launching_ops_per_step'])} | {x['runs']} |")
+    L.append("")
+    for s in h.get("skipped", []):
+        L.append(f"- not measured: {s['key'][0]} ctx {s['key'][1]} batch {s['key'][2]}: {s['why']}")
+    for e in h.get("watchdog", []):
+        if e.get("why") or e.get("rc") not in (0, None):
+            L.append(f"- worker attempt {e['attempt']}: rc {e['rc']}, {e.get('why') or 'ended'}")
+    missing = [(p, b) for p, b in c["grid"] if not any(x["prompt_len"] == p and x["batch"] == b for x in h["rows"])]
+    if missing:
+        L.append(f"- cells with no row at all: {missing}")
+    L.append("")
     return "\n".join(L)
+
+
+def render_variants_md(r: dict[str, Any]) -> str:
+    L = _header_md(r, "Decode-path variants of the teacher")
+    v = r["stages"].get("variants")
+    if not v:
+        return "\n".join(L + ["Variants: not run yet.", ""])
+    c = r["config"]
+    L += [f"Prompt {c['prompt_len']}, {c['new_tokens']} new tokens, EOS ignored; medians of {c['runs']} runs (fewer "
+          "where stated). Variants: `ref` = XLA attention and GEMMs (the old path), `attn` = the Pallas decode "
+          "attention with XLA's GEMMs, `fused` = decode attention + the fused GEMVs (norm + q·k·v, o + residual, "
+          "norm + gate·up + SiLU·mul, down + residual); `+flag` = an XLA flag on top. Every variant runs with "
+          f"`{CMDBUF}`. Ops/step: launching ops per decode step in the optimised HLO's while body; tokens: the "
+          "first 16 greedy tokens of row 0 compared with `ref`'s.", "",
+          "| variant | XLA flags beyond cmdbuf | attention | GEMVs | batch | prefill tok/s | decode ms/step | "
+          "decode tok/s | runs | compile s | ops/step | tokens = ref |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = (v.get("ref") or {}).get("batches", {})
+    for name, x in v.items():
+        if "batches" not in x or not x["batches"]:
+            L.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | {x.get('skipped') or x.get('error', 'failed')[:200]} |")
+            continue
+        flags = x["xla_flags"].replace(CMDBUF, "").strip() or "-"
+        for b, row in x["batches"].items():
+            ops = {k: y["launching_ops"] for k, y in (row.get("hlo_while_bodies") or {}).items()}
+            rt = ref.get(b, {}).get("first_tokens_row0")
+            same = "-" if rt is None or name == "ref" else ("yes" if rt == row["first_tokens_row0"] else
+                                                             f"first {next((i for i, (p, q) in enumerate(zip(rt, row['first_tokens_row0'])) if p != q), 16)}")
+            L.append(f"| {name} | {flags} | {row.get('decode_attention_traced')} | {row.get('fused_decode_traced')} | "
+                     f"{b} | {row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.3f} | "
+                     f"{row['decode_tokens_per_s']:,.0f} | {row['runs']} | {row['compile_s']:.1f} | {_fmt_ops(ops)} | "
+                     f"{same} |")
+        if x.get("incomplete") or x.get("skipped"):
+            L.append(f"| {name} | | | | | | | | | | | {x.get('incomplete') or ''} {x.get('skipped') or ''} |")
+    L.append("")
+    return "\n".join(L)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="a GGUF file or HF directory instead of random weights")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--suite", choices=("teacher", "device"), default="teacher",
+                    help="teacher: the issue-3 table (+HF); device: kernel tests, hybrid table, decode-path variants")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model: smoke-tests this script on a CPU")
+    ap.add_argument("--batches", default="1,16,64,256", help="teacher suite: batches of the final table")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=21, help="timed runs per JAX row (the median is reported)")
     ap.add_argument("--hf-runs", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=560, help="whole-run budget; later stages get what is left")
-    ap.add_argument("--variants", default="", help="comma-separated subset of " + ",".join(VARIANTS))
-    # worker options
-    ap.add_argument("--tiny", action="store_true", help="a tiny model: smoke-tests this script on a CPU")
-    ap.add_argument("--suite", choices=("teacher", "device"), default="teacher",
-                    help="teacher: the issue-3 table (+HF); device: kernel test, old vs new path, hybrid table")
+    ap.add_argument("--variants", default="", help="teacher suite: comma-separated subset of " + ",".join(VARIANTS))
+    # device suite
+    ap.add_argument("--device-variants", default=",".join(DEVICE_VARIANTS))
+    ap.add_argument("--variant-batches", default="1,64")
     ap.add_argument("--grid", default="128,1;4096,1;128,64;4096,64;128,256;4096,256",
-                    help="hybrid table: 'prompt,batch' pairs, in the order they are run")
+                    help="hybrid table: 'context,batch' pairs, in the order they are run")
     ap.add_argument("--fractions", default=",".join(map(str, HYBRID_FRACTIONS)))
-    ap.add_argument("--runs-big", type=int, default=5, help="runs for batch x context >= 256 x 4096")
-    ap.add_argument("--flags-reserve-s", type=float, default=100, help="device suite: time kept for stage 4")
-    ap.add_argument("--stage-deadline-at", type=float, default=float("inf"))
+    ap.add_argument("--table-new-tokens", type=int, default=128, help="hybrid table: decode steps per run")
+    ap.add_argument("--table-runs", type=int, default=10)
+    ap.add_argument("--table-min-runs", type=int, default=3)
+    ap.add_argument("--max-seconds-per-row", type=float, default=3.0, help="hybrid table: timed runs stop after")
+    ap.add_argument("--hybrid-budget-s", type=float, default=270)
+    ap.add_argument("--variants-reserve-s", type=float, default=150, help="device suite: kept for the variants")
+    ap.add_argument("--test-timeout-s", type=float, default=150)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--stall-s", type=float, default=90, help="hybrid worker silent this long: killed, row skipped")
+    ap.add_argument("--max-restarts", type=int, default=3)
+    # worker options
     ap.add_argument("--worker", choices=("jax", "hf", "hybrid"), default=None)
     ap.add_argument("--result", default=None)
     ap.add_argument("--variant", default="fused")
-    ap.add_argument("--max-seconds-per-batch", type=float, default=30)
+    ap.add_argument("--deadline-at", type=float, default=float("inf"))
+    ap.add_argument("--stage-deadline-at", type=float, default=float("inf"))
+    ap.add_argument("--min-runs", type=int, default=3)
+    ap.add_argument("--max-seconds-per-batch", type=float, default=40, help="HF worker: runs stop after")
     ap.add_argument("--hlo", action="store_true")
     ap.add_argument("--facts", action="store_true")
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--save-weights", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.variant_batches = [int(b) for b in args.variant_batches.split(",")]
+    args.device_variants = [v for v in args.device_variants.split(",") if v]
     args.grid = [tuple(int(v) for v in pb.split(",")) for pb in args.grid.split(";") if pb]
     args.fractions = [float(f) for f in args.fractions.split(",")]
-    if args.tiny and args.worker is None:  # tiny model: a smoke test of the whole script on a CPU
+    if args.tiny and args.worker is None:  # a CPU smoke test: short contexts, small batches, few runs
         args.grid = list(dict.fromkeys((64 if p > 128 else 16, min(b, 4)) for p, b in args.grid))
+        args.prompt_len = min(args.prompt_len, 16)
+        args.new_tokens = min(args.new_tokens, 16)
+        args.table_new_tokens = min(args.table_new_tokens, 16)
+        args.variant_batches = [min(b, 4) for b in args.variant_batches]
+        args.runs = min(args.runs, 3)
     if args.worker == "hybrid":
-        Path(args.result).write_text(json.dumps(worker_hybrid(args)))
+        worker_hybrid(args)
     elif args.worker == "jax":
-        Path(args.result).write_text(json.dumps(worker_jax(args)))
+        worker_jax(args)
     elif args.worker == "hf":
-        Path(args.result).write_text(json.dumps(worker_hf(args)))
+        _write_json(args.result, worker_hf(args))
     elif args.suite == "device":
         orchestrate_device(args)
     else:

@@ -75,11 +75,14 @@ class Scale:
     chat_prompts: int
     corpus_prompts: int
     corpus_new_tokens: int
+    corpus_samples: int
     dtype: str
 
 
-DEVICE = Scale(None, SEQ_LEN, 16, TOKEN_BUDGET, SEQ_LEN, (1, 4, 8), 65536, 32, 4096, 256, "bfloat16")
-TINY = Scale(str(ROOT / "tests" / "fixtures" / "tiny_llama"), 64, 4, 64 * 4 * 12, 256, (1, 2), 512, 2, 16, 12,
+# Device corpus: every offline prompt (9,600) answered twice (two sampling seeds), ~4-5 M tokens: a quarter of a
+# hybrid's 20 M-token budget, so each answer is seen about four times in all.
+DEVICE = Scale(None, SEQ_LEN, 16, TOKEN_BUDGET, SEQ_LEN, (1, 4, 8), 65536, 32, 9600, 256, 2, "bfloat16")
+TINY = Scale(str(ROOT / "tests" / "fixtures" / "tiny_llama"), 64, 4, 64 * 4 * 12, 256, (1, 2), 512, 2, 16, 12, 2,
              "float32")
 
 
@@ -105,18 +108,32 @@ def _layout(spec: Any, num_layers: int) -> Any:
 # --------------------------------------------------------------------------------------------------- corpus
 
 
-def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0) -> dict[str, Any]:
-    """Teacher answers to the offline prompts (training) and the held-out families (eval), as uint16 npz."""
+def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0,
+                 deadline_s: float | None = None) -> dict[str, Any]:
+    """Teacher answers to the offline prompts (training: `train-<sample>.npz`, one file per sampling seed) and to
+    the held-out families (eval: `heldout.npz`), as uint16 npz of at most 16 MiB each. Files already there are
+    kept (a cut-short call resumes); training samples past `deadline_s` are left for a later call."""
     from mamba_llama_jax.data import sources
 
     out.mkdir(parents=True, exist_ok=True)
-    info = {}
-    n_train = min(scale.corpus_prompts, len(sources.TEMPLATES) * len(sources.TOPICS))
-    for name, prompts in (("train", sources.offline_prompts(n_train, seed)),
-                          ("heldout", sources.heldout_prompts(min(60, scale.corpus_prompts), seed))):
+    t0 = time.perf_counter()
+    n_train = min(scale.corpus_prompts, sources.offline_prompt_count())
+    jobs = [("heldout", sources.heldout_prompts(min(60, scale.corpus_prompts), seed), seed)]
+    jobs += [(f"train-{k}", sources.offline_prompts(n_train, seed), seed + 1000 * k)
+             for k in range(scale.corpus_samples)]
+    info: dict[str, Any] = {}
+    for name, prompts, sample_seed in jobs:
+        path = out / f"{name}.npz"
+        if path.exists():
+            info[name] = {"kept": True, "bytes": path.stat().st_size}
+            continue
+        if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+            info[name] = {"skipped": "deadline"}
+            continue
+        t1 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             sources.generate_offline(model, tok, tmp, prompts=prompts, max_new_tokens=scale.corpus_new_tokens,
-                                     batch_size=64 if scale is DEVICE else 8, seed=seed)
+                                     batch_size=256 if scale is DEVICE else 8, seed=sample_seed)
             table = sources.load_table(tmp)
             toks = [list(r) for r in table["tokens"]]
             plens = [len(r) for r in table["prompt_ids"]]
@@ -124,12 +141,25 @@ def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0) -
             raise SystemExit("vocabulary too large for uint16 ids")
         flat = np.concatenate([np.asarray(t, np.uint16) for t in toks])
         offsets = np.cumsum([0] + [len(t) for t in toks]).astype(np.int64)
-        path = out / f"{name}.npz"
-        np.savez_compressed(path, tokens=flat, offsets=offsets, prompt_lens=np.asarray(plens, np.int32))
-        if path.stat().st_size > 16 * 2 ** 20:
-            raise SystemExit(f"{path} is over 16 MiB: split it")
-        info[name] = {"rows": len(toks), "tokens": int(flat.size), "bytes": path.stat().st_size}
+        tmp_path = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp_path, tokens=flat, offsets=offsets, prompt_lens=np.asarray(plens, np.int32))
+        if tmp_path.stat().st_size > 16 * 2 ** 20:
+            raise SystemExit(f"{path} would be over 16 MiB: lower corpus_prompts per file")
+        os.replace(tmp_path, path)
+        answer = int(flat.size - sum(plens))
+        dt = time.perf_counter() - t1
+        info[name] = {"rows": len(toks), "tokens": int(flat.size), "answer_tokens": answer, "bytes": path.stat().st_size,
+                      "seconds": round(dt, 1), "answer_tokens_per_s": round(answer / dt)}
+        print(f"corpus {name}: {info[name]}", flush=True)
     return info
+
+
+def corpus_files(corpus_dir: Path) -> list[Path]:
+    """The training parts of a corpus (`train-*.npz`; `train.npz` from the first layout too)."""
+    files = sorted(corpus_dir.glob("train-*.npz")) + sorted(corpus_dir.glob("train.npz"))
+    if not files:
+        raise SystemExit(f"no training corpus (train-*.npz) in {corpus_dir}: run `bench_quality.py corpus` first")
+    return files
 
 
 def read_corpus(path: Path) -> list[dict[str, list[int]]]:
@@ -224,7 +254,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     t0 = time.perf_counter()
     teacher = load_teacher(scale.teacher, dtype=scale.dtype)
     tok, L = teacher.tokenizer, teacher.config.num_layers
-    train = read_corpus(corpus_dir / "train.npz")
+    train = [row for f in corpus_files(corpus_dir) for row in read_corpus(f)]
     pairs_rng = np.random.default_rng(seed)
     pairs = []
     for ex in train:
@@ -427,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         from mamba_llama_jax.convert import load_teacher
 
         t = load_teacher(None, dtype=scale.dtype)
-        print(json.dumps(write_corpus(t.model, t.tokenizer, a.corpus, scale)))
+        print(json.dumps(write_corpus(t.model, t.tokenizer, a.corpus, scale, deadline_s=a.budget_s)))
         return 0
     row = run_teacher(a.corpus, scale) if a.command == "teacher" else run_chain(
         a.fraction, a.variant, a.corpus, scale, Path(tempfile.mkdtemp(prefix="chain_")), a.budget_s)

@@ -1,23 +1,30 @@
-"""Speculative vs plain greedy decoding of a hybrid target, side by side in one run (issue 7).
+"""Speculative vs plain greedy decoding of a hybrid target, side by side in one run (issue 7), with the Mamba
+layers' multistep verify on the Pallas kernel and on its pure-JAX reference, also side by side.
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 benchmarks/bench_speculative.py --out benchmarks/results
-    PYTHONPATH=$PWD python3 benchmarks/bench_speculative.py --shapes tiny --out /tmp/spec   # CPU smoke run
+    PYTHONPATH=$PWD python3 benchmarks/bench_speculative.py --tiny --out /tmp/spec        # CPU smoke run
+    # real checkpoints (each a saved hybrid directory, a GGUF file or an HF directory; one tokenizer):
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 benchmarks/bench_speculative.py --target DIR --draft DIR \\
+        --prompt "Explain speculative decoding." --prompt "Write a haiku about rain." --out benchmarks/results
 
-No distilled draft exists yet, so the models are random-init and shaped like the real ones:
+Without --target/--draft the models are random-init and shaped like the real ones:
 - `llama1b`: a Llama-3.2-1B-shaped hybrid target (50 % attention, Mamba2) with a 4-layer pure-Mamba draft of the
   same vocabulary (hidden 512);
 - `smollm2`: a SmolLM2-135M-shaped hybrid target (50 % attention) with a 2-layer pure-Mamba draft.
 Random weights make acceptance meaningless (an unrelated draft accepts ~0 tokens), so the script reports two
-things, both per batch size and k:
-1. measured end to end: tokens/s of plain greedy (`generate.Generator`) and of `SpeculativeDecoder` with the
-   random draft (acceptance ~0, the worst case: every round costs a draft pass and a verify for one token), plus the
-   check that both give identical tokens;
-2. component times (one plain target decode step, one draft step, one draft 2-token step, one target verify of
-   k+1 tokens, all at the same cache fill) and the speedup they imply at fixed acceptance rates alpha, with
-   tokens/round = (1 - alpha^(k+1)) / (1 - alpha) (i.i.d. acceptance, Leviathan et al. 2023):
+things, per batch size, k and verify implementation (`--impls`: kernel = `pallas_kernels/multistep_verify.py`,
+reference = `ops.ssd.ssd_verify`; everything else keeps the dispatcher's choice):
+1. measured end to end: tokens/s of plain greedy (`generate.Generator`) and of `SpeculativeDecoder` (with a random
+   draft acceptance is ~0, the worst case: every round costs a draft pass and a verify for one token), plus the
+   share of rows whose tokens equal plain greedy;
+2. component times, all at the same cache fill: one plain target decode step, one target verify of k+1 tokens
+   with its commit (keeping half: the second multistep-verify call), one draft step (a 1-token verify, as the
+   draft round runs it) and one draft 2-token verify + commit; and the speedup they imply at fixed acceptance
+   rates alpha, with tokens/round = (1 - alpha^(k+1)) / (1 - alpha) (i.i.d. acceptance, Leviathan et al. 2023):
    speedup = tokens/round * t_plain / (t_draft2 + (k-1) * t_draft + t_verify).
-With a distilled draft, pass it through `make_models` and (1) becomes the real measurement.
-Writes <out>/speculative.json and <out>/speculative.md. Median of --reps timed runs after one warm-up.
+With real checkpoints (1) is the real measurement. Median of --reps timed runs after one warm-up. Stops starting
+new measurements once --deadline-s has passed (the default leaves a 10-minute device call room for the last one
+and the write-up) and lists what it skipped. Writes <out>/speculative.json and <out>/speculative.md.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,11 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
-from mamba_llama_jax.convert.from_attention import build_hybrid
-from mamba_llama_jax.inference.generate import Generator, SamplingConfig, prepare_for_inference
-from mamba_llama_jax.inference.speculative import SpeculativeDecoder, verify
-from mamba_llama_jax.models.llama import DecoderLM, LlamaLM
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_verify import CMDBUF, Deadline, device, device_flags, touch, verify_impl, versions  # noqa: E402
+
+from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noqa: E402
+from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
+from mamba_llama_jax.inference import speculative as spec_mod  # noqa: E402
+from mamba_llama_jax.inference.generate import Generator, SamplingConfig, prepare_for_inference  # noqa: E402
+from mamba_llama_jax.inference.speculative import SpeculativeDecoder, _latest, verify  # noqa: E402
+from mamba_llama_jax.models.llama import DecoderLM, LlamaLM  # noqa: E402
+from pallas_kernels import dispatch  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama1b": dict(
@@ -57,7 +70,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         draft=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9,
                    num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
                    max_position_embeddings=8192)),
-    "tiny": dict(  # CPU smoke test of the script itself
+    "tiny": dict(  # CPU smoke test of the script itself (head_dim 16: the kernel's smallest tile)
         target=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                     max_position_embeddings=1024),
         draft=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -79,9 +92,23 @@ def make_models(shape: str, dtype: str) -> tuple[DecoderLM, DecoderLM]:
     return target, draft
 
 
-def timed(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall seconds of fn() (which must block), after one warm-up call."""
-    fn()
+def load_model(path: str, dtype: str) -> tuple[DecoderLM, Any]:
+    """(model, tokenizer or None) from a saved hybrid (MambaInLlama directory), a GGUF file or an HF directory."""
+    from mamba_llama_jax.convert import load_teacher
+    from mamba_llama_jax.convert.mambainllama import import_mambainllama
+
+    p = Path(path)
+    if (p / "mamba_config.json").is_file():
+        _, _, model, tok = import_mambainllama(p, dtype=dtype)
+        return model, tok
+    teacher = load_teacher(p, dtype=dtype)
+    return teacher.model, teacher.tokenizer
+
+
+def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() (which must block), after `warmup` calls (the first compiles)."""
+    for _ in range(warmup):
+        fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -90,11 +117,12 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(ts)
 
 
-def component_times(model: DecoderLM, batch: int, prompt_len: int, chunks: tuple[int, ...], reps: int
-                    ) -> dict[int, float]:
-    """Seconds of one forward of `t` tokens (1 = a plain decode step, else a verify call) from a cache holding
-    `prompt_len` tokens, for each t in chunks. Each timed call runs 16 forwards in a fori_loop so launch overhead
-    of the host call is amortised, and restarts from the same cache each time (the fill stays fixed)."""
+def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[tuple[str, int], ...],
+                    reps: int) -> dict[tuple[str, int], float]:
+    """Seconds of one forward from a cache holding `prompt_len` tokens, per (kind, t): ("decode", 1) a plain decode
+    step; ("step", 1) a 1-token verify (a draft step of `draft_round`); ("verify", t) a t-token verify + commit of
+    t // 2 tokens. Each timed call runs 16 forwards in a fori_loop so the host call's launch overhead is amortised,
+    restarting from the same cache each time (the fill stays fixed). Traced here: call inside `verify_impl`."""
     graphdef, state, _ = prepare_for_inference(model)
     slots = prompt_len + 64
 
@@ -105,22 +133,27 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, chunks: tuple
 
     cache = prefill(state, jnp.ones((batch, prompt_len), jnp.int32))
     out = {}
-    for t in chunks:
+    for kind, t in kinds:
         @jax.jit
-        def run(state: Any, cache: Any, t: int = t) -> jax.Array:
+        def run(state: Any, cache: Any, t: int = t, kind: str = kind) -> jax.Array:
             m = nnx.merge(graphdef, state)
 
             def body(i: jax.Array, acc: jax.Array) -> jax.Array:
                 tok = jnp.full((batch, t), i % 7, jnp.int32)
-                if t == 1:
-                    h, _ = m.hidden(tok, cache=cache)
-                    logits = m.logits(h)
-                else:
-                    logits, _ = verify(m, tok, cache)
-                return acc + jnp.argmax(logits[:, -1], axis=-1)
+                # `touch` keeps the new Mamba states live, as the real loop does by carrying them
+                if kind == "decode":
+                    h, c = m.hidden(tok, cache=cache)
+                    return acc + jnp.argmax(m.logits(h)[:, -1], axis=-1) + touch(c)
+                if kind == "step":
+                    h, st = m.hidden(tok, cache=cache, verify=True)
+                    return acc + jnp.argmax(m.logits(h)[:, -1], axis=-1) + touch(_latest(st))
+                logits, pend = verify(m, tok, cache)
+                acc = acc + jnp.argmax(logits[:, -1], axis=-1)
+                keep = jnp.full((batch,), t // 2, jnp.int32) + (acc < 0).astype(jnp.int32)  # data-dependent
+                return acc + touch(pend.commit(keep))
             return jax.lax.fori_loop(0, 16, body, jnp.zeros((batch,), jnp.int32))
 
-        out[t] = timed(lambda: jax.block_until_ready(run(state, cache)), reps) / 16
+        out[(kind, t)] = timed(lambda: jax.block_until_ready(run(state, cache)), reps, warmup=2) / 16
     return out
 
 
@@ -129,64 +162,140 @@ def projected(t_plain: float, t_draft: float, t_draft2: float, t_verify: float, 
     return per_round * t_plain / (t_draft2 + (k - 1) * t_draft + t_verify)
 
 
+def prompts_for(args: argparse.Namespace, tok: Any, vocab: int, b: int, rng: np.random.Generator) -> list[list[int]]:
+    """--prompt texts (chat template) through the target's tokenizer, cycled to b rows; else random ids."""
+    if args.prompt and tok is not None:
+        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
+        return [ids[r % len(ids)] for r in range(b)]
+    return rng.integers(0, vocab, (b, args.prompt_len)).tolist()
+
+
+def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: argparse.Namespace,
+             deadline: Deadline, results: dict[str, Any]) -> None:
+    vocab = target.cfg.vocab_size
+    gen = Generator(target)
+    dec = SpeculativeDecoder(target, draft)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    rng = np.random.default_rng(0)
+    for b in args.batch:
+        if deadline.over():
+            results["skipped"].append(f"{name} b={b}")
+            continue
+        prompts = prompts_for(args, tok, vocab, b, rng)
+        plen = max(map(len, prompts))
+        plain_out = gen.run(prompts, sampling)
+        t_plain_e2e = timed(lambda: gen.run(prompts, sampling), args.reps)
+        for impl in args.impls:
+            clear_spec_cache()  # traced under the other implementation otherwise
+            with verify_impl(impl):
+                if deadline.over():
+                    results["skipped"].append(f"{name} b={b} {impl}")
+                    continue
+                kinds = (("decode", 1),) + tuple(("verify", k + 1) for k in args.k)
+                tc = component_times(target, b, plen, kinds, args.reps)
+                dcomp = component_times(draft, b, plen, (("step", 1), ("verify", 2)), args.reps)
+                for k in args.k:
+                    if deadline.over():
+                        results["skipped"].append(f"{name} b={b} {impl} k={k}")
+                        continue
+                    spec_out, _, st = dec.run(prompts, k=k, max_new_tokens=args.new_tokens)
+                    t_spec = timed(lambda: dec.run(prompts, k=k, max_new_tokens=args.new_tokens), args.reps)
+                    same = float(np.mean([(spec_out[r] == plain_out.tokens[r]).all() for r in range(b)]))
+                    t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
+                    t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
+                    row = dict(shape=name, batch=b, k=k, impl=impl, verify_choice=dispatch.last_choice("verify"),
+                               plain_tok_s=b * args.new_tokens / t_plain_e2e, spec_tok_s=b * args.new_tokens / t_spec,
+                               measured_acceptance=st.acceptance_rate, tokens_per_round=st.tokens_per_round,
+                               rounds=st.rounds, compactions=st.compactions, identical_share=same,
+                               t_plain_step=t_plain, t_verify=t_verify, t_draft_step=t_draft, t_draft_2tok=t_draft2,
+                               projected_speedup={str(a): projected(t_plain, t_draft, t_draft2, t_verify, k, a)
+                                                  for a in ALPHAS})
+                    results["runs"].append(row)
+                    print(json.dumps(row), flush=True)
+        clear_spec_cache()
+
+
+def clear_spec_cache() -> None:
+    """Drops the speculative loop's compiled programs, so the next run traces the verify op anew."""
+    clear = getattr(spec_mod._speculate, "clear_cache", None)
+    clear() if clear else jax.clear_caches()
+
+
+def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [f"# Speculative decoding ({results['device']}, {args.dtype}, prompt {args.prompt_len}, "
+             f"{args.new_tokens} new tokens, {results['date']})", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+             + f". XLA_FLAGS `{results['xla_flags']}`. Command: `{results['command']}`. Wall "
+             f"{results['wall_s']:.0f} s.", "",
+             ("Real checkpoints: measured acceptance is the real one. " if results["real_models"] else
+              "Random-init targets and drafts: measured acceptance is ~0 (worst case). ")
+             + "`impl` = the Mamba multistep verify (kernel: the Pallas kernel, reference: `ops.ssd.ssd_verify`); "
+             "`proj@a` is the speedup the measured component times give at acceptance rate a. `same` = share of rows "
+             "whose speculative output equals plain greedy (bf16 rounding may legitimately differ). t_verify "
+             "includes the commit (the second verify call that rebuilds the kept state).", "",
+             "| shape | batch | k | impl | plain tok/s | spec tok/s | acc | same | t_step ms | t_verify ms | "
+             "t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
+             "|" + "---|" * (11 + len(ALPHAS))]
+    for r in results["runs"]:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {r['plain_tok_s']:.0f} | "
+                     f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
+                     f"{1e3 * r['t_plain_step']:.2f} | {1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
+                     + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
+    if results["skipped"]:
+        lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
+                  + "; ".join(results["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["llama1b", "smollm2"], choices=sorted(SHAPES))
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--k", nargs="+", type=int, default=[2, 3, 4, 5, 6, 7, 8])
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke run: --shapes tiny --batch 1 2 --k 2 3 --prompt-len 16 --new-tokens 16 --reps 2")
+    ap.add_argument("--shapes", nargs="+", default=["smollm2"], choices=sorted(SHAPES))
+    ap.add_argument("--target", metavar="PATH", help="a real target (with --draft) instead of the random shapes")
+    ap.add_argument("--draft", metavar="PATH", help="a real draft sharing the target's tokenizer")
+    ap.add_argument("--prompt", action="append", default=[], help="prompt text for real checkpoints (repeatable)")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--k", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--impls", nargs="+", default=["kernel", "reference"], choices=["kernel", "reference"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--deadline-s", type=float, default=420.0,
+                    help="start nothing new after this many seconds (a measurement in flight finishes)")
+    ap.add_argument("--no-cmdbuf", action="store_true", help=f"do not add {CMDBUF} to XLA_FLAGS")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    if args.tiny:
+        args.shapes, args.batch, args.k = ["tiny"], [1, 2], [2, 3]
+        args.prompt_len, args.new_tokens, args.reps = 16, 16, 2
+    if bool(args.target) != bool(args.draft):
+        ap.error("--target and --draft go together")
+    device_flags(not (args.tiny or args.no_cmdbuf))
+    deadline = Deadline(args.deadline_s)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__,
-        dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=[])
-    rng = np.random.default_rng(0)
-    for shape in args.shapes:
-        target, draft = make_models(shape, args.dtype)
-        vocab = target.cfg.vocab_size
-        gen = Generator(target)
-        dec = SpeculativeDecoder(target, draft)
-        sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-        for b in args.batch:
-            prompts = rng.integers(0, vocab, (b, args.prompt_len)).tolist()
-            plain_out = gen.run(prompts, sampling)
-            t_plain_e2e = timed(lambda: gen.run(prompts, sampling), args.reps)
-            tc = component_times(target, b, args.prompt_len, (1,) + tuple(k + 1 for k in args.k), args.reps)
-            dcomp = component_times(draft, b, args.prompt_len, (1, 2), args.reps)
-            for k in args.k:
-                spec_out, _, st = dec.run(prompts, k=k, max_new_tokens=args.new_tokens)
-                t_spec = timed(lambda: dec.run(prompts, k=k, max_new_tokens=args.new_tokens), args.reps)
-                same = float(np.mean([(spec_out[r] == plain_out.tokens[r]).all() for r in range(b)]))
-                row = dict(shape=shape, batch=b, k=k,
-                           plain_tok_s=b * args.new_tokens / t_plain_e2e, spec_tok_s=b * args.new_tokens / t_spec,
-                           measured_acceptance=st.acceptance_rate, rounds=st.rounds, compactions=st.compactions,
-                           identical_share=same, t_plain_step=tc[1], t_verify=tc[k + 1], t_draft_step=dcomp[1],
-                           t_draft_2tok=dcomp[2],
-                           projected_speedup={str(a): projected(tc[1], dcomp[1], dcomp[2], tc[k + 1], k, a)
-                                              for a in ALPHAS})
-                results["runs"].append(row)
-                print(json.dumps(row), flush=True)
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device(),
+        backend=jax.default_backend(), versions=versions(), dtype=args.dtype, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        real_models=bool(args.target), xla_flags=os.environ.get("XLA_FLAGS", ""), runs=[], skipped=[])
+    if args.target:
+        target, tok = load_model(args.target, args.dtype)
+        draft, _ = load_model(args.draft, args.dtype)
+        run_pair(Path(args.target).name, target, draft, tok, args, deadline, results)
+    else:
+        for shape in args.shapes:
+            if deadline.over():
+                results["skipped"].append(shape)
+                continue
+            target, draft = make_models(shape, args.dtype)
+            run_pair(shape, target, draft, None, args, deadline, results)
+    results["wall_s"] = deadline.elapsed()
     (args.out / "speculative.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# Speculative decoding ({results['device']}, {args.dtype}, prompt {args.prompt_len}, "
-             f"{args.new_tokens} new tokens, {results['date']})", "",
-             "Random-init targets and drafts: measured acceptance is ~0 (worst case); `proj@a` is the speedup the "
-             "measured component times give at acceptance rate a. `same` = share of rows whose speculative "
-             "output equals plain greedy (bf16 rounding may legitimately differ).", "",
-             "| shape | batch | k | plain tok/s | spec tok/s | acc | same | t_step ms | t_verify ms | t_draft ms | "
-             + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
-             "|" + "---|" * (10 + len(ALPHAS))]
-    for r in results["runs"]:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | "
-                     f"{r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | {1e3 * r['t_plain_step']:.2f} | "
-                     f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
-                     + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
-    (args.out / "speculative.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = render_md(results, args)
+    (args.out / "speculative.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -280,15 +280,60 @@ def cmd_speculate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
+# The one-stage training commands and the stage objectives each accepts (`pipeline` takes any recipe).
+STAGE_COMMANDS = {
+    "distill": ("distill", "hidden", "orient"),
+    "sft": ("distill",),
+    "dpo": ("dpo",),
+}
+
+
+def check_stage_command(command: str, cfg: Any) -> None:
+    """`distill|sft|dpo` run a recipe of exactly one stage whose objective is the command's."""
+    from mamba_llama_jax.errors import ConfigError
+
+    if len(cfg.stages) != 1:
+        raise ConfigError(f"run.py {command} runs a one-stage recipe; this one has {len(cfg.stages)} stages "
+                          f"({', '.join(s.name for s in cfg.stages)}): use run.py pipeline for it")
+    st = cfg.stages[0]
+    allowed = STAGE_COMMANDS[command]
+    if st.objective not in allowed:
+        fits = [c for c, objs in STAGE_COMMANDS.items() if st.objective in objs]
+        raise ConfigError(f"run.py {command} runs a stage with objective {' or '.join(map(repr, allowed))}; stage "
+                          f"{st.name!r} has objective {st.objective!r}: use run.py {fits[0]}")
+    if command == "sft" and st.loss.ce_weight <= 0:
+        raise ConfigError(f"run.py sft trains on the data's answers: stage {st.name!r} needs loss.ce_weight > 0 "
+                          "(a KL-only stage is distillation: use run.py distill)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """pipeline | distill | sft | dpo: load the recipe, check it fits the command, run it (resuming)."""
     if args.distributed:
         from mamba_llama_jax.train.mesh import initialize_distributed
 
-        initialize_distributed()  # before run_recipe touches a device
+        initialize_distributed()  # before anything touches a device
+    from mamba_llama_jax.config import TrainConfig, load_config
     from mamba_llama_jax.train.trainer import run_recipe
 
-    run_recipe(args.config, args.overrides)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.command in STAGE_COMMANDS:
+        check_stage_command(args.command, cfg)
+    init = None
+    if args.model:
+        from mamba_llama_jax.convert.mambainllama import import_mambainllama
+
+        init = import_mambainllama(args.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)[2]
+    run_recipe(args.config, config=cfg, init=init)
+    import jax
+
+    if jax.process_count() == 1:  # several hosts: not exported (trainer.export_student says why)
+        print(f"trained model: {cfg.output_dir}/model")
     return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """`pipeline`: `cmd_train` under its own name, which the preemption test replaces."""
+    return cmd_train(args)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -473,13 +518,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(sp, 128)
     sp.set_defaults(func=cmd_speculate)
 
-    pl = sub.add_parser("pipeline", help="run every stage of a training recipe (configs/recipes/*.yaml)")
-    pl.add_argument("--config", required=True, metavar="YAML")
-    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.steps=10")
-    pl.add_argument("--distributed", action="store_true",
-                    help="multi-host: jax.distributed.initialize (TPU pods and SLURM detect themselves; else set "
-                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) - run the same command on every host")
-    pl.set_defaults(func=cmd_pipeline)
+    helps = {"pipeline": "run every stage of a training recipe (configs/recipes/*.yaml)",
+             "distill": "run a one-stage recipe whose stage distils (objective distill, hidden or orient)",
+             "sft": "run a one-stage recipe whose stage is supervised fine-tuning (objective distill, ce_weight > 0)",
+             "dpo": "run a one-stage recipe whose stage is DPO (objective dpo)"}
+    for name, text in helps.items():
+        pl = sub.add_parser(name, help=text)
+        pl.add_argument("--config", required=True, metavar="YAML", help="recipe (TrainConfig yaml)")
+        pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.steps=10")
+        pl.add_argument("--model", default=None, metavar="DIR",
+                        help="start from a saved hybrid (MambaInLlama directory, e.g. an earlier run's "
+                             "OUTPUT_DIR/model) instead of converting the teacher")
+        pl.add_argument("--distributed", action="store_true",
+                        help="multi-host: jax.distributed.initialize (TPU pods and SLURM detect themselves; else "
+                             "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) - run the same command "
+                             "on every host")
+        pl.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_train)
     ev = sub.add_parser("eval", help="perplexity, needle in a haystack, lm-eval tasks, chat comparison -> json")
     _add_model(ev)
     ev.add_argument("--out", default="eval_report.json", metavar="JSON", help="report path")

@@ -78,7 +78,7 @@ class LlamaConfig:
 
 DTYPES = {"float32", "bfloat16", "float16"}
 
-SCAN_IMPLS = ("sequential", "associative", "chunked")
+SCAN_IMPLS = ("sequential", "associative", "chunked", "kernel")  # kernel: pallas_kernels.dispatch picks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,8 @@ class MambaConfig:
 
     0 means "derive from the teacher": d_inner = num_heads·head_dim, d_xb = num_kv_heads·head_dim, d_state =
     head_dim (mamba2) or 16 (mamba1), dt_rank = ceil(hidden/16) (mamba1). `scan` picks the reference op for full
-    sequences; Mamba1 has no chunked form, so 'chunked' runs its sequential scan.
+    sequences; Mamba1 has no chunked form, so 'chunked' runs its sequential scan. 'kernel' goes through
+    `pallas_kernels.dispatch` (the Pallas kernel where it is allowed, the reference elsewhere).
     """
 
     variant: str = "mamba2"
@@ -168,7 +169,7 @@ class HybridConfig:
 # ------------------------------------------------------------------------------------------------ training
 
 
-OBJECTIVES = ("distill", "dpo", "hidden")
+OBJECTIVES = ("distill", "dpo", "hidden", "orient")
 TRAINABLE = ("mamba", "all")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_sum")
 DATA_KINDS = ("chat", "pairs", "tokens")
@@ -260,7 +261,8 @@ class StageConfig:
 
     objective: 'distill' (CE/KL against the teacher: layer-wise, end-to-end, SFT), 'dpo' (against a frozen copy
     of the student at the stage's start), 'hidden' (MOHAWK hidden-state alignment: each Mamba mixer matches the
-    teacher's attention output on the teacher's own layer input). train: 'mamba' (only Mamba mixers) or 'all'.
+    teacher's attention output on the teacher's own layer input), 'orient' (MOHAWK matrix orientation: each
+    Mamba2 mixer's SSD matrix matches the teacher's attention matrix on that input; short sequences). train: 'mamba' (only Mamba mixers) or 'all'.
     hybrid: this stage's layout; a stage whose layout has fewer attention layers than the previous one converts
     the new Mamba layers from the previous stage's attention weights (progressive conversion). None: the
     recipe's `hybrid`, or the previous stage's. skip_nonfinite: how many batches whose loss or gradient is NaN/inf

@@ -4,14 +4,18 @@ Same signature and result as `mamba_llama_jax.ops.attention.decode_attention_ref
 plus `interpret`, `block` and `splits`. Why one kernel: at decode the step is launch-bound (~2 µs per XLA kernel,
 ~10 kernels per layer for rope, the two cache updates, scores, softmax and values); this does it in one.
 
-Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row: it rotates that head's k, writes
-k/v into the cache (the caches are aliased in/out, so nothing else is copied), and runs an online softmax over
-its share of the filled slots for the g = h/kv query heads that share the head — each K/V block is read once for
-all g heads. The number of blocks is dynamic (`index // block + 1`, bounded by the static window), so one
-compiled step serves every cache fill. The new token's k/v enter the softmax from registers (the block holding
-slot `index` has them substituted), so no program depends on another's store. With `splits` > 1 (long windows
-at small batch, where b·kv programs would leave most SMs idle) each split handles a slice of the blocks and
-writes unnormalised partials, merged by a small XLA epilogue.
+Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row and one slice of the sequence: it
+rotates that head's k, writes k/v into the cache (split 0 only; the caches are aliased in/out, so nothing else is
+copied), and runs an online softmax over its slice of the filled slots for the g = h/kv query heads that share the
+head — each K/V block is read once for all g heads. The number of blocks is dynamic (`index // block + 1`, bounded
+by the static window), so one compiled step serves every cache fill. The new token's k/v enter the softmax from
+registers (the block holding slot `index` has them substituted), so no program depends on another's store.
+
+Splits (`plan`): at small batch b·kv programs would leave most SMs idle with long serial chains (3 programs at
+batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split until about two programs run per SM.
+Each split writes an unnormalised partial (output, running max, running sum); `decode_attention_partials` hands
+them to the consumer, which merges them in its own prologue (`fused_decode.attn_combine_residual`, fused with the
+o-projection: no extra launch); `decode_attention` merges them itself with a small XLA epilogue.
 """
 
 from __future__ import annotations
@@ -25,16 +29,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
-from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference
+from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_halves
 from pallas_kernels import dispatch
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
+SMS = 132  # H100 SXM streaming multiprocessors: `plan` aims at about two programs per SM
 
 
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
+
+
+def _pow2_floor(v: int) -> int:
+    p = 1
+    while p * 2 <= v:
+        p *= 2
+    return p
 
 
 def pick_block(slots: int, cap: int = 128) -> int:
@@ -45,16 +57,25 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
-def pick_splits(batch: int, kv: int, window: int, block: int, sms: int = 132) -> int:
-    """Sequence splits: enough programs to cover the SMs once, but each split keeps >= 4 blocks of work."""
-    if batch * kv >= sms:
-        return 1
-    return max(1, min(-(-sms // (batch * kv)), window // (4 * block)))
+def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int, int]:
+    """(block, splits) for one decode step over a `window`-slot cache.
+
+    With batch·kv programs covering the SMs: one split and 128-slot blocks (every SM has a chain; long chains are
+    fine then). Below that the sequence is split so that about 2·SMS programs run, in small blocks (32 slots, 64
+    past 2k slots) so that at short context each split's serial chain is a block or two. Splits are a power of
+    two (the fused combine reads them as one tensor) and at most `max_splits` (what the consumer merges cheaply).
+    """
+    if batch * kv >= SMS:
+        return pick_block(window), 1
+    block = pick_block(window, 32 if window <= 2048 else 64)
+    nblocks = window // block
+    want = -(-2 * SMS // (batch * kv))
+    return block, _pow2_floor(max(1, min(nblocks, want, max_splits)))
 
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
-            *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, dtype: Any):
+            *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -78,7 +99,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
         vc_ref[bi, index, ki, :] = v_new
 
     scale = 1.0 / math.sqrt(d)
-    per = nblocks // splits
+    per = -(-nblocks // splits)
     lo = si * per
     hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
 
@@ -109,7 +130,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     for j in range(g):
         m, l, acc = res[3 * j: 3 * j + 3]
         head = ki * g + j
-        if splits == 1:
+        if not partials:
             o_ref[bi, pl.ds(head * d, d)] = (acc / jnp.maximum(l, 1e-30)).astype(o_ref.dtype)
         else:
             o_ref[bi, si, pl.ds(head * d, d)] = acc
@@ -117,27 +138,28 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l, F32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
-                                             "interpret", "num_warps"))
-def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
-                            sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
-                            num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
-                            interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel (see the module docstring); `block`/`splits` 0 = chosen from the shapes."""
-    check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
-               window=window, kernel=True)
+def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
+    """Merges per-split softmax partials: o_part (b, S, H·d) unnormalised, m / l (b, S, H) running max / sum ->
+    (b, H·d) in `dtype`. Splits that saw no valid slot have m = NEG_INF, l = 0 and add nothing."""
+    b, splits, hd = o_part.shape
+    h = m.shape[2]
+    mx = jnp.max(m, axis=1, keepdims=True)
+    w = jnp.exp(m - mx)  # (b, S, H)
+    den = jnp.sum(w * l, axis=1)  # (b, H)
+    num = jnp.sum(w[..., None] * o_part.reshape(b, splits, h, hd // h), axis=1)
+    return (num / jnp.maximum(den, 1e-30)[..., None]).reshape(b, hd).astype(dtype)
+
+
+def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
+            index: jax.Array, valid: jax.Array, *, num_heads: int, window: int, block: int, splits: int,
+            partials: bool, interpret: bool, num_warps: int) -> tuple[jax.Array, ...]:
     b, slots, kv, d = k_cache.shape
     h = num_heads
-    window = window or slots
-    block = block or pick_block(window)
     nblocks = window // block
-    splits = splits or pick_splits(b, kv, window, block)
     splits = max(1, min(splits, nblocks))
-    while nblocks % splits:
-        splits -= 1
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
-                             dtype=qkv.dtype)
-    if splits == 1:
+                             partials=partials, dtype=qkv.dtype)
+    if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), qkv.dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
     else:
@@ -147,7 +169,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
-    o, m, l, kc, vc = pl.pallas_call(
+    return pl.pallas_call(
         kern,
         grid=(b, kv, splits),
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -158,13 +180,101 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32))
-    if splits > 1:  # merge the splits' partial softmaxes
-        mx = jnp.max(m, axis=1, keepdims=True)
-        w = jnp.exp(m - mx)  # (b, splits, h)
-        den = jnp.sum(w * l, axis=1)  # (b, h)
-        num = jnp.sum(w[..., None] * o.reshape(b, splits, h, d), axis=1)
-        o = (num / jnp.maximum(den, 1e-30)[..., None]).reshape(b, h * d).astype(qkv.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
+                                             "interpret", "num_warps"))
+def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                            sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                            num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
+                            interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`. With splits > 1 the
+    partials are merged by `merge_partials` in XLA."""
+    check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
+               window=window, kernel=True)
+    b, slots, kv, _ = k_cache.shape
+    window = window or slots
+    p_block, p_splits = plan(b, kv, window)
+    block = block or p_block
+    splits = max(1, min(splits or p_splits, window // block))
+    o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
+                              block=block, splits=splits, partials=splits > 1, interpret=interpret,
+                              num_warps=num_warps)
+    if splits > 1:
+        o = merge_partials(o, m, l, qkv.dtype)
     return o, kc, vc
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
+                                             "interpret", "num_warps"))
+def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                                     sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                                     num_kv_heads: int, window: int = 0, block: int, splits: int,
+                                     interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, ...]:
+    """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) with
+    S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`."""
+    check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
+               window=window, kernel=True)
+    check_split_args(k_cache, window, block, splits)
+    return _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads,
+                   window=window or k_cache.shape[1], block=block, splits=splits, partials=True,
+                   interpret=interpret, num_warps=num_warps)
+
+
+def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                                        sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                                        num_kv_heads: int, window: int = 0, block: int,
+                                        splits: int) -> tuple[jax.Array, ...]:
+    """Pure-JAX partials: RoPE and the cache write as `decode_attention_reference`, then per slice of the window
+    (S = splits slices of ceil(window/block/S)·block slots) the running max m, the sum l of exp(score - m) and
+    the unnormalised output over the valid slots. `merge_partials` of the result is the reference's output."""
+    check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
+               window=window, kernel=False)
+    check_split_args(k_cache, window, block, splits)
+    b, slots, kv, d = k_cache.shape
+    h = num_heads
+    g = h // kv
+    window = window or slots
+    q = qkv[:, : h * d].reshape(b, h, d)
+    k = qkv[:, h * d: (h + kv) * d].reshape(b, kv, d)
+    v = qkv[:, (h + kv) * d:].reshape(b, kv, d)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q, k = rope_halves(q, c, s), rope_halves(k, c, s)
+    start = (0, index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None].astype(v_cache.dtype), start)
+    span = -(-(window // block) // splits) * block  # slots per split
+    total = span * splits
+    kc, vc = k_cache[:, :window].astype(F32), v_cache[:, :window].astype(F32)
+    slot = jnp.arange(window, dtype=jnp.int32)[None, :]
+    ok = valid[:, :window] & (slot <= index)
+    pad = total - window
+    if pad:
+        kc = jnp.pad(kc, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        vc = jnp.pad(vc, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        ok = jnp.pad(ok, ((0, 0), (0, pad)))
+    qg = q.reshape(b, kv, g, d).astype(F32)
+    sc = jnp.einsum("bkgd,bskd->bkgs", qg, kc, precision="highest") / math.sqrt(d)
+    sc = sc.reshape(b, kv, g, splits, span)
+    okr = ok.reshape(b, 1, 1, splits, span)
+    sc = jnp.where(okr, sc, NEG_INF)
+    m = jnp.max(sc, axis=-1)  # (b, kv, g, S)
+    p = jnp.where(okr, jnp.exp(sc - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("bkgxs,bxskd->bxkgd", p, vc.reshape(b, splits, span, kv, d), precision="highest")
+    o_part = acc.reshape(b, splits, h * d)
+    to_bsh = lambda a: jnp.moveaxis(a.reshape(b, h, splits), 2, 1)
+    return o_part, to_bsh(m), to_bsh(l), k_cache, v_cache
+
+
+def check_split_args(k_cache: Any, window: int, block: int, splits: int) -> None:
+    window = window or k_cache.shape[1]
+    if not (_pow2(block) and window % block == 0):
+        raise KernelError(f"decode_attention: block must be a power of two dividing the window ({window}), "
+                          f"got {block}")
+    if not 1 <= splits <= window // block:
+        raise KernelError(f"decode_attention: splits must be in [1, window/block = {window // block}], "
+                          f"got {splits}")
 
 
 def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *, num_heads: int,
@@ -197,15 +307,17 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
         raise bad(f"the attended slots ({window or slots}) must be a multiple of 16 for the Pallas kernel")
 
 
-# The compiled kernel has run on an H100 (greedy tokens matched the reference path) but its GPU test (kernel ==
-# reference at real shapes) has not yet run there: until it has, the reference stays the default on GPUs and
-# MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in. Set True in the commit that records a passing `make test-gpu`.
-GPU_VERIFIED = False
+# Its gpu tests (kernel == reference at real shapes) passed on an H100 (benchmarks/results/test-gpu-decode.xml),
+# so it is the default on GPUs; MAMBA_LLAMA_FORCE_REFERENCE=1 still forces the XLA reference.
+GPU_VERIFIED = True
 
 
 def _kernel_allowed() -> bool:
-    return (not dispatch.force_reference() and dispatch._on_gpu()
-            and (GPU_VERIFIED or dispatch.unverified_allowed()))
+    if dispatch.force_reference():
+        return False
+    if dispatch._on_gpu():
+        return GPU_VERIFIED or dispatch.unverified_allowed()
+    return dispatch.interpret_kernels()  # tests: the kernel in interpret mode on a CPU
 
 
 def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *,
@@ -223,19 +335,37 @@ def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin:
 
 
 def kernel_would_run(head_dim: int, slots_multiple: int) -> bool:
-    """Whether the Generator's decode attention will be the kernel (for its phase plan): GPU, not forced to the
-    reference, a head size the kernel tiles, and caches whose slot count is a multiple of 16."""
+    """Whether the Generator's decode attention will be the kernel (for its phase plan): GPU (or interpret mode),
+    not forced to the reference, a head size the kernel tiles, and caches whose slot count is a multiple of 16."""
     return _kernel_allowed() and _pow2(head_dim) and head_dim >= 16 and slots_multiple % 16 == 0
 
 
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                      index: jax.Array, valid: jax.Array, *, num_heads: int, num_kv_heads: int,
                      window: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Kernel on GPU (see GPU_VERIFIED), the XLA reference elsewhere or with MAMBA_LLAMA_FORCE_REFERENCE=1; records the choice
-    (`pallas_kernels.dispatch.last_choice("decode_attention")`)."""
+    """Kernel on GPU (see GPU_VERIFIED), the XLA reference elsewhere or with MAMBA_LLAMA_FORCE_REFERENCE=1; records
+    the choice (`pallas_kernels.dispatch.last_choice("decode_attention")`)."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
     choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, **kw)
     dispatch.record_choice("decode_attention", choice)
     if choice == PALLAS_TRITON:
-        return decode_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid, **kw)
+        return decode_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid, interpret=_interpret(), **kw)
     return decode_attention_reference(qkv, k_cache, v_cache, cos, sin, index, valid, **kw)
+
+
+def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                              sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                              num_kv_heads: int, window: int = 0, block: int, splits: int) -> tuple[jax.Array, ...]:
+    """Unmerged partials (see `decode_attention_partials_pallas`) for a consumer that merges them itself:
+    the kernel where `decode_attention` would use it, the pure-JAX partials elsewhere. Records the choice."""
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
+    choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, **kw)
+    dispatch.record_choice("decode_attention", choice)
+    f = decode_attention_partials_reference
+    if choice == PALLAS_TRITON:
+        f = functools.partial(decode_attention_partials_pallas, interpret=_interpret())
+    return f(qkv, k_cache, v_cache, cos, sin, index, valid, block=block, splits=splits, **kw)
+
+
+def _interpret() -> bool:
+    return not dispatch._on_gpu()

@@ -2,7 +2,9 @@
 
 `MAMBA_LLAMA_FORCE_REFERENCE=1` forces the reference everywhere (read at call time, so a test or a notebook can
 flip it). `last_choice("ssd")` says which implementation the latest trace picked, and `ssd_choice(...)` says which
-one a call would pick, without running it.
+one a call would pick, without running it. `verify` / `verify_choice` do the same for the Mamba2 multistep
+verify (`pallas_kernels/multistep_verify.py`), opt-in on GPUs until its compiled test has passed there.
+`selective_scan` / `selective_scan_choice`: the Mamba1 scan (`pallas_kernels/selective_scan.py`), likewise opt-in.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mamba_llama_jax.errors import KernelError
 
 FORCE_REFERENCE_ENV = "MAMBA_LLAMA_FORCE_REFERENCE"
 PALLAS_TRITON = "pallas_triton"
+PALLAS_MOSAIC_TPU = "pallas_mosaic_tpu"  # pallas_kernels.ssd_chunk_scan_tpu: opt-in until run on a TPU
 REFERENCE = "reference_chunked"
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -29,6 +32,15 @@ def unverified_allowed() -> bool:
     """Whether kernels not yet proven equal to their reference when compiled on a GPU may be chosen (benchmarks
     and the device test run set it; users get the reference until `make test-gpu` has passed for the kernel)."""
     return os.environ.get(UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+INTERPRET_ENV = "MAMBA_LLAMA_INTERPRET_KERNELS"
+
+
+def interpret_kernels() -> bool:
+    """Whether kernels that support it run in Pallas interpret mode off-GPU (tests: the whole decode path wired
+    through the kernels on a CPU; slow, tiny shapes only). Read at trace time."""
+    return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def force_reference() -> bool:
@@ -119,12 +131,34 @@ def _on_gpu() -> bool:
         return False
 
 
+def _on_tpu() -> bool:
+    try:
+        return jax.default_backend() == "tpu"
+    except RuntimeError:
+        return False
+
+
+def _tpu_ssd_choice(x, dt, A, B, C, arrays: dict) -> str:
+    # The Mosaic kernel equals the reference in TPU interpret mode and compiles with libtpu, but has never run
+    # nor been timed on a TPU: the XLA reference stays the default there until it has.
+    if not unverified_allowed():
+        return REFERENCE
+    from pallas_kernels.ssd_chunk_scan_tpu import TPU_CHUNK, check_tpu_args
+    try:
+        check_tpu_args(x, dt, A, B, C, chunk_size=TPU_CHUNK, **arrays)
+    except KernelError:
+        return REFERENCE
+    return PALLAS_MOSAIC_TPU
+
+
 def ssd_choice(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, **kw) -> str:
     """Which implementation `ssd` would use for these arguments (raises KernelError for bad ones)."""
     kw = dict(kw)
     chunk = kw.pop("chunk_size", 256)
     arrays = {k: kw.get(k) for k in ("D", "dt_bias", "initial_state", "segment_ids")}
     check_ssd_args(x, dt, A, B, C, chunk_size=chunk, kernel=False, **arrays)
+    if not force_reference() and _on_tpu():
+        return _tpu_ssd_choice(x, dt, A, B, C, arrays)
     if force_reference() or not _on_gpu():
         return REFERENCE
     try:
@@ -140,9 +174,10 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
         chunk_size: int = 256, kernel_chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD, same signature and result as `mamba_llama_jax.ops.ssd.ssd_chunked`.
 
-    On GPU runs the Pallas kernel; elsewhere (CPU, TPU until measured there) or with MAMBA_LLAMA_FORCE_REFERENCE=1
-    the XLA reference. `chunk_size` is the reference's chunk; the kernel tiles by `kernel_chunk_size` (64 fits the
-    on-chip (chunk x chunk) tiles best): the maths is chunk-independent, only round-off differs.
+    On GPU runs the Pallas kernel; elsewhere (CPU; TPU unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in to the
+    Mosaic kernel) or with MAMBA_LLAMA_FORCE_REFERENCE=1 the XLA reference. `chunk_size` is the reference's
+    chunk; the GPU kernel tiles by `kernel_chunk_size` (64 fits the on-chip (chunk x chunk) tiles best): the maths
+    is chunk-independent, only round-off differs.
     """
     kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state, segment_ids=segment_ids)
     choice = ssd_choice(x, dt, A, B, C, chunk_size=chunk_size, kernel_chunk_size=kernel_chunk_size,
@@ -151,5 +186,84 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
     if choice == PALLAS_TRITON:
         from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
         return ssd_chunk_scan(x, dt, A, B, C, chunk_size=kernel_chunk_size, **kw)
+    if choice == PALLAS_MOSAIC_TPU:  # tiles by its own TPU_CHUNK (the MXU's edge), not kernel_chunk_size
+        from pallas_kernels.ssd_chunk_scan_tpu import TPU_CHUNK, ssd_chunk_scan_tpu
+        return ssd_chunk_scan_tpu(x, dt, A, B, C, chunk_size=TPU_CHUNK, **kw)
     from mamba_llama_jax.ops.ssd import ssd_chunked
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+
+
+# -------------------------------------------------------------------------------------- multistep verify
+
+
+def verify_choice(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                  D: jax.Array | None = None, dt_bias: jax.Array | None = None,
+                  accepted: jax.Array | None = None) -> str:
+    """Which implementation `verify` would use (raises KernelError for bad arguments): the Pallas kernel on a
+    GPU once its compiled test has passed (`multistep_verify.GPU_VERIFIED`, or MAMBA_LLAMA_UNVERIFIED_KERNELS=1)
+    and off a GPU with MAMBA_LLAMA_INTERPRET_KERNELS=1 (interpret mode), for shapes it tiles; the reference
+    `ops.ssd.ssd_verify` otherwise."""
+    from pallas_kernels import multistep_verify as mv
+    kw = dict(D=D, dt_bias=dt_bias, accepted=accepted)
+    mv.check_verify_args(state, x, dt, A, B, C, kernel=False, **kw)
+    allowed = (mv.GPU_VERIFIED or unverified_allowed()) if _on_gpu() else interpret_kernels()
+    if force_reference() or not allowed:
+        return mv.REFERENCE
+    try:
+        mv.check_verify_args(state, x, dt, A, B, C, kernel=True, **kw)
+    except KernelError:
+        return mv.REFERENCE  # e.g. head_dim 48: the reference takes it
+    return mv.PALLAS_TRITON
+
+
+def verify(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+           D: jax.Array | None = None, dt_bias: jax.Array | None = None, dt_softplus: bool = True,
+           accepted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """k decode steps from a cached Mamba2 state, same signature and result as `ops.ssd.ssd_verify`: y and the
+    per-prefix states, or (given `accepted`) the state after that many steps. Records the choice
+    (`last_choice("verify")`)."""
+    kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, accepted=accepted)
+    choice = verify_choice(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, accepted=accepted)
+    _last["verify"] = choice
+    if choice == PALLAS_TRITON:
+        from pallas_kernels.multistep_verify import multistep_verify
+        return multistep_verify(state, x, dt, A, B, C, interpret=not _on_gpu(), **kw)
+    from mamba_llama_jax.ops.ssd import ssd_verify
+    return ssd_verify(state, x, dt, A, B, C, **kw)
+
+
+# ------------------------------------------------------------------------------------- Mamba1 selective scan
+
+SELECTIVE_REFERENCE = "reference_sequential"
+
+
+def selective_scan_choice(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                          D: jax.Array | None = None, z: jax.Array | None = None,
+                          delta_bias: jax.Array | None = None, initial_state: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None) -> str:
+    """Which implementation `selective_scan` would use (raises KernelError for bad arguments): the Pallas kernel
+    on a GPU once its compiled test has passed (`selective_scan.GPU_VERIFIED`, or MAMBA_LLAMA_UNVERIFIED_KERNELS=1)
+    and off a GPU with MAMBA_LLAMA_INTERPRET_KERNELS=1; the sequential reference otherwise. The kernel pads
+    whatever it does not tile, so every valid shape may take it."""
+    from pallas_kernels import selective_scan as ss
+    ss.check_selective_scan_args(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                                 segment_ids=segment_ids, kernel=False)
+    allowed = (ss.GPU_VERIFIED or unverified_allowed()) if _on_gpu() else interpret_kernels()
+    return PALLAS_TRITON if allowed and not force_reference() else SELECTIVE_REFERENCE
+
+
+def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                   D: jax.Array | None = None, z: jax.Array | None = None, delta_bias: jax.Array | None = None,
+                   delta_softplus: bool = True, initial_state: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mamba1 selective scan, same signature and result as `mamba_llama_jax.ops.scan.selective_scan`; records
+    the choice (`last_choice("selective_scan")`)."""
+    arrays = dict(D=D, z=z, delta_bias=delta_bias, initial_state=initial_state, segment_ids=segment_ids)
+    choice = selective_scan_choice(u, delta, A, B, C, **arrays)
+    _last["selective_scan"] = choice
+    if choice == PALLAS_TRITON:
+        from pallas_kernels.selective_scan import selective_scan_pallas
+        return selective_scan_pallas(u, delta, A, B, C, delta_softplus=delta_softplus, interpret=not _on_gpu(),
+                                     **arrays)
+    from mamba_llama_jax.ops.scan import selective_scan as reference
+    return reference(u, delta, A, B, C, delta_softplus=delta_softplus, **arrays)

@@ -237,14 +237,55 @@ HELDOUT_TOPICS = (
 )
 
 
+# A second axis for the bigger corpora (`benchmarks/bench_quality.py corpus`): more topics and answer styles. The
+# first len(TEMPLATES)·len(TOPICS) prompts of `offline_prompts` stay exactly what they were without it, so small
+# runs (the demo, the tests) see the same data as before.
+MORE_TOPICS = (
+    "bridges", "the Renaissance", "antibiotics", "coral reefs", "overfishing", "pyramids",
+    "robots", "vitamins", "thunderstorms", "the French Revolution", "rockets", "mushrooms", "batteries",
+    "the Silk Road", "photography", "the human brain", "deserts", "trains", "chocolate", "the Pythagorean theorem",
+    "elephants", "public libraries", "3D printing", "the Amazon river", "earth's atmosphere", "dinosaurs",
+    "composting", "the piano", "renewable energy", "ancient Egypt", "smartphones", "bees' dances", "cheese making",
+    "the speed of light", "volunteering", "marathons", "whales", "cloud computing", "the Industrial Revolution",
+    "hurricanes", "fractions", "gardening", "the solar system", "sourdough", "the Eiffel Tower", "microscopes",
+    "friendship", "budgeting", "owls", "nuclear fusion", "sailing", "maps", "paper", "snow",
+    "the metric system", "podcasts", "cats", "airplanes", "first aid", "board games",
+)
+
+STYLES = (
+    "",
+    " Keep the answer under 80 words.",
+    " Use a numbered list.",
+    " Write it for a university student.",
+    " End with a one-sentence summary.",
+    " Use simple words only.",
+    " Include one concrete example.",
+    " Answer in a cheerful tone.",
+)
+
+
+def _all_offline_prompts(seed: int) -> list[str]:
+    base = [t.format(topic=topic) for t in TEMPLATES for topic in TOPICS]
+    random.Random(seed).shuffle(base)
+    seen = set(base)
+    more = [t.format(topic=topic) + style for style in STYLES for t in TEMPLATES for topic in TOPICS + MORE_TOPICS]
+    more = [m for m in more if m not in seen]
+    random.Random(seed + 1).shuffle(more)
+    return base + more
+
+
+def offline_prompt_count() -> int:
+    """How many distinct prompts `offline_prompts` can give."""
+    return len(TEMPLATES) * len(TOPICS + MORE_TOPICS) * len(STYLES)
+
+
 def offline_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct prompts (templates × topics, shuffled by `seed`); at most len(TEMPLATES)·len(TOPICS).
-    Never draws from the held-out families (`heldout_prompts`)."""
-    allp = [t.format(topic=topic) for t in TEMPLATES for topic in TOPICS]
-    if n > len(allp):
-        raise DataError(f"the offline source has {len(allp)} distinct prompts; asked for {n}")
-    random.Random(seed).shuffle(allp)
-    return allp[:n]
+    """`n` distinct prompts (templates × topics × answer styles, shuffled by `seed`; the plain templates × TOPICS
+    come first). Never draws from the held-out families (`heldout_prompts`)."""
+    total = offline_prompt_count()
+    if n > total:
+        raise DataError(f"the offline source has {total} distinct prompts; asked for {n}")
+    return _all_offline_prompts(seed)[:n]
 
 
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:

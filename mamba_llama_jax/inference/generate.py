@@ -11,7 +11,10 @@ Design (the reasons, not the steps):
   single-step decode. A decode step's attention is one Pallas launch on GPU (RoPE + cache write + attention over
   the filled slots, `pallas_kernels/decode_attention.py`); the XLA reference elsewhere reads only the filled part
   of the cache by splitting the loop into phases of `window_block` slots, each a `while_loop` whose attention
-  window is a static prefix.
+  window is a static prefix. At small batch on GPU the rest of a layer's decode step is four more launches
+  (`pallas_kernels/fused_decode.py`: RMSNorm + q·k·v; o-projection + residual, merging attention's sequence
+  splits; RMSNorm + gate·up + SiLU·mul; down + residual): `Block` hands the norms and residuals to
+  `FusedAttention.decode_residual` / `FusedMLP.norm_residual`, also in hybrids (their attention layers and MLPs).
 - Prompts are left-padded, so every row's last prompt token sits at the same position and prefill computes the
   LM head only there.
 - Sampling keys are `fold_in(seed, step)`, so the streaming path (one jitted step per token) samples the same
@@ -37,7 +40,12 @@ from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
 )
 from mamba_llama_jax.ops.attention import attend_one
-from pallas_kernels.decode_attention import decode_attention, kernel_would_run
+from pallas_kernels.decode_attention import (
+    PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run, plan,
+)
+from pallas_kernels.fused_decode import (
+    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, norm_gate_up, norm_matmul,
+)
 
 # ------------------------------------------------------------------------------------------------------ sampling
 
@@ -140,6 +148,32 @@ class FusedAttention(nnx.Module):
     def init_cache(self, batch: int, slots: int) -> Any:
         return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
 
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three launches on GPU at small
+        batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, and o-projection + residual
+        (fused with the merge of attention's sequence splits when it ran split). Each piece falls back to its
+        reference on its own (CPU, large batch, shapes a kernel does not tile): then this is exactly
+        `x + self(norm(x), ctx, cache)[0]`."""
+        from mamba_llama_jax.models.cache import KVCache
+
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        dt = jnp.dtype(self.dtype)
+        x2 = x[:, 0].astype(dt)
+        b = x2.shape[0]
+        wo = self.o[...].astype(dt)
+        qkv = norm_matmul(x2, norm.weight[...], self.qkv[...].astype(dt), eps=norm.eps)
+        cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
+        args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
+        kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
+        if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, **kw) == PALLAS_TRITON
+                and kernels_would_run(b, h * d, wo.shape[1])):
+            block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b))
+            if splits > 1:  # the o-projection kernel merges the splits: no launch for the merge
+                o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw)
+                return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
+        out, kc, vc = decode_attention(*args, **kw)
+        return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
+
     def __call__(self, x: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         from mamba_llama_jax.models.cache import KVCache
 
@@ -186,6 +220,17 @@ class FusedMLP(nnx.Module):
         dt = jnp.dtype(self.dtype)
         gu = jnp.dot(x.astype(dt), self.gate_up[...].astype(dt))
         return jnp.dot(jax.nn.silu(gu[..., : self.inter]) * gu[..., self.inter:], self.down[...].astype(dt))
+
+    def norm_residual(self, x: jax.Array, norm: Any) -> jax.Array:
+        """x + self(norm(x)). At a decode step (one token per row) two launches on GPU at small batch: RMSNorm +
+        gate·up + SiLU·mul (`fused_decode.norm_gate_up`) and down + residual (`fused_decode.matmul_residual`);
+        their references elsewhere, which are exactly the unfused ops."""
+        if x.shape[1] != 1:  # prefill and verify chunks: XLA's GEMMs
+            return x + self(norm(x))
+        dt = jnp.dtype(self.dtype)
+        x2 = x[:, 0].astype(dt)
+        act = norm_gate_up(x2, norm.weight[...], self.gate_up[...].astype(dt), eps=norm.eps)
+        return matmul_residual(act, self.down[...].astype(dt), x2)[:, None]
 
 
 def _fusable_attention(m: Any) -> bool:
@@ -410,6 +455,15 @@ class Generator:
         if not self.has_attention:
             return "none"
         return "pallas_triton" if self.uses_kernel() else "reference_xla"
+
+    def fused_decode_impl(self, batch: int) -> str:
+        """Which implementation the decode step's fused norm/projection/residual GEMVs use at this batch:
+        `pallas_triton` or `reference_xla` (`pallas_kernels.fused_decode`); `none` without fused layers."""
+        if not self.fused:
+            return "none"
+        c = self.cfg
+        ok = kernels_would_run(batch, c.hidden_size, c.intermediate_size)
+        return "pallas_triton" if ok else "reference_xla"
 
     def phases(self, plen: int, n_new: int, slots: int) -> tuple[tuple[int, int], ...]:
         """The decode loop's phases. The kernel bounds its reads by the fill itself, so it needs one phase (one

@@ -2,9 +2,13 @@
 
 A draft model (any `DecoderLM`: Llama, hybrid, pure Mamba) proposes k tokens one at a time; the target checks all
 of them in a single forward pass (`verify`): attention layers write the chunk's K/V and attend to cache + chunk in
-parallel, Mamba layers run `multistep` from their one cached state and return the state after every prefix of the
-chunk. Acceptance keeps a prefix; `Pending.commit` then advances every cache by exactly that many tokens per row.
-No recurrent state per draft token survives a round: after commit each Mamba layer holds one state again.
+parallel, Mamba layers run `multistep` from their one cached state (one multistep-verify call: the Pallas kernel on
+GPU) and hand back a `MambaChunk`: the state before the chunk and the chunk's inputs, not a state per token.
+Acceptance keeps a prefix; `Pending.commit` then advances every cache by exactly that many tokens per row: attention
+by masking slots, Mamba by one more multistep-verify call from the cached state with the accepted count (the state
+after n steps is written, the k per-prefix states never are) and a slice of old conv window ++ chunk inputs.
+No recurrent state per draft token exists at any point: a Mamba layer holds its cached state and, during a round,
+the latest one.
 
 Round invariants (both kept per row):
 - target: has consumed every committed token except the last, `x0`. It verifies [x0, d1..dk] (k+1 tokens), so
@@ -13,8 +17,9 @@ Round invariants (both kept per row):
   verify call on [x_prev, x0] (proposing d1), then k-1 single steps on d1..d_{k-1}; k+1 fed tokens, like the
   target. With n accepted it keeps x_prev, x0, d1..d_{n-1} (n+1). Lagging one token is what makes "all k accepted"
   cheap: d_k was never fed to the draft, and becomes next round's `x_prev` instead of costing an extra draft step.
-  The first fed pair gets per-prefix Mamba states from `verify`, the single steps' states are stacked by the
-  scan; both are dropped at commit.
+  The first fed pair and (in a draft with Mamba layers) every single step run the verify path, so each Mamba
+  layer's chunk grows by the step's inputs (a few hundred bytes per token), and commit rebuilds the kept state
+  from the round's starting state.
 
 Shared-slot KV layout with per-row acceptance (`models/cache.py`: one write index for the whole batch): a chunk of
 k+1 tokens is written at slots [index, index+k+1) for every row; commit marks row r's slots past its kept count
@@ -48,7 +53,7 @@ from flax import nnx
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, left_pad,
                                                  prepare_for_inference)
-from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaCache
+from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk
 from mamba_llama_jax.models.llama import DecoderLM
 
 # --------------------------------------------------------------------------------------------- pending state
@@ -60,15 +65,13 @@ class Pending:
     """A cache after a verify-style chunk, before acceptance.
 
     state: the cache with the whole chunk written (index, valid, positions advanced by the chunk); its Mamba
-      layers hold the state after every prefix of the chunk on axis 1, (b, t, ...).
+      layers are `MambaChunk`s (the cache before the chunk, the chunk's inputs, the cache after all of it).
     start: () the slot of the chunk's first token. start_positions: (b,) RoPE positions before the chunk.
-    before: per layer, the MambaCache before the chunk (None for attention layers), for rows that keep nothing.
     """
 
     state: DecodeState
     start: jax.Array
     start_positions: jax.Array
-    before: tuple[Any, ...]
 
     def commit(self, keep: jax.Array) -> DecodeState:
         """The cache advanced by `keep` (b,) tokens of the chunk per row (0 <= keep <= chunk length)."""
@@ -77,30 +80,19 @@ class Pending:
         rel = jnp.arange(st.slots, dtype=jnp.int32)[None, :] - self.start
         in_chunk = (rel >= 0) & (self.start + rel < st.index)
         valid = jnp.where(in_chunk, rel < keep[:, None], st.valid)
-        layers = []
-        for cur, old in zip(st.layers, self.before):
-            if isinstance(cur, MambaCache):
-                picked = cur.prefix(jnp.maximum(keep, 1))
-                layers.append(jax.tree.map(lambda new, prev: _where_rows(keep > 0, new, prev), picked, old))
-            else:
-                layers.append(cur)
-        return DecodeState(tuple(layers), self.start + jnp.max(keep), valid, self.start_positions + keep)
-
-
-def _where_rows(cond: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(cond.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        layers = tuple(c.advance(keep) if isinstance(c, MambaChunk) else c for c in st.layers)
+        return DecodeState(layers, self.start + jnp.max(keep), valid, self.start_positions + keep)
 
 
 def verify(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:
     """One forward over t real tokens per row from `cache`: fp32 logits (b, t, V) and the pending state."""
     h, state = model.hidden(tokens, cache=cache, verify=True)
-    before = tuple(c if isinstance(c, MambaCache) else None for c in cache.layers)
-    return model.logits(h), Pending(state, cache.index, cache.positions, before)
+    return model.logits(h), Pending(state, cache.index, cache.positions)
 
 
 def _latest(state: DecodeState) -> DecodeState:
-    """A per-prefix (pending) state as if the whole chunk were accepted: the last prefix of every Mamba layer."""
-    layers = tuple(jax.tree.map(lambda a: a[:, -1], c) if isinstance(c, MambaCache) else c for c in state.layers)
+    """A pending state as if the whole chunk were accepted: every Mamba layer's cache after the chunk."""
+    layers = tuple(c.latest if isinstance(c, MambaChunk) else c for c in state.layers)
     return dataclasses.replace(state, layers=layers)
 
 
@@ -192,23 +184,27 @@ def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax
     if k == 1:
         return d1[:, None], None if q1 is None else q1[:, None], first
 
+    # Mamba layers take the 1-token steps as verify chunks: they also return the step's inputs, all that commit
+    # needs of it. A draft without Mamba layers keeps the plain decode step (and its fused kernels).
+    mamba = any(isinstance(c, MambaChunk) for c in first.state.layers)
+
     def step(carry: tuple[jax.Array, DecodeState], i: jax.Array) -> tuple[Any, Any]:
         tok, st = carry
-        h, st = model.hidden(tok[:, None], cache=st)
+        h, st = model.hidden(tok[:, None], cache=st, verify=mamba)
         nxt, q = _pick(model.logits(h[:, 0]), jax.random.fold_in(key, i), temperature, top_p, spec)
-        mamba = tuple(c if isinstance(c, MambaCache) else None for c in st.layers)
-        return (nxt, st), (nxt, q, mamba)
+        inputs = tuple(c.inputs() if isinstance(c, MambaChunk) else None for c in st.layers)
+        return (nxt, _latest(st)), (nxt, q, inputs)
 
-    (_, last), (ds, qs, mamba) = jax.lax.scan(step, (d1, _latest(first.state)), jnp.arange(1, k))
+    (_, last), (ds, qs, inputs) = jax.lax.scan(step, (d1, _latest(first.state)), jnp.arange(1, k))
     layers = []
     for i, c in enumerate(last.layers):
-        if isinstance(c, MambaCache):  # [states after x_prev, x0] ++ [after d1 .. d_{k-1}] on the prefix axis
-            layers.append(jax.tree.map(lambda a, s: jnp.concatenate([a, jnp.moveaxis(s, 0, 1)], axis=1),
-                                       first.state.layers[i], mamba[i]))
+        pend = first.state.layers[i]
+        if isinstance(pend, MambaChunk):  # [x_prev, x0] ++ [d1 .. d_{k-1}]: inputs (k-1, b, 1, ...) -> (b, k-1, ...)
+            steps = tuple(jnp.moveaxis(a, 0, 1)[:, :, 0] for a in inputs[i])
+            layers.append(pend.extend(steps, c))
         else:
             layers.append(c)
-    pending = Pending(dataclasses.replace(last, layers=tuple(layers)), first.start, first.start_positions,
-                      first.before)
+    pending = Pending(dataclasses.replace(last, layers=tuple(layers)), first.start, first.start_positions)
     drafts = jnp.concatenate([d1[:, None], jnp.moveaxis(ds, 0, 1)], axis=1)
     probs = None if q1 is None else jnp.concatenate([q1[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
     return drafts, probs, pending

@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mamba_llama_jax.ops import scan as scan_ops
+from pallas_kernels import dispatch
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -70,7 +73,7 @@ class MambaCache:
 
     conv: (batch, channels, d_conv) the last d_conv conv inputs, newest last (the official layout), compute dtype.
     ssm: fp32; Mamba2 (batch, heads, head_dim, d_state), Mamba1 (batch, d_inner, d_state).
-    `Mamba*.multistep` returns one with an extra axis 1 of size k: the state after each prefix.
+    `prefix` picks from one with an extra axis 1 (a state per prefix); `Mamba*.multistep` returns a `MambaChunk`.
     """
 
     conv: jax.Array
@@ -85,3 +88,73 @@ class MambaCache:
         idx = (accepted - 1).astype(jnp.int32)
         pick = lambda a: jnp.take_along_axis(a, idx.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
         return MambaCache(pick(self.conv), pick(self.ssm))
+
+
+def rolled_window(history: jax.Array, chunk: jax.Array, accepted: jax.Array) -> jax.Array:
+    """The conv window (b, c, width) after the first accepted[r] (0..t) tokens of an all-real chunk (b, t, c):
+    a slice of (old window ++ chunk), so rolling back costs a gather, not a recomputation."""
+    b, c, width = history.shape
+    full = jnp.concatenate([history, jnp.swapaxes(chunk, 1, 2).astype(history.dtype)], axis=2)  # (b, c, width + t)
+    start = jnp.clip(accepted.astype(jnp.int32), 0, chunk.shape[1])
+    idx = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]  # (b, width)
+    return jnp.take_along_axis(full, jnp.broadcast_to(idx[:, None, :], (b, c, width)), axis=2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MambaChunk:
+    """A Mamba layer after a verify chunk of t real tokens, before acceptance (speculative decoding).
+
+    It keeps the cache from before the chunk, the cache after all of it (`latest`: a draft goes on from there) and
+    the chunk's inputs, never a state per token: `advance(n)` rebuilds the cache after n tokens from `before` (the
+    multistep-verify op with `accepted`; the conv window is a slice of old window ++ chunk inputs). Algorithm 2 of
+    "The Mamba in the Llama": the one cached state moves by the accepted count only.
+
+    conv_in: (b, t, channels) the chunk's conv inputs, in the conv cache's dtype.
+    x: ssm inputs after conv + SiLU, Mamba2 (b, t, h, p) / Mamba1 (b, t, d); dt: step sizes with softplus applied,
+    (b, t, h) / (b, t, d) fp32; B: (b, t, groups, n); A: (h,) / (d, n) fp32, the layer's -exp(A_log).
+    variant: "mamba2" or "mamba1" (static): which recurrence `advance` runs.
+    """
+
+    before: MambaCache
+    latest: MambaCache
+    conv_in: jax.Array
+    x: jax.Array
+    dt: jax.Array
+    B: jax.Array
+    A: jax.Array
+    variant: str = dataclasses.field(default="mamba2", metadata=dict(static=True))
+
+    @property
+    def length(self) -> int:
+        return self.conv_in.shape[1]
+
+    def inputs(self) -> tuple[jax.Array, ...]:
+        """The per-token arrays (conv_in, x, dt, B), time on axis 1: what a draft step hands to `extend`."""
+        return self.conv_in, self.x, self.dt, self.B
+
+    def extend(self, inputs: tuple[jax.Array, ...], latest: MambaCache) -> "MambaChunk":
+        """This chunk followed by more tokens (their `inputs()`, time on axis 1) that ended in `latest`."""
+        cat = [jnp.concatenate([a, b.astype(a.dtype)], axis=1) for a, b in zip(self.inputs(), inputs)]
+        return MambaChunk(self.before, latest, *cat, self.A, self.variant)
+
+    def advance(self, accepted: jax.Array) -> MambaCache:
+        """The cache after the first accepted[r] (0..t) tokens of row r (0: `before` itself)."""
+        acc = accepted.astype(jnp.int32)
+        conv = rolled_window(self.before.conv, self.conv_in, acc)
+        if self.variant == "mamba2":
+            # y is not wanted here; C only feeds y, so B stands in for it
+            _, ssm = dispatch.verify(self.before.ssm, self.x, self.dt, self.A, self.B, self.B, dt_softplus=False,
+                                     accepted=acc)
+        else:
+            # dt = 0 past the accepted count is an exact no-op step (decay exp(0) = 1, input 0): the sequential
+            # scan's final state is the accepted one, without stacking per-step states
+            keep = jnp.arange(self.length, dtype=jnp.int32)[None, :] < acc[:, None]
+            dt = jnp.where(keep[..., None], self.dt, 0.0)
+            _, ssm = scan_ops.selective_scan(self.x, dt, self.A, self.B, self.B, delta_softplus=False,
+                                             initial_state=self.before.ssm)
+        return MambaCache(conv, ssm)
+
+    def prefix(self, accepted: jax.Array) -> MambaCache:
+        """`MambaCache.prefix`'s contract (the cache after accepted (b,) >= 1 tokens), for per-prefix callers."""
+        return self.advance(accepted)

@@ -228,13 +228,23 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, ctx: Context, cache: Any, verify: bool = False) -> tuple[jax.Array, Any]:
-        h = self.input_layernorm(x)
-        # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is a mask).
-        if verify and hasattr(self.mixer, "multistep"):
-            y, cache = self.mixer.multistep(h, ctx, cache)
+        # Inference copies (`inference.generate.prepare_for_inference`) give the mixer and the MLP methods that
+        # take the norm and the residual too: at a decode step they fold RMSNorm into the next projection and the
+        # residual add into the previous one (fused small-batch kernels: fewer launches per layer).
+        if (hasattr(self.mixer, "decode_residual") and cache is not None and not ctx.prefill and not verify
+                and x.shape[1] == 1):
+            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache)
         else:
-            y, cache = self.mixer(h, ctx, cache)
-        x = x + y
+            h = self.input_layernorm(x)
+            # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is
+            # a mask).
+            if verify and hasattr(self.mixer, "multistep"):
+                y, cache = self.mixer.multistep(h, ctx, cache)
+            else:
+                y, cache = self.mixer(h, ctx, cache)
+            x = x + y
+        if hasattr(self.mlp, "norm_residual"):
+            return self.mlp.norm_residual(x, self.post_attention_layernorm), cache
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 

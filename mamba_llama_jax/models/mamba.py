@@ -4,7 +4,8 @@ Both are drop-in mixers for `models.llama.Block`: `mixer(x, ctx, cache) -> (y, c
 - no cache: full-sequence forward (training);
 - cache with `ctx.prefill`: full-sequence forward that also returns the final conv window and ssm state;
 - cache, no prefill: decode from the cached state (one step, or k steps at once — same outputs as k single steps);
-- `multistep(x, ctx, cache)`: k-step decode that also returns the state after every prefix (verification).
+- `multistep(x, ctx, cache)`: k-step decode for speculative verification; returns a `MambaChunk` (the cache after
+  the chunk, plus what `advance(n)` needs to rebuild the cache after any n of its tokens; no state per token).
 Left padding (`ctx.token_mask` False) leaves both states untouched: its conv inputs are zero and excluded from the
 conv window carried in the cache, and its dt is zero (decay 1, no input). Packed documents (`ctx.segment_ids`)
 restart the conv window and the ssm state.
@@ -53,10 +54,11 @@ from flax import nnx
 
 from mamba_llama_jax.config import LlamaConfig, MambaConfig
 from mamba_llama_jax.errors import ConfigError
-from mamba_llama_jax.models.cache import MambaCache
+from mamba_llama_jax.models.cache import MambaCache, MambaChunk
 from mamba_llama_jax.models.llama import Context, Linear, param
 from mamba_llama_jax.ops import scan as scan_ops
 from mamba_llama_jax.ops import ssd as ssd_ops
+from pallas_kernels import dispatch
 
 F32 = jnp.float32
 MULTISTEP_MAX = 16  # decode chunks up to this long use the step-by-step reference, longer ones the configured scan
@@ -311,7 +313,7 @@ class Mamba2(nnx.Module):
             y, states = ssd_ops.ssd_multistep(init, xs, dt, A, B, C, D=D, dt_softplus=False)
             final = states[:, -1]
         else:
-            impl = ssd_ops.SSD_IMPLS[self.mcfg.scan]
+            impl = dispatch.ssd if self.mcfg.scan == "kernel" else ssd_ops.SSD_IMPLS[self.mcfg.scan]
             y, final = impl(xs, dt, A, B, C, D=D, dt_softplus=False, initial_state=init,
                             segment_ids=ctx.segment_ids, chunk_size=self.mcfg.chunk_size)
         if cache is not None:
@@ -319,16 +321,20 @@ class Mamba2(nnx.Module):
                                .astype(cache.conv.dtype), final)
         return self._out(y, z), cache
 
-    def multistep(self, x: jax.Array, ctx: Context, cache: MambaCache) -> tuple[jax.Array, MambaCache]:
-        """k decode steps on real tokens: outputs and the cache after every prefix (axis 1) for verification."""
+    def multistep(self, x: jax.Array, ctx: Context, cache: MambaCache) -> tuple[jax.Array, MambaChunk]:
+        """k decode steps on real tokens (verification): outputs and a `MambaChunk` (see `models/cache.py`).
+
+        One call of the multistep-verify op (`pallas_kernels.dispatch.verify`: the Pallas kernel on GPU) with
+        accepted = k gives the outputs and the last state; acceptance later advances `cache` by its count."""
         z, xbc, dt = self._project(x, ctx)
         conv = causal_conv(xbc, self.conv1d.weight[...], None if self.conv1d.bias is None else self.conv1d.bias[...],
                            cache.conv, None)
         xs, B, C = self._heads(jax.nn.silu(conv).astype(xbc.dtype))
-        y, states = ssd_ops.ssd_multistep(cache.ssm, xs, dt, -jnp.exp(self.A_log[...].astype(F32)), B, C,
-                                          D=self.D[...].astype(F32), dt_softplus=False)
-        wins = prefix_windows(xbc, cache.conv, self.mcfg.d_conv).astype(cache.conv.dtype)
-        return self._out(y, z), MambaCache(wins, states)
+        A = -jnp.exp(self.A_log[...].astype(F32))
+        b, k = x.shape[:2]
+        y, final = dispatch.verify(cache.ssm, xs, dt, A, B, C, D=self.D[...].astype(F32), dt_softplus=False,
+                                   accepted=jnp.full((b,), k, jnp.int32))
+        return self._out(y, z), _chunk(cache, xbc, xs, dt, B, A, final, "mamba2")
 
 
 # ------------------------------------------------------------------------------------------------------ Mamba1
@@ -396,7 +402,8 @@ class Mamba1(nnx.Module):
             y, states = scan_ops.selective_scan_multistep(init, u, dt, A, B, C, D=D, z=z, delta_softplus=False)
             final = states[:, -1]
         else:
-            impl = scan_ops.SELECTIVE_IMPLS.get(self.mcfg.scan, scan_ops.selective_scan)
+            impl = (dispatch.selective_scan if self.mcfg.scan == "kernel"
+                    else scan_ops.SELECTIVE_IMPLS.get(self.mcfg.scan, scan_ops.selective_scan))
             y, final = impl(u, dt, A, B, C, D=D, z=z, delta_softplus=False, initial_state=init,
                             segment_ids=ctx.segment_ids)
         if cache is not None:
@@ -404,14 +411,24 @@ class Mamba1(nnx.Module):
                                .astype(cache.conv.dtype), final)
         return self.out_proj(y), cache
 
-    def multistep(self, x: jax.Array, ctx: Context, cache: MambaCache) -> tuple[jax.Array, MambaCache]:
-        """k decode steps on real tokens: outputs and the cache after every prefix (axis 1)."""
+    def multistep(self, x: jax.Array, ctx: Context, cache: MambaCache) -> tuple[jax.Array, MambaChunk]:
+        """k decode steps on real tokens (verification): outputs and a `MambaChunk` (see `models/cache.py`).
+        No kernel for Mamba1: the sequential scan, which keeps only the last state."""
         xi, z, B, C, dt = self._project(x, ctx)
         u = self._conv(xi, cache.conv, None)
-        y, states = scan_ops.selective_scan_multistep(cache.ssm, u, dt, -jnp.exp(self.A_log[...].astype(F32)), B,
-                                                      C, D=self.D[...].astype(F32), z=z, delta_softplus=False)
-        wins = prefix_windows(xi, cache.conv, self.mcfg.d_conv).astype(cache.conv.dtype)
-        return self.out_proj(y), MambaCache(wins, states)
+        A = -jnp.exp(self.A_log[...].astype(F32))
+        y, final = scan_ops.selective_scan(u, dt, A, B, C, D=self.D[...].astype(F32), z=z, delta_softplus=False,
+                                           initial_state=cache.ssm)
+        return self.out_proj(y), _chunk(cache, xi, u, dt, B, A, final, "mamba1")
+
+
+def _chunk(cache: MambaCache, conv_in: jax.Array, x: jax.Array, dt: jax.Array, B: jax.Array, A: jax.Array,
+           final: jax.Array, variant: str) -> MambaChunk:
+    """The pending chunk of a verify call: the conv window after all of it is the tail of old window ++ inputs."""
+    conv_in = conv_in.astype(cache.conv.dtype)
+    width = cache.conv.shape[2]
+    win = jnp.concatenate([cache.conv, jnp.swapaxes(conv_in, 1, 2)], axis=2)[:, :, -width:]
+    return MambaChunk(cache, MambaCache(win, final), conv_in, x, dt, B, A, variant)
 
 
 def make_mixer(cfg: LlamaConfig, mcfg: MambaConfig, *, rngs: nnx.Rngs | None) -> nnx.Module:

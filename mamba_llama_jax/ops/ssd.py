@@ -12,8 +12,8 @@ with A <= 0 (A = -exp(A_log)) and dt' >= 0, so every exponent taken is non-posit
 Packed sequences: `segment_ids` (b, l); wherever the id changes from one position to the next a new document
 starts and the state restarts from zero. `initial_state` belongs to the first document of each row only.
 
-All four implementations share one signature (bar `ssd_multistep`, which continues from a cached state) and agree
-to fp32 round-off; `tests/ops/test_ssd.py` pins that, forward and gradient.
+All four implementations share one signature (bar `ssd_multistep` and `ssd_verify`, which continue from a cached
+state) and agree to fp32 round-off; `tests/ops/test_ssd.py` pins that, forward and gradient.
 """
 
 from __future__ import annotations
@@ -233,6 +233,33 @@ def ssd_multistep(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B
     _, (ys, states) = jax.lax.scan(step, state.astype(F32), (tm(xf), tm(dtf), tm(Bh), tm(Ch)))
     y = _skip(jnp.moveaxis(ys, 0, 1), xf, Df)
     return y.astype(x.dtype), jnp.moveaxis(states, 0, 1)
+
+
+def ssd_verify(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+               D: jax.Array | None = None, dt_bias: jax.Array | None = None, dt_softplus: bool = True,
+               accepted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The reference of `pallas_kernels.multistep_verify` (same signature): k decode steps from a cached state.
+
+    Returns y (b,k,h,p) in x.dtype and
+    - `accepted` None: the state after every prefix (b,k,h,p,n) fp32, as `ssd_multistep`;
+    - `accepted` (b,) int: only the state after accepted[r] steps of row r (b,h,p,n) fp32 (0: `state` itself,
+      values outside [0, k] act as the nearest end), so speculative decoding can advance its one cached state by
+      the accepted count without stacking a state per draft token.
+    """
+    if accepted is None:
+        return ssd_multistep(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    k = x.shape[1]
+    xf, dtf, Af, Bh, Ch, Df = _prep(x, dt, A, B, C, D, dt_bias, dt_softplus)
+    acc = accepted.astype(jnp.int32)[:, None, None, None]
+    s = kept = state.astype(F32)
+    ys = []
+    for j in range(k):  # k is a verify chunk (a few tokens): unrolled, so a 1-token call is one fused step
+        s = (jnp.exp(dtf[:, j] * Af)[:, :, None, None] * s
+             + (dtf[:, j, :, None] * xf[:, j])[..., None] * Bh[:, j, :, None, :])
+        ys.append(jnp.einsum("bhpn,bhn->bhp", s, Ch[:, j]))
+        kept = jnp.where(j < acc, s, kept)
+    y = _skip(jnp.stack(ys, axis=1), xf, Df)
+    return y.astype(x.dtype), kept
 
 
 SSD_IMPLS = {"sequential": ssd_sequential, "associative": ssd_associative, "chunked": ssd_chunked}

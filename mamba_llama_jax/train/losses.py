@@ -12,10 +12,12 @@ All arithmetic is fp32 whatever the logits' dtype. Logits at position t predict 
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from mamba_llama_jax.errors import ConfigError
 
@@ -114,3 +116,137 @@ def hidden_mse(student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.A
     """Masked token-mean of the per-token mean squared difference of hidden states (B, L, D) (MOHAWK stage 2)."""
     d = student.astype(F32) - teacher.astype(F32)
     return reduce_masked(jnp.mean(d * d, axis=-1), mask, "token_mean")
+
+
+# ------------------------------------------------------------------------------ fused, chunked distillation loss
+#
+# `distill_loss` above takes logits: at SmolLM2's vocabulary (49,152) a batch of 8 x 2048 has fp32 logits of 3.2 GB
+# per model, and the softmaxes, the KL and their gradients each make further copies of that size. The step is then
+# bound by memory traffic over those tensors, not by matmuls. `fused_distill_loss` takes the final hidden states
+# and the LM-head matrices instead and walks the sequence in chunks: per chunk it computes both models' logits
+# (fp32 accumulation), the KL and CE, and at once the gradient of the loss with respect to the student's logits,
+# which it immediately turns into the gradients of the student's hidden states and (only if it is trained) head
+# matrix. No [B, L, V] array ever exists, nothing of the chunk is kept for the backward pass, and no logits are
+# recomputed: the FLOPs are exactly those of the unfused step. `distill_loss` stays the reference it must equal.
+
+LOGIT_CHUNK_TOKENS = 4096  # rows (batch x positions) of logits per chunk: 2 x 4096 x V fp32 live at a time
+
+
+def _lse(a: jax.Array) -> jax.Array:
+    m = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    return (m + jnp.log(jnp.sum(jnp.exp(a - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32)
+
+
+def _fused_chunks(h_s: jax.Array, w_s: jax.Array, h_t: jax.Array, w_t: jax.Array, targets: jax.Array,
+                  wk: jax.Array, wc: jax.Array, valid: jax.Array, temperature: float, chunk: int,
+                  need_dh: bool, need_dw: bool):
+    """The chunk loop. h_*: (B, L, D) compute dtype, L a multiple of `chunk`; w_*: (D, V); targets, wk, wc, valid:
+    (B, L). Returns (loss, sums (Σkl_T, Σce, Σkl_1) over `valid`, dh or None, dw or None)."""
+    b, l, d = h_s.shape
+    n = l // chunk
+    t = float(temperature)
+    to_chunks = lambda a: jnp.moveaxis(a.reshape((b, n, chunk) + a.shape[2:]), 1, 0)
+    xs = tuple(map(to_chunks, (h_s, h_t, targets, wk, wc, valid.astype(F32))))
+
+    def body(dw, inp):
+        hs, ht, tg, k, c, v = inp
+        ls = _dot(hs, w_s, ((2,), (0,)))  # (B, chunk, V) fp32
+        lt = _dot(ht, w_t, ((2,), (0,)))
+        logq = ls / t - _lse(ls / t)[..., None]
+        logp = lt / t - _lse(lt / t)[..., None]
+        p = jnp.exp(logp)
+        kl = jnp.sum(p * (logp - logq), axis=-1) * (t * t)
+        if t == 1.0:
+            logq1, p1, kl1 = logq, p, kl
+        else:
+            logq1 = ls - _lse(ls)[..., None]
+            logp1 = lt - _lse(lt)[..., None]
+            p1 = jnp.exp(logp1)
+            kl1 = jnp.sum(p1 * (logp1 - logq1), axis=-1)
+        hot = jax.nn.one_hot(tg, ls.shape[-1], dtype=F32)
+        ce = -jnp.sum(hot * logq1, axis=-1)
+        loss = jnp.sum(k * kl + c * ce)
+        sums = jnp.stack([jnp.sum(v * kl), jnp.sum(v * ce), jnp.sum(v * kl1)])
+        dh = None
+        if need_dh or need_dw:
+            # d loss / d student logits: T·(q_T − p_T) per KL unit, softmax − onehot per CE unit.
+            g = (k * t)[..., None] * (jnp.exp(logq) - p) + c[..., None] * (jnp.exp(logq1) - hot)
+            g = g.astype(hs.dtype)  # the two matmuls below run in the compute dtype, accumulating in fp32
+            if need_dh:
+                dh = _dot(g, w_s, ((2,), (1,))).astype(hs.dtype)  # (B, chunk, D)
+            if need_dw:
+                dw = dw + _dot(hs, g, ((0, 1), (0, 1)))  # (D, V)
+        return dw, (loss, sums, dh)
+
+    dw0 = jnp.zeros(w_s.shape, F32) if need_dw else None
+    dw, (loss, sums, dh) = jax.lax.scan(body, dw0, xs)
+    if dh is not None:
+        dh = jnp.moveaxis(dh, 0, 1).reshape(b, l, d)
+    return jnp.sum(loss), jnp.sum(sums, axis=0), dh, (None if dw is None else dw.astype(w_s.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _fused(h_s, w_s, h_t, w_t, targets, wk, wc, valid, temperature, chunk):
+    loss, sums, _, _ = _fused_chunks(h_s, w_s, h_t, w_t, targets, wk, wc, valid, temperature, chunk, False, False)
+    return loss, sums
+
+
+def _fused_fwd(h_s, w_s, h_t, w_t, targets, wk, wc, valid, temperature, chunk):
+    # symbolic_zeros: each argument says whether it is differentiated, so a frozen head gets no weight gradient.
+    need_dh, need_dw = h_s.perturbed, w_s.perturbed
+    args = [a.value for a in (h_s, w_s, h_t, w_t, targets, wk, wc, valid)]
+    loss, sums, dh, dw = _fused_chunks(*args, temperature, chunk, need_dh, need_dw)
+    return (loss, sums), (dh, dw)
+
+
+def _fused_bwd(temperature, chunk, res, cts):
+    dh, dw = res
+    g = cts[0]  # the metric sums are returned under stop_gradient: their cotangents are zero
+    if isinstance(g, SymbolicZero):
+        return (None,) * 8
+    scale = lambda a: None if a is None else (a.astype(F32) * g).astype(a.dtype)
+    return (scale(dh), scale(dw)) + (None,) * 6
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def fused_distill_loss(h_student: jax.Array, w_student: jax.Array, h_teacher: jax.Array, w_teacher: jax.Array,
+                       targets: jax.Array, mask: jax.Array, *, ce_weight: float = 0.0, kl_weight: float = 1.0,
+                       temperature: float = 1.0, ce_normalization: str = "token_mean",
+                       kl_normalization: str = "token_mean",
+                       chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`distill_loss` on logits = h @ w that are never materialised whole; returns (loss, {'ce', 'kl', 'kl_token'}).
+
+    h_*: (B, L, D) final hidden states in the compute dtype; w_*: (D, V) LM-head matrices in the compute dtype
+    (a tied embedding passes its transpose); targets, mask: (B, L) aligned with h (the position that predicts
+    nothing, e.g. the last, is masked). 'kl_token' is the per-token KL at T = 1 whatever the weights, as the
+    unfused objective reports it. Gradients flow to h_student and w_student only (the teacher's side is
+    constant), in the compute dtype: the student-logit gradient is rounded to it for the two gradient matmuls,
+    as the unfused backward's matmuls do with their bf16 operands.
+    """
+    b, l, d = h_student.shape
+    if h_teacher.shape != h_student.shape or w_student.shape != w_teacher.shape or w_student.shape[0] != d:
+        raise ConfigError(f"fused_distill_loss: hidden states {h_student.shape} / {h_teacher.shape} and head "
+                         f"matrices {w_student.shape} / {w_teacher.shape} must match as (B, L, D) and (D, V)")
+    for norm in (kl_normalization, ce_normalization):
+        if norm not in NORMALIZATIONS:
+            raise ConfigError(f"unknown loss normalisation {norm!r}; expected one of {list(NORMALIZATIONS)}")
+    m = mask.astype(F32)
+    count = jnp.maximum(jnp.sum(m), 1.0)
+    # the two normalisations of `reduce_masked`: per unmasked token, or per batch row
+    den = lambda norm: count if norm == "token_mean" else jnp.asarray(float(b), F32)
+    dk, dc = den(kl_normalization), den(ce_normalization)
+    chunk = max(1, min(l, chunk_tokens // max(b, 1)))
+    pad = (-l) % chunk
+    padl = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
+    wk, wc = kl_weight * m / dk, ce_weight * m / dc
+    loss, sums = _fused(padl(h_student), w_student, padl(jax.lax.stop_gradient(h_teacher)),
+                        jax.lax.stop_gradient(w_teacher), padl(targets.astype(jnp.int32)), padl(wk), padl(wc),
+                        padl(m), float(temperature), int(chunk))
+    sums = jax.lax.stop_gradient(sums)
+    return loss, {"kl": sums[0] / dk, "ce": sums[1] / dc, "kl_token": sums[2] / count}

@@ -6,10 +6,13 @@ An objective is two pure functions of a model and a batch:
 - `loss(student, batch, ref, loss_cfg)`: the scalar to differentiate and a dict of metrics.
 
 Stages of the recipes, as `StageConfig(objective=..., train=...)`:
-- layer-wise distillation (official first stage): distill, train 'mamba', CE (token mean) + 0.1·KL (batchmean);
+- layer-wise distillation (official first stage): distill, train 'mamba', CE (token mean) + 0.1·KL (batchmean),
+  computed by the fused chunked loss (`losses.fused_distill_loss`: no [B, L, V] logits are materialised);
 - end-to-end distillation: distill, train 'all', ce_weight 0, kl_weight 1;
 - SFT: distill, train 'all', CE + KL;
 - DPO: dpo against a frozen copy of the student at the stage's start (the "teacher" slot holds it);
+- MOHAWK matrix orientation: orient, train 'mamba' — each Mamba2 mixer's materialised SSD matrix matches the
+  teacher attention's softmax matrix on the teacher's own input of that layer (`train/mohawk.py`);
 - MOHAWK hidden-state alignment: hidden, train 'mamba' — each Mamba mixer, fed the teacher's own normalised
   input of that layer, matches the teacher attention's output (all layers at once, independently);
 - progressive conversion / stepwise: consecutive stages whose `hybrid` layouts have fewer attention layers
@@ -28,7 +31,7 @@ from flax import nnx
 from mamba_llama_jax.config import LossConfig
 from mamba_llama_jax.errors import ConfigError
 from mamba_llama_jax.models.llama import Attention, Context, DecoderLM, _segment_positions, rope_tables
-from mamba_llama_jax.train import losses
+from mamba_llama_jax.train import losses, mohawk
 
 Batch = dict[str, jax.Array]
 
@@ -74,13 +77,52 @@ def _logits(model: DecoderLM, tokens: jax.Array, mask: jax.Array, seg: jax.Array
 # ----------------------------------------------------------------------------------------------- distillation
 
 
-def distill_reference(teacher: DecoderLM, batch: Batch) -> jax.Array:
+def head_matrix(model: DecoderLM) -> jax.Array:
+    """The LM head as a (D, V) matrix in the compute dtype (a tied embedding transposed): logits = h @ head."""
+    dt = jnp.dtype(model.cfg.dtype)
+    if model.lm_head is None:
+        return model.embed_tokens.embedding[...].astype(dt).T
+    return model.lm_head.kernel[...].astype(dt)
+
+
+def _aligned_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """`losses.shift_targets` padded back to length L (the last position predicts nothing: masked), so that
+    targets line up with the hidden states of every position."""
+    tokens, _, seg, loss_mask = _inputs(batch)
+    targets, tmask = losses.shift_targets(tokens, loss_mask, seg)
+    return jnp.pad(targets, ((0, 0), (0, 1))), jnp.pad(tmask, ((0, 0), (0, 1)))
+
+
+def distill_reference(teacher: DecoderLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """The teacher's final hidden states (B, L, D) and head matrix: its logits are formed chunk by chunk inside
+    the fused loss, never as a whole [B, L, V] array."""
+    tokens, mask, seg, _ = _inputs(batch)
+    h, _ = teacher.hidden(tokens, token_mask=mask, segment_ids=seg)
+    return h, head_matrix(teacher)
+
+
+def distill_loss(student: DecoderLM, batch: Batch, ref: tuple[jax.Array, jax.Array],
+                 cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """ce_weight·CE + kl_weight·KL(teacher ‖ student) through `losses.fused_distill_loss` (equal to the
+    materialised `distill_loss_full`; tests pin it)."""
+    tokens, mask, seg, _ = _inputs(batch)
+    h, _ = student.hidden(tokens, token_mask=mask, segment_ids=seg)
+    targets, tmask = _aligned_targets(batch)
+    h_t, w_t = ref
+    return losses.fused_distill_loss(h, head_matrix(student), h_t, w_t, targets, tmask, ce_weight=cfg.ce_weight,
+                                     kl_weight=cfg.kl_weight, temperature=cfg.temperature,
+                                     ce_normalization=cfg.ce_normalization, kl_normalization=cfg.kl_normalization)
+
+
+def distill_reference_full(teacher: DecoderLM, batch: Batch) -> jax.Array:
+    """The plain path: the teacher's whole fp32 logits (B, L-1, V). The reference for the fused objective and the
+    baseline of benchmarks/bench_train.py; not used by training."""
     tokens, mask, seg, _ = _inputs(batch)
     return _logits(teacher, tokens, mask, seg)[:, :-1]
 
 
-def distill_loss(student: DecoderLM, batch: Batch, ref: jax.Array,
-                 cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def distill_loss_full(student: DecoderLM, batch: Batch, ref: jax.Array,
+                      cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     tokens, mask, seg, loss_mask = _inputs(batch)
     logits = _logits(student, tokens, mask, seg)[:, :-1]
     targets, tmask = losses.shift_targets(tokens, loss_mask, seg)
@@ -164,6 +206,7 @@ OBJECTIVES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "distill": (distill_reference, distill_loss),
     "dpo": (dpo_reference, dpo_loss),
     "hidden": (hidden_reference, hidden_loss),
+    "orient": (mohawk.orient_reference, mohawk.orient_loss),
 }
 
 

@@ -165,6 +165,21 @@ class Step:
     opt_shardings: Any
 
 
+def frozen_in_compute_dtype(params: Flat, dtype: Any) -> Flat:
+    """The frozen model's matrices (Linear kernels, the embedding) stored in the compute dtype. Every use casts
+    them to it anyway (`models.llama.Linear`, `Embed`, `DecoderLM.logits`), so results are bit-identical, while
+    the teacher's weights take half the memory and the step reads and casts nothing per call. Other parameters
+    (norm weights, conv weights, A_log, biases) are used in fp32 and keep their dtype."""
+    def one(name: str, v: Any) -> Any:
+        if not (name.endswith("/kernel") or name == "embed_tokens/embedding") or jnp.dtype(v.dtype).itemsize <= \
+                jnp.dtype(dtype).itemsize:
+            return v
+        if isinstance(v, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(v.shape, dtype, sharding=v.sharding)
+        return v.astype(dtype)  # keeps the array's sharding
+    return {k: one(k, v) for k, v in params.items()}
+
+
 def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     """(B, ...) -> (n, B/n, ...) with micro-batch a holding rows a, a+n, a+2n, ...: every device keeps a share of
     every micro-batch (a contiguous split would leave devices idle)."""
@@ -174,17 +189,22 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 
 def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh: jax.sharding.Mesh,
-               *, donate: bool = True) -> Step:
+               *, donate: bool = True,
+               objective_fns: tuple[Callable[..., Any], Callable[..., Any]] | None = None) -> Step:
     """The stage's jitted train step over `mesh`. The teacher is the DPO reference for objective 'dpo'.
 
     With `stage.skip_nonfinite`, a step whose loss or gradient norm is not finite returns the parameters, optimizer
-    state it was given (metric `skipped` = 1): the choice is made inside the step because its inputs are donated."""
-    if stage.remat != "none":
-        student.remat = stage.remat  # static: part of the graphdef split below (the teacher never differentiates)
+    state it was given (metric `skipped` = 1): the choice is made inside the step because its inputs are donated.
+    `objective_fns`: (reference, loss) functions replacing the stage objective's (benchmarks compare
+    implementations of one objective this way, e.g. `stages.distill_loss_full`)."""
+    # static: part of the graphdef split below (the teacher never differentiates); set every time, so that a model
+    # reused by several stages takes each stage's own choice
+    student.remat = stage.remat
     s = split_model(student, stage.train, mesh)
     t = split_model(teacher, "all", mesh)
+    t.trainable = frozen_in_compute_dtype(t.trainable, jnp.dtype(teacher.cfg.dtype))
     tx, sched = make_optimizer(stage.optim, stage.steps)
-    ref_fn, loss_fn = stages.objective(stage.objective)
+    ref_fn, loss_fn = objective_fns or stages.objective(stage.objective)
     loss_cfg, accum, skip = stage.loss, stage.grad_accum, stage.skip_nonfinite > 0
 
     def one_micro(trainable: Flat, frozen: Flat, teacher_p: Flat, mb: dict[str, jax.Array]):
@@ -630,12 +650,16 @@ def _stage_data(stage: StageConfig, tokenizer: Any) -> Any:
 def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True,
                config: TrainConfig | None = None, teacher: Any = None,
                stage_callbacks: Callable[[StageConfig], Sequence[Callable[[int, dict[str, float]], None]]] | None
-               = None) -> DecoderLM:
-    """Runs every stage of a recipe in order (the CLI's `distill|sft|dpo|pipeline`), each resuming from its own
-    checkpoints and starting from the previous stage's result; returns the final student.
+               = None, init: DecoderLM | None = None, export: bool = True) -> DecoderLM:
+    """Runs every stage of a recipe in order (the CLI's `pipeline`, and `distill|sft|dpo` for one-stage recipes),
+    each resuming from its own checkpoints and starting from the previous stage's result; returns the final
+    student, also exported (MambaInLlama format, fp32) to `output_dir/model` unless `export=False`.
 
     `teacher`: an already loaded `convert.Teacher` (the demo has one in memory; loading it again costs seconds),
-    else the recipe's is loaded. `stage_callbacks(stage)`: the `fit` callbacks of each stage."""
+    else the recipe's is loaded. `init`: a hybrid to start from (e.g. one trained by an earlier recipe, loaded with
+    `convert.mambainllama.import_mambainllama`) instead of converting the teacher: the first stage's layout is
+    reached from it as progressive conversion reaches a stage's from the previous one. `stage_callbacks(stage)`:
+    the `fit` callbacks of each stage."""
     from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.from_attention import build_hybrid
 
@@ -644,7 +668,7 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
     teacher_cfg, teacher, tok = loaded
     mesh = mesh_lib.make_mesh(cfg.mesh)
     out = Path(cfg.output_dir)
-    student: DecoderLM | None = None
+    student: DecoderLM | None = init
     layout: HybridConfig = cfg.hybrid
     for i, stage in enumerate(cfg.stages):
         layout = stage.hybrid or layout
@@ -654,4 +678,22 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
         fit(stage, student, ref, _stage_data(stage, tok), out_dir=out / stage.name, mesh=mesh,
             seed=cfg.seed + i, checkpoint=cfg.checkpoint, log_every=cfg.log_every, progress=progress,
             callbacks=stage_callbacks(stage) if stage_callbacks else ())
+    if export:
+        export_student(student, out / "model", tok)  # type: ignore[arg-type]
     return student  # type: ignore[return-value]
+
+
+def export_student(student: Any, path: Path, tokenizer: Any) -> Path | None:
+    """The trained hybrid as a MambaInLlama directory (what `--model DIR` loads: generate, chat, eval, and the
+    next `distill|sft|dpo --model`), replacing an earlier export. On several hosts the parameters are spread
+    over processes that each hold only their shards: skipped with a log line (export from one host)."""
+    from mamba_llama_jax.convert.mambainllama import export_mambainllama
+
+    if jax.process_count() > 1:
+        log.warning("several processes: not exporting %s (restore the checkpoint on one host to export)", path)
+        return None
+    try:
+        return export_mambainllama(student, path, dtype="float32", tokenizer=tokenizer, overwrite=True)
+    except OSError as e:  # the export is atomic: an earlier one, if any, is still whole
+        raise CheckpointError(f"exporting the trained model to {path} failed ({e}); the stages' checkpoints under "
+                              f"{path.parent} are intact: free space and rerun the same command to export") from e

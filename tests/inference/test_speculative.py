@@ -17,7 +17,7 @@ from mamba_llama_jax.inference.generate import SamplingConfig, _spec
 from mamba_llama_jax.inference.speculative import (
     SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, filter_logits, speculative_generate, verify,
 )
-from mamba_llama_jax.models.cache import KVCache, MambaCache
+from mamba_llama_jax.models.cache import KVCache, MambaCache, MambaChunk
 from mamba_llama_jax.models.llama import LlamaLM
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -185,8 +185,10 @@ def test_commit_equals_decoding_only_the_kept_tokens(variant):
         m = nnx.merge(graphdef, state)
         _, c = m(prompt, cache=m.init_cache(3, 20), prefill=True)
         vlogits, pend = verify(m, chunk, c)
-        # the pending Mamba caches carry one state per prefix, attention caches none
-        assert all(isinstance(x, KVCache) or x.ssm.shape[1] == 5 for x in pend.state.layers)
+        # the pending Mamba layers carry the chunk's inputs and the states before and after it, none per prefix
+        for x in pend.state.layers:
+            assert isinstance(x, KVCache) or (isinstance(x, MambaChunk) and x.length == 5
+                                              and x.latest.ssm.shape == x.before.ssm.shape)
         c = pend.commit(keep)
         logits, c = m(nxt, cache=c)
         return vlogits, logits, c
@@ -236,6 +238,38 @@ def test_draft_round_rolls_back_to_the_kept_prefix():
         consumed = list(prompt[r, :-2]) + list(fed[r, :int(keep[r])])
         seq = [int(t) for t in consumed] + [int(x_prev[r]), int(x0[r])]
         assert reference_greedy(draft, seq, k) == d2[r].tolist()
+
+
+# Head size 16: the smallest the multistep-verify kernel tiles (the configs above have 8 and take the reference).
+KCFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1,
+                   dtype="float32", max_position_embeddings=256)
+
+
+def test_greedy_through_the_verify_kernel_equals_plain_greedy(monkeypatch):
+    """The whole loop with the Pallas multistep verify (interpret mode on the CPU) in target and draft: rows accept
+    different counts, so commit's kernel call with `accepted` rolls states back; output = plain greedy."""
+    from pallas_kernels import dispatch
+    from mamba_llama_jax.inference import speculative as spec
+
+    tgt = build_hybrid(LlamaLM(KCFG, rngs=nnx.Rngs(30)), HybridConfig(attn_fraction=0.5, mamba=MambaConfig(
+        chunk_size=4)), rngs=nnx.Rngs(31))
+    graphdef, state = nnx.split(tgt)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(32), len(leaves))
+    draft = nnx.merge(graphdef, jax.tree.unflatten(tree, [
+        x + 0.2 * jnp.std(x) * jax.random.normal(kk, x.shape, x.dtype) if x.ndim >= 2 else x
+        for x, kk in zip(leaves, keys)]))
+    n = 12
+    want = [reference_greedy(tgt, p, n) for p in PROMPTS]
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    try:
+        out, lengths, st = SpeculativeDecoder(tgt, draft).run(PROMPTS, k=3, max_new_tokens=n)
+        assert dispatch.last_choice("verify") == "pallas_triton"
+    finally:
+        spec._speculate.clear_cache()  # programs traced with interpret-mode kernels stay out of other tests
+    assert [out[r, :m].tolist() for r, m in enumerate(lengths)] == want
+    assert st.accepted_hist[0] > 0 and sum(st.accepted_hist[1:]) > 0, st  # rejections and acceptances both
 
 
 # ------------------------------------------------------------------------------------------------- acceptance

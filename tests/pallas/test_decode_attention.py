@@ -7,6 +7,8 @@ reference cannot pass as the kernel.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,10 @@ import pytest
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import decode_attention_reference
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import decode_attention, decode_attention_choice, decode_attention_pallas
+from pallas_kernels.decode_attention import (
+    SMS, decode_attention, decode_attention_choice, decode_attention_pallas, decode_attention_partials_pallas,
+    decode_attention_partials_reference, merge_partials, plan,
+)
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -86,6 +91,79 @@ def test_dispatch_cpu_uses_reference_and_bad_args_raise(monkeypatch):
         decode_attention_choice(*args[:5], args[6], num_heads=4, num_kv_heads=3)
 
 
+def assert_partials_equal(args, h, kv, *, block, splits, window=0, tol=1e-5, interpret=True):
+    kw = dict(num_heads=h, num_kv_heads=kv, window=window, block=block, splits=splits)
+    fn = lambda *a: decode_attention_partials_pallas(*a, interpret=interpret, **kw)
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+    got = jax.jit(fn)(*args)
+    want = decode_attention_partials_reference(*args, **kw)
+    for g, w, name in zip(got, want, ("o_part", "m", "l", "k_cache", "v_cache")):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+    o, m, l = (np.asarray(a, np.float64) for a in got[:3])
+    wo, wm, wl = (np.asarray(a, np.float64) for a in want[:3])
+    empty = wm < -1e29  # splits that saw no valid slot: m stays NEG_INF, l and o zero
+    np.testing.assert_array_equal(m < -1e29, empty)
+    assert np.abs(m[~empty] - wm[~empty]).max() < tol * 10
+    assert rel(l, wl) < tol and rel(o, wo) < tol and rel(got[3], want[3]) < tol and rel(got[4], want[4]) < tol
+    # merged, they are the attention output
+    ref = decode_attention_reference(*args, num_heads=h, num_kv_heads=kv, window=window)[0]
+    assert rel(merge_partials(*got[:3], args[0].dtype), ref) < max(tol, 1e-5)
+
+
+@pytest.mark.parametrize("b,slots,h,kv,d,index,window,block,splits", [
+    (1, 64, 4, 2, 16, 37, 0, 16, 4),     # every split busy
+    (2, 96, 6, 2, 16, 20, 0, 16, 4),     # splits 2, 3 see nothing yet (m = NEG_INF)
+    (3, 64, 9, 3, 16, 47, 48, 16, 2),    # static window, g = 3, uneven split (3 blocks in 2)
+    (2, 128, 4, 4, 16, 127, 0, 32, 4),   # MHA, last slot
+])
+def test_partials_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, block, splits):
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index)
+    assert_partials_equal(args, h, kv, block=block, splits=splits, window=window)
+
+
+def test_plan_fills_the_gpu_at_small_batch():
+    assert plan(64, 3, 384) == (128, 1)  # 192 programs already
+    for b, window, cap in [(1, 384, 16), (1, 4352, 16), (4, 384, 16), (16, 4352, 4), (1, 64, 64)]:
+        block, splits = plan(b, 3, window, max_splits=cap)
+        assert window % block == 0 and block >= 16 and splits & (splits - 1) == 0
+        assert 1 <= splits <= min(cap, window // block)
+        want = -(-2 * SMS // (b * 3))  # about two programs per SM
+        assert splits * 2 > min(cap, window // block, want)  # the largest power of two within every bound
+    assert plan(1, 3, 384, max_splits=16) == (32, 8)
+
+
+def lowers_for_h100(fn, *avals) -> None:
+    """Lowers `fn` for CUDA as an H100 would (Pallas -> Triton IR): raises what the Triton lowering rejects.
+    Uses JAX internals to name the GPU; skips where they moved."""
+    try:
+        from jax import export
+        from jax._src.pallas.triton import gpu_info as gi
+        from jax._src.pallas.triton import pallas_call_registration as reg
+        info = gi._get_gpu_info_impl(gi.GpuVersion.H100)
+    except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
+        pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
+    saved = reg.gpu_info_lib.get_gpu_info
+    reg.gpu_info_lib.get_gpu_info = lambda: info
+    try:
+        exp = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+    finally:
+        reg.gpu_info_lib.get_gpu_info = saved
+    assert "xla.gpu.triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("b,slots", [(1, 384), (1, 4352), (64, 384)])
+def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
+    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    h, kv, d = 9, 3, 64
+    avals = (S((b, (h + 2 * kv) * d), bf), S((b, slots, kv, d), bf), S((b, slots, kv, d), bf), S((b, d // 2), f32),
+             S((b, d // 2), f32), S((), jnp.int32), S((b, slots), bool))
+    lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv), *avals)
+    block, splits = plan(b, kv, slots, max_splits=16)
+    lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv, block=block,
+                                      splits=splits), *avals)
+
+
 def _gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"
@@ -102,3 +180,13 @@ def _gpu() -> bool:
 def test_kernel_equals_reference_gpu(b, slots, index, dtype):
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=dtype, pad=[0, 7, 100, 3] * (b // 4) or [11])
     assert_equal_to_reference(args, 9, 3, tol=1e-2 if dtype == jnp.bfloat16 else 1e-4, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("b,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 60)])
+def test_partials_kernel_equals_reference_gpu(b, slots, index):
+    args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3][:b])
+    block, splits = plan(b, 3, slots, max_splits=16)
+    assert splits > 1
+    assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False)

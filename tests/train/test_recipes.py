@@ -9,17 +9,61 @@ import pytest
 import yaml
 from flax import nnx
 
-from mamba_llama_jax.config import TrainConfig, load_config
+from mamba_llama_jax.config import HybridConfig, TrainConfig, load_config
 from mamba_llama_jax.errors import ConfigError
 
 ROOT = Path(__file__).parents[2]
-RECIPES = sorted((ROOT / "configs" / "recipes").glob("smollm2-135m-*.yaml"))
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+
+
+def test_every_recipe_is_covered():
+    names = {p.stem for p in RECIPES}
+    assert {"smollm2-135m-stepwise", "smollm2-135m-mohawk", "smollm2-135m-sft", "llama3-8b-50"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipes_load(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.stages and cfg.output_dir
+    n = 32 if "llama3" in path.stem else 30
+    prev, layout = set(range(n)), cfg.hybrid  # as run_recipe: a stage's layout, else the one before
+    for st in cfg.stages:  # progressive layouts only ever convert attention layers to Mamba
+        layout = st.hybrid or layout
+        cur = set(layout.layers_for(n))
+        assert cur <= prev, (st.name, sorted(cur - prev))
+        prev = cur
+
+
+def test_stepwise_converts_one_layer_per_stage():
+    cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "smollm2-135m-stepwise.yaml")
+    attn = [set(range(30))] + [set(st.hybrid.layers_for(30)) for st in cfg.stages]
+    assert [len(a - b) for a, b in zip(attn, attn[1:])] == [1] * 15
+    assert attn[-1] == set(HybridConfig(attn_fraction=0.5).layers_for(30))  # ends at the 50 % layout
+    assert all(st.train == "mamba" and st.objective == "distill" for st in cfg.stages)
+    assert all(st.loss.kl_normalization == "sequence_sum" for st in cfg.stages)
+
+
+def test_mohawk_orients_before_aligning_hidden_states():
+    cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "smollm2-135m-mohawk.yaml")
+    assert [s.objective for s in cfg.stages] == ["orient", "hidden", "distill"]
+    assert cfg.stages[0].train == "mamba" and cfg.stages[0].data.seq_len <= 512
+
+
+def test_llama3_recipe_is_the_compiled_memory_case():
+    """The recipe's step is the one benchmarks/memory_llama3_8b.py compiles for an 8-GPU host."""
+    import importlib.util
+
+    from mamba_llama_jax.train.mesh import mesh_shape
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "llama3-8b-50.yaml")
+    st = cfg.stages[0]
+    spec = importlib.util.spec_from_file_location("memory_llama3_8b", ROOT / "benchmarks" / "memory_llama3_8b.py")
+    mem = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mem)
+    case = (8, mesh_shape(cfg.mesh, 8), st.train, st.remat, st.batch_size // st.grad_accum)
+    assert case in mem.CASES and st.data.seq_len == mem.SEQ
+    assert cfg.hybrid.layers_for(32) == tuple(range(1, 32, 2))
+    assert (st.loss.ce_weight, st.loss.kl_weight, st.loss.kl_normalization) == (1.0, 0.1, "sequence_sum")
 
 
 def test_official_layerwise_loss():
@@ -63,6 +107,7 @@ def test_progressive_recipe_runs_and_resumes(tmp_path):
     for stage in ("half", "all-mamba"):
         lines = (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(ln)["step"] for ln in lines] == [1, 2]
+    assert (tmp_path / "run" / "model" / "mamba_config.json").is_file()  # exported for --model / generate
     again = run_recipe(path, progress=False)  # both stages complete: restored, not retrained
     a, b = nnx.state(student, nnx.Param), nnx.state(again, nnx.Param)
     for x, y in zip(jax_leaves(a), jax_leaves(b)):

@@ -1,0 +1,276 @@
+"""Fused decode GEMVs (`pallas_kernels/fused_decode.py`) == their pure-JAX references, and the decode path wired
+through them gives the reference path's greedy tokens.
+
+CPU: interpret mode at tiny shapes, plus a lowering of every kernel to Triton IR for an H100 at SmolLM2's shapes
+(catches what the Triton lowering rejects without a GPU). GPU (`-m gpu`, on the device): compiled at SmolLM2's
+shapes. Every kernel test checks that the traced function holds a `pallas_call`, so a silent fallback to the
+reference cannot pass as the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_llama_jax.config import HybridConfig, LlamaConfig
+from mamba_llama_jax.errors import KernelError
+from mamba_llama_jax.models.llama import LlamaLM
+from pallas_kernels import decode_attention as da
+from pallas_kernels import dispatch
+from pallas_kernels import fused_decode as fd
+
+SMOL = dict(d=576, h=9, kv=3, hd=64, inter=1536)  # SmolLM2-135M
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def has_pallas_call(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def inputs(rows, k, n, *, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    return dict(
+        x=jax.random.normal(ks[0], (rows, k)).astype(dtype),
+        nw=(1.0 + 0.2 * jax.random.normal(ks[1], (k,))).astype(jnp.float32),
+        w=(jax.random.normal(ks[2], (k, n)) / np.sqrt(k)).astype(dtype),
+        w2=(jax.random.normal(ks[3], (k, 2 * n)) / np.sqrt(k)).astype(dtype),
+        res=jax.random.normal(ks[4], (rows, n)).astype(dtype),
+        a=jax.random.normal(ks[5], (rows, k)).astype(dtype),
+    )
+
+
+def check_all(rows, k, n, *, dtype, tol, interpret):
+    t = inputs(rows, k, n, dtype=dtype, seed=rows)
+    cases = [
+        ("norm_matmul", functools.partial(fd.norm_matmul_pallas, eps=1e-5, interpret=interpret),
+         functools.partial(fd.norm_matmul_reference, eps=1e-5), (t["x"], t["nw"], t["w"])),
+        ("norm_gate_up", functools.partial(fd.norm_gate_up_pallas, eps=1e-5, interpret=interpret),
+         functools.partial(fd.norm_gate_up_reference, eps=1e-5), (t["x"], t["nw"], t["w2"])),
+        ("matmul_residual", functools.partial(fd.matmul_residual_pallas, interpret=interpret),
+         fd.matmul_residual_reference, (t["a"], t["w"], t["res"])),
+    ]
+    for name, kern, ref, args in cases:
+        assert has_pallas_call(kern, *args), name
+        got, want = jax.jit(kern)(*args), ref(*args)
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert np.isfinite(np.asarray(got, np.float32)).all(), name
+        assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < tol, (name, rel(got, want))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_gemv_kernels_equal_reference_interpret(rows):
+    check_all(rows, 64, 48, dtype=jnp.float32, tol=1e-5, interpret=True)
+
+
+def test_gemv_kernels_bf16_interpret():
+    check_all(2, 64, 32, dtype=jnp.bfloat16, tol=2e-2, interpret=True)
+
+
+def split_attention(rows, slots, h, kv, d, index, splits, block, *, dtype, seed=0, interpret=True):
+    """Partials from the attention kernel, and the reference output they must merge to."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    qkv = jax.random.normal(ks[0], (rows, (h + 2 * kv) * d)).astype(dtype)
+    kc = jax.random.normal(ks[1], (rows, slots, kv, d)).astype(dtype)
+    vc = jax.random.normal(ks[2], (rows, slots, kv, d)).astype(dtype)
+    ang = jnp.arange(rows, dtype=jnp.float32)[:, None] * 10.0 + jnp.arange(d // 2, dtype=jnp.float32)[None] * 0.1
+    slot = jnp.arange(slots)[None]
+    valid = jnp.broadcast_to((slot >= (jnp.arange(rows)[:, None] % 5)) & (slot <= index), (rows, slots))
+    args = (qkv, kc, vc, jnp.cos(ang), jnp.sin(ang), jnp.int32(index), valid)
+    kw = dict(num_heads=h, num_kv_heads=kv, block=block, splits=splits)
+    if interpret is None:
+        parts = da.decode_attention_partials_reference(*args, **kw)
+    else:
+        parts = da.decode_attention_partials_pallas(*args, interpret=interpret, **kw)
+    from mamba_llama_jax.ops.attention import decode_attention_reference
+    want = decode_attention_reference(*args, num_heads=h, num_kv_heads=kv)[0]
+    return parts[:3], want
+
+
+@pytest.mark.parametrize("rows,splits", [(1, 4), (3, 2), (16, 4)])
+def test_attn_combine_residual_equals_reference_interpret(rows, splits):
+    h, kv, d, n = 4, 2, 16, 32
+    (o_part, m, l), attn = split_attention(rows, 64, h, kv, d, 40, splits, 16, dtype=jnp.float32, seed=rows)
+    w = jax.random.normal(jax.random.key(7), (h * d, n)) / 8.0
+    res = jax.random.normal(jax.random.key(8), (rows, n))
+    kern = functools.partial(fd.attn_combine_residual_pallas, interpret=True)
+    assert has_pallas_call(kern, o_part, m, l, w, res)
+    got = jax.jit(kern)(o_part, m, l, w, res)
+    assert rel(got, fd.attn_combine_residual_reference(o_part, m, l, w, res)) < 1e-5
+    # merged partials are attention itself: the fused o-projection sees the same input as the unfused one
+    assert rel(got, fd.matmul_residual_reference(attn, w, res)) < 1e-5
+
+
+def test_dispatch_cpu_reference_env_and_bad_args(monkeypatch):
+    t = inputs(2, 64, 32)
+    monkeypatch.delenv(dispatch.INTERPRET_ENV, raising=False)
+    assert fd.fused_decode_choice(2, 64, 32) == "reference_xla"  # CPU
+    out = fd.norm_matmul(t["x"], t["nw"], t["w"], eps=1e-5)
+    assert dispatch.last_choice("fused_decode") == "reference_xla"
+    np.testing.assert_array_equal(out, fd.norm_matmul_reference(t["x"], t["nw"], t["w"], eps=1e-5))
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    assert fd.fused_decode_choice(2, 64, 32) == "pallas_triton"
+    assert fd.fused_decode_choice(12, 64, 32) == "reference_xla"  # 12 rows: neither 1..8 nor a dot size
+    assert fd.fused_decode_choice(2, 64, 40) == "reference_xla"  # width not a multiple of 16
+    monkeypatch.setenv(fd.FUSED_DECODE_ENV, "off")
+    assert fd.fused_decode_choice(2, 64, 32) == "reference_xla"
+    monkeypatch.setenv(fd.FUSED_DECODE_ENV, "1")
+    assert fd.fused_decode_choice(2, 64, 32) == "pallas_triton"
+    monkeypatch.setenv(fd.FUSED_DECODE_ENV, "banana")
+    with pytest.raises(KernelError, match=fd.FUSED_DECODE_ENV):
+        fd.max_batch()
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+    assert fd.fused_decode_choice(2, 64, 32) == "reference_xla"
+    with pytest.raises(KernelError, match="w must be"):
+        fd.norm_matmul(t["x"], t["nw"], t["w"][:-1], eps=1e-5)
+    with pytest.raises(KernelError, match="rows"):
+        fd.norm_matmul_pallas(jnp.zeros((12, 64)), t["nw"], t["w"], eps=1e-5, interpret=True)
+    with pytest.raises(KernelError, match="splits"):
+        fd.attn_combine_residual_pallas(jnp.zeros((1, 3, 64)), jnp.zeros((1, 3, 4)), jnp.zeros((1, 3, 4)),
+                                        jnp.zeros((64, 32)), jnp.zeros((1, 32)), interpret=True)
+
+
+# ----------------------------------------------------------------------------- Triton lowering, without a GPU
+
+
+def lowers_for_h100(fn, *avals) -> None:
+    """Lowers `fn` for CUDA as an H100 would (Pallas -> Triton IR): raises what the Triton lowering rejects.
+    Uses JAX internals to name the GPU; skips where they moved."""
+    try:
+        from jax import export
+        from jax._src.pallas.triton import gpu_info as gi
+        from jax._src.pallas.triton import pallas_call_registration as reg
+        info = gi._get_gpu_info_impl(gi.GpuVersion.H100)
+    except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
+        pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
+    saved = reg.gpu_info_lib.get_gpu_info
+    reg.gpu_info_lib.get_gpu_info = lambda: info
+    try:
+        exp = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+    finally:
+        reg.gpu_info_lib.get_gpu_info = saved
+    assert "xla.gpu.triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
+    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    d, h, kv, hd, inter = SMOL["d"], SMOL["h"], SMOL["kv"], SMOL["hd"], SMOL["inter"]
+    lowers_for_h100(functools.partial(fd.norm_matmul_pallas, eps=1e-5), S((rows, d), bf), S((d,), bf),
+                    S((d, (h + 2 * kv) * hd), bf))
+    lowers_for_h100(functools.partial(fd.norm_gate_up_pallas, eps=1e-5), S((rows, d), bf), S((d,), f32),
+                    S((d, 2 * inter), bf))
+    lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((inter, d), bf), S((rows, d), bf))
+    sp = fd.combine_max_splits(rows)
+    lowers_for_h100(fd.attn_combine_residual_pallas, S((rows, sp, h * hd), f32), S((rows, sp, h), f32),
+                    S((rows, sp, h), f32), S((h * hd, d), bf), S((rows, d), bf))
+
+
+# ------------------------------------------------------------------------------- the decode path, end to end
+
+TINY = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, dtype="float32", rope_theta=1e4, max_position_embeddings=256)
+
+
+def greedy(model, prompts, n, monkeypatch, *, kernels: bool):
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
+
+    if kernels:
+        monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    else:
+        monkeypatch.delenv(dispatch.INTERPRET_ENV, raising=False)
+    jax.clear_caches()  # the kernel choice is made at trace time: no executable of the other path may be reused
+    dispatch.record_choice("fused_decode", "none")
+    gen = Generator(model, window_block=16)
+    assert gen.decode_attention_impl() == ("pallas_triton" if kernels else "reference_xla")
+    assert gen.fused_decode_impl(len(prompts)) == ("pallas_triton" if kernels else "reference_xla")
+    out = gen.run(prompts, SamplingConfig(max_new_tokens=n)).ids()
+    if kernels:
+        assert dispatch.last_choice("fused_decode") == "pallas_triton"
+        assert dispatch.last_choice("decode_attention") == "pallas_triton"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid50"])
+def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+
+    model = LlamaLM(TINY, rngs=nnx.Rngs(0))
+    if kind == "hybrid50":
+        model = build_hybrid(model, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(1))
+    prompts = [[5, 17, 3, 88, 41, 9, 60] * 6, [12, 7, 70]]  # 48 slots + 6 new: 64 slots, attention in 2 splits
+    assert da.plan(2, TINY.num_kv_heads, 64, max_splits=fd.combine_max_splits(2)) == (32, 2)
+    want = greedy(model, prompts, 6, monkeypatch, kernels=False)
+    got = greedy(model, prompts, 6, monkeypatch, kernels=True)
+    assert got == want
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not _gpu(), reason="needs a GPU (the device)")]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])  # the 1-D row path, several rows, the tensor-core dot path
+@(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
+def test_gemv_kernels_equal_reference_gpu(rows):
+    d, inter = SMOL["d"], SMOL["inter"]
+    check_all(rows, d, (SMOL["h"] + 2 * SMOL["kv"]) * SMOL["hd"], dtype=jnp.bfloat16, tol=2e-2, interpret=False)
+    check_all(rows, inter, d, dtype=jnp.bfloat16, tol=2e-2, interpret=False)
+    if rows == 1:
+        check_all(rows, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False)
+
+
+@pytest.mark.parametrize("rows,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 130), (16, 384, 300)])
+@(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
+def test_split_attention_and_combine_gpu(rows, slots, index):
+    h, kv, hd, d = SMOL["h"], SMOL["kv"], SMOL["hd"], SMOL["d"]
+    block, splits = da.plan(rows, kv, slots, max_splits=fd.combine_max_splits(rows))
+    assert splits > 1
+    (o_part, m, l), attn = split_attention(rows, slots, h, kv, hd, index, splits, block, dtype=jnp.bfloat16,
+                                           interpret=False)
+    w = (jax.random.normal(jax.random.key(7), (h * hd, d)) / 24.0).astype(jnp.bfloat16)
+    res = jax.random.normal(jax.random.key(8), (rows, d)).astype(jnp.bfloat16)
+    kern = fd.attn_combine_residual_pallas
+    assert has_pallas_call(kern, o_part, m, l, w, res)
+    got = jax.jit(kern)(o_part, m, l, w, res).astype(jnp.float32)
+    assert rel(got, fd.attn_combine_residual_reference(o_part, m, l, w, res).astype(jnp.float32)) < 1e-2
+    assert rel(got, fd.matmul_residual_reference(attn, w, res).astype(jnp.float32)) < 2e-2
+
+
+@(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
+def test_greedy_tokens_gpu_smollm2_shape(monkeypatch):
+    """fp32 (so that summation order cannot flip a near-tie): SmolLM2's layer shapes, 4 layers, kernels vs
+    the reference path, batch 1 and 4."""
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536, num_layers=4, num_heads=9,
+                      num_kv_heads=3, head_dim=64, dtype="float32", rope_theta=1e5, max_position_embeddings=1024)
+    model = LlamaLM(cfg, rngs=nnx.Rngs(0))
+    prompts = [list(range(3, 40)), list(range(100, 120)), [7] * 50, list(range(900, 990))]
+    for rows in (1, 4):
+        jax.clear_caches()  # the kernel choice is made at trace time
+        monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+        want = Generator(model).run(prompts[:rows], SamplingConfig(max_new_tokens=16)).ids()
+        monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
+        monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+        jax.clear_caches()
+        gen = Generator(model)
+        assert gen.fused_decode_impl(rows) == "pallas_triton" and gen.decode_attention_impl() == "pallas_triton"
+        assert gen.run(prompts[:rows], SamplingConfig(max_new_tokens=16)).ids() == want
