@@ -21,6 +21,11 @@ from pallas_kernels.decode_attention import (
     SMS, decode_attention, decode_attention_choice, decode_attention_pallas, decode_attention_partials_pallas,
     decode_attention_partials_reference, merge_partials, plan,
 )
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import on_gpu, rel  # noqa: E402
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -36,11 +41,6 @@ def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=Non
     pad = np.zeros(b, int) if pad is None else np.asarray(pad)
     valid = ((slot >= jnp.asarray(pad)[:, None]) | (slot == index)) & (slot <= index)
     return qkv, kc, vc, jnp.cos(ang), jnp.sin(ang), jnp.int32(index), valid
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def assert_equal_to_reference(args, h, kv, *, window=0, tol=1e-5, interpret=True, **kw):
@@ -164,15 +164,8 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
                                       splits=splits), *avals)
 
 
-def _gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="needs a GPU (the device)")
+@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
 @pytest.mark.parametrize("b,slots,index,dtype", [
     (1, 384, 200, jnp.bfloat16), (64, 384, 300, jnp.bfloat16), (1, 4352, 4200, jnp.bfloat16),
     (4, 256, 130, jnp.float32),
@@ -183,7 +176,7 @@ def test_kernel_equals_reference_gpu(b, slots, index, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="needs a GPU (the device)")
+@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
 @pytest.mark.parametrize("b,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 60)])
 def test_partials_kernel_equals_reference_gpu(b, slots, index):
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3][:b])

@@ -23,17 +23,14 @@ from mamba_llama_jax.models.llama import LlamaLM
 from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels import fused_decode as fd
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import has_pallas_call, on_gpu, rel  # noqa: E402
+
 
 SMOL = dict(d=576, h=9, kv=3, hd=64, inter=1536)  # SmolLM2-135M
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def has_pallas_call(fn, *args) -> bool:
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def inputs(rows, k, n, *, dtype=jnp.float32, seed=0):
@@ -217,14 +214,7 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
 # ------------------------------------------------------------------------------------------------------- GPU
 
 
-def _gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not _gpu(), reason="needs a GPU (the device)")]
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")]
 
 
 @pytest.mark.parametrize("rows", [1, 4, 64])  # the 1-D row path, several rows, the tensor-core dot path

@@ -19,6 +19,12 @@ from mamba_llama_jax.ops.ssd import ssd_multistep, ssd_verify
 from pallas_kernels import dispatch
 from pallas_kernels import multistep_verify as mv
 from pallas_kernels.multistep_verify import multistep_verify, pick_block_p
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import has_pallas_call, needs_gpu, rel  # noqa: E402
+
 
 F32 = jnp.float32
 
@@ -43,16 +49,6 @@ def make_inputs(b, k, h, p, n, g, *, dtype=F32, seed=0, positive_dt=False):
     )
 
 
-def rel(a, r):
-    a = np.asarray(jnp.asarray(a, F32), np.float64)
-    r = np.asarray(jnp.asarray(r, F32), np.float64)
-    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
-
-
-def _has_pallas_call(fn, *args) -> bool:
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
-
-
 def _call(fn, ins, accepted, **kw):
     return fn(ins["state"], ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], D=ins["D"], dt_bias=ins["dt_bias"],
               accepted=accepted, **kw)
@@ -70,7 +66,7 @@ def check(ins, accepted_cases, *, interpret, tol_y, tol_s, **kw):
     kern_all = jax.jit(lambda ins: _call(multistep_verify, ins, None, interpret=interpret, **kw))
     ref = jax.jit(lambda ins, acc: _call(ssd_verify, ins, acc))
     ref_all = jax.jit(lambda ins: _call(ssd_verify, ins, None))
-    assert _has_pallas_call(lambda ins: _call(multistep_verify, ins, None, interpret=interpret, **kw), ins)
+    assert has_pallas_call(lambda ins: _call(multistep_verify, ins, None, interpret=interpret, **kw), ins)
 
     y, states = kern_all(ins)
     yr, states_r = ref_all(ins)
@@ -176,7 +172,7 @@ def test_dispatch_interpret_mode_off_gpu(monkeypatch):
     ins = make_inputs(2, 3, 4, 16, 16, 2, seed=4)
     acc = jnp.asarray([0, 2], jnp.int32)
     f = lambda ins, acc: _call(dispatch.verify, ins, acc)
-    assert _has_pallas_call(f, ins, acc)
+    assert has_pallas_call(f, ins, acc)
     assert dispatch.last_choice("verify") == mv.PALLAS_TRITON
     y, st = jax.jit(f)(ins, acc)
     yr, sr = _call(ssd_verify, ins, acc)
@@ -258,16 +254,6 @@ def test_kernel_lowers_to_triton_for_h100(b, h, k, g, accepted, block_p):
 # --------------------------------------------------------------------------------------- compiled, on the GPU
 
 
-def _gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _gpu(), reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")
-
-
 def _gpu_cases():
     for b in (1, 16):
         for h in (9, 24):
@@ -296,7 +282,7 @@ def test_gpu_dispatch_picks_kernel_when_allowed(monkeypatch):
     monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
     ins = make_inputs(1, 4, 9, 64, 64, 9, dtype=jnp.bfloat16)
     f = lambda ins: _call(dispatch.verify, ins, jnp.full((1,), 4, jnp.int32))
-    assert _has_pallas_call(f, ins)
+    assert has_pallas_call(f, ins)
     assert dispatch.last_choice("verify") == mv.PALLAS_TRITON
 
 

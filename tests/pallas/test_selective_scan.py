@@ -21,6 +21,12 @@ from mamba_llama_jax.models.mamba import make_mixer
 from mamba_llama_jax.ops.scan import selective_scan, selective_scan_associative
 from pallas_kernels import dispatch
 from pallas_kernels.selective_scan import padded_group, plan_blocks, selective_scan_pallas
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import needs_gpu, rel  # noqa: E402
+
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -43,12 +49,6 @@ def make_inputs(b, l, d, n, g, *, dtype=jnp.float32, seed=0, seg=False, init=Tru
     )
     segs = jnp.cumsum(jax.random.bernoulli(k[9], 0.1, (b, l)).astype(jnp.int32), axis=1) if seg else None
     return ins, segs
-
-
-def _rel(a, r):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
 
 
 def _jaxpr(fn, *args) -> str:
@@ -77,8 +77,8 @@ def check_against_reference(ins, segs, *, softplus=True, tol_y, tol_g, reference
     assert y.dtype == ins["u"].dtype and y.shape == ins["u"].shape
     assert fin.dtype == jnp.float32 and fin.shape == (y.shape[0],) + ins["A"].shape
     assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
-    assert _rel(y, yr) < tol_y, ("y", _rel(y, yr))
-    assert _rel(fin, finr) < tol_y, ("final_state", _rel(fin, finr))
+    assert rel(y, yr) < tol_y, ("y", rel(y, yr))
+    assert rel(fin, finr) < tol_y, ("final_state", rel(fin, finr))
 
     def grad_of(fn, kw):
         inner = run(fn, kw)
@@ -97,7 +97,7 @@ def check_against_reference(ins, segs, *, softplus=True, tol_y, tol_g, reference
     for name, a, r in zip(present, gk, gr):
         assert a.shape == ins[name].shape and a.dtype == ins[name].dtype, name
         assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))), name
-        assert _rel(a, r) < tol_g, (name, _rel(a, r))
+        assert rel(a, r) < tol_g, (name, rel(a, r))
 
 
 # ------------------------------------------------------------------------------------------- interpret mode (CPU)
@@ -287,23 +287,15 @@ def test_mamba1_mixer_scan_kernel_goes_through_dispatch(monkeypatch):
     lr, gr = loss_and_grad("sequential")
     lk, gk = loss_and_grad("kernel")
     assert dispatch.last_choice("selective_scan") == dispatch.SELECTIVE_REFERENCE
-    assert float(lk) == float(lr) and _rel(gk, gr) == 0.0
+    assert float(lk) == float(lr) and rel(gk, gr) == 0.0
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
     lk, gk = loss_and_grad("kernel")
     assert dispatch.last_choice("selective_scan") == dispatch.PALLAS_TRITON
-    assert abs(float(lk) - float(lr)) < 1e-5 * abs(float(lr)) and _rel(gk, gr) < 1e-5
+    assert abs(float(lk) - float(lr)) < 1e-5 * abs(float(lr)) and rel(gk, gr) < 1e-5
 
 
 # --------------------------------------------------------------------------------------- compiled, on the GPU
 
-def _gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _gpu(), reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")
 
 GPU_CASES = [  # (b, l, d, n, g, dtype, segments, initial state, kernel tiling)
     # a Llama-1B-sized Mamba1 layer in the MambaInLlama layout (B/C in groups of d_state channels), bf16
@@ -339,4 +331,4 @@ def test_gpu_dispatch_picks_kernel(monkeypatch):
     assert dispatch.last_choice("selective_scan") == dispatch.PALLAS_TRITON
     y = jax.jit(f)(ins["u"])
     yr, _ = selective_scan(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"], D=ins["D"], z=ins["z"])
-    assert _rel(y, yr) < 1e-2
+    assert rel(y, yr) < 1e-2

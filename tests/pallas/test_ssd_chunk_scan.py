@@ -16,37 +16,14 @@ from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.ssd import ssd_chunked
 from pallas_kernels import dispatch
 from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import has_pallas_call, make_ssd_inputs, needs_gpu, rel  # noqa: E402
+
 
 ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
-
-
-def make_inputs(b, l, h, p, n, g, *, dtype=jnp.float32, seed=0, seg=False, init=True, positive_dt=False):
-    k = jax.random.split(jax.random.key(seed), 9)
-    dt = jax.random.normal(k[1], (b, l, h)) - 1.0
-    if positive_dt:  # dt_softplus=False needs dt + dt_bias >= 0
-        dt = jnp.abs(dt) * 0.3
-    ins = dict(
-        x=jax.random.normal(k[0], (b, l, h, p)).astype(dtype),
-        dt=dt,
-        A=-jnp.exp(jax.random.uniform(k[2], (h,), minval=-1.0, maxval=1.5)),
-        B=jax.random.normal(k[3], (b, l, g, n)).astype(dtype),
-        C=jax.random.normal(k[4], (b, l, g, n)).astype(dtype),
-        D=jax.random.normal(k[5], (h,)),
-        dt_bias=(jnp.abs(jax.random.normal(k[6], (h,))) * 0.3 if positive_dt else jax.random.normal(k[6], (h,))),
-        initial_state=jax.random.normal(k[7], (b, h, p, n)) if init else None,
-    )
-    segs = jnp.cumsum(jax.random.bernoulli(k[8], 0.06, (b, l)).astype(jnp.int32), axis=1) if seg else None
-    return ins, segs
-
-
-def _rel(a, r):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
-
-
-def _has_pallas_call(fn, *args) -> bool:
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def check_against_reference(ins, segs, *, chunk, softplus=True, interpret, tol_y, tol_g, block_p=None,
@@ -67,13 +44,13 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret, tol_y
     # the reference in fp32 on upcast inputs: the kernel must match the maths, not the reference's round-off
     vals32 = [v.astype(jnp.float32) for v in vals]
     fwd_r = run(ssd_chunked, dict(chunk_size=ref_chunk or chunk))
-    assert _has_pallas_call(fwd_k, *vals), "the kernel path must trace a pallas_call"
+    assert has_pallas_call(fwd_k, *vals), "the kernel path must trace a pallas_call"
     y, fin = jax.jit(fwd_k)(*vals)
     yr, finr = jax.jit(fwd_r)(*vals32)
     assert y.dtype == ins["x"].dtype and fin.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
-    assert _rel(y, yr) < tol_y, ("y", _rel(y, yr))
-    assert _rel(fin, finr) < tol_y, ("final_state", _rel(fin, finr))
+    assert rel(y, yr) < tol_y, ("y", rel(y, yr))
+    assert rel(fin, finr) < tol_y, ("final_state", rel(fin, finr))
 
     def loss(fn, kw):
         inner = run(fn, kw)
@@ -86,14 +63,14 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret, tol_y
         return jax.grad(L, argnums=tuple(range(len(present))))
 
     gk_fn = loss(ssd_chunk_scan, kern_kw)
-    assert _has_pallas_call(gk_fn, *vals), "the gradient must trace the Pallas backward"
+    assert has_pallas_call(gk_fn, *vals), "the gradient must trace the Pallas backward"
     jaxpr = str(jax.make_jaxpr(gk_fn)(*vals))
     assert "ssd_chunk_scan_bwd" in jaxpr, "the backward must be the Pallas kernel, not an XLA VJP"
     gk = jax.jit(gk_fn)(*vals)
     gr = jax.jit(loss(ssd_chunked, dict(chunk_size=ref_chunk or chunk)))(*vals32)
     for name, a, r in zip(present, gk, gr):
         assert a.shape == ins[name].shape and a.dtype == ins[name].dtype, name
-        assert _rel(a, r) < tol_g, (name, _rel(a, r))
+        assert rel(a, r) < tol_g, (name, rel(a, r))
 
 
 # (b, l, h, p, n, g, chunk, segments, initial state, block_p)
@@ -106,26 +83,26 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("b,l,h,p,n,g,chunk,seg,init,block_p", CPU_CASES)
 def test_interpret_matches_reference(b, l, h, p, n, g, chunk, seg, init, block_p):
-    ins, segs = make_inputs(b, l, h, p, n, g, seg=seg, init=init, seed=l + h)
+    ins, segs = make_ssd_inputs(b, l, h, p, n, g, seg=seg, init=init, seed=l + h)
     check_against_reference(ins, segs, chunk=chunk, interpret=True, tol_y=1e-5, tol_g=1e-4, block_p=block_p,
                             bwd_block_p=block_p)
 
 
 def test_interpret_optional_args_absent_and_no_softplus():
-    ins, segs = make_inputs(1, 24, 2, 16, 16, 1, init=False, positive_dt=True, seed=3)
+    ins, segs = make_ssd_inputs(1, 24, 2, 16, 16, 1, init=False, positive_dt=True, seed=3)
     ins["D"] = None
     ins["dt_bias"] = None
     check_against_reference(ins, segs, chunk=16, softplus=False, interpret=True, tol_y=1e-5, tol_g=1e-4)
 
 
 def test_interpret_bf16_inputs():
-    ins, segs = make_inputs(1, 32, 2, 16, 16, 2, dtype=jnp.bfloat16, seg=True, seed=5)
+    ins, segs = make_ssd_inputs(1, 32, 2, 16, 16, 2, dtype=jnp.bfloat16, seg=True, seed=5)
     check_against_reference(ins, segs, chunk=16, interpret=True, tol_y=2e-2, tol_g=3e-2)
 
 
 def test_packed_rows_equal_separate_rows():
     """Two documents packed in one row give the outputs of the two run alone (state reset at the boundary)."""
-    ins, _ = make_inputs(1, 32, 2, 16, 16, 2, init=False, seed=9)
+    ins, _ = make_ssd_inputs(1, 32, 2, 16, 16, 2, init=False, seed=9)
     segs = jnp.array([[0] * 20 + [1] * 12], jnp.int32)
     kw = dict(D=ins["D"], dt_bias=ins["dt_bias"], chunk_size=16, interpret=True)
     y, _ = ssd_chunk_scan(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], segment_ids=segs, **kw)
@@ -138,7 +115,7 @@ def test_packed_rows_equal_separate_rows():
 
 
 def test_dispatch_uses_reference_on_cpu_and_reports_it(monkeypatch):
-    ins, segs = make_inputs(1, 16, 2, 16, 16, 2, seed=1)
+    ins, segs = make_ssd_inputs(1, 16, 2, 16, 16, 2, seed=1)
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
     y, fin = dispatch.ssd(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], D=ins["D"], chunk_size=8)
     assert dispatch.last_choice("ssd") == dispatch.REFERENCE  # no GPU here
@@ -147,7 +124,7 @@ def test_dispatch_uses_reference_on_cpu_and_reports_it(monkeypatch):
 
 
 def test_dispatch_force_reference_flag(monkeypatch):
-    ins, _ = make_inputs(1, 16, 2, 16, 16, 2, seed=1)
+    ins, _ = make_ssd_inputs(1, 16, 2, 16, 16, 2, seed=1)
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
     assert dispatch.ssd_choice(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"]) == dispatch.PALLAS_TRITON
     odd = jnp.zeros((1, 16, 2, 24))  # head_dim 24 does not tile: the reference takes it
@@ -166,7 +143,7 @@ def test_dispatch_force_reference_flag(monkeypatch):
     (dict(segment_ids=jnp.zeros((1, 16), jnp.float32)), "segment_ids must be integers"),
 ])
 def test_bad_arguments_raise_kernel_error(change, match):
-    ins, _ = make_inputs(1, 16, 2, 16, 16, 2, seed=1)
+    ins, _ = make_ssd_inputs(1, 16, 2, 16, 16, 2, seed=1)
     ins.update(change)
     extra = {k: ins.get(k) for k in ("D", "dt_bias", "initial_state")}
     extra["segment_ids"] = ins.get("segment_ids")
@@ -177,7 +154,7 @@ def test_bad_arguments_raise_kernel_error(change, match):
 
 
 def test_kernel_rejects_untileable_shapes():
-    ins, _ = make_inputs(1, 16, 2, 16, 16, 2, seed=1)
+    ins, _ = make_ssd_inputs(1, 16, 2, 16, 16, 2, seed=1)
     with pytest.raises(KernelError, match="powers of two"):
         ssd_chunk_scan(jnp.zeros((1, 16, 2, 24)), ins["dt"], ins["A"], ins["B"], ins["C"], interpret=True)
     with pytest.raises(KernelError, match="chunk_size"):
@@ -186,14 +163,6 @@ def test_kernel_rejects_untileable_shapes():
 
 # --------------------------------------------------------------------------------------- compiled, on the GPU
 
-def _gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _gpu(), reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")
 
 GPU_CASES = [  # (passed on the H100 in the first device run: smollm2-bf16, h24-bf16-segments)
     pytest.param(8, 2048, 9, 64, 64, 9, jnp.bfloat16, False, 64, None, id="smollm2-bf16"),
@@ -207,7 +176,7 @@ GPU_CASES = [  # (passed on the H100 in the first device run: smollm2-bf16, h24-
 @needs_gpu
 @pytest.mark.parametrize("b,l,h,p,n,g,dtype,seg,chunk,bwd_p", GPU_CASES)
 def test_gpu_compiled_matches_reference(b, l, h, p, n, g, dtype, seg, chunk, bwd_p):
-    ins, segs = make_inputs(b, l, h, p, n, g, dtype=dtype, seg=seg, seed=7)
+    ins, segs = make_ssd_inputs(b, l, h, p, n, g, dtype=dtype, seg=seg, seed=7)
     bf = dtype == jnp.bfloat16
     check_against_reference(ins, segs, chunk=chunk, interpret=False, tol_y=2e-2 if bf else 2e-3,
                             tol_g=4e-2 if bf else 5e-3, ref_chunk=256, bwd_block_p=bwd_p)
@@ -217,7 +186,7 @@ def test_gpu_compiled_matches_reference(b, l, h, p, n, g, dtype, seg, chunk, bwd
 @needs_gpu
 def test_gpu_dispatch_picks_kernel(monkeypatch):
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
-    ins, _ = make_inputs(1, 256, 2, 64, 64, 2, dtype=jnp.bfloat16)
+    ins, _ = make_ssd_inputs(1, 256, 2, 64, 64, 2, dtype=jnp.bfloat16)
     f = lambda x: dispatch.ssd(x, ins["dt"], ins["A"], ins["B"], ins["C"])[0]
-    assert _has_pallas_call(f, ins["x"])
+    assert has_pallas_call(f, ins["x"])
     assert dispatch.last_choice("ssd") == dispatch.PALLAS_TRITON

@@ -30,33 +30,16 @@ from mamba_llama_jax.ops.ssd import ssd_chunked
 from pallas_kernels import dispatch
 from pallas_kernels.ssd_chunk_scan_tpu import ssd_chunk_scan_tpu
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_helpers import make_ssd_inputs, rel  # noqa: E402
+
+
+def make_inputs(*args, **kwargs):
+    return make_ssd_inputs(*args, seg_rate=0.08, **kwargs)
+
+
 ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def make_inputs(b, l, h, p, n, g, *, dtype=jnp.float32, seed=0, seg=False, init=True, positive_dt=False):
-    k = jax.random.split(jax.random.key(seed), 9)
-    dt = jax.random.normal(k[1], (b, l, h)) - 1.0
-    if positive_dt:  # dt_softplus=False needs dt + dt_bias >= 0
-        dt = jnp.abs(dt) * 0.3
-    ins = dict(
-        x=jax.random.normal(k[0], (b, l, h, p)).astype(dtype),
-        dt=dt,
-        A=-jnp.exp(jax.random.uniform(k[2], (h,), minval=-1.0, maxval=1.5)),
-        B=jax.random.normal(k[3], (b, l, g, n)).astype(dtype),
-        C=jax.random.normal(k[4], (b, l, g, n)).astype(dtype),
-        D=jax.random.normal(k[5], (h,)),
-        dt_bias=(jnp.abs(jax.random.normal(k[6], (h,))) * 0.3 if positive_dt else jax.random.normal(k[6], (h,))),
-        initial_state=jax.random.normal(k[7], (b, h, p, n)) if init else None,
-    )
-    segs = jnp.cumsum(jax.random.bernoulli(k[8], 0.08, (b, l)).astype(jnp.int32), axis=1) if seg else None
-    return ins, segs
-
-
-def _rel(a, r):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
 
 
 def check_against_reference(ins, segs, *, chunk, softplus=True, interpret=True, tol_y=1e-5, tol_g=1e-4):
@@ -91,14 +74,14 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret=True, 
     yr, finr = jax.jit(run(ssd_chunked, dict(chunk_size=chunk)))(*vals32)
     assert y.shape == yr.shape and y.dtype == ins["x"].dtype and fin.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
-    assert _rel(y, yr) < tol_y, ("y", _rel(y, yr))
-    assert _rel(fin, finr) < tol_y, ("final_state", _rel(fin, finr))
+    assert rel(y, yr) < tol_y, ("y", rel(y, yr))
+    assert rel(fin, finr) < tol_y, ("final_state", rel(fin, finr))
     gk = jax.jit(grad_k)(*vals)
     gr = jax.jit(loss(ssd_chunked, dict(chunk_size=chunk)))(*vals32)
     for name, a, r in zip(present, gk, gr):
         assert a.shape == ins[name].shape and a.dtype == ins[name].dtype, name
         assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))), name
-        assert _rel(a, r) < tol_g, (name, _rel(a, r))
+        assert rel(a, r) < tol_g, (name, rel(a, r))
 
 
 # -------------------------------------------------------------------------------------------- interpret mode

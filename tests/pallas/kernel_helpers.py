@@ -1,0 +1,52 @@
+"""Helpers shared by the kernel tests: relative error, the `pallas_call`-in-the-jaxpr check, the GPU marker and the
+chunked-SSD inputs (imported by path, like tests/train/tiny.py: the tests are not a package)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def rel(a, r) -> float:
+    """‖a − r‖ / ‖r‖ in float64 (bf16 inputs widened first)."""
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def has_pallas_call(fn, *args) -> bool:
+    """Whether `fn` really traces a kernel: a dispatcher that fell back to the reference would not."""
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not on_gpu(), reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")
+
+
+def make_ssd_inputs(b, l, h, p, n, g, *, dtype=jnp.float32, seed=0, seg=False, init=True, positive_dt=False,
+                    seg_rate: float = 0.06):
+    """Random chunked-SSD arguments (x, dt, A, B, C, D, dt_bias, initial_state) and, with `seg`, segment ids."""
+    k = jax.random.split(jax.random.key(seed), 9)
+    dt = jax.random.normal(k[1], (b, l, h)) - 1.0
+    if positive_dt:  # dt_softplus=False needs dt + dt_bias >= 0
+        dt = jnp.abs(dt) * 0.3
+    ins = dict(
+        x=jax.random.normal(k[0], (b, l, h, p)).astype(dtype),
+        dt=dt,
+        A=-jnp.exp(jax.random.uniform(k[2], (h,), minval=-1.0, maxval=1.5)),
+        B=jax.random.normal(k[3], (b, l, g, n)).astype(dtype),
+        C=jax.random.normal(k[4], (b, l, g, n)).astype(dtype),
+        D=jax.random.normal(k[5], (h,)),
+        dt_bias=(jnp.abs(jax.random.normal(k[6], (h,))) * 0.3 if positive_dt else jax.random.normal(k[6], (h,))),
+        initial_state=jax.random.normal(k[7], (b, h, p, n)) if init else None,
+    )
+    segs = jnp.cumsum(jax.random.bernoulli(k[8], seg_rate, (b, l)).astype(jnp.int32), axis=1) if seg else None
+    return ins, segs
