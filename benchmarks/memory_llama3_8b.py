@@ -167,7 +167,8 @@ def write(results: list[dict], out: Path, meta: dict) -> None:
         "# Llama-3-8B 50 % hybrid distillation step: memory per device, compiled ahead of time", "",
         f"{meta['date']}; jax {meta['jax']}, flax {meta['flax']}, optax {meta['optax']}; compiled on XLA:CPU with "
         f"fake devices ({meta['host']}). Sequence {SEQ}, bf16 compute, fp32 student parameters and AdamW state, "
-        f"teacher parameters {meta['teacher_param_dtype']}. Parameters from the shard shapes of the step's "
+        f"teacher parameters stored {meta['teacher_param_dtype']}, their matrices cast to bf16 once per step build "
+        f"(`trainer.frozen_in_compute_dtype`). Parameters from the shard shapes of the step's "
         "arguments; activations/temporaries = `memory_analysis().temp_size_in_bytes`; peak = arguments + "
         "temporaries + non-aliased outputs. GB = 1e9 bytes.", "",
         "| devices | mesh (data, fsdp, tensor) | trains | remat | global batch | student params | teacher params "
