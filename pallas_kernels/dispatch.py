@@ -57,7 +57,8 @@ def record_choice(op: str, choice: str) -> None:
     _last[op] = choice
 
 
-def _pow2(v: int) -> bool:
+def is_pow2(v: int) -> bool:
+    """Whether v is a positive power of two (Triton block sizes must be)."""
     return v > 0 and v & (v - 1) == 0
 
 
@@ -104,13 +105,13 @@ def check_ssd_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
         if chunk_size < 1:
             raise bad(f"chunk_size must be positive, got {chunk_size}")
         return
-    if not (_pow2(chunk_size) and 16 <= chunk_size <= 256):
+    if not (is_pow2(chunk_size) and 16 <= chunk_size <= 256):
         raise bad(f"chunk_size must be a power of two in [16, 256], got {chunk_size}")
     # Triton tiles are powers of two and the tensor-core products want >= 16 along every dimension.
-    if not (_pow2(p) and p >= 16) or not (_pow2(n) and n >= 16):
+    if not (is_pow2(p) and p >= 16) or not (is_pow2(n) and n >= 16):
         raise bad(f"head_dim ({p}) and state size ({n}) must be powers of two >= 16 for the Pallas kernel; "
                   "use mamba_llama_jax.ops.ssd.ssd_chunked (or pallas_kernels.dispatch.ssd) for other sizes")
-    if block_p is not None and not (_pow2(block_p) and 16 <= block_p <= p and p % block_p == 0):
+    if block_p is not None and not (is_pow2(block_p) and 16 <= block_p <= p and p % block_p == 0):
         raise bad(f"block_p must be a power of two >= 16 dividing head_dim ({p}), got {block_p}")
 
 

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
 from pallas_kernels import dispatch
+from pallas_kernels.dispatch import is_pow2
 from pallas_kernels.decode_attention import merge_partials
 
 F32 = jnp.float32
@@ -99,10 +100,6 @@ def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Arra
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _block(n: int, cap: int) -> int:
@@ -440,7 +437,7 @@ def check_combine_args(o_part: Any, m: Any, l: Any, w: Any, residual: Any, *, ke
         return
     _check_kernel_shape(b, hd, n)
     d = hd // m.shape[2]
-    if not (_pow2(s) and s <= MAX_COMBINE_SPLITS) or not (_pow2(d) and d >= 16):
+    if not (is_pow2(s) and s <= MAX_COMBINE_SPLITS) or not (is_pow2(d) and d >= 16):
         raise _bad(f"the combine kernel needs a power-of-two split count <= {MAX_COMBINE_SPLITS} and head_dim, "
                    f"got splits {s}, head_dim {d}")
     if s > combine_max_splits(b):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
+from pallas_kernels.dispatch import is_pow2
 
 F32 = jnp.float32
 PALLAS_TRITON = "pallas_triton"
@@ -44,10 +45,6 @@ GPU_VERIFIED = False
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 SMS = 132  # H100 SXM streaming multiprocessors: the block heuristic aims for two programs per SM
 UNROLL_MAX = 16  # longer chunks loop instead of unrolling (code size)
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def check_verify_args(state: Any, x: Any, dt: Any, A: Any, B: Any, C: Any, *, D: Any = None,
@@ -93,10 +90,10 @@ def check_verify_args(state: Any, x: Any, dt: Any, A: Any, B: Any, C: Any, *, D:
     if not kernel:
         return
     # Triton tiles are powers of two; 16 keeps every tile at least one warp-row wide.
-    if not (_pow2(p) and p >= 16) or not (_pow2(n) and n >= 16):
+    if not (is_pow2(p) and p >= 16) or not (is_pow2(n) and n >= 16):
         raise bad(f"head_dim ({p}) and d_state ({n}) must be powers of two >= 16 for the Pallas kernel; use "
                   "mamba_llama_jax.ops.ssd.ssd_verify (or pallas_kernels.dispatch.verify) for other sizes")
-    if block_p is not None and not (_pow2(block_p) and 16 <= block_p <= p):
+    if block_p is not None and not (is_pow2(block_p) and 16 <= block_p <= p):
         raise bad(f"block_p must be a power of two in [16, head_dim={p}], got {block_p}")
 
 

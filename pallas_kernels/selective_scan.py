@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.ssd import segment_starts
+from pallas_kernels.dispatch import is_pow2
 
 F32 = jnp.float32
 # False until `pytest -m gpu tests/pallas/test_selective_scan.py` has passed on the device: the dispatcher then
@@ -56,10 +57,6 @@ DEFAULT_CHUNK = 16  # a (d, n) fp32 state saved every 16 steps: at n = 16, one f
 DEFAULT_BLOCK_D = 32
 DEFAULT_WARPS = 4
 DEFAULT_PREFETCH, DEFAULT_BWD_PREFETCH = 4, 2  # steps whose loads are issued together (more: more registers)
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _next_pow2(v: int) -> int:
@@ -123,7 +120,7 @@ def check_selective_scan_args(u: Any, delta: Any, A: Any, B: Any, C: Any, *, D: 
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= 64:
         raise bad(f"chunk_size must be an integer in [1, 64] (steps unrolled per loop iteration), got {chunk_size}")
     for name, v in (("block_d", block_d), ("bwd_block_d", bwd_block_d)):
-        if v is not None and not (isinstance(v, int) and _pow2(v) and v <= 1024):
+        if v is not None and not (isinstance(v, int) and is_pow2(v) and v <= 1024):
             raise bad(f"{name} must be a power of two <= 1024 (channels per program), got {v}")
     for name, v in (("num_warps", num_warps), ("bwd_num_warps", bwd_num_warps)):
         if v is not None and v not in (1, 2, 4, 8, 16):
@@ -136,7 +133,7 @@ def check_selective_scan_args(u: Any, delta: Any, A: Any, B: Any, C: Any, *, D: 
 def padded_group(rep: int) -> int:
     """Channels per group after padding: a power of two when small, else a multiple of 8 (so blocks of >= 8
     channels tile it). 1152 -> 1152 (tiled by 64 or 128), 12 -> 16, 20 -> 24, 9 -> 16."""
-    if _pow2(rep):
+    if is_pow2(rep):
         return rep
     if rep < 8:
         return _next_pow2(rep)
@@ -147,7 +144,7 @@ def padded_group(rep: int) -> int:
 
 def plan_blocks(g: int, rep_p: int, block_d: int) -> tuple[int, int]:
     """(G, R): groups and channels-of-a-group per program, G·R <= block_d, both powers of two tiling (g, rep_p)."""
-    if _pow2(rep_p) and rep_p <= block_d:
+    if is_pow2(rep_p) and rep_p <= block_d:
         return _pow2_divisor(g, block_d // rep_p), rep_p
     return 1, _pow2_divisor(rep_p, block_d)
 

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mamba_llama_jax.errors import KernelError
-from pallas_kernels.dispatch import check_ssd_args
+from pallas_kernels.dispatch import check_ssd_args, is_pow2
 
 F32 = jnp.float32
 TPU_CHUNK = 128  # the MXU's edge on v5e (v6e's is 256): the (chunk x chunk) products fill it
@@ -47,10 +47,6 @@ _MAX_L = 1 << 24  # document counts are carried in fp32 inside the kernel: exact
 
 
 # ------------------------------------------------------------------------------------------------- arguments
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def check_tpu_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
@@ -62,7 +58,7 @@ def check_tpu_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
                    chunk_size=max(chunk_size, 1), kernel=False)
     _, l, _, p = x.shape
     n = B.shape[3]
-    if not (_pow2(chunk_size) and 16 <= chunk_size <= 256):
+    if not (is_pow2(chunk_size) and 16 <= chunk_size <= 256):
         raise KernelError(f"ssd (tpu): chunk_size must be a power of two in [16, 256], got {chunk_size} "
                           f"(128 or 256 fill the MXU)")
     if p % 16 or n % 16:
