@@ -29,17 +29,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
-from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_halves
+from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
 from pallas_kernels import dispatch
+from pallas_kernels.dispatch import is_pow2
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 SMS = 132  # H100 SXM streaming multiprocessors: `plan` aims at about two programs per SM
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _pow2_floor(v: int) -> int:
@@ -235,14 +232,7 @@ def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_ca
     h = num_heads
     g = h // kv
     window = window or slots
-    q = qkv[:, : h * d].reshape(b, h, d)
-    k = qkv[:, h * d: (h + kv) * d].reshape(b, kv, d)
-    v = qkv[:, (h + kv) * d:].reshape(b, kv, d)
-    c, s = cos[:, None, :], sin[:, None, :]
-    q, k = rope_halves(q, c, s), rope_halves(k, c, s)
-    start = (0, index, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None].astype(v_cache.dtype), start)
+    q, k_cache, v_cache = rope_and_write(qkv, k_cache, v_cache, cos, sin, index, num_heads=h, num_kv_heads=kv)
     span = -(-(window // block) // splits) * block  # slots per split
     total = span * splits
     kc, vc = k_cache[:, :window].astype(F32), v_cache[:, :window].astype(F32)
@@ -269,7 +259,7 @@ def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_ca
 
 def check_split_args(k_cache: Any, window: int, block: int, splits: int) -> None:
     window = window or k_cache.shape[1]
-    if not (_pow2(block) and window % block == 0):
+    if not (is_pow2(block) and window % block == 0):
         raise KernelError(f"decode_attention: block must be a power of two dividing the window ({window}), "
                           f"got {block}")
     if not 1 <= splits <= window // block:
@@ -300,7 +290,7 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
         raise bad(f"window must be in [0, slots={slots}], got {window}")
     if not kernel:
         return
-    if not (_pow2(d) and d >= 16):
+    if not (is_pow2(d) and d >= 16):
         raise bad(f"head_dim ({d}) must be a power of two >= 16 for the Pallas kernel; use "
                   "mamba_llama_jax.ops.attention.decode_attention_reference for other sizes")
     if pick_block(window or slots) < 16:
@@ -337,7 +327,7 @@ def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin:
 def kernel_would_run(head_dim: int, slots_multiple: int) -> bool:
     """Whether the Generator's decode attention will be the kernel (for its phase plan): GPU (or interpret mode),
     not forced to the reference, a head size the kernel tiles, and caches whose slot count is a multiple of 16."""
-    return _kernel_allowed() and _pow2(head_dim) and head_dim >= 16 and slots_multiple % 16 == 0
+    return _kernel_allowed() and is_pow2(head_dim) and head_dim >= 16 and slots_multiple % 16 == 0
 
 
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,

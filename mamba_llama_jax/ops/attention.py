@@ -52,10 +52,10 @@ def attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, wind
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
-                               sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
-                               num_kv_heads: int, window: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """See the module docstring. `window` 0 = the whole cache; else a static bound (slots beyond it unread)."""
+def rope_and_write(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
+                   index: jax.Array, *, num_heads: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's prologue: split the fused q·k·v row, rotate q and k, write k and v at slot `index`.
+    Returns q (b, heads, d) and the updated caches."""
     b = qkv.shape[0]
     h, kv = num_heads, num_kv_heads
     d = k_cache.shape[-1]
@@ -67,6 +67,17 @@ def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
     start = (0, index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None].astype(v_cache.dtype), start)
+    return q, k_cache, v_cache
+
+
+def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                               sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                               num_kv_heads: int, window: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """See the module docstring. `window` 0 = the whole cache; else a static bound (slots beyond it unread)."""
+    b = qkv.shape[0]
+    h, d = num_heads, k_cache.shape[-1]
+    q, k_cache, v_cache = rope_and_write(qkv, k_cache, v_cache, cos, sin, index, num_heads=h,
+                                         num_kv_heads=num_kv_heads)
     slot = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, :]
     mask = valid & (slot <= index)
     out = attend_one(q, k_cache, v_cache, mask, window)
