@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests: relative error, the `pallas_call`-in-the-jaxpr check, the GPU marker and the
-chunked-SSD inputs (imported by path, like tests/train/tiny.py: the tests are not a package)."""
+"""Helpers shared by the kernel tests: relative error, the `pallas_call`-in-the-jaxpr check, the GPU marker, the
+chunked-SSD inputs, a fixed weighting of (y, final state) to differentiate, and Triton lowering for an H100
+without a GPU (imported by path, like tests/train/tiny.py: the tests are not a package)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,29 @@ def make_ssd_inputs(b, l, h, p, n, g, *, dtype=jnp.float32, seed=0, seg=False, i
     )
     segs = jnp.cumsum(jax.random.bernoulli(k[8], seg_rate, (b, l)).astype(jnp.int32), axis=1) if seg else None
     return ins, segs
+
+
+def weighted_sum(y, fin):
+    """A scalar of (y, final state) with fixed, position-dependent weights: its gradient checks every output."""
+    wy = jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) * 0.37)
+    wf = jnp.cos(jnp.arange(fin.size, dtype=jnp.float32).reshape(fin.shape) * 0.11)
+    return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(fin * wf)
+
+
+def lower_for_h100(fn, *avals) -> str:
+    """The module `fn` exports for CUDA with an H100 as the target (Pallas -> Triton IR, no GPU needed): raises
+    whatever the Triton lowering rejects. Names the GPU through JAX internals; skips if they moved."""
+    try:
+        from jax import export
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+        h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
+        pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
+    lib = pallas_call_registration.gpu_info_lib
+    saved, lib.get_gpu_info = lib.get_gpu_info, lambda: h100
+    try:
+        exported = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+    finally:
+        lib.get_gpu_info = saved
+    return exported.mlir_module()

@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, on_gpu, rel  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
 
 
 SMOL = dict(d=576, h=9, kv=3, hd=64, inter=1536)  # SmolLM2-135M
@@ -141,21 +141,7 @@ def test_dispatch_cpu_reference_env_and_bad_args(monkeypatch):
 def lowers_for_h100(fn, *avals) -> None:
     """Lowers `fn` for CUDA as an H100 would (Pallas -> Triton IR): raises what the Triton lowering rejects.
     Uses JAX internals to name the GPU; skips where they moved."""
-    try:
-        from jax import export
-        from jax._src.pallas.triton import gpu_info as gi
-        from jax._src.pallas.triton import pallas_call_registration as reg
-        info = gi._get_gpu_info_impl(gi.GpuVersion.H100)
-    except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
-        pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
-    saved = reg.gpu_info_lib.get_gpu_info
-    reg.gpu_info_lib.get_gpu_info = lambda: info
-    try:
-        exp = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
-    finally:
-        reg.gpu_info_lib.get_gpu_info = saved
-    assert "xla.gpu.triton" in exp.mlir_module()
+    assert "xla.gpu.triton" in lower_for_h100(fn, *avals)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 64])

@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, needs_gpu, rel  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, needs_gpu, rel  # noqa: E402
 
 
 F32 = jnp.float32
@@ -216,24 +216,6 @@ def test_kernel_rejects_untileable_shapes():
 
 # ----------------------------------------------------------------------------- Triton lowering, without a GPU
 
-
-def lower_for_h100(fn, *avals) -> str:
-    """The module `fn` exports for CUDA with an H100 as the target (Pallas -> Triton IR, no GPU needed): raises
-    whatever the Triton lowering rejects. Names the GPU through JAX internals; skips if they moved."""
-    try:
-        from jax import export
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
-        h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-    except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
-        pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
-    lib = pallas_call_registration.gpu_info_lib
-    saved, lib.get_gpu_info = lib.get_gpu_info, lambda: h100
-    try:
-        exported = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
-    finally:
-        lib.get_gpu_info = saved
-    return exported.mlir_module()
 
 
 @pytest.mark.parametrize("b,h,k,g,accepted,block_p", [

@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import needs_gpu, rel  # noqa: E402
+from kernel_helpers import needs_gpu, rel, weighted_sum  # noqa: E402
 
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -85,9 +85,7 @@ def check_against_reference(ins, segs, *, softplus=True, tol_y, tol_g, reference
 
         def L(*v):
             y, fin = inner(*v)
-            wy = jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) * 0.37)
-            wf = jnp.cos(jnp.arange(fin.size, dtype=jnp.float32).reshape(fin.shape) * 0.11)
-            return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(fin * wf)
+            return weighted_sum(y, fin)
         return jax.grad(L, argnums=tuple(range(len(present))))
 
     gk_fn = grad_of(selective_scan_pallas, kernel_kw)

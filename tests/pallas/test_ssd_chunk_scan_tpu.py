@@ -31,7 +31,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.ssd_chunk_scan_tpu import ssd_chunk_scan_tpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import make_ssd_inputs, rel  # noqa: E402
+from kernel_helpers import make_ssd_inputs, rel, weighted_sum  # noqa: E402
 
 
 def make_inputs(*args, **kwargs):
@@ -58,9 +58,7 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret=True, 
 
         def L(*v):
             y, fin = inner(*v)
-            wy = jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) * 0.37)
-            wf = jnp.cos(jnp.arange(fin.size, dtype=jnp.float32).reshape(fin.shape) * 0.11)
-            return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(fin * wf)
+            return weighted_sum(y, fin)
         return jax.grad(L, argnums=tuple(range(len(present))))
 
     vals = [ins[a] for a in present]
