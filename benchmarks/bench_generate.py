@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import device, versions  # noqa: E402
+
 CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 FORCE_REF = "MAMBA_LLAMA_FORCE_REFERENCE"  # pallas_kernels.dispatch.FORCE_REFERENCE_ENV (no jax import here)
 FUSED_ENV = "MAMBA_LLAMA_FUSED_DECODE"  # pallas_kernels.fused_decode.FUSED_DECODE_ENV
@@ -457,25 +460,6 @@ def _variant_result(r: dict[str, Any] | None, name: str) -> dict[str, Any] | Non
     return v
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for n in ("jax", "jaxlib", "flax", "torch", "transformers", "jax-cuda13-plugin", "jax-cuda12-plugin"):
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _device() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "cpu (no nvidia-smi)"
-
 def orchestrate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     args.deadline_at = time.time() + args.deadline_s
@@ -517,7 +501,7 @@ def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], be
             started: float) -> None:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(), "versions": _versions(),
+        "device": device(), "versions": versions(),
         "config": {"model": args.teacher or "random weights, SmolLM2-135M shape", "shape": SMOLLM2_135M,
                    "dtype": "bfloat16", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                    "eos": "ignored (fixed decode length)", "batches": args.batches, "jax_runs": args.runs,
@@ -812,7 +796,7 @@ GPU_TESTS = ("tests/pallas/test_decode_attention.py", "tests/pallas/test_fused_d
 
 def _report_head(args: argparse.Namespace, what: str) -> dict[str, Any]:
     return {"what": what, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": _device(), "versions": _versions(),
+            "device": device(), "versions": versions(),
             "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
             "config": {"model": "random weights, SmolLM2-135M shape" + (" (tiny)" if args.tiny else ""),
                        "dtype": "bfloat16", "eos": "ignored (fixed decode length)"},

@@ -7,8 +7,9 @@ big files (a 270 MB checkpoint) never come back. Hence:
 
 - Call 0 (`corpus`, once, ~6 min): the teacher answers the offline prompts with the project's fast batched
   `Generator` on the device; ids come back compactly as uint16 npz files of at most 16 MiB each
-  (`data/quality-corpus/part-*.npz`: tokens, offsets, prompt_lens), plus the held-out-family answers for the
-  perplexity corpus. Later sessions carry these files (< 64 MiB) instead of regenerating them.
+  (`data/quality-corpus/train-<k>.npz`, token corpora a recipe's `data.source` can name), plus the held-out-family
+  answers for the perplexity corpus (`eval/heldout.npz`). Later sessions carry these files (< 64 MiB) instead
+  of regenerating them.
 - One call per table row (`chain --fraction F --variant V`, budget 540 s of the 600 s limit): build the hybrid,
   every distillation stage (progressive layer-wise → end-to-end KL → SFT → DPO, ≤ 20 M tokens in all at sequence
   length 1024), then evaluate (ppl ratio on the held-out chats and pydoc, NIAH at 1×/4×/8× = 1024/4096/8192,
@@ -25,11 +26,15 @@ stages only); `main` also evaluates its model with the Mamba mixers dropped (out
 layers add) and after each of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra call.
 
     python benchmarks/bench_quality.py plan
-    python benchmarks/bench_quality.py corpus --out data/quality-corpus          # device, once
+    python benchmarks/bench_quality.py corpus --corpus data/quality-corpus       # device, once
     python benchmarks/bench_quality.py teacher --corpus data/quality-corpus      # device
     python benchmarks/bench_quality.py chain --fraction 50 --variant main --corpus data/quality-corpus  # device
     python benchmarks/bench_quality.py table                                    # here
     python benchmarks/bench_quality.py --tiny                                   # CPU smoke test, fixture teacher
+
+On the device the teacher is not pip-installed: stage it (../shared/device/split-teacher) and pass
+`--teacher /tmp/teacher/smollm2.gguf`; `chain --keep-model DIR` leaves the exported hybrid there (for a later
+call on the same warm machine, e.g. the speculative-decoding benchmark's target).
 """
 
 from __future__ import annotations
@@ -77,13 +82,16 @@ class Scale:
     corpus_new_tokens: int
     corpus_samples: int
     dtype: str
+    gen_batch: int
+    chat_new_tokens: int
 
 
 # Device corpus: every offline prompt (9,600) answered twice (two sampling seeds), ~4-5 M tokens: a quarter of a
 # hybrid's 20 M-token budget, so each answer is seen about four times in all.
-DEVICE = Scale(None, SEQ_LEN, 16, TOKEN_BUDGET, SEQ_LEN, (1, 4, 8), 65536, 32, 9600, 256, 2, "bfloat16")
+DEVICE = Scale(None, SEQ_LEN, 16, TOKEN_BUDGET, SEQ_LEN, (1, 4, 8), 65536, 32, 9600, 256, 2, "bfloat16",
+               256, 128)
 TINY = Scale(str(ROOT / "tests" / "fixtures" / "tiny_llama"), 64, 4, 64 * 4 * 12, 256, (1, 2), 512, 2, 16, 12, 2,
-             "float32")
+             "float32", 8, 8)
 
 
 def ladder(fraction: str, oneshot: bool) -> list[Any]:
@@ -110,17 +118,21 @@ def _layout(spec: Any, num_layers: int) -> Any:
 
 def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0,
                  deadline_s: float | None = None) -> dict[str, Any]:
-    """Teacher answers to the offline prompts (training: `train-<sample>.npz`, one file per sampling seed) and to
-    the held-out families (eval: `heldout.npz`), as uint16 npz of at most 16 MiB each. Files already there are
-    kept (a cut-short call resumes); training samples past `deadline_s` are left for a later call."""
+    """Teacher answers to the offline prompts (training: `train-<sample>.npz`, one token-corpus file per sampling
+    seed, what a recipe's `data.source` reads) and to the held-out families (evaluation: `eval/heldout.npz`, kept
+    apart so that pointing training at the directory never reads it), at most 16 MiB each. Files already there are
+    kept (a cut-short call resumes); samples not started by `deadline_s` are left for a later call."""
     from mamba_llama_jax.data import sources
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_train = min(scale.corpus_prompts, sources.offline_prompt_count())
-    jobs = [("heldout", sources.heldout_prompts(min(60, scale.corpus_prompts), seed), seed)]
+    jobs = [("eval/heldout", sources.heldout_prompts(min(60, scale.corpus_prompts), seed), seed)]
     jobs += [(f"train-{k}", sources.offline_prompts(n_train, seed), seed + 1000 * k)
              for k in range(scale.corpus_samples)]
+    batch = scale.gen_batch
+    gen = Generator(model, pad_id=tok.pad_token_id)
     info: dict[str, Any] = {}
     for name, prompts, sample_seed in jobs:
         path = out / f"{name}.npz"
@@ -131,42 +143,36 @@ def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0,
             info[name] = {"skipped": "deadline"}
             continue
         t1 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            sources.generate_offline(model, tok, tmp, prompts=prompts, max_new_tokens=scale.corpus_new_tokens,
-                                     batch_size=256 if scale is DEVICE else 8, seed=sample_seed)
-            table = sources.load_table(tmp)
-            toks = [list(r) for r in table["tokens"]]
-            plens = [len(r) for r in table["prompt_ids"]]
-        if max(max(t) for t in toks) >= 2 ** 16:
-            raise SystemExit("vocabulary too large for uint16 ids")
-        flat = np.concatenate([np.asarray(t, np.uint16) for t in toks])
-        offsets = np.cumsum([0] + [len(t) for t in toks]).astype(np.int64)
-        tmp_path = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp_path, tokens=flat, offsets=offsets, prompt_lens=np.asarray(plens, np.int32))
-        if tmp_path.stat().st_size > 16 * 2 ** 20:
-            raise SystemExit(f"{path} would be over 16 MiB: lower corpus_prompts per file")
-        os.replace(tmp_path, path)
-        answer = int(flat.size - sum(plens))
+        rows = []
+        for b in range(0, len(prompts), batch):
+            sampling = SamplingConfig(temperature=0.7, top_p=0.95, seed=sample_seed * 100003 + b,
+                                      max_new_tokens=scale.corpus_new_tokens)
+            rows += sources.answer_batch(gen, tok, prompts[b:b + batch], sampling, np.random.default_rng(b))
+        sources.write_token_corpus(path, rows)
+        if path.stat().st_size > 16 * 2 ** 20:
+            raise SystemExit(f"{path} is over 16 MiB (too big to bring back): lower corpus_prompts per file")
+        n_tok = sum(len(r["tokens"]) for r in rows)
+        answer = sum(sum(r["loss_mask"]) for r in rows)
         dt = time.perf_counter() - t1
-        info[name] = {"rows": len(toks), "tokens": int(flat.size), "answer_tokens": answer, "bytes": path.stat().st_size,
+        info[name] = {"rows": len(rows), "tokens": n_tok, "answer_tokens": answer, "bytes": path.stat().st_size,
                       "seconds": round(dt, 1), "answer_tokens_per_s": round(answer / dt)}
         print(f"corpus {name}: {info[name]}", flush=True)
     return info
 
 
 def corpus_files(corpus_dir: Path) -> list[Path]:
-    """The training parts of a corpus (`train-*.npz`; `train.npz` from the first layout too)."""
-    files = sorted(corpus_dir.glob("train-*.npz")) + sorted(corpus_dir.glob("train.npz"))
+    """The training parts of a corpus (`train-*.npz`)."""
+    files = sorted(corpus_dir.glob("train-*.npz"))
     if not files:
         raise SystemExit(f"no training corpus (train-*.npz) in {corpus_dir}: run `bench_quality.py corpus` first")
     return files
 
 
 def read_corpus(path: Path) -> list[dict[str, list[int]]]:
-    z = np.load(path)
-    toks, off, pl = z["tokens"].astype(np.int64), z["offsets"], z["prompt_lens"]
-    return [{"tokens": toks[off[i]:off[i + 1]].tolist(),
-             "loss_mask": [0] * int(pl[i]) + [1] * int(off[i + 1] - off[i] - pl[i])} for i in range(len(pl))]
+    from mamba_llama_jax.data.sources import TokenCorpus
+
+    c = TokenCorpus(path)
+    return [c[i] for i in range(len(c))]
 
 
 # ---------------------------------------------------------------------------------------------------- chain
@@ -220,7 +226,7 @@ def _ppl(model: Any, corpora: dict[str, Any], scale: Scale) -> dict[str, float]:
 def _corpora(tok: Any, corpus_dir: Path, scale: Scale) -> dict[str, Any]:
     from mamba_llama_jax.eval.perplexity import pydoc_corpus, table_corpus
 
-    held = read_corpus(corpus_dir / "heldout.npz")
+    held = read_corpus(corpus_dir / "eval" / "heldout.npz")
     return {"heldout": table_corpus("heldout", held, tok, max_tokens=scale.ppl_max_tokens),
             "pydoc": pydoc_corpus(tok, max_tokens=scale.ppl_max_tokens)}
 
@@ -237,8 +243,11 @@ def run_teacher(corpus_dir: Path, scale: Scale) -> dict[str, Any]:
 
 
 def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path,
-              budget_s: float = CALL_BUDGET_S, seed: int = 0) -> dict[str, Any]:
-    """One table row end to end (module docstring); returns its json row."""
+              budget_s: float = CALL_BUDGET_S, seed: int = 0, keep_model: Path | None = None,
+              save: Any = None) -> dict[str, Any]:
+    """One table row end to end (module docstring); returns its json row. `save(row)` is called after training
+    and after each measurement, so a call that runs out of time still brings back what it measured."""
+    save = save or (lambda row: None)
     import jax
     from flax import nnx
 
@@ -295,7 +304,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
                            "tokens": 0, "cut_short": [], "ppl_after": {}}
     student = None
     train_budget = 0.6 * budget_s  # the rest: evaluation, export and the reload check
-    for kind, lay, stage in phases:
+    for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
             student = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + len(row["ran_steps"])),
                                    previous=student)
@@ -303,8 +312,10 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
                 _reinit(student, "none-at-all", seed + 99)
             elif len(row["ran_steps"]) == 0 and variant.startswith("reuse-"):
                 _reinit(student, variant.split("-", 1)[1].replace("none", ""), seed + 99)
-        # Later stages get what time is left, in proportion to their planned steps.
+        # Each stage gets the time left in proportion to its planned steps, so a slow device shortens every stage
+        # rather than starving the last ones (SFT, DPO).
         left = train_budget - (time.perf_counter() - t0)
+        left *= stage.steps / sum(s.steps for _, _, s in phases[n:])
         if left <= 0:
             row["cut_short"].append(stage.name)
             continue
@@ -328,6 +339,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         if kind in ("end_to_end", "sft", "dpo"):
             row["ppl_after"][kind] = _ppl(student, corpora, scale)
     row["train_s"] = time.perf_counter() - t0
+    save(row)
 
     teacher_ppl = _ppl(teacher.model, corpora, scale)
     ppl = _ppl(student, corpora, scale)
@@ -337,17 +349,21 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     if variant == "main":
         dropped = _ppl(_drop_mamba(student), corpora, scale)
         row["mamba_dropped_ppl_ratio"] = {k: dropped[k] / teacher_ppl[k] for k in dropped}
+    save(row)
     niah = run_niah(student, tok, NiahConfig(base_length=scale.niah_base, multipliers=scale.niah_multipliers,
                                              batch_size=scale.batch_size))
     row["niah"] = {k: niah[k] for k in ("lengths", "depths", "rate", "rate_by_length", "overall")}
+    save(row)
     prompts = sources.heldout_prompts(scale.chat_prompts, seed + 1)
-    chat = compare(student, teacher.model, tok, prompts, max_new_tokens=128 if scale is DEVICE else 8,
+    chat = compare(student, teacher.model, tok, prompts, max_new_tokens=scale.chat_new_tokens,
                    batch_size=scale.batch_size)
     row["chat"] = chat["summary"]
+    save(row)
 
     # Export, re-import, same logits; the checkpoint itself stays on the device (too big to bring back).
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_mambainllama(student, Path(tmp) / "export", dtype="float32", tokenizer=tok)
+        path = export_mambainllama(student, keep_model or Path(tmp) / "export", dtype="float32", tokenizer=tok,
+                                   overwrite=True)
         sha = {}
         for f in sorted(path.iterdir()):
             if f.suffix in (".safetensors", ".json"):
@@ -443,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default="data/quality-corpus", type=Path)
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS / "quality")), type=Path)
     ap.add_argument("--budget-s", type=float, default=CALL_BUDGET_S)
+    ap.add_argument("--teacher", default=None, help="teacher GGUF/HF dir (default: the embedded SmolLM2)")
+    ap.add_argument("--keep-model", default=None, type=Path, metavar="DIR",
+                    help="chain: export the trained hybrid here (MambaInLlama format) and keep it")
     a = ap.parse_args(argv)
     if a.tiny:
         return smoke(a.out if a.out != RESULTS / "quality" else Path(tempfile.mkdtemp(prefix="bench_quality_")))
-    scale = DEVICE
+    scale = dataclasses.replace(DEVICE, teacher=a.teacher)
     if a.command == "plan":
         print(plan_text())
         return 0
@@ -456,12 +475,24 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "corpus":
         from mamba_llama_jax.convert import load_teacher
 
-        t = load_teacher(None, dtype=scale.dtype)
+        t = load_teacher(scale.teacher, dtype=scale.dtype)
         print(json.dumps(write_corpus(t.model, t.tokenizer, a.corpus, scale, deadline_s=a.budget_s)))
         return 0
+    import datetime
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_env import device, versions
+
+    env = {"date": datetime.date.today().isoformat(), "device": device(), "versions": versions()}
+
+    def save(row: dict[str, Any]) -> None:
+        row.update(env)
+        _write(a.out / f"{row['row'].replace('/', '_')}.json", json.dumps(row, indent=1))
+
     row = run_teacher(a.corpus, scale) if a.command == "teacher" else run_chain(
-        a.fraction, a.variant, a.corpus, scale, Path(tempfile.mkdtemp(prefix="chain_")), a.budget_s)
-    _write(a.out / f"{row['row'].replace('/', '_')}.json", json.dumps(row, indent=1))
+        a.fraction, a.variant, a.corpus, scale, Path(tempfile.mkdtemp(prefix="chain_")), a.budget_s,
+        keep_model=a.keep_model, save=save)
+    save(row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("niah",)}, indent=1, default=str))
     return 0
 

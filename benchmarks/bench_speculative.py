@@ -45,7 +45,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_verify import CMDBUF, Deadline, device, device_flags, touch, verify_impl, versions  # noqa: E402
+from bench_env import device, versions  # noqa: E402
+from bench_verify import CMDBUF, Deadline, device_flags, touch, verify_impl  # noqa: E402
 
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noqa: E402
 from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
@@ -171,7 +172,7 @@ def prompts_for(args: argparse.Namespace, tok: Any, vocab: int, b: int, rng: np.
 
 
 def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: argparse.Namespace,
-             deadline: Deadline, results: dict[str, Any]) -> None:
+             deadline: Deadline, results: dict[str, Any], flush: Callable[[], None]) -> None:
     vocab = target.cfg.vocab_size
     gen = Generator(target)
     dec = SpeculativeDecoder(target, draft)
@@ -212,6 +213,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                                   for a in ALPHAS})
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
+                    flush()  # a call cut short by its time limit still brings back every finished row
         clear_spec_cache()
 
 
@@ -255,13 +257,15 @@ def main() -> None:
     ap.add_argument("--target", metavar="PATH", help="a real target (with --draft) instead of the random shapes")
     ap.add_argument("--draft", metavar="PATH", help="a real draft sharing the target's tokenizer")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text for real checkpoints (repeatable)")
+    ap.add_argument("--heldout-prompts", type=int, default=0, metavar="N",
+                    help="add N prompts of the held-out families (data.sources.heldout_prompts: never in training)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--k", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--impls", nargs="+", default=["kernel", "reference"], choices=["kernel", "reference"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--deadline-s", type=float, default=420.0,
                     help="start nothing new after this many seconds (a measurement in flight finishes)")
     ap.add_argument("--no-cmdbuf", action="store_true", help=f"do not add {CMDBUF} to XLA_FLAGS")
@@ -280,22 +284,30 @@ def main() -> None:
         backend=jax.default_backend(), versions=versions(), dtype=args.dtype, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         real_models=bool(args.target), xla_flags=os.environ.get("XLA_FLAGS", ""), runs=[], skipped=[])
+    if args.heldout_prompts:
+        from mamba_llama_jax.data.sources import heldout_prompts
+
+        args.prompt = list(args.prompt) + heldout_prompts(args.heldout_prompts, 0)
+        results["prompts"] = args.prompt
+
+    def flush() -> None:
+        results["wall_s"] = deadline.elapsed()
+        (args.out / "speculative.json").write_text(json.dumps(results, indent=1))
+        (args.out / "speculative.md").write_text(render_md(results, args))
+
     if args.target:
         target, tok = load_model(args.target, args.dtype)
         draft, _ = load_model(args.draft, args.dtype)
-        run_pair(Path(args.target).name, target, draft, tok, args, deadline, results)
+        run_pair(Path(args.target).name, target, draft, tok, args, deadline, results, flush)
     else:
         for shape in args.shapes:
             if deadline.over():
                 results["skipped"].append(shape)
                 continue
             target, draft = make_models(shape, args.dtype)
-            run_pair(shape, target, draft, None, args, deadline, results)
-    results["wall_s"] = deadline.elapsed()
-    (args.out / "speculative.json").write_text(json.dumps(results, indent=1))
-    text = render_md(results, args)
-    (args.out / "speculative.md").write_text(text)
-    print(text)
+            run_pair(shape, target, draft, None, args, deadline, results, flush)
+    flush()
+    print((args.out / "speculative.md").read_text())
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import queue
 import statistics
 import subprocess
@@ -53,6 +52,8 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import device, versions  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 SXM dense bf16 FLOP/s (the datasheet figure MFU is quoted against)
 FLOOR_TOKENS_PER_S = 50_000  # the untuned JAX step on the same H100, batch 8 x 2048
@@ -509,25 +510,6 @@ def summary_line(r: dict[str, Any]) -> str:
             f"{100 * r['mfu']:.1f} % (compile {r['compile_s']:.0f} s)")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for n in ("jax", "jaxlib", "flax", "optax", "jax-cuda13-plugin", "jax-cuda12-plugin"):
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _device() -> str:
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        return r.stdout.strip() or "cpu (nvidia-smi printed nothing)"
-    except (OSError, subprocess.SubprocessError):
-        return f"cpu ({platform.machine()}, {os.cpu_count()} cores; no nvidia-smi)"
 
 
 def best_variant(results: dict[str, dict[str, Any]]) -> str | None:
@@ -650,7 +632,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(BY_NAME)}")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": _device(), "versions": _versions(), "tiny": args.tiny, "warmup": args.warmup,
+            "device": device(), "versions": versions(), "tiny": args.tiny, "warmup": args.warmup,
             "steps": args.steps, "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "env": {k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                                                "MAMBA_LLAMA_UNVERIFIED_KERNELS", "MAMBA_LLAMA_FORCE_REFERENCE")

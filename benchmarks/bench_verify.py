@@ -32,11 +32,9 @@ import argparse
 import contextlib
 import datetime
 import functools
-import importlib.metadata as md
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import device, versions  # noqa: E402
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.inference.generate import prepare_for_inference
@@ -142,26 +142,6 @@ def verify_impl(name: str) -> Iterator[None]:
         dispatch.verify_choice = orig_choice
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for n in ("jax", "jaxlib", "flax", "jax-cuda12-plugin", "jax-cuda13-plugin", "triton"):
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def device() -> str:
-    if on_gpu():
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout
-            if smi.strip():
-                return smi.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
 
 
 # -------------------------------------------------------------------------------------------------- 1. layer

@@ -7,22 +7,17 @@ import datetime
 import json
 import os
 import platform
-from importlib import metadata
+import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import versions  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "flax", "orbax-checkpoint", "grain", "gguf", "safetensors", "tokenizers", "transformers",
-                "pyyaml", "hypothesis", "coverage"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+# What the reliability figures depend on (parsers, checkpointing, data), not the accelerator stack.
+PACKAGES = ("jax", "flax", "orbax-checkpoint", "grain", "gguf", "safetensors", "tokenizers", "transformers", "pyyaml",
+            "hypothesis", "coverage")
 
 
 def update(section: str, data: dict[str, Any]) -> Path:
@@ -30,7 +25,7 @@ def update(section: str, data: dict[str, Any]) -> Path:
     path = RESULTS / "reliability.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc[section] = dict(data, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        versions=versions(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
+                        versions=versions(PACKAGES), machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)

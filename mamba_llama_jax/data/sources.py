@@ -54,10 +54,15 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
 
 
 def load_table(source: str, split: str = "train") -> Any:
-    """A `datasets.Dataset` from a local file/directory, or from the Hugging Face hub when `source` is not a path."""
+    """A `datasets.Dataset` from a local file/directory, or from the Hugging Face hub when `source` is not a path;
+    a token corpus (`.npz` files, `write_token_corpus`) is read directly, without `datasets`."""
+    p = Path(source).expanduser()
+    if p.suffix == ".npz" or (p.is_dir() and any(p.glob("*.npz"))):
+        if not p.exists():
+            raise DataError(f"dataset file not found: {source}")
+        return TokenCorpus(p)
     import datasets
 
-    p = Path(source).expanduser()
     try:
         if p.exists():
             builder, files = _local_files(p)
@@ -69,6 +74,70 @@ def load_table(source: str, split: str = "train") -> Any:
         raise
     except Exception as e:  # datasets raises many types (FileNotFound, DatasetNotFound, ArrowInvalid, ...)
         raise DataError(f"cannot load dataset {source!r} (split {split!r}): {e}") from e
+
+
+class TokenCorpus:
+    """Rows {tokens, loss_mask} of a token corpus: one `.npz` file or every `.npz` file of a directory (sorted by
+    name), each holding `tokens` (uint16/int32 ids, all rows concatenated), `offsets` (row starts, n+1) and
+    `prompt_lens` (the leading tokens of each row that carry no loss). Compact enough to carry a few million
+    tokens between machines (uint16: 2 bytes a token, compressed), and read without `datasets`."""
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        # A *.tmp.npz is a write that a killed run left half done (write_token_corpus renames it when whole).
+        files = [p] if p.is_file() else sorted(f for f in p.glob("*.npz") if not f.name.endswith(".tmp.npz"))
+        if not files:
+            raise DataError(f"no .npz token corpus files in {p}")
+        self.parts = []
+        for f in files:
+            try:
+                z = np.load(f)
+                toks, off, plens = z["tokens"], z["offsets"].astype(np.int64), z["prompt_lens"].astype(np.int64)
+            except (OSError, ValueError, KeyError) as e:
+                raise DataError(f"{f}: not a token corpus (.npz with tokens, offsets, prompt_lens): {e}") from None
+            if off.ndim != 1 or len(off) != len(plens) + 1 or off[0] != 0 or off[-1] != len(toks) \
+                    or np.any(np.diff(off) < 0) or np.any(plens > np.diff(off)):
+                raise DataError(f"{f}: inconsistent token corpus (offsets/prompt_lens do not fit {len(toks)} tokens)")
+            self.parts.append((toks, off, plens))
+        self.starts = np.cumsum([0] + [len(pl) for _, _, pl in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        toks, off, plens = self.parts[k]
+        j = i - int(self.starts[k])
+        row = toks[off[j]:off[j + 1]].astype(np.int64).tolist()
+        n = int(plens[j])
+        return {"tokens": row, "loss_mask": [0] * n + [1] * (len(row) - n)}
+
+
+def write_token_corpus(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Writes rows {tokens, loss_mask (0s then 1s)} as a compressed `.npz` token corpus (`TokenCorpus`), ids as
+    uint16 when the vocabulary allows; atomic (a temp file renamed into place)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise DataError(f"a token corpus file must end in .npz, got {path}")
+    toks = [list(r["tokens"]) for r in rows]
+    plens = []
+    for i, r in enumerate(rows):
+        m = list(r["loss_mask"])
+        n = m.index(1) if 1 in m else len(m)
+        if len(m) != len(toks[i]) or any(x != 1 for x in m[n:]):
+            raise DataError(f"row {i}: a token corpus stores loss masks of the form 0…0 1…1 (prompt, answer)")
+        plens.append(n)
+    top = max((max(t) for t in toks if t), default=0)
+    flat = np.concatenate([np.asarray(t, np.int64) for t in toks]) if toks else np.zeros(0, np.int64)
+    flat = flat.astype(np.uint16 if top < 2 ** 16 else np.int32)
+    offsets = np.cumsum([0] + [len(t) for t in toks]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, tokens=flat, offsets=offsets, prompt_lens=np.asarray(plens, np.int32))
+    os.replace(tmp, path)
+    return path
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -185,6 +254,9 @@ class Examples:
 def load_examples(source: str, kind: str, *, split: str = "train", max_examples: int = 0) -> Examples:
     """A stage's examples, validated on the first row so that a wrong column fails now rather than mid-run."""
     table = load_table(source, split)
+    if isinstance(table, TokenCorpus) and kind == "pairs":
+        raise DataError(f"{source}: a token corpus (.npz) holds answers only, not the chosen/rejected pairs DPO "
+                        "needs; use a `gen-labels` directory or a preference dataset")
     ex = Examples(table, kind, max_examples)
     if len(ex) == 0:
         raise DataError(f"dataset {source!r} is empty")
@@ -323,50 +395,58 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def answer_batch(gen: Any, tokenizer: Any, prompts: Sequence[str], sampling: Any, rng: np.random.Generator,
+                 rejected: str = "shuffle") -> list[dict[str, Any]]:
+    """The teacher's answers to one batch of prompts as offline rows: prompt_ids, tokens (prompt + answer +
+    end-of-turn when it finished), loss_mask (answer only), rejected_tokens, rejected_loss_mask. `gen`: a
+    `Generator` of the teacher; `rng` draws the corrupted (rejected) answers."""
+    from mamba_llama_jax.inference.generate import SamplingConfig
+
+    if rejected not in ("shuffle", "resample"):
+        raise DataError(f"rejected must be 'shuffle' or 'resample', got {rejected!r}")
+    eos = list(tokenizer.eos_token_ids)
+    end = [eos[0]] if eos else []
+    pids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    res = gen.run(pids, sampling, eos_ids=eos)
+    answers = res.ids()
+    finished = [n < sampling.max_new_tokens for n in res.lengths]
+    if rejected == "resample":
+        hot = SamplingConfig(temperature=1.5, seed=sampling.seed + 1, max_new_tokens=sampling.max_new_tokens)
+        bad = gen.run(pids, hot, eos_ids=eos).ids()
+    else:
+        bad = [corrupt_answer(a, rng) for a in answers]
+    rows = []
+    for p, a, done, r in zip(pids, answers, finished, bad):
+        a = a + (end if done else [])
+        rows.append({"prompt_ids": p, "tokens": p + a, "loss_mask": [0] * len(p) + [1] * len(a),
+                     "rejected_tokens": p + r + end, "rejected_loss_mask": [0] * len(p) + [1] * (len(r) + len(end))})
+    return rows
+
+
 def generate_offline(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompts: int = 256,
                      max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.7, top_p: float = 0.95,
                      seed: int = 0, rejected: str = "shuffle", shard_index: int = 0, shard_count: int = 1,
                      prompts: Sequence[str] | None = None) -> Path:
-    """The teacher's answers to the offline prompts (or `prompts`), written as parquet parts of token ids.
-
-    Each row: prompt_ids, tokens (prompt + answer + end-of-turn), loss_mask (answer only), rejected_tokens,
-    rejected_loss_mask. Batched with the fast `Generator`; host `shard_index` of `shard_count` answers prompts
+    """The teacher's answers to the offline prompts (or `prompts`), written as parquet parts of token ids
+    (`answer_batch` rows). Batched with the fast `Generator`; host `shard_index` of `shard_count` answers prompts
     i ≡ shard_index (mod shard_count); parts already on disk are skipped, so a killed run resumes where it stopped.
     """
     from mamba_llama_jax.inference.generate import Generator, SamplingConfig
 
-    if rejected not in ("shuffle", "resample"):
-        raise DataError(f"rejected must be 'shuffle' or 'resample', got {rejected!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = list(prompts) if prompts is not None else offline_prompts(num_prompts, seed)
-    mine = [(i, p) for i, p in enumerate(texts) if i % shard_count == shard_index]
-    eos = list(tokenizer.eos_token_ids)
-    end = [eos[0]] if eos else []
+    mine = [p for i, p in enumerate(texts) if i % shard_count == shard_index]
     gen: Generator | None = None
     for b in range(0, len(mine), batch_size):
         part = out / f"part-{shard_index:03d}-{b // batch_size:05d}.parquet"
         if part.exists():
             continue
         gen = gen or Generator(model, pad_id=tokenizer.pad_token_id)
-        chunk = mine[b:b + batch_size]
-        pids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for _, p in chunk]
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + b,
                                   max_new_tokens=max_new_tokens)
-        res = gen.run(pids, sampling, eos_ids=eos)
-        answers = res.ids()
-        finished = [n < max_new_tokens for n in res.lengths]
-        if rejected == "resample":
-            hot = SamplingConfig(temperature=1.5, seed=seed * 100003 + b + 1, max_new_tokens=max_new_tokens)
-            bad = gen.run(pids, hot, eos_ids=eos).ids()
-        else:
-            rng = np.random.default_rng([seed, shard_index, b])
-            bad = [corrupt_answer(a, rng) for a in answers]
-        rows = []
-        for (i, _), p, a, done, r in zip(chunk, pids, answers, finished, bad):
-            a = a + (end if done else [])
-            rows.append({"prompt_ids": p, "tokens": p + a, "loss_mask": [0] * len(p) + [1] * len(a),
-                         "rejected_tokens": p + r + end, "rejected_loss_mask": [0] * len(p) + [1] * (len(r) + len(end))})
+        rows = answer_batch(gen, tokenizer, mine[b:b + batch_size], sampling,
+                            np.random.default_rng([seed, shard_index, b]), rejected)
         _write_parquet(part, rows)
     meta = {"num_prompts": len(texts), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "seed": seed, "rejected": rejected, "shard_count": shard_count}

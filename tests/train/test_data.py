@@ -145,3 +145,38 @@ def test_offline_generation_resumes(tmp_path, tok):
     assert 1 <= sum(row["loss_mask"]) <= 7 and n_prompt > 3
     pairs = sources.load_examples(str(out), "pairs")
     assert pairs[0]["prompt_ids"] == row["tokens"][:n_prompt]
+
+
+def test_token_corpus_roundtrip(tmp_path):
+    rows = [{"tokens": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]}, {"tokens": [9, 70000], "loss_mask": [1, 1]},
+            {"tokens": [1, 2, 3], "loss_mask": [0, 0, 0]}]
+    small = [{"tokens": [4, 3], "loss_mask": [0, 1]}]
+    sources.write_token_corpus(tmp_path / "c" / "train-1.npz", rows)
+    sources.write_token_corpus(tmp_path / "c" / "train-0.npz", small)
+    assert np.load(tmp_path / "c" / "train-0.npz")["tokens"].dtype == np.uint16  # 2 bytes a token when it fits
+    assert np.load(tmp_path / "c" / "train-1.npz")["tokens"].dtype == np.int32  # 70000 does not
+    (tmp_path / "c" / "eval").mkdir()
+    sources.write_token_corpus(tmp_path / "c" / "eval" / "heldout.npz", rows)  # a subdirectory is not read
+    (tmp_path / "c" / "train-2.tmp.npz").write_bytes(b"half written")  # a killed write is not read either
+    ex = sources.load_examples(str(tmp_path / "c"), "tokens")
+    assert [ex[i] for i in range(len(ex))] == small + rows  # files in name order
+    one = sources.load_examples(str(tmp_path / "c" / "train-1.npz"), "tokens")
+    assert [one[i] for i in range(len(one))] == rows
+
+
+def test_token_corpus_errors(tmp_path):
+    with pytest.raises(DataError, match="0…0 1…1"):
+        sources.write_token_corpus(tmp_path / "x.npz", [{"tokens": [1, 2, 3], "loss_mask": [1, 0, 1]}])
+    with pytest.raises(DataError, match="must end in .npz"):
+        sources.write_token_corpus(tmp_path / "x.bin", [{"tokens": [1], "loss_mask": [1]}])
+    with pytest.raises(DataError, match="not found"):
+        sources.load_examples(str(tmp_path / "missing.npz"), "tokens")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a token corpus"):
+        sources.load_examples(str(tmp_path / "bad.npz"), "tokens")
+    np.savez(tmp_path / "off.npz", tokens=np.arange(4), offsets=np.array([0, 3, 5]), prompt_lens=np.array([1, 1]))
+    with pytest.raises(DataError, match="inconsistent"):
+        sources.load_examples(str(tmp_path / "off.npz"), "tokens")
+    sources.write_token_corpus(tmp_path / "ok.npz", [{"tokens": [1, 2], "loss_mask": [0, 1]}])
+    with pytest.raises(DataError, match="chosen/rejected"):
+        sources.load_examples(str(tmp_path / "ok.npz"), "pairs")
