@@ -132,11 +132,17 @@ class HybridConfig:
 
     Give either `attn_layers` (explicit indices, the exported form) or `attn_fraction` (layer i keeps attention
     iff i % k == k - 1, k = 1/fraction; 0 means no attention at all). `attn_layers` wins when both are given.
+
+    `keep_layers`: a shallower student (e.g. a speculative-decoding draft) built from only these teacher layers,
+    in this order (distinct, ascending, non-empty); `attn_layers`/`attn_fraction` then index the kept layers
+    (0..len-1). None: every teacher layer. The student itself does not remember which teacher layers it came
+    from: `student_layout` is the layout it exports (no keep_layers, explicit attn_layers).
     """
 
     attn_layers: tuple[int, ...] | None = None
     attn_fraction: float | None = None
     mamba: MambaConfig = MambaConfig()
+    keep_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.attn_layers is None and self.attn_fraction is None:
@@ -146,6 +152,18 @@ class HybridConfig:
             if any(i < 0 for i in self.attn_layers) or len(set(self.attn_layers)) != len(self.attn_layers):
                 raise ConfigError(f"attn_layers must be distinct non-negative indices, got {list(self.attn_layers)}")
             object.__setattr__(self, "attn_layers", tuple(sorted(self.attn_layers)))
+        if self.keep_layers is not None:
+            keep = list(self.keep_layers)
+            if not keep:
+                raise ConfigError("keep_layers must name at least one teacher layer (leave it out to keep them all)")
+            # ascending, not sorted for the user: a reordered stack is almost surely a typo, not a wish
+            if any(i < 0 for i in keep) or any(a >= b for a, b in zip(keep, keep[1:])):
+                raise ConfigError(f"keep_layers must be distinct non-negative teacher layer indices in ascending "
+                                  f"order, got {keep}")
+            bad = [i for i in self.attn_layers or () if i >= len(keep)]
+            if bad:
+                raise ConfigError(f"attn_layers {bad} out of range: with keep_layers they index the {len(keep)} kept "
+                                  f"layers (0..{len(keep) - 1}), not the teacher's")
         if self.attn_fraction is not None:
             f = self.attn_fraction
             if not 0 <= f <= 1 or (f > 0 and abs(1 / f - round(1 / f)) > 1e-6):
@@ -153,7 +171,12 @@ class HybridConfig:
                                   f"got {f}")
 
     def layers_for(self, num_layers: int) -> tuple[int, ...]:
-        """The attention layer indices for a model of `num_layers` layers (validated against it)."""
+        """The attention layer indices for a model of `num_layers` layers (validated against it); with
+        keep_layers, that model is the shallow student (len(keep_layers) layers)."""
+        if self.keep_layers is not None and num_layers != len(self.keep_layers):
+            raise ConfigError(f"this layout keeps {len(self.keep_layers)} teacher layers (keep_layers "
+                              f"{list(self.keep_layers)}): its attention layers index a model of that many layers, "
+                              f"not of {num_layers} (use kept_layers/student_layout with the teacher's count)")
         if self.attn_layers is not None:
             bad = [i for i in self.attn_layers if i >= num_layers]
             if bad:
@@ -164,6 +187,23 @@ class HybridConfig:
             return ()
         k = round(1 / f)
         return tuple(i for i in range(num_layers) if i % k == k - 1)
+
+    def kept_layers(self, teacher_layers: int) -> tuple[int, ...]:
+        """The teacher layers the student is built from, in order (keep_layers validated against the teacher's
+        `teacher_layers`, or all of them)."""
+        if self.keep_layers is None:
+            return tuple(range(teacher_layers))
+        bad = [i for i in self.keep_layers if i >= teacher_layers]
+        if bad:
+            raise ConfigError(f"keep_layers {bad} out of range for a teacher with {teacher_layers} layers "
+                              f"(valid: 0..{teacher_layers - 1})")
+        return self.keep_layers
+
+    def student_layout(self, teacher_layers: int) -> HybridConfig:
+        """This layout as the student built from a `teacher_layers`-layer teacher sees it: keep_layers resolved
+        away (the student simply has that many layers) and the attention layers explicit, as it is exported."""
+        n = len(self.kept_layers(teacher_layers))
+        return dataclasses.replace(self, keep_layers=None, attn_layers=self.layers_for(n), attn_fraction=None)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -181,7 +221,8 @@ class DataConfig:
     """Where a stage's examples come from and how they are shaped.
 
     source: a local .json/.jsonl/.parquet file or directory of them, a directory written by
-    `data.sources.generate_offline` (kind 'tokens'), or a Hugging Face hub dataset name. kind: 'chat' (a
+    `data.sources.generate_offline` (kind 'tokens'), a token corpus (.npz file or directory of them,
+    `data.sources.write_token_corpus`), or a Hugging Face hub dataset name. kind: 'chat' (a
     `messages` column), 'pairs' (`chosen`/`rejected`, for DPO) or 'tokens' (pre-tokenised `tokens`/`loss_mask`).
     """
 

@@ -8,10 +8,14 @@ the teacher's (HF rotate-half) row order, unrotated, exactly as the official cod
 Progressive conversion: `build_hybrid(teacher, cfg, previous=hybrid)` starts from an earlier hybrid instead:
 its Mamba layers are kept as trained, its attention layers that the new config turns into Mamba are converted
 from the *previous* model's attention weights, and everything shared is copied from the previous model.
+
+Shallow students (`HybridConfig.keep_layers`, e.g. a speculative-decoding draft) take only some teacher layers;
+each kept layer is copied or converted exactly as above.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -77,14 +81,32 @@ def init_from_attention(mixer: nnx.Module, attn: Attention) -> None:
 def build_hybrid(teacher: DecoderLM, hybrid_cfg: HybridConfig, *, rngs: nnx.Rngs,
                  previous: HybridLM | None = None) -> HybridLM:
     """A HybridLM initialised from `teacher` (or, progressively, from `previous`). `rngs` feeds the fresh
-    Mamba parameters only; everything else is copied."""
-    cfg = teacher.cfg
+    Mamba parameters only; everything else is copied.
+
+    With `hybrid_cfg.keep_layers` the student is shallower: its layer j comes from teacher layer keep_layers[j],
+    and its `hybrid` is `hybrid_cfg.student_layout(...)` (no keep_layers), so that it exports and re-imports as
+    an ordinary hybrid of that depth. A `previous` model of that same depth (a later stage of a shallow recipe)
+    maps layer to layer; one of the teacher's depth gives up its keep_layers, as the teacher would."""
+    n = teacher.cfg.num_layers
+    kept = hybrid_cfg.kept_layers(n)
+    cfg, layout = teacher.cfg, hybrid_cfg
+    if hybrid_cfg.keep_layers is not None:
+        cfg, layout = dataclasses.replace(cfg, num_layers=len(kept)), hybrid_cfg.student_layout(n)
     src: DecoderLM = teacher if previous is None else previous
-    if src.cfg.num_layers != cfg.num_layers:
-        raise ConfigError(f"previous hybrid has {src.cfg.num_layers} layers, the teacher {cfg.num_layers}")
-    model = HybridLM(cfg, hybrid_cfg, rngs=None, mamba_rngs=rngs)
+    depth = src.cfg.num_layers
+    if depth == n:
+        source = kept
+    elif depth == len(kept):
+        source = tuple(range(depth))
+    else:
+        shallow = (f" and this layout keeps {len(kept)} (keep_layers {list(kept)}); a stage after a shallow one "
+                   "must repeat its keep_layers") if hybrid_cfg.keep_layers is not None else (
+            "; a stage after a shallow one (keep_layers) must repeat its keep_layers")
+        raise ConfigError(f"previous hybrid has {depth} layers, the teacher {n}{shallow}")
+    model = HybridLM(cfg, layout, rngs=None, mamba_rngs=rngs)
     if previous is not None:
-        lost = sorted(set(previous.mamba_layers) & set(model.attn_layers))
+        was_mamba = set(previous.mamba_layers)
+        lost = sorted(source[j] for j in model.attn_layers if source[j] in was_mamba)
         if lost:
             raise ConfigError(f"progressive conversion cannot turn Mamba layers {lost} back into attention: "
                               f"the new attn_layers must be a subset of the previous {list(previous.attn_layers)}")
@@ -92,7 +114,7 @@ def build_hybrid(teacher: DecoderLM, hybrid_cfg: HybridConfig, *, rngs: nnx.Rngs
     _copy(model.norm, src.norm)
     if model.lm_head is not None:
         _copy(model.lm_head, src.lm_head)
-    for i, layer in enumerate(model.layers):
+    for layer, i in zip(model.layers, source):
         s = src.layers[i]
         _copy(layer.input_layernorm, s.input_layernorm)
         _copy(layer.post_attention_layernorm, s.post_attention_layernorm)

@@ -216,6 +216,20 @@ def objective(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     return OBJECTIVES[name]
 
 
+# Objectives that pair student layer i with teacher layer i; the others compare logits (or log-probs) only.
+PER_LAYER = ("hidden", "orient")
+
+
+def check_depths(name: str, student_layers: int, teacher_layers: int) -> None:
+    """Refuses, before anything compiles, a per-layer objective between models of different depths (a shallow
+    student built with keep_layers): its layer i would be matched with an unrelated teacher layer i."""
+    if name in PER_LAYER and student_layers != teacher_layers:
+        raise ConfigError(f"objective {name!r} matches each student layer with the teacher layer of the same index, "
+                          f"but the student has {student_layers} layers and the teacher {teacher_layers} (a "
+                          "shallow student, keep_layers?): train it with objective 'distill', which compares "
+                          "logits only")
+
+
 def real_tokens(batch: dict[str, Any]) -> int:
     """Tokens that the step really computes on (not padding), for tokens/s."""
     return int(sum((v > 0).sum() for k, v in batch.items() if k.endswith("segment_ids")))

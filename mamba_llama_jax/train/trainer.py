@@ -197,6 +197,8 @@ def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh:
     state it was given (metric `skipped` = 1): the choice is made inside the step because its inputs are donated.
     `objective_fns`: (reference, loss) functions replacing the stage objective's (benchmarks compare
     implementations of one objective this way, e.g. `stages.distill_loss_full`)."""
+    if objective_fns is None:
+        stages.check_depths(stage.objective, len(student.layers), len(teacher.layers))
     # static: part of the graphdef split below (the teacher never differentiates); set every time, so that a model
     # reused by several stages takes each stage's own choice
     student.remat = stage.remat
@@ -666,10 +668,15 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
     cfg = config or load_config(TrainConfig, config_path, list(overrides))
     loaded = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     teacher_cfg, teacher, tok = loaded
+    layout: HybridConfig = cfg.hybrid
+    for stage in cfg.stages:  # a late stage that cannot run must not wait for the early ones to train
+        layout = stage.hybrid or layout
+        stages.check_depths(stage.objective, len(layout.kept_layers(teacher_cfg.num_layers)),
+                            teacher_cfg.num_layers)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     out = Path(cfg.output_dir)
     student: DecoderLM | None = init
-    layout: HybridConfig = cfg.hybrid
+    layout = cfg.hybrid
     for i, stage in enumerate(cfg.stages):
         layout = stage.hybrid or layout
         rngs = nnx.Rngs(cfg.seed + 1000 * i)

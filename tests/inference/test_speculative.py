@@ -133,6 +133,17 @@ def test_greedy_equals_plain_greedy(fraction, which, k):
         assert st.accepted_hist[0] > 0 and st.acceptance_rate < 0.5
 
 
+def test_shallow_draft_of_the_target_is_exact():
+    """The draft the recipes train for the default teacher: a few of the target's own layers, all Mamba."""
+    tgt = teacher()
+    draft = build_hybrid(tgt, HybridConfig(keep_layers=(0, 3), attn_fraction=0, mamba=MambaConfig(chunk_size=4)),
+                         rngs=nnx.Rngs(5))
+    assert len(draft.layers) == 2 and draft.attn_layers == ()
+    got, st = speculative_generate(tgt, draft, PROMPTS, k=3, max_new_tokens=N)
+    assert got == [reference_greedy(tgt, p, N) for p in PROMPTS]
+    assert st.rounds > 0
+
+
 def test_mixed_acceptance_batch_equals_rows_alone_and_plain():
     """Rows accept different counts per round (holes in the shared KV slots); a tight cache forces compaction."""
     tgt, draft, k = target(0.25), noisy_copy(0.25), 4

@@ -1,5 +1,6 @@
 """Recipe configs load strictly; a two-stage progressive recipe runs end to end on the tiny fixture teacher and a
-second call resumes from the finished checkpoints without training again."""
+second call resumes from the finished checkpoints without training again; a shallow two-stage recipe (keep_layers)
+exports a model that reloads to the same logits."""
 
 import json
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_recipes_load(path):
     prev, layout = set(range(n)), cfg.hybrid  # as run_recipe: a stage's layout, else the one before
     for st in cfg.stages:  # progressive layouts only ever convert attention layers to Mamba
         layout = st.hybrid or layout
-        cur = set(layout.layers_for(n))
+        kept = layout.kept_layers(n)  # in teacher numbering, so that shallow and full layouts compare
+        cur = {kept[i] for i in layout.layers_for(len(kept))}
         assert cur <= prev, (st.name, sorted(cur - prev))
         prev = cur
 
@@ -64,6 +66,14 @@ def test_llama3_recipe_is_the_compiled_memory_case():
     assert case in mem.CASES and st.data.seq_len == mem.SEQ
     assert cfg.hybrid.layers_for(32) == tuple(range(1, 32, 2))
     assert (st.loss.ce_weight, st.loss.kl_weight, st.loss.kl_normalization) == (1.0, 0.1, "sequence_sum")
+
+
+def test_draft_recipe_is_a_shallow_pure_mamba_student():
+    cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "smollm2-135m-draft.yaml")
+    student = cfg.hybrid.student_layout(30)
+    assert len(cfg.hybrid.kept_layers(30)) == 6 and student.attn_layers == () and student.mamba.variant == "mamba2"
+    assert all(st.objective == "distill" and st.train == "all" and st.data.seq_len == 1024 for st in cfg.stages)
+    assert all(st.hybrid is None or st.hybrid.keep_layers == cfg.hybrid.keep_layers for st in cfg.stages)
 
 
 def test_official_layerwise_loss():
@@ -117,3 +127,64 @@ def test_progressive_recipe_runs_and_resumes(tmp_path):
 def jax_leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _deeper_tiny_teacher(layers=4):
+    """The tied tiny fixture's tokenizer with a random Llama of more layers, so that a student can drop some."""
+    import dataclasses
+
+    from mamba_llama_jax.convert import Teacher, load_teacher
+    from mamba_llama_jax.models.llama import LlamaLM
+
+    t = load_teacher(ROOT / "tests" / "fixtures" / "tiny_llama_tied", dtype="float32")
+    cfg = dataclasses.replace(t.config, num_layers=layers)
+    return Teacher(cfg, LlamaLM(cfg, rngs=nnx.Rngs(0)), t.tokenizer)
+
+
+def _chat_data(tmp_path):
+    msgs = lambda i: [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i} you"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": msgs(i)}) + "\n" for i in range(16)))
+    return {"source": str(tmp_path / "chat.jsonl"), "seq_len": 48, "num_epochs": 0}
+
+
+def test_shallow_progressive_recipe_exports_a_reloadable_draft(tmp_path):
+    import jax.numpy as jnp
+
+    from mamba_llama_jax.convert.mambainllama import import_mambainllama
+    from mamba_llama_jax.train.trainer import run_recipe
+
+    data, keep = _chat_data(tmp_path), [0, 3]
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "dtype": "float32", "log_every": 1,
+        "hybrid": {"keep_layers": keep, "attn_layers": [1], "mamba": {"chunk_size": 16}},
+        "checkpoint": {"every": 2, "async_save": False},
+        "stages": [
+            {"name": "half", "steps": 2, "batch_size": 2, "data": data},
+            {"name": "all-mamba", "steps": 2, "batch_size": 2, "data": data, "train": "all",
+             "hybrid": {"keep_layers": keep, "attn_fraction": 0, "mamba": {"chunk_size": 16}},
+             "loss": {"ce_weight": 0.1, "kl_weight": 1.0, "kl_normalization": "token_mean"}},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    student = run_recipe(path, progress=False, teacher=_deeper_tiny_teacher())
+    assert len(student.layers) == 2 and student.attn_layers == ()
+    cfg, hyb, loaded, tok = import_mambainllama(tmp_path / "run" / "model", dtype="float32")
+    assert cfg.num_layers == 2 and hyb.attn_layers == () and hyb.keep_layers is None and tok is not None
+    tokens = jnp.asarray([[1, 17, 42, 99, 7, 250, 3, 64]], jnp.int32)
+    np.testing.assert_allclose(np.asarray(loaded(tokens)[0]), np.asarray(student(tokens)[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_per_layer_objective_with_a_shallow_student_fails_before_training(tmp_path):
+    from mamba_llama_jax.train.trainer import run_recipe
+
+    data = _chat_data(tmp_path)
+    recipe = {"output_dir": str(tmp_path / "run"), "dtype": "float32",
+              "hybrid": {"keep_layers": [0, 3], "attn_fraction": 0},
+              "stages": [{"name": "kl", "steps": 2, "batch_size": 2, "data": data},
+                         {"name": "align", "objective": "hidden", "steps": 2, "batch_size": 2, "data": data}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="objective 'hidden' matches each student layer.*2 layers and the teacher 4"):
+        run_recipe(path, progress=False, teacher=_deeper_tiny_teacher())
+    assert not (tmp_path / "run" / "kl").exists()  # the first stage never started

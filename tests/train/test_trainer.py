@@ -1,5 +1,6 @@
 """The trainer on one CPU device: frozen parameters, packed == unpacked, gradient accumulation, attention init
-beats random init, MOHAWK alignment, kill -9 resume == uninterrupted run, corrupt checkpoints, non-finite loss."""
+beats random init, MOHAWK alignment, kill -9 resume == uninterrupted run, corrupt checkpoints, non-finite loss,
+a shallow student."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 from mamba_llama_jax.config import CheckpointConfig, LossConfig, OptimConfig  # noqa: E402
 from mamba_llama_jax.data import pipeline  # noqa: E402
-from mamba_llama_jax.errors import CheckpointError, TrainingError  # noqa: E402
+from mamba_llama_jax.errors import CheckpointError, ConfigError, TrainingError  # noqa: E402
 from mamba_llama_jax.train import stages, trainer  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
@@ -183,3 +184,19 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(teacher, tmp_path):
         trainer.fit(tiny.stage(steps=4), h, bad, data(st), out_dir=tmp_path, checkpoint=ck, progress=False)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
 
+
+
+def test_shallow_student(teacher, tmp_path):
+    """A student with fewer layers than the teacher (keep_layers) distils through the logits, its frozen mask
+    follows its own layers; objectives that pair layers by index refuse it before compiling."""
+    shallow = tiny.replace(tiny.HYB, keep_layers=(1,), attn_fraction=0.0)
+    h = tiny.hybrid(teacher, hyb=shallow)
+    before = params_of(h)
+    st = tiny.stage(steps=2)
+    trainer.fit(st, h, teacher, data(st), out_dir=tmp_path, progress=False)
+    changed = {k for k, v in params_of(h).items() if not np.array_equal(before[k], v)}
+    assert changed and all(k.startswith("layers/0/mixer/") for k in changed)
+    for objective in ("hidden", "orient"):
+        with pytest.raises(ConfigError, match=rf"objective '{objective}' matches each student layer.*1 layers and "
+                                              r"the teacher 2.*'distill'"):
+            trainer.build_step(tiny.stage(objective=objective), h, teacher, trainer.mesh_lib.make_mesh())
