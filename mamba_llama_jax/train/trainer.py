@@ -508,21 +508,24 @@ def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
 @dataclasses.dataclass
 class FitResult:
     model: DecoderLM
-    steps: int
+    steps: int  # the last step run: the stage's `steps`, or fewer when a callback stopped it
     metrics: list[dict[str, Any]]
     checkpoint_dir: Path
+    stopped_early: bool = False
 
 
 def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *, out_dir: str | Path,
         mesh: jax.sharding.Mesh | None = None, seed: int = 0, checkpoint: CheckpointConfig = CheckpointConfig(),
         log_every: int = 10, progress: bool = True,
-        callbacks: Sequence[Callable[[int, dict[str, float]], None]] = ()) -> FitResult:
+        callbacks: Sequence[Callable[[int, dict[str, float]], bool | None]] = ()) -> FitResult:
     """Runs (or resumes) one stage: `data` is a grain IterDataset of per-host batches (see `data/pipeline.py`).
 
     Checkpoints go to `out_dir/checkpoints`, metrics to `out_dir/metrics.jsonl`. If a checkpoint exists the run
     continues from it — same parameters, optimizer state, data position and RNG — so the result equals an
-    uninterrupted run's. `callbacks(step, metrics)` run after every step (after its checkpoint, if any).
-    Returns the trained student (the model object passed in, updated in place).
+    uninterrupted run's. `callbacks(step, metrics)` run after every step (after its checkpoint, if any); one that
+    returns True stops the stage there (a time budget, say): that step is checkpointed, so rerunning continues
+    from it, and the student still gets the trained parameters. An exception from a callback aborts the stage
+    without them. Returns the trained student (the model object passed in, updated in place).
     """
     from tqdm.auto import tqdm
 
@@ -563,6 +566,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
                   {"stage": stage.name, "step": step, "loss": loss})
 
     sigterm = _SigtermFlag()
+    last_step, stopped_early = start, False
     try:
         with sigterm:
             for step in range(start + 1, stage.steps + 2):
@@ -618,8 +622,13 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
                             tb.write(rec)
                     bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
                 bar.update(1)
-                for cb in callbacks:
-                    cb(step, m)
+                last_step = step
+                if any([bool(cb(step, m)) for cb in callbacks]):  # a list: every callback sees the step
+                    if last_good != step:
+                        save(step, m["loss"])
+                        last_good = step
+                    stopped_early = step < stage.steps
+                    break
     finally:
         bar.close()
         if tb is not None:
@@ -634,7 +643,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
     records = metrics_log.read()
     if jax.process_index() == 0 and records:
         plot_losses(records, out / "loss.png")
-    return FitResult(student, stage.steps, records, ckpt.dir)
+    return FitResult(student, last_step, records, ckpt.dir, stopped_early)
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -651,7 +660,8 @@ def _stage_data(stage: StageConfig, tokenizer: Any) -> Any:
 
 def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True,
                config: TrainConfig | None = None, teacher: Any = None,
-               stage_callbacks: Callable[[StageConfig], Sequence[Callable[[int, dict[str, float]], None]]] | None
+               stage_callbacks: Callable[[StageConfig], Sequence[Callable[[int, dict[str, float]], bool | None]]]
+               | None
                = None, init: DecoderLM | None = None, export: bool = True) -> DecoderLM:
     """Runs every stage of a recipe in order (the CLI's `pipeline`, and `distill|sft|dpo` for one-stage recipes),
     each resuming from its own checkpoints and starting from the previous stage's result; returns the final

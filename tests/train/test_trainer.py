@@ -200,3 +200,29 @@ def test_shallow_student(teacher, tmp_path):
         with pytest.raises(ConfigError, match=rf"objective '{objective}' matches each student layer.*1 layers and "
                                               r"the teacher 2.*'distill'"):
             trainer.build_step(tiny.stage(objective=objective), h, teacher, trainer.mesh_lib.make_mesh())
+
+
+def test_callback_stop_keeps_the_trained_parameters_and_resumes(teacher, tmp_path):
+    """A callback that returns True (a time budget) stops the stage with the student updated and the step
+    checkpointed; rerunning continues to the end and equals an uninterrupted run."""
+    st = tiny.stage(steps=4)
+    ck = CheckpointConfig(every=100, keep=3, async_save=False)
+    full = tiny.hybrid(teacher)
+    trainer.fit(st, full, teacher, data(st), out_dir=tmp_path / "full", checkpoint=ck, progress=False)
+
+    h = tiny.hybrid(teacher)
+    before = params_of(h)
+    seen = []
+    r = trainer.fit(st, h, teacher, data(st), out_dir=tmp_path / "cut", checkpoint=ck, progress=False,
+                    callbacks=[lambda step, m: seen.append(step), lambda step, m: step == 2])
+    assert (r.steps, r.stopped_early, seen) == (2, True, [1, 2])  # every callback saw the stopping step
+    two = params_of(h)
+    assert any(not np.array_equal(before[k], two[k]) for k in before)  # trained, not the initial weights
+    assert (tmp_path / "cut" / "checkpoints" / "2").is_dir()  # saved although `every` is 100
+
+    h2 = tiny.hybrid(teacher)
+    r2 = trainer.fit(st, h2, teacher, data(st), out_dir=tmp_path / "cut", checkpoint=ck, progress=False)
+    assert (r2.steps, r2.stopped_early) == (4, False)
+    want, got = params_of(full), params_of(h2)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
