@@ -204,6 +204,14 @@ def _reinit(model: Any, parts: str, seed: int) -> None:
             mixer.out_proj.kernel.set_value(fresh.out_proj.kernel[...])
 
 
+def _loss_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """First and last logged losses of a stage and its training rate: enough to see from the row alone
+    whether a stage learned or diverged."""
+    keys = ("step", "loss", "kl", "ce", "grad_norm", "tokens_per_s")
+    pick = lambda r: {k: r[k] for k in keys if k in r}
+    return {"first": pick(records[0]), "last": pick(records[-1])} if records else {}
+
+
 def _drop_mamba(model: Any) -> Any:
     """A copy whose Mamba mixers output zero: the layers keep their MLPs, the distilled mixers contribute nothing."""
     from flax import nnx
@@ -306,12 +314,13 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     train_budget = 0.6 * budget_s  # the rest: evaluation, export and the reload check
     for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
-            student = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + len(row["ran_steps"])),
-                                   previous=student)
-            if len(row["ran_steps"]) == 0 and variant == "random-init":
+            student = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student)
+            if n == 0 and variant == "random-init":
                 _reinit(student, "none-at-all", seed + 99)
-            elif len(row["ran_steps"]) == 0 and variant.startswith("reuse-"):
+            elif n == 0 and variant.startswith("reuse-"):
                 _reinit(student, variant.split("-", 1)[1].replace("none", ""), seed + 99)
+            if n == 0:  # the first layout, initialised, before any training: what the initialisation alone gives
+                row["ppl_after"]["init"] = _ppl(student, corpora, scale)
         # Each stage gets the time left in proportion to its planned steps, so a slow device shortens every stage
         # rather than starving the last ones (SFT, DPO).
         left = train_budget - (time.perf_counter() - t0)
@@ -322,21 +331,20 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         examples = pairs if stage.data.kind == "pairs" else train
         ds = pipeline.build_dataset(examples, tok, stage.data, batch_size=stage.batch_size)
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher.model
-        t_stage, done = time.perf_counter(), [0]
+        t_stage = time.perf_counter()
 
-        def guard(step: int, m: dict[str, float], _t=t_stage, _left=left, _done=done) -> None:
-            _done[0] = step
-            if time.perf_counter() - _t > _left:
-                raise TimeoutError
+        def out_of_time(step: int, m: dict[str, float], _t=t_stage, _left=left) -> bool:
+            return time.perf_counter() - _t > _left
 
-        try:
-            fit(stage, student, ref, ds, out_dir=out_dir / row["row"].replace("/", "_") / stage.name,
-                progress=False, callbacks=[guard])
-        except TimeoutError:
+        res = fit(stage, student, ref, ds, out_dir=out_dir / row["row"].replace("/", "_") / stage.name,
+                  progress=False, callbacks=[out_of_time])
+        if res.stopped_early:
             row["cut_short"].append(stage.name)
-        row["ran_steps"][stage.name] = done[0]
-        row["tokens"] += done[0] * stage.batch_size * scale.seq_len
-        if kind in ("end_to_end", "sft", "dpo"):
+        row["ran_steps"][stage.name] = res.steps
+        row["tokens"] += res.steps * stage.batch_size * scale.seq_len
+        row.setdefault("losses", {})[stage.name] = _loss_summary(res.metrics)
+        row.setdefault("stage_s", {})[stage.name] = round(time.perf_counter() - t_stage, 1)
+        if n + 1 == len(phases) or phases[n + 1][0] != kind:  # after each phase (the ladder counts as one)
             row["ppl_after"][kind] = _ppl(student, corpora, scale)
     row["train_s"] = time.perf_counter() - t0
     save(row)
@@ -385,7 +393,7 @@ def plan_text() -> str:
     steps = {k: int(TOKEN_BUDGET * v) // (DEVICE.batch_size * SEQ_LEN) for k, v in SPLIT.items()}
     rows = [f"{f}/main" for f in FRACTIONS] + [f"50/{a}" for a in ABLATIONS]
     return "\n".join([
-        "# Distillation quality: PLAN (not run yet — no device time was left in the session that wrote it)",
+        "# Distillation quality: plan and rows (filled over several sessions; `bench_quality.py table` writes this)",
         "",
         "Teacher: SmolLM2-135M-Instruct (embedded GGUF). Students: 50 / 25 / 12.5 / 0 % attention hybrids, Mamba2",
         "layers initialised from the attention weights, progressive ladder (25 % Mamba → 50 % → … → target).",
@@ -393,8 +401,12 @@ def plan_text() -> str:
         "## Device limits and how the run fits them",
         "- 30 min of device time per session, ≤ 10 min per call, 64 MiB carried per call, /tmp kept only while",
         "  the machine stays warm (≤ 30 min held); big files never come back.",
-        "- Call 0 (`corpus`, once): teacher answers to the offline prompts + the held-out families, generated",
-        "  with the fast `Generator`, returned as uint16 npz (≤ 16 MiB each) and carried by later calls.",
+        "- Call 0 (`corpus`, once, done): teacher answers to the offline prompts + the held-out families, generated",
+        "  with the fast `Generator`, returned as uint16 npz (≤ 16 MiB each); committed in `data/quality-corpus/`",
+        "  (3.2 MB, `meta.json`: command, sha256s) and carried by later calls.",
+        "- The teacher is staged on the device by two calls (`../shared/device/split-teacher`: 98 MB > 64 MiB), so",
+        "  a session runs its calls back to back on one warm machine: stage part a (with a short job), stage part b",
+        "  + a row, then a row per call; a persistent compilation cache in /tmp lets later rows reuse compiles.",
         "- One call per row (`chain`): stages → SFT → DPO → eval → export + reload check; a wall-clock guard",
         f"  ({CALL_BUDGET_S} s, training ≤ 60 % of it) cuts training short and records where (`cut_short`).",
         "- The teacher row (ppl, NIAH ceiling) is one short call; `table` merges the json rows here.",
@@ -430,16 +442,32 @@ def plan_text() -> str:
 
 
 def table(rows_dir: Path) -> str:
+    """quality.md: the plan, one table line per json row in `rows_dir` (teacher first), then `rows_dir/notes.md`
+    (what each session ran and what it found) when there is one."""
+    def fmt(x: Any, spec: str = ".3f") -> str:
+        return "—" if x is None else format(x, spec)
+
+    rows = [json.loads(f.read_text()) for f in sorted(rows_dir.glob("*.json"))]
+    rows.sort(key=lambda r: (r["row"] != "teacher", r["row"]))
     lines = [plan_text().split("## Rows")[0] + "## Rows",
-             "| row | ppl ratio heldout | ppl ratio pydoc | NIAH by length | judge win | tokens | cut short | Δlogits |",
-             "|---|---|---|---|---|---|---|---|"]
-    for f in sorted(rows_dir.glob("*.json")):
-        r = json.loads(f.read_text())
-        ratio = r.get("ppl_ratio", {})
-        lines.append(f"| {r['row']} | {ratio.get('heldout', float('nan')):.3f} | {ratio.get('pydoc', float('nan')):.3f}"
-                     f" | {r.get('niah', {}).get('rate_by_length')} | {r.get('chat', {}).get('judge_win_rate', '—')}"
-                     f" | {r.get('tokens', '—')} | {r.get('cut_short', [])} |"
-                     f" {r.get('export', {}).get('max_abs_logit_diff', '—')} |")
+             "ppl: the row's perplexity and, in brackets, its ratio to the teacher's. NIAH: retrieval rate at 1× / 4× / "
+             "8× the distillation length. Judge win: the teacher as judge, both orders averaged (0.5 = a tie).", "",
+             "| row | date | ppl heldout (ratio) | ppl pydoc (ratio) | NIAH 1× / 4× / 8× | judge win | tokens | cut short |"
+             " Δlogits after reload |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl, ratio = r.get("ppl", {}), r.get("ppl_ratio", {"heldout": 1.0, "pydoc": 1.0} if r["row"] == "teacher"
+                                                        else {})
+        niah = r.get("niah", {}).get("rate_by_length", {})
+        lines.append(
+            f"| {r['row']} | {r.get('date', '—')} | {fmt(ppl.get('heldout'), '.2f')} ({fmt(ratio.get('heldout'))})"
+            f" | {fmt(ppl.get('pydoc'), '.2f')} ({fmt(ratio.get('pydoc'))})"
+            f" | {' / '.join(fmt(v, '.2f') for v in niah.values()) or '—'}"
+            f" | {fmt(r.get('chat', {}).get('judge_win_rate'))} | {r.get('tokens', '—')}"
+            f" | {', '.join(r.get('cut_short', [])) or '—'} | {fmt(r.get('export', {}).get('max_abs_logit_diff'), '.2g')} |")
+    notes = rows_dir / "notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -472,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "table":
         _write(RESULTS / "quality.md", table(a.out))
         return 0
+    # Rows of one session share most programs (same layouts and shapes): compile once per warm machine.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jax-cache-bench_quality"))
     if a.command == "corpus":
         from mamba_llama_jax.convert import load_teacher
 
