@@ -565,8 +565,21 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
                          "step": _step_array(step, mesh)}, data_iter,
                   {"stage": stage.name, "step": step, "loss": loss})
 
+    def log_step(step: int, m: dict[str, float]) -> None:
+        nonlocal t_last, tok_since
+        now = time.perf_counter()
+        rate = tok_since / max(now - t_last, 1e-9)
+        t_last, tok_since = now, 0
+        rec = {"stage": stage.name, "step": step, **m, "tokens_per_s": rate}
+        if jax.process_index() == 0:
+            metrics_log.write(rec)
+            if tb is not None:
+                tb.write(rec)
+        bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
+
     sigterm = _SigtermFlag()
     last_step, stopped_early = start, False
+    m: dict[str, float] = {"loss": float("nan")}  # the last step's metrics (none yet)
     try:
         with sigterm:
             for step in range(start + 1, stage.steps + 2):
@@ -612,21 +625,15 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
                     save(step, m["loss"])
                     last_good = step
                 if step % log_every == 0 or step == stage.steps:
-                    now = time.perf_counter()
-                    rate = tok_since / max(now - t_last, 1e-9)
-                    t_last, tok_since = now, 0
-                    rec = {"stage": stage.name, "step": step, **m, "tokens_per_s": rate}
-                    if jax.process_index() == 0:
-                        metrics_log.write(rec)
-                        if tb is not None:
-                            tb.write(rec)
-                    bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
+                    log_step(step, m)
                 bar.update(1)
                 last_step = step
                 if any([bool(cb(step, m)) for cb in callbacks]):  # a list: every callback sees the step
                     if last_good != step:
                         save(step, m["loss"])
                         last_good = step
+                    if step % log_every != 0 and step != stage.steps:
+                        log_step(step, m)  # the last step run is always in the metrics
                     stopped_early = step < stage.steps
                     break
     finally:

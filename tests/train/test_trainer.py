@@ -219,6 +219,7 @@ def test_callback_stop_keeps_the_trained_parameters_and_resumes(teacher, tmp_pat
     two = params_of(h)
     assert any(not np.array_equal(before[k], two[k]) for k in before)  # trained, not the initial weights
     assert (tmp_path / "cut" / "checkpoints" / "2").is_dir()  # saved although `every` is 100
+    assert r.metrics[-1]["step"] == 2  # logged although log_every is 10
 
     h2 = tiny.hybrid(teacher)
     r2 = trainer.fit(st, h2, teacher, data(st), out_dir=tmp_path / "cut", checkpoint=ck, progress=False)
