@@ -62,6 +62,8 @@ CALL_BUDGET_S = 540
 FRACTIONS = ("50", "25", "12.5", "0")
 ABLATIONS = ("random-init", "reuse-QK", "reuse-V", "reuse-none", "oneshot", "no-sft-dpo")
 GOALS = {"50": 1.05, "25": 1.10, "12.5": 1.15, "0": 1.30}
+# The chain's wall clock (its time budget); a test swaps in a fake one to cut stages deterministically.
+clock = time.perf_counter
 # Share of the token budget per phase: the layer-wise ladder, end-to-end KL, SFT, DPO.
 SPLIT = {"layerwise": 0.45, "end_to_end": 0.35, "sft": 0.15, "dpo": 0.05}
 
@@ -132,7 +134,7 @@ def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0,
     jobs += [(f"train-{k}", sources.offline_prompts(n_train, seed), seed + 1000 * k)
              for k in range(scale.corpus_samples)]
     batch = scale.gen_batch
-    gen = Generator(model, pad_id=tok.pad_token_id)
+    gen = None  # built on first use: a corpus already complete needs no model
     info: dict[str, Any] = {}
     for name, prompts, sample_seed in jobs:
         path = out / f"{name}.npz"
@@ -143,6 +145,7 @@ def write_corpus(model: Any, tok: Any, out: Path, scale: Scale, seed: int = 0,
             info[name] = {"skipped": "deadline"}
             continue
         t1 = time.perf_counter()
+        gen = gen or Generator(model, pad_id=tok.pad_token_id)
         rows = []
         for b in range(0, len(prompts), batch):
             sampling = SamplingConfig(temperature=0.7, top_p=0.95, seed=sample_seed * 100003 + b,
@@ -268,7 +271,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     from mamba_llama_jax.eval.niah import NiahConfig, run_niah
     from mamba_llama_jax.train.trainer import fit
 
-    t0 = time.perf_counter()
+    t0 = clock()
     teacher = load_teacher(scale.teacher, dtype=scale.dtype)
     tok, L = teacher.tokenizer, teacher.config.num_layers
     train = [row for f in corpus_files(corpus_dir) for row in read_corpus(f)]
@@ -310,20 +313,20 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     row: dict[str, Any] = {"row": f"{fraction}/{variant}", "fraction": fraction, "variant": variant,
                            "planned_steps": {s.name: s.steps for _, _, s in phases}, "ran_steps": {},
                            "tokens": 0, "cut_short": [], "ppl_after": {}}
-    student = None
+    student, last_ppl = None, None
     train_budget = 0.6 * budget_s  # the rest: evaluation, export and the reload check
     for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
-            student = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student)
+            student, last_ppl = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student), None
             if n == 0 and variant == "random-init":
                 _reinit(student, "none-at-all", seed + 99)
             elif n == 0 and variant.startswith("reuse-"):
                 _reinit(student, variant.split("-", 1)[1].replace("none", ""), seed + 99)
             if n == 0:  # the first layout, initialised, before any training: what the initialisation alone gives
-                row["ppl_after"]["init"] = _ppl(student, corpora, scale)
+                last_ppl = row["ppl_after"]["init"] = _ppl(student, corpora, scale)
         # Each stage gets the time left in proportion to its planned steps, so a slow device shortens every stage
         # rather than starving the last ones (SFT, DPO).
-        left = train_budget - (time.perf_counter() - t0)
+        left = train_budget - (clock() - t0)
         left *= stage.steps / sum(s.steps for _, _, s in phases[n:])
         if left <= 0:
             row["cut_short"].append(stage.name)
@@ -331,10 +334,10 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         examples = pairs if stage.data.kind == "pairs" else train
         ds = pipeline.build_dataset(examples, tok, stage.data, batch_size=stage.batch_size)
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher.model
-        t_stage = time.perf_counter()
+        t_stage = clock()
 
         def out_of_time(step: int, m: dict[str, float], _t=t_stage, _left=left) -> bool:
-            return time.perf_counter() - _t > _left
+            return clock() - _t > _left
 
         res = fit(stage, student, ref, ds, out_dir=out_dir / row["row"].replace("/", "_") / stage.name,
                   progress=False, callbacks=[out_of_time])
@@ -343,14 +346,15 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         row["ran_steps"][stage.name] = res.steps
         row["tokens"] += res.steps * stage.batch_size * scale.seq_len
         row.setdefault("losses", {})[stage.name] = _loss_summary(res.metrics)
-        row.setdefault("stage_s", {})[stage.name] = round(time.perf_counter() - t_stage, 1)
+        row.setdefault("stage_s", {})[stage.name] = round(clock() - t_stage, 1)
+        last_ppl = None  # the student changed
         if n + 1 == len(phases) or phases[n + 1][0] != kind:  # after each phase (the ladder counts as one)
-            row["ppl_after"][kind] = _ppl(student, corpora, scale)
-    row["train_s"] = time.perf_counter() - t0
+            last_ppl = row["ppl_after"][kind] = _ppl(student, corpora, scale)
+    row["train_s"] = clock() - t0
     save(row)
 
     teacher_ppl = _ppl(teacher.model, corpora, scale)
-    ppl = _ppl(student, corpora, scale)
+    ppl = last_ppl or _ppl(student, corpora, scale)  # measured already unless a stage ran after the last phase's
     row["ppl"] = ppl
     row["teacher_ppl"] = teacher_ppl
     row["ppl_ratio"] = {k: ppl[k] / teacher_ppl[k] for k in ppl}
@@ -382,7 +386,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         b, _ = again(probe)
         row["export"] = {"sha256": sha, "max_abs_logit_diff": float(jax.numpy.max(jax.numpy.abs(a - b))),
                          "bytes": sum(f.stat().st_size for f in path.iterdir())}
-    row["total_s"] = time.perf_counter() - t0
+    row["total_s"] = clock() - t0
     return row
 
 
