@@ -352,6 +352,14 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
             last_ppl = row["ppl_after"][kind] = _ppl(student, corpora, scale)
     row["train_s"] = clock() - t0
     save(row)
+    t_eval = clock()
+
+    def lap(name: str) -> None:  # where the evaluation's time goes (it is ~40 % of a device call)
+        nonlocal t_eval
+        now = clock()
+        row.setdefault("eval_s", {})[name] = round(now - t_eval, 1)
+        t_eval = now
+        save(row)
 
     teacher_ppl = _ppl(teacher.model, corpora, scale)
     ppl = last_ppl or _ppl(student, corpora, scale)  # measured already unless a stage ran after the last phase's
@@ -361,16 +369,16 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     if variant == "main":
         dropped = _ppl(_drop_mamba(student), corpora, scale)
         row["mamba_dropped_ppl_ratio"] = {k: dropped[k] / teacher_ppl[k] for k in dropped}
-    save(row)
+    lap("ppl")
     niah = run_niah(student, tok, NiahConfig(base_length=scale.niah_base, multipliers=scale.niah_multipliers,
                                              batch_size=scale.batch_size))
     row["niah"] = {k: niah[k] for k in ("lengths", "depths", "rate", "rate_by_length", "overall")}
-    save(row)
+    lap("niah")
     prompts = sources.heldout_prompts(scale.chat_prompts, seed + 1)
     chat = compare(student, teacher.model, tok, prompts, max_new_tokens=scale.chat_new_tokens,
                    batch_size=scale.batch_size)
     row["chat"] = chat["summary"]
-    save(row)
+    lap("chat")
 
     # Export, re-import, same logits; the checkpoint itself stays on the device (too big to bring back).
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,6 +394,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         b, _ = again(probe)
         row["export"] = {"sha256": sha, "max_abs_logit_diff": float(jax.numpy.max(jax.numpy.abs(a - b))),
                          "bytes": sum(f.stat().st_size for f in path.iterdir())}
+    lap("export")
     row["total_s"] = clock() - t0
     return row
 
