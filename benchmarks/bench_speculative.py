@@ -22,7 +22,9 @@ reference = `ops.ssd.ssd_verify`; everything else keeps the dispatcher's choice)
    draft round runs it) and one draft 2-token verify + commit; and the speedup they imply at fixed acceptance
    rates alpha, with tokens/round = (1 - alpha^(k+1)) / (1 - alpha) (i.i.d. acceptance, Leviathan et al. 2023):
    speedup = tokens/round * t_plain / (t_draft2 + (k-1) * t_draft + t_verify).
-With real checkpoints (1) is the real measurement. Median of --reps timed runs after one warm-up. Stops starting
+With real checkpoints (1) is the real measurement, over every prompt (--prompt, --heldout-prompts N) in batches of
+b (the last filled up cyclically): acceptance and `same` over all of them, tokens/s from the sum of each batch's
+median time. Median of --reps timed runs after one warm-up. Stops starting
 new measurements once --deadline-s has passed (the default leaves a 10-minute device call room for the last one
 and the write-up) and lists what it skipped. Writes <out>/speculative.json and <out>/speculative.md.
 """
@@ -163,12 +165,24 @@ def projected(t_plain: float, t_draft: float, t_draft2: float, t_verify: float, 
     return per_round * t_plain / (t_draft2 + (k - 1) * t_draft + t_verify)
 
 
-def prompts_for(args: argparse.Namespace, tok: Any, vocab: int, b: int, rng: np.random.Generator) -> list[list[int]]:
-    """--prompt texts (chat template) through the target's tokenizer, cycled to b rows; else random ids."""
+def prompt_groups(args: argparse.Namespace, tok: Any, vocab: int, b: int,
+                  rng: np.random.Generator) -> list[list[list[int]]]:
+    """Batches of b prompts: every --prompt text (chat template, the target's tokenizer) in order, the last batch
+    filled up cyclically, so acceptance is measured on all of them at every batch size; else one batch of random
+    ids."""
     if args.prompt and tok is not None:
         ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
-        return [ids[r % len(ids)] for r in range(b)]
-    return rng.integers(0, vocab, (b, args.prompt_len)).tolist()
+        n = -(-len(ids) // b) * b
+        rows = [ids[r % len(ids)] for r in range(n)]
+        return [rows[i:i + b] for i in range(0, n, b)]
+    return [rng.integers(0, vocab, (b, args.prompt_len)).tolist()]
+
+
+def timed_groups(fn: Callable[[Any], Any], groups: list[Any], reps: int) -> float:
+    """Seconds to run every group once: the sum of each group's median over ceil(reps / groups) timed runs (at
+    least `reps` runs in all), after one warm-up run per group."""
+    per = -(-reps // len(groups))
+    return sum(timed(lambda g=g: fn(g), per) for g in groups)
 
 
 def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: argparse.Namespace,
@@ -182,10 +196,10 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
         if deadline.over():
             results["skipped"].append(f"{name} b={b}")
             continue
-        prompts = prompts_for(args, tok, vocab, b, rng)
-        plen = max(map(len, prompts))
-        plain_out = gen.run(prompts, sampling)
-        t_plain_e2e = timed(lambda: gen.run(prompts, sampling), args.reps)
+        groups = prompt_groups(args, tok, vocab, b, rng)
+        plen = max(len(p) for g in groups for p in g)
+        plain_out = [gen.run(g, sampling).tokens for g in groups]
+        t_plain_e2e = timed_groups(lambda g: gen.run(g, sampling), groups, args.reps)
         for impl in args.impls:
             clear_spec_cache()  # traced under the other implementation otherwise
             with verify_impl(impl):
@@ -204,15 +218,21 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     if deadline.over():
                         results["skipped"].append(f"{name} b={b} {impl} k={k}")
                         continue
-                    spec_out, _, st = dec.run(prompts, k=k, max_new_tokens=args.new_tokens)
-                    t_spec = timed(lambda: dec.run(prompts, k=k, max_new_tokens=args.new_tokens), args.reps)
-                    same = float(np.mean([(spec_out[r] == plain_out.tokens[r]).all() for r in range(b)]))
+                    runs = [dec.run(g, k=k, max_new_tokens=args.new_tokens) for g in groups]
+                    t_spec = timed_groups(lambda g: dec.run(g, k=k, max_new_tokens=args.new_tokens), groups,
+                                          args.reps)
+                    same = float(np.mean([(out[r] == plain[r]).all() for (out, _, _), plain in zip(runs, plain_out)
+                                          for r in range(b)]))
+                    stats = [st for _, _, st in runs]
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
                     row = dict(shape=name, batch=b, k=k, impl=impl, verify_choice=dispatch.last_choice("verify"),
-                               plain_tok_s=b * args.new_tokens / t_plain_e2e, spec_tok_s=b * args.new_tokens / t_spec,
-                               measured_acceptance=st.acceptance_rate, tokens_per_round=st.tokens_per_round,
-                               rounds=st.rounds, compactions=st.compactions, identical_share=same,
+                               prompts=len(groups) * b, plain_tok_s=len(groups) * b * args.new_tokens / t_plain_e2e,
+                               spec_tok_s=len(groups) * b * args.new_tokens / t_spec,
+                               measured_acceptance=float(np.mean([st.acceptance_rate for st in stats])),
+                               tokens_per_round=float(np.mean([st.tokens_per_round for st in stats])),
+                               rounds=int(sum(st.rounds for st in stats)),
+                               compactions=int(sum(st.compactions for st in stats)), identical_share=same,
                                t_plain_step=t_plain, t_verify=t_verify, t_draft_step=t_draft, t_draft_2tok=t_draft2,
                                projected_speedup={str(a): projected(t_plain, t_draft, t_draft2, t_verify, k, a)
                                                   for a in ALPHAS})
@@ -240,11 +260,12 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "`proj@a` is the speedup the measured component times give at acceptance rate a. `same` = share of rows "
              "whose speculative output equals plain greedy (bf16 rounding may legitimately differ). t_verify "
              "includes the commit (the second verify call that rebuilds the kept state).", "",
-             "| shape | batch | k | impl | plain tok/s | spec tok/s | acc | same | t_step ms | t_verify ms | "
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | t_step ms | t_verify ms | "
              "t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
-             "|" + "---|" * (11 + len(ALPHAS))]
+             "|" + "---|" * (12 + len(ALPHAS))]
     for r in results["runs"]:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {r['plain_tok_s']:.0f} | "
+        lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
+                     f"{r['plain_tok_s']:.0f} | "
                      f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
                      f"{1e3 * r['t_plain_step']:.2f} | {1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
                      + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
