@@ -115,6 +115,21 @@ def check_ssd_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
         raise bad(f"block_p must be a power of two >= 16 dividing head_dim ({p}), got {block_p}")
 
 
+def ssd_kernel_operands(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array | None,
+                        dt_bias: jax.Array | None, initial_state: jax.Array | None) -> tuple[jax.Array, ...]:
+    """(B, C, A, D, dt_bias, initial_state) as the chunked-SSD kernels (Triton and TPU) read them: B and C in x's
+    dtype (the matrix products take one operand dtype; the Mamba layer produces x, B and C together), the rest
+    fp32 with zeros for what is absent. Arguments already checked by `check_ssd_args`."""
+    b, _, h, p = x.shape
+    n = B.shape[3]
+    if B.dtype != x.dtype or C.dtype != x.dtype:
+        B, C = B.astype(x.dtype), C.astype(x.dtype)
+    f32 = jnp.float32
+    return (B, C, A.astype(f32), jnp.zeros((h,), f32) if D is None else D.astype(f32),
+            jnp.zeros((h,), f32) if dt_bias is None else dt_bias.astype(f32),
+            jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32))
+
+
 def doc_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
     """(b, l) int32 document number: 0 at position 0, +1 wherever the id changes. Masks compare these, so ids
     that come back (e.g. 0,0,1,1,0) still start a new document each time they change."""

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import check_ssd_args, doc_index
+from pallas_kernels.dispatch import check_ssd_args, doc_index, ssd_kernel_operands
 
 F32 = jnp.float32
 
@@ -319,14 +319,7 @@ def ssd_chunk_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
                    chunk_size=chunk_size, block_p=block_p)
     check_ssd_args(x, dt, A, B, C, chunk_size=chunk_size, block_p=bwd_block_p)
     b, l, h, p = x.shape
-    n = B.shape[3]
-    if B.dtype != x.dtype or C.dtype != x.dtype:
-        # the matrix products take one operand dtype; B and C follow x (the Mamba layer produces them together)
-        B, C = B.astype(x.dtype), C.astype(x.dtype)
-    A32 = A.astype(F32)
-    D32 = jnp.zeros((h,), F32) if D is None else D.astype(F32)
-    bias = jnp.zeros((h,), F32) if dt_bias is None else dt_bias.astype(F32)
-    init = jnp.zeros((b, h, p, n), F32) if initial_state is None else initial_state.astype(F32)
+    B, C, A32, D32, bias, init = ssd_kernel_operands(x, A, B, C, D, dt_bias, initial_state)
     has_seg = segment_ids is not None
     doc = doc_index(segment_ids, b, l)
     P = block_p or p

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mamba_llama_jax.errors import KernelError
-from pallas_kernels.dispatch import check_ssd_args, is_pow2
+from pallas_kernels.dispatch import check_ssd_args, is_pow2, ssd_kernel_operands
 
 F32 = jnp.float32
 TPU_CHUNK = 128  # the MXU's edge on v5e (v6e's is 256): the (chunk x chunk) products fill it
@@ -451,15 +451,7 @@ def ssd_chunk_scan_tpu(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, 
     which works on CPU. Call through `pallas_kernels.dispatch.ssd` unless you want this kernel unconditionally."""
     check_tpu_args(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=initial_state, segment_ids=segment_ids,
                    chunk_size=chunk_size)
-    b, _, h, p = x.shape
-    n = B.shape[3]
-    if B.dtype != x.dtype or C.dtype != x.dtype:
-        # the matrix products take one operand dtype; B and C follow x (the Mamba layer produces them together)
-        B, C = B.astype(x.dtype), C.astype(x.dtype)
-    A32 = A.astype(F32)
-    D32 = jnp.zeros((h,), F32) if D is None else D.astype(F32)
-    bias = jnp.zeros((h,), F32) if dt_bias is None else dt_bias.astype(F32)
-    init = jnp.zeros((b, h, p, n), F32) if initial_state is None else initial_state.astype(F32)
+    B, C, A32, D32, bias, init = ssd_kernel_operands(x, A, B, C, D, dt_bias, initial_state)
     cfg = (chunk_size, bool(dt_softplus), segment_ids is not None, interpret)
     # dt enters as fp32 (the kernel reads it so); the cast's transpose returns d dt in dt's own dtype
     return _ssd_core(x, dt.astype(F32), A32, B, C, D32, bias, init, segment_ids, cfg)
