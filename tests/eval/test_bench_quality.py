@@ -2,24 +2,15 @@
 row end to end under a time budget that cuts its stages short — the trained parameters must still reach the
 evaluated model (the first device run evaluated an untrained hybrid because they did not)."""
 
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-
 
 @pytest.fixture(scope="module")
-def bq():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = mod  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+def bq(load_benchmark):
+    return load_benchmark("bench_quality")
 
 
 @pytest.fixture(scope="module")

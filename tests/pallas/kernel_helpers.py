@@ -60,6 +60,23 @@ def weighted_sum(y, fin):
     return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(fin * wf)
 
 
+def ssd_caller(fn, ins, present, segs, softplus, **kw):
+    """f(*vals) = fn(x, dt, A, B, C, D=, dt_bias=, initial_state=, segment_ids=segs, dt_softplus=softplus, **kw)
+    with the arguments named in `present` taken from vals (in order) and the others from `ins`: what the chunked
+    SSD tests differentiate."""
+    def f(*vals):
+        full = dict(ins)
+        full.update(zip(present, vals))
+        return fn(full["x"], full["dt"], full["A"], full["B"], full["C"], D=full["D"], dt_bias=full["dt_bias"],
+                  initial_state=full["initial_state"], segment_ids=segs, dt_softplus=softplus, **kw)
+    return f
+
+
+def grad_of_outputs(f, n: int):
+    """The gradient, in all n arguments, of `weighted_sum` of f's (y, final state)."""
+    return jax.grad(lambda *v: weighted_sum(*f(*v)), argnums=tuple(range(n)))
+
+
 def lower_for_h100(fn, *avals) -> str:
     """The module `fn` exports for CUDA with an H100 as the target (Pallas -> Triton IR, no GPU needed): raises
     whatever the Triton lowering rejects. Names the GPU through JAX internals; skips if they moved."""

@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import needs_gpu, rel, weighted_sum  # noqa: E402
+from kernel_helpers import grad_of_outputs, needs_gpu, rel  # noqa: E402
 
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -81,12 +81,7 @@ def check_against_reference(ins, segs, *, softplus=True, tol_y, tol_g, reference
     assert rel(fin, finr) < tol_y, ("final_state", rel(fin, finr))
 
     def grad_of(fn, kw):
-        inner = run(fn, kw)
-
-        def L(*v):
-            y, fin = inner(*v)
-            return weighted_sum(y, fin)
-        return jax.grad(L, argnums=tuple(range(len(present))))
+        return grad_of_outputs(run(fn, kw), len(present))
 
     gk_fn = grad_of(selective_scan_pallas, kernel_kw)
     assert "selective_scan_bwd" in _jaxpr(gk_fn, *vals), "the backward must be the Pallas kernel, not an XLA VJP"

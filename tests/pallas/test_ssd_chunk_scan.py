@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, make_ssd_inputs, needs_gpu, rel, weighted_sum  # noqa: E402
+from kernel_helpers import grad_of_outputs, has_pallas_call, make_ssd_inputs, needs_gpu, rel, ssd_caller  # noqa: E402
 
 
 ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
@@ -32,12 +32,7 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret, tol_y
     kern_kw = dict(chunk_size=chunk, interpret=interpret, block_p=block_p, bwd_block_p=bwd_block_p)
 
     def run(fn, kw):
-        def f(*vals):
-            full = dict(ins)
-            full.update(zip(present, vals))
-            return fn(full["x"], full["dt"], full["A"], full["B"], full["C"], D=full["D"], dt_bias=full["dt_bias"],
-                      initial_state=full["initial_state"], segment_ids=segs, dt_softplus=softplus, **kw)
-        return f
+        return ssd_caller(fn, ins, present, segs, softplus, **kw)
 
     vals = [ins[a] for a in present]
     fwd_k = run(ssd_chunk_scan, kern_kw)
@@ -53,12 +48,7 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret, tol_y
     assert rel(fin, finr) < tol_y, ("final_state", rel(fin, finr))
 
     def loss(fn, kw):
-        inner = run(fn, kw)
-
-        def L(*v):
-            y, fin = inner(*v)
-            return weighted_sum(y, fin)
-        return jax.grad(L, argnums=tuple(range(len(present))))
+        return grad_of_outputs(run(fn, kw), len(present))
 
     gk_fn = loss(ssd_chunk_scan, kern_kw)
     assert has_pallas_call(gk_fn, *vals), "the gradient must trace the Pallas backward"

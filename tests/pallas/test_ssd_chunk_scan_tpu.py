@@ -31,7 +31,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.ssd_chunk_scan_tpu import ssd_chunk_scan_tpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import make_ssd_inputs, rel, weighted_sum  # noqa: E402
+from kernel_helpers import grad_of_outputs, make_ssd_inputs, rel, ssd_caller  # noqa: E402
 
 
 def make_inputs(*args, **kwargs):
@@ -46,20 +46,10 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret=True, 
     present = [a for a in ARGS if ins[a] is not None]
 
     def run(fn, kw):
-        def f(*vals):
-            full = dict(ins)
-            full.update(zip(present, vals))
-            return fn(full["x"], full["dt"], full["A"], full["B"], full["C"], D=full["D"], dt_bias=full["dt_bias"],
-                      initial_state=full["initial_state"], segment_ids=segs, dt_softplus=softplus, **kw)
-        return f
+        return ssd_caller(fn, ins, present, segs, softplus, **kw)
 
     def loss(fn, kw):
-        inner = run(fn, kw)
-
-        def L(*v):
-            y, fin = inner(*v)
-            return weighted_sum(y, fin)
-        return jax.grad(L, argnums=tuple(range(len(present))))
+        return grad_of_outputs(run(fn, kw), len(present))
 
     vals = [ins[a] for a in present]
     vals32 = [v.astype(jnp.float32) for v in vals]  # the reference in fp32: the kernel must match the maths

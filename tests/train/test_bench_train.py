@@ -2,7 +2,6 @@
 takes, bar the device), and (slow) the whole script in --tiny mode: workers, deadlines, train.json and train.md."""
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,12 +13,8 @@ ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def bt():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = mod  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+def bt(load_benchmark):
+    return load_benchmark("bench_train")
 
 
 def test_analytic_flops_by_hand(bt):
