@@ -26,7 +26,6 @@ leaves tables):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import device, versions  # noqa: E402
+from bench_env import device, now, versions  # noqa: E402
 
 CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 FORCE_REF = "MAMBA_LLAMA_FORCE_REFERENCE"  # pallas_kernels.dispatch.FORCE_REFERENCE_ENV (no jax import here)
@@ -500,7 +499,7 @@ def orchestrate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], best: str, final: Any, hf: Any,
             started: float) -> None:
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": now(),
         "device": device(), "versions": versions(),
         "config": {"model": args.teacher or "random weights, SmolLM2-135M shape", "shape": SMOLLM2_135M,
                    "dtype": "bfloat16", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -795,7 +794,7 @@ GPU_TESTS = ("tests/pallas/test_decode_attention.py", "tests/pallas/test_fused_d
 
 
 def _report_head(args: argparse.Namespace, what: str) -> dict[str, Any]:
-    return {"what": what, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"what": what, "date": now(),
             "device": device(), "versions": versions(),
             "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
             "config": {"model": "random weights, SmolLM2-135M shape" + (" (tiny)" if args.tiny else ""),

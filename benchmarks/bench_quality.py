@@ -480,7 +480,7 @@ def table(rows_dir: Path) -> str:
                                                         else {})
         niah = r.get("niah", {}).get("rate_by_length", {})
         lines.append(
-            f"| {r['row']} | {r.get('date', '—')} | {fmt(ppl.get('heldout'), '.2f')} ({fmt(ratio.get('heldout'))})"
+            f"| {r['row']} | {r.get('date', '—')[:10]} | {fmt(ppl.get('heldout'), '.2f')} ({fmt(ratio.get('heldout'))})"
             f" | {fmt(ppl.get('pydoc'), '.2f')} ({fmt(ratio.get('pydoc'))})"
             f" | {' / '.join(fmt(v, '.2f') for v in niah.values()) or '—'}"
             f" | {fmt(r.get('chat', {}).get('judge_win_rate'))} | {r.get('tokens', '—')}"
@@ -528,12 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         t = load_teacher(scale.teacher, dtype=scale.dtype)
         print(json.dumps(write_corpus(t.model, t.tokenizer, a.corpus, scale, deadline_s=a.budget_s)))
         return 0
-    import datetime
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_env import device, versions
+    from bench_env import device, now, versions
 
-    env = {"date": datetime.date.today().isoformat(), "device": device(), "versions": versions()}
+    env = {"date": now(), "device": device(), "versions": versions()}
 
     def save(row: dict[str, Any]) -> None:
         row.update(env)

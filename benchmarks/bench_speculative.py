@@ -32,7 +32,6 @@ and the write-up) and lists what it skipped. Writes <out>/speculative.json and <
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -47,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import device, versions  # noqa: E402
+from bench_env import device, now, versions  # noqa: E402
 from bench_verify import CMDBUF, Deadline, device_flags, touch, verify_impl  # noqa: E402
 
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noqa: E402
@@ -308,7 +307,7 @@ def main() -> None:
     deadline = Deadline(args.deadline_s)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device(),
+        date=now(), device=device(),
         backend=jax.default_backend(), versions=versions(), dtype=args.dtype, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         real_models=bool(args.target), xla_flags=os.environ.get("XLA_FLAGS", ""), runs=[], skipped=[])

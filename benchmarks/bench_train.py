@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import queue
@@ -53,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import device, versions  # noqa: E402
+from bench_env import device, now, versions  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 SXM dense bf16 FLOP/s (the datasheet figure MFU is quoted against)
 FLOOR_TOKENS_PER_S = 50_000  # the untuned JAX step on the same H100, batch 8 x 2048
@@ -631,7 +630,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(BY_NAME)}")
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": now(),
             "device": device(), "versions": versions(), "tiny": args.tiny, "warmup": args.warmup,
             "steps": args.steps, "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "env": {k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
@@ -46,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import device, versions  # noqa: E402
+from bench_env import device, now, versions  # noqa: E402
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.inference.generate import prepare_for_inference
@@ -391,7 +390,7 @@ def main() -> int:
     h, p, n = args.layer
     probe = layer_inputs(1, 2, h, p, n)
     res: dict[str, Any] = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device(),
+        date=now(), device=device(),
         backend=jax.default_backend(), versions=versions(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=args.dtype, layer_shape=list(args.layer),
         model_name="tiny" if tiny else "SmolLM2-135M", prompt_len=args.prompt_len, reps=args.reps,
