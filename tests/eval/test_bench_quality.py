@@ -44,7 +44,7 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
     monkeypatch.setattr(bq, "clock", lambda: float(next(tick)))  # 1 s a reading: the cuts fall deterministically
     saved = []
     row = bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", budget_s=23,
-                       save=lambda r: saved.append(json.dumps(r)))
+                       save=lambda r: saved.append(json.dumps(r)), keep_model=tmp_path / "kept")
     cut = [s for s in row["cut_short"] if row["ran_steps"].get(s, 0) >= 2]  # stopped after some real steps
     assert cut == ["end-to-end"] and row["ran_steps"]["end-to-end"] < row["planned_steps"]["end-to-end"]
     after = row["ppl_after"]
@@ -53,4 +53,6 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
     assert "sft" not in row["ran_steps"] and {"sft", "dpo"} <= set(row["cut_short"])  # no time left: skipped
     assert row["losses"]["end-to-end"]["last"]["step"] <= row["ran_steps"]["end-to-end"]
     assert row["export"]["max_abs_logit_diff"] == 0.0 and len(saved) >= 4
+    kept = {f.name for f in (tmp_path / "kept").iterdir()}  # --keep-model: the export stays for a later call
+    assert {"config.json", "mamba_config.json", "model.safetensors"} <= kept and set(row["export"]["sha256"]) <= kept
     assert json.loads(saved[-1])["chat"] == row["chat"]
