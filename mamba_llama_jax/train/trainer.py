@@ -104,14 +104,24 @@ def split_model(model: DecoderLM, train: str, mesh: jax.sharding.Mesh) -> SplitM
     graphdef, tr, fr, rest = nnx.split(model, filt, nnx.Param, ...)
     tf, ff = Flattener(tr), Flattener(fr)
     shard = {**tf.flat(mesh_lib.state_shardings(tr, mesh)), **ff.flat(mesh_lib.state_shardings(fr, mesh))}
-    # Trainable arrays are donated to the step: copy them, since a converted model shares buffers with its
-    # teacher (copied weights are the same arrays).
-    trainable = {k: _place(v, shard[k], copy=True) for k, v in tf.flat(tr).items()}
+    # Trainable arrays are donated to the step: they need buffers of their own, since a converted model shares
+    # buffers with its teacher (copied weights are the same arrays).
+    trainable = _fresh({k: _place(v, shard[k]) for k, v in tf.flat(tr).items()})
     frozen = {k: _place(v, shard[k]) for k, v in ff.flat(fr).items()}
     return SplitModel(graphdef, trainable, frozen, rest, tf, ff, shard)
 
 
-def _place(v: Any, sharding: Any, copy: bool = False) -> Any:
+def _fresh(arrays: Flat) -> Flat:
+    """Copies of `arrays` in new buffers, same shardings. `device_put(..., may_alias=False)` is not enough: placing
+    an array that lives on one device onto a sharding over several devices including that one reuses its buffer
+    for that device's shard (jax 0.12), and a donated step then fails on its first multi-device run. A jitted
+    identity never returns an input buffer it was not donated."""
+    if not arrays or any(isinstance(v, jax.ShapeDtypeStruct) for v in arrays.values()):
+        return arrays
+    return jax.jit(lambda a: a, out_shardings={k: v.sharding for k, v in arrays.items()})(arrays)
+
+
+def _place(v: Any, sharding: Any) -> Any:
     """An array on its sharding; an abstract one (a model from `nnx.eval_shape`, for ahead-of-time compilation of
     models too big to materialise: benchmarks/memory_llama3_8b.py) just carries the sharding."""
     if isinstance(v, jax.ShapeDtypeStruct):
@@ -121,7 +131,7 @@ def _place(v: Any, sharding: Any, copy: bool = False) -> Any:
         # shards. (device_put of a host-local array onto a multi-host sharding gives arrays orbax cannot save.)
         host = np.asarray(v)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.device_put(v, sharding, may_alias=False) if copy else jax.device_put(v, sharding)
+    return jax.device_put(v, sharding)
 
 
 # ------------------------------------------------------------------------------------------------- optimizer
