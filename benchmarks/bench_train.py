@@ -29,6 +29,11 @@ run skip compilation (and shares autotuning results between variants).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_train.py --out benchmarks/results          # one GPU, < 300 s
     PYTHONPATH=$PWD python benchmarks/bench_train.py --tiny --out /tmp/bt                  # CPU smoke test
+    PYTHONPATH=$PWD python3 benchmarks/bench_train.py --devices 2 --budget 420 --out ...   # scaling (issue 10)
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/bench_train.py --tiny --devices 4 ...
+
+`--devices N` runs `train_scaling.py` instead: the step on 1 device and on N (data parallel, FSDP), with the
+collective time from a profile, and a checkpoint saved on N devices restored on 1 and on the CPU.
 """
 
 from __future__ import annotations
@@ -238,6 +243,9 @@ def _stage(v: Variant, seq: int, steps: int) -> Any:
                        optim=OptimConfig(lr=8e-5, warmup_steps=5))
 
 
+# Kept set in every worker, also where the caller's environment lacks them: NVLink multicast can take a shared
+# host's GPUs out of service (the device tool's KINDS.md).
+SHARED_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 MIN_TIMED = 20  # the median is taken over at least this many steps (fewer only when --steps asks for fewer)
 
 
@@ -388,10 +396,14 @@ def worker_main(args: argparse.Namespace) -> None:
     _emit("ready", {"backend": jax.default_backend()})
     for item in args.items.split(","):
         name = item.split(":", 1)[-1]
-        v = BY_NAME[name]
+        v = BY_NAME.get(name, VARIANTS[0])
         _emit("start", {"name": item})
         try:
-            if v.attention == "cudnn" and jax.default_backend() != "gpu":
+            if item.startswith(("scale:", "resume:")):
+                import train_scaling
+
+                res = train_scaling.run_item(sys.modules[__name__], item, models, args)
+            elif v.attention == "cudnn" and jax.default_backend() != "gpu":
                 res = {"name": item, "skipped": "cuDNN attention needs a GPU"}
             elif item.startswith("substeps:"):
                 res = run_substeps(v, models, args, args.time_per_variant)
@@ -415,16 +427,20 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace, items: list[str], log: Path):
         cmd = [sys.executable, __file__, "--worker", "--items", ",".join(items), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--time-per-variant", str(args.timing_cap)]
+               "--warmup", str(args.warmup), "--time-per-variant", str(args.timing_cap),
+               "--devices", str(args.devices)]
         if args.tiny:
             cmd.append("--tiny")
-        if args.cache_dir:
-            cmd += ["--cache-dir", args.cache_dir]
+        cmd += ["--cache-dir", args.cache_dir]  # '' (off) too: the worker's default would turn it on
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # batch 16 wants more than the default 75 %
         env.setdefault("MAMBA_LLAMA_UNVERIFIED_KERNELS", "1")  # measure kernels whether or not test-gpu passed
         if args.tiny:
             env["JAX_PLATFORMS"] = "cpu"
+        elif args.devices and env.get("JAX_PLATFORMS") in ("cuda", "gpu"):
+            env["JAX_PLATFORMS"] += ",cpu"  # the resume check restores on the CPU too
+        for k, v in SHARED_GPU_ENV.items():  # NVLink multicast stays off on shared multi-GPU hosts (device notes)
+            env.setdefault(k, v)
         self.log = log.open("a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      cwd=str(ROOT))
@@ -501,6 +517,10 @@ def run_items(args: argparse.Namespace, items: list[str], end: float, log: Path,
 
 
 def summary_line(r: dict[str, Any]) -> str:
+    if r["name"].startswith(("scale:", "resume:")):
+        import train_scaling
+
+        return train_scaling.summary_line(r)
     if "error" in r or "skipped" in r:
         return f"{r['name']}: {r.get('error') or r.get('skipped')}"[:300]
     if "ms" in r:
@@ -619,7 +639,43 @@ def verdict(results: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def orchestrate_scaling(args: argparse.Namespace) -> None:
+    """`--devices N`: the step on 1 device and on N (data parallel, FSDP), and the cross-count resume check."""
+    import train_scaling
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_scaling.log"
+    log.write_text("")
+    meta = {"date": now(), "device": device(), "device_count": _visible_devices(), "devices": args.devices,
+            "versions": versions(), "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
+            "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "env": {k: os.environ.get(k, v) for k, v in SHARED_GPU_ENV.items()}
+            | {k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION") if k in os.environ},
+            "budget_s": args.budget, "peak_flops": PEAK_BF16}
+    items = train_scaling.items(args.devices)
+    results: dict[str, dict[str, Any]] = {}
+    print(f"bench_train --devices {args.devices}: {len(items)} items, budget {args.budget:.0f} s, log {log}",
+          flush=True)
+    run_items(args, items, t0 + args.budget, log, results)
+    meta["wall_s"] = time.time() - t0
+    train_scaling.write(out, meta, {it: results[it] for it in items if it in results})
+    print(f"wrote {out / 'train_scaling.json'} and {out / 'train_scaling.md'} in {meta['wall_s']:.0f} s", flush=True)
+
+
+def _visible_devices() -> int:
+    """GPUs nvidia-smi lists (0 without one): the parent never imports jax, so the workers own the devices."""
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return sum(ln.startswith("GPU ") for ln in smi.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        return 0
+
+
 def orchestrate(args: argparse.Namespace) -> None:
+    if args.devices:
+        return orchestrate_scaling(args)
     t0 = time.time()
     end = t0 + args.budget
     out = Path(args.out)
@@ -667,6 +723,9 @@ def main() -> None:
     ap.add_argument("--min-start-s", type=float, default=20, help="no worker is started with less time left")
     ap.add_argument("--cache-dir", default="/tmp/bench_train_xla_cache",
                     help="persistent compilation cache ('' = off)")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="N > 0: the scaling run instead (1 device vs N, data parallel and FSDP, and the resume "
+                    "check across device counts; writes train_scaling.json/.md). See benchmarks/train_scaling.py")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--items", default="", help=argparse.SUPPRESS)
     ap.add_argument("--time-per-variant", type=float, default=25, help=argparse.SUPPRESS)
