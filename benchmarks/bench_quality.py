@@ -91,12 +91,13 @@ class Scale:
     dtype: str
     gen_batch: int
     chat_new_tokens: int
+    compile_s: float = 0.0  # kept aside per stage for compiling its step before its share of the time is given
 
 
 # Device corpus: every offline prompt (9,600) answered twice (two sampling seeds), ~4 M tokens: a row's 6 M-token
 # budget reads the corpus about 1.5 times.
 DEVICE = Scale(None, SEQ_LEN, 16, TOKEN_BUDGET, SEQ_LEN, (1, 4, 8), 65536, 32, 9600, 256, 2, "bfloat16",
-               256, 128)
+               256, 128, compile_s=45.0)  # measured: 30-35 s a training stage on the H100/H200, DPO ~45 s
 TINY = Scale(str(ROOT / "tests" / "fixtures" / "tiny_llama"), 64, 4, 64 * 4 * 12, 256, (1, 2), 512, 2, 16, 12, 2,
              "float32", 8, 8)
 
@@ -258,26 +259,64 @@ def run_teacher(corpus_dir: Path, scale: Scale) -> dict[str, Any]:
             "niah": {k: niah[k] for k in ("lengths", "depths", "rate", "rate_by_length", "overall")}}
 
 
+PHASES = ("all", "train", "eval")
+
+
 def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path,
               budget_s: float = CALL_BUDGET_S, seed: int = 0, keep_model: Path | None = None,
-              save: Any = None) -> dict[str, Any]:
+              save: Any = None, phase: str = "all", row: dict[str, Any] | None = None) -> dict[str, Any]:
     """One table row end to end (module docstring); returns its json row. `save(row)` is called after training
-    and after each measurement, so a call that runs out of time still brings back what it measured."""
+    and after each measurement, so a call that runs out of time still brings back what it measured.
+
+    `phase`: 'all' trains and evaluates in one call. A row whose stages' compiles leave too little of one call
+    (the 12.5 % and 0 % ladders compile 7-8 steps) splits in two calls on one warm machine: 'train' trains with
+    the whole budget and exports the model to `keep_model`; 'eval' reads that model and the 'train' call's
+    `row`, and evaluates it."""
     save = save or (lambda row: None)
-    import jax
+    from mamba_llama_jax.convert import load_teacher
+
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
+    if phase != "all" and keep_model is None:
+        raise ValueError(f"phase {phase!r} needs keep_model: the directory that carries the model between calls")
+    t0 = clock()
+    teacher = load_teacher(scale.teacher, dtype=scale.dtype)
+    corpora = _corpora(teacher.tokenizer, corpus_dir, scale)
+    if phase == "eval":
+        from mamba_llama_jax.convert.mambainllama import import_mambainllama
+
+        if row is None or row.get("phase") != "trained":
+            raise ValueError("phase 'eval' needs the row its 'train' call wrote (phase 'trained')")
+        _, _, student, _ = import_mambainllama(keep_model, dtype=scale.dtype)
+        return _evaluate(dict(row), student, teacher, corpora, scale, variant, seed, save, t0, None)
+    train_share = 0.95 if phase == "train" else 0.6  # 'all': the rest is evaluation, export and the reload check
+    row, student, last_ppl = _train(fraction, variant, corpus_dir, scale, out_dir, budget_s * train_share, seed,
+                                    teacher, corpora, t0)
+    save(row)
+    if phase == "train":
+        row["export"] = _export_check(student, teacher.tokenizer, keep_model)
+        row["phase"] = "trained"
+        row["total_s"] = clock() - t0
+        return row
+    row = _evaluate(row, student, teacher, corpora, scale, variant, seed, save, t0, last_ppl)
+    t_export = clock()
+    row["export"] = _export_check(student, teacher.tokenizer, keep_model)
+    row["eval_s"]["export"] = round(clock() - t_export, 1)
+    row["total_s"] = clock() - t0
+    return row
+
+
+def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path, train_budget: float,
+           seed: int, teacher: Any, corpora: dict[str, Any], t0: float) -> tuple[dict[str, Any], Any, Any]:
+    """Builds the hybrid and runs every stage within `train_budget` seconds from `t0`: (row, student, the last
+    perplexity measured, None when the student changed after it)."""
     from flax import nnx
 
     from mamba_llama_jax.config import DataConfig, LossConfig, OptimConfig, StageConfig
-    from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.from_attention import build_hybrid
-    from mamba_llama_jax.convert.mambainllama import export_mambainllama, import_mambainllama
     from mamba_llama_jax.data import pipeline, sources
-    from mamba_llama_jax.eval.chat_compare import compare
-    from mamba_llama_jax.eval.niah import NiahConfig, run_niah
     from mamba_llama_jax.train.trainer import fit
 
-    t0 = clock()
-    teacher = load_teacher(scale.teacher, dtype=scale.dtype)
     tok, L = teacher.tokenizer, teacher.config.num_layers
     train = [row for f in corpus_files(corpus_dir) for row in read_corpus(f)]
     pairs_rng = np.random.default_rng(seed)
@@ -314,12 +353,10 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
             objective="dpo", train="all", steps=steps_of["dpo"], batch_size=max(2, scale.batch_size // 2),
             loss=LossConfig(dpo_beta=0.01), optim=OptimConfig(lr=5e-7, warmup_steps=2))))
 
-    corpora = _corpora(tok, corpus_dir, scale)
     row: dict[str, Any] = {"row": f"{fraction}/{variant}", "fraction": fraction, "variant": variant,
                            "planned_steps": {s.name: s.steps for _, _, s in phases}, "ran_steps": {},
                            "tokens": 0, "cut_short": [], "ppl_after": {}}
     student, last_ppl = None, None
-    train_budget = 0.6 * budget_s  # the rest: evaluation, export and the reload check
     for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
             student, last_ppl = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student), None
@@ -329,10 +366,11 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
                 _reinit(student, variant.split("-", 1)[1].replace("none", ""), seed + 99)
             if n == 0:  # the first layout, initialised, before any training: what the initialisation alone gives
                 last_ppl = row["ppl_after"]["init"] = _ppl(student, corpora, scale)
-        # Each stage gets the time left in proportion to its planned steps, so a slow device shortens every stage
-        # rather than starving the last ones (SFT, DPO).
-        left = train_budget - (clock() - t0)
-        left *= stage.steps / sum(s.steps for _, _, s in phases[n:])
+        # Each stage gets its compile time plus the time left after every remaining stage's compile, in proportion
+        # to its planned steps, so a slow device shortens every stage rather than starving the last ones (SFT,
+        # DPO), and a stage with few steps is not cut before its first step has compiled.
+        pool = train_budget - (clock() - t0) - scale.compile_s * (len(phases) - n)
+        left = scale.compile_s + max(pool, 0.0) * stage.steps / sum(s.steps for _, _, s in phases[n:])
         if left <= 0:
             row["cut_short"].append(stage.name)
             continue
@@ -356,7 +394,17 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         if n + 1 == len(phases) or phases[n + 1][0] != kind:  # after each phase (the ladder counts as one)
             last_ppl = row["ppl_after"][kind] = _ppl(student, corpora, scale)
     row["train_s"] = clock() - t0
-    save(row)
+    return row, student, last_ppl
+
+
+def _evaluate(row: dict[str, Any], student: Any, teacher: Any, corpora: dict[str, Any], scale: Scale,
+              variant: str, seed: int, save: Any, t0: float, last_ppl: Any) -> dict[str, Any]:
+    """Perplexities (student, teacher, Mamba mixers dropped), NIAH and the chat comparison, saved as each ends."""
+    from mamba_llama_jax.data import sources
+    from mamba_llama_jax.eval.chat_compare import compare
+    from mamba_llama_jax.eval.niah import NiahConfig, run_niah
+
+    tok = teacher.tokenizer
     t_eval = clock()
 
     def lap(name: str) -> None:  # where the evaluation's time goes (it is ~40 % of a device call)
@@ -384,8 +432,18 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
                    batch_size=scale.batch_size)
     row["chat"] = chat["summary"]
     lap("chat")
+    if row.pop("phase", None) == "trained":  # the second call of a split row
+        row["phase"] = "evaluated"
+        row["eval_call_s"] = clock() - t0
+    return row
 
-    # Export, re-import, same logits; the checkpoint itself stays on the device (too big to bring back).
+
+def _export_check(student: Any, tok: Any, keep_model: Path | None) -> dict[str, Any]:
+    """Export, re-import, same logits; the model itself stays on the device (too big to bring back)."""
+    import jax
+
+    from mamba_llama_jax.convert.mambainllama import export_mambainllama, import_mambainllama
+
     with tempfile.TemporaryDirectory() as tmp:
         path = export_mambainllama(student, keep_model or Path(tmp) / "export", dtype="float32", tokenizer=tok,
                                    overwrite=True)
@@ -397,11 +455,8 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         probe = jax.numpy.asarray([tok.encode("The quick brown fox jumps over the lazy dog.")])
         a, _ = student(probe)
         b, _ = again(probe)
-        row["export"] = {"sha256": sha, "max_abs_logit_diff": float(jax.numpy.max(jax.numpy.abs(a - b))),
-                         "bytes": sum(f.stat().st_size for f in path.iterdir())}
-    lap("export")
-    row["total_s"] = clock() - t0
-    return row
+        return {"sha256": sha, "max_abs_logit_diff": float(jax.numpy.max(jax.numpy.abs(a - b))),
+                "bytes": sum(f.stat().st_size for f in path.iterdir())}
 
 
 # ---------------------------------------------------------------------------------------------------- table
@@ -480,7 +535,8 @@ def table(rows_dir: Path) -> str:
                                                         else {})
         niah = r.get("niah", {}).get("rate_by_length", {})
         lines.append(
-            f"| {r['row']} | {r.get('date', '—')[:10]} | {fmt(ppl.get('heldout'), '.2f')} ({fmt(ratio.get('heldout'))})"
+            f"| {r['row']}{' (trained; evaluation call missing)' if r.get('phase') == 'trained' else ''} |"
+            f" {r.get('date', '—')[:10]} | {fmt(ppl.get('heldout'), '.2f')} ({fmt(ratio.get('heldout'))})"
             f" | {fmt(ppl.get('pydoc'), '.2f')} ({fmt(ratio.get('pydoc'))})"
             f" | {' / '.join(fmt(v, '.2f') for v in niah.values()) or '—'}"
             f" | {fmt(r.get('chat', {}).get('judge_win_rate'))} | {r.get('tokens', '—')}"
@@ -510,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", default=None, help="teacher GGUF/HF dir (default: the embedded SmolLM2)")
     ap.add_argument("--keep-model", default=None, type=Path, metavar="DIR",
                     help="chain: export the trained hybrid here (MambaInLlama format) and keep it")
+    ap.add_argument("--phase", default="all", choices=PHASES,
+                    help="chain: 'all' (one call), or 'train' then 'eval' (two calls on one warm machine, same "
+                    "--keep-model and --out: for rows whose compiles leave too little of one call)")
     a = ap.parse_args(argv)
     if a.tiny:
         return smoke(a.out if a.out != RESULTS / "quality" else Path(tempfile.mkdtemp(prefix="bench_quality_")))
@@ -537,9 +596,17 @@ def main(argv: list[str] | None = None) -> int:
         row.update(env)
         _write(a.out / f"{row['row'].replace('/', '_')}.json", json.dumps(row, indent=1))
 
+    if a.phase != "all" and a.keep_model is None:
+        ap.error(f"--phase {a.phase} needs --keep-model DIR (where the model waits between the two calls)")
+    previous = None
+    if a.command == "chain" and a.phase == "eval":
+        path = a.out / f"{a.fraction}_{a.variant}.json"
+        if not path.exists():
+            ap.error(f"--phase eval: {path} is missing; run --phase train with the same --out first")
+        previous = json.loads(path.read_text())
     row = run_teacher(a.corpus, scale) if a.command == "teacher" else run_chain(
         a.fraction, a.variant, a.corpus, scale, Path(tempfile.mkdtemp(prefix="chain_")), a.budget_s,
-        keep_model=a.keep_model, save=save)
+        keep_model=a.keep_model, save=save, phase=a.phase, row=previous)
     save(row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("niah",)}, indent=1, default=str))
     return 0

@@ -56,3 +56,33 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
     kept = {f.name for f in (tmp_path / "kept").iterdir()}  # --keep-model: the export stays for a later call
     assert {"config.json", "mamba_config.json", "model.safetensors"} <= kept and set(row["export"]["sha256"]) <= kept
     assert json.loads(saved[-1])["chat"] == row["chat"]
+
+
+@pytest.mark.slow
+def test_chain_split_in_a_train_call_and_an_eval_call(bq, corpus, tmp_path):
+    """--phase train then --phase eval: the second call evaluates the model the first one trained and kept."""
+    out, _ = corpus
+    kept = tmp_path / "kept"
+    with pytest.raises(ValueError, match="needs keep_model"):
+        bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", phase="train")
+    trained = bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", budget_s=600, keep_model=kept,
+                           phase="train")
+    assert trained["phase"] == "trained" and "niah" not in trained and "ppl" not in trained
+    assert trained["export"]["max_abs_logit_diff"] == 0.0 and (kept / "mamba_config.json").exists()
+    assert not trained["cut_short"] and trained["ran_steps"] == trained["planned_steps"]
+    with pytest.raises(ValueError, match="needs the row"):
+        bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", keep_model=kept, phase="eval", row={})
+    row = bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", keep_model=kept, phase="eval",
+                       row=json.loads(json.dumps(trained)))
+    assert row["phase"] == "evaluated" and row["ran_steps"] == trained["ran_steps"]
+    last = trained["ppl_after"]["dpo"]
+    assert row["ppl"] == pytest.approx(last, rel=1e-5)  # the kept model is the trained one
+    assert set(row) >= {"niah", "chat", "mamba_dropped_ppl_ratio", "eval_s", "eval_call_s"}
+    assert "trained; evaluation call missing" in bq.table(_rows(tmp_path / "t1", trained))
+    assert "trained; evaluation call missing" not in bq.table(_rows(tmp_path / "t2", row))
+
+
+def _rows(d, row):
+    d.mkdir()
+    (d / "x.json").write_text(json.dumps(row))
+    return d
