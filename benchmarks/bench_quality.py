@@ -23,8 +23,9 @@ Rows (variants): `main` at 50/25/12.5/0 % attention; ablations on the 50 % hybri
 freshly initialised instead of from attention), `reuse-<parts>` (only those of Q,K,V,O copied, e.g. reuse-QK,
 reuse-V, reuse-none), `oneshot` (all layers converted at once, no progressive ladder), `no-sft-dpo` (distillation
 stages only); experiments beyond the issue's rows: `quiet-init` (converted mixers start near "layer removed")
-and `fast-lr` (learning rates sized to the token budget), see EXPERIMENTS; `main` also evaluates its model with the Mamba mixers dropped (outputs zeroed: what the distilled
-layers add) and after each of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra call.
+and `fast-lr` (learning rates sized to the token budget), see EXPERIMENTS; `main` also evaluates its model with
+the Mamba mixers dropped (outputs zeroed: what the distilled layers add) and after each of distill / SFT / DPO
+(ppl only), so "with vs without SFT/DPO" costs no extra call.
 
     python benchmarks/bench_quality.py plan
     python benchmarks/bench_quality.py corpus --corpus data/quality-corpus       # device, once
