@@ -41,6 +41,16 @@ def device() -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def gpu_count() -> int:
+    """GPUs nvidia-smi lists (0 without one or without nvidia-smi); no jax import, so a parent process can ask
+    while its workers own the devices."""
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(ln.startswith("GPU ") for ln in smi.splitlines())
+
+
 def now() -> str:
     """UTC date and time, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -462,7 +462,7 @@ def _evaluate(row: dict[str, Any], student: Any, teacher: Any, corpora: dict[str
                    batch_size=scale.batch_size)
     row["chat"] = chat["summary"]
     lap("chat")
-    if row.pop("phase", None) == "trained":  # the second call of a split row
+    if row.get("phase") == "trained":  # the second call of a split row
         row["phase"] = "evaluated"
         row["eval_call_s"] = clock() - t0
     return row
@@ -577,6 +577,11 @@ def table(rows_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_file(rows_dir: Path, row: str) -> Path:
+    """Where a row ('50/main', 'teacher') is saved: one json file per row."""
+    return rows_dir / f"{row.replace('/', '_')}.json"
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -624,13 +629,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(row: dict[str, Any]) -> None:
         row.update(env)
-        _write(a.out / f"{row['row'].replace('/', '_')}.json", json.dumps(row, indent=1))
+        _write(row_file(a.out, row["row"]), json.dumps(row, indent=1))
 
     if a.phase != "all" and a.keep_model is None:
         ap.error(f"--phase {a.phase} needs --keep-model DIR (where the model waits between the two calls)")
     previous = None
     if a.command == "chain" and a.phase == "eval":
-        path = a.out / f"{a.fraction}_{a.variant}.json"
+        path = row_file(a.out, f"{a.fraction}/{a.variant}")
         if not path.exists():
             ap.error(f"--phase eval: {path} is missing; run --phase train with the same --out first")
         previous = json.loads(path.read_text())
@@ -656,7 +661,7 @@ def smoke(out: Path) -> int:
     for variant in ("main", "random-init"):
         rows.append(run_chain("50", variant, corpus, scale, out / "runs", budget_s=600))
     for r in rows:
-        _write(out / "rows" / f"{r['row'].replace('/', '_')}.json", json.dumps(r, indent=1))
+        _write(row_file(out / "rows", r["row"]), json.dumps(r, indent=1))
     print(table(out / "rows"))
     print(f"corpus {info}; smoke test done in {time.perf_counter() - t0:.0f} s; rows in {out / 'rows'}")
     return 0

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import device, now, versions  # noqa: E402
+from bench_env import device, gpu_count, now, versions  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 SXM dense bf16 FLOP/s (the datasheet figure MFU is quoted against)
 FLOOR_TOKENS_PER_S = 50_000  # the issue's untuned JAX step on the same H100, batch 8 x 2048
@@ -280,6 +280,20 @@ def _cost(compiled: Any) -> dict[str, Any]:
     return out
 
 
+def step_inputs(step: Any, batch: int, seq: int, vocab: int) -> tuple[Any, ...]:
+    """The step's arguments in call order, as `trainer.fit` starts them: (trainable, optimizer state, rng,
+    frozen, teacher parameters, a batch of `make_batch` rows), all on the step's mesh."""
+    import jax
+
+    from mamba_llama_jax.train import mesh as mesh_lib
+    from mamba_llama_jax.train import trainer
+
+    rng = jax.device_put(jax.random.key_data(jax.random.key(0)), mesh_lib.replicated(step.mesh))
+    return (step.student.trainable, trainer.init_opt_state(step), rng, step.student.frozen,
+            {**step.teacher.trainable, **step.teacher.frozen},
+            mesh_lib.global_batch(make_batch(batch, seq, vocab), step.mesh))
+
+
 def run_variant(v: Variant, models: tuple[Any, ...], args: argparse.Namespace, cap_s: float) -> dict[str, Any]:
     """Compiles and times the trainer's step for one variant."""
     import jax
@@ -298,11 +312,7 @@ def run_variant(v: Variant, models: tuple[Any, ...], args: argparse.Namespace, c
     res: dict[str, Any] = {"name": v.name, "settings": dataclasses.asdict(v), "seq_len": seq}
     with implementations(v) as info:
         step = trainer.build_step(stage, student, teacher, mesh, objective_fns=fns)
-        tr, fr = step.student.trainable, step.student.frozen
-        tp = {**step.teacher.trainable, **step.teacher.frozen}
-        opt = trainer.init_opt_state(step)
-        rng = jax.device_put(jax.random.key_data(jax.random.key(0)), mesh_lib.replicated(mesh))
-        b = mesh_lib.global_batch(make_batch(batch, seq, cfg.vocab_size), mesh)
+        tr, opt, rng, fr, tp, b = step_inputs(step, batch, seq, cfg.vocab_size)
         t0 = time.perf_counter()
         compiled = step.fn.lower(tr, opt, rng, fr, tp, b).compile()
         res["compile_s"] = time.perf_counter() - t0
@@ -395,15 +405,13 @@ def worker_main(args: argparse.Namespace) -> None:
     models = build_models(args.tiny)
     _emit("ready", {"backend": jax.default_backend()})
     for item in args.items.split(","):
-        name = item.split(":", 1)[-1]
-        v = BY_NAME.get(name, VARIANTS[0])
         _emit("start", {"name": item})
         try:
             if item.startswith(("scale:", "resume:")):
                 import train_scaling
 
                 res = train_scaling.run_item(sys.modules[__name__], item, models, args)
-            elif v.attention == "cudnn" and jax.default_backend() != "gpu":
+            elif (v := BY_NAME[item.split(":", 1)[-1]]).attention == "cudnn" and jax.default_backend() != "gpu":
                 res = {"name": item, "skipped": "cuDNN attention needs a GPU"}
             elif item.startswith("substeps:"):
                 res = run_substeps(v, models, args, args.time_per_variant)
@@ -648,7 +656,7 @@ def orchestrate_scaling(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train_scaling.log"
     log.write_text("")
-    meta = {"date": now(), "device": device(), "device_count": _visible_devices(), "devices": args.devices,
+    meta = {"date": now(), "device": device(), "device_count": gpu_count(), "devices": args.devices,
             "versions": versions(), "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
             "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "env": {k: os.environ.get(k, v) for k, v in SHARED_GPU_ENV.items()}
@@ -662,15 +670,6 @@ def orchestrate_scaling(args: argparse.Namespace) -> None:
     meta["wall_s"] = time.time() - t0
     train_scaling.write(out, meta, {it: results[it] for it in items if it in results})
     print(f"wrote {out / 'train_scaling.json'} and {out / 'train_scaling.md'} in {meta['wall_s']:.0f} s", flush=True)
-
-
-def _visible_devices() -> int:
-    """GPUs nvidia-smi lists (0 without one): the parent never imports jax, so the workers own the devices."""
-    try:
-        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        return sum(ln.startswith("GPU ") for ln in smi.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        return 0
 
 
 def orchestrate(args: argparse.Namespace) -> None:

@@ -189,6 +189,12 @@ def _stage_for(bt: Any, stage: str, batch: int, seq: int, steps: int) -> Any:
     return dataclasses.replace(base, train="mamba" if stage == "layerwise" else "all")
 
 
+def _rows(bt: Any, args: argparse.Namespace, n: int) -> tuple[int, int, int]:
+    """(sequence length, rows per device, global batch) on `n` devices: weak scaling."""
+    per_device = 2 if args.tiny else 8
+    return (bt.TINY_SEQ if args.tiny else bt.SEQ), per_device, per_device * n
+
+
 def _devices(n: int) -> list[Any]:
     import jax
 
@@ -209,9 +215,7 @@ def run_scale(bt: Any, item: str, models: tuple[Any, ...], args: argparse.Namesp
     _, stage_name, kind = item.split(":")
     cfg, hyb, teacher, student = models
     n = 1 if kind == "1" else args.devices
-    seq = bt.TINY_SEQ if args.tiny else bt.SEQ
-    per_device = 2 if args.tiny else 8
-    batch = per_device * n
+    seq, per_device, batch = _rows(bt, args, n)
     stage = _stage_for(bt, stage_name, batch, seq, args.steps)
     shape = mesh_shape(kind, n)
     mesh = mesh_lib.make_mesh(shape, _devices(n))
@@ -220,11 +224,7 @@ def run_scale(bt: Any, item: str, models: tuple[Any, ...], args: argparse.Namesp
                            "seq_len": seq}
     with bt.implementations(bt.Variant("scale", ssd="pallas")) as info:
         step = trainer.build_step(stage, student, teacher, mesh)
-        tr, fr = step.student.trainable, step.student.frozen
-        tp = {**step.teacher.trainable, **step.teacher.frozen}
-        opt = trainer.init_opt_state(step)
-        rng = jax.device_put(jax.random.key_data(jax.random.key(0)), mesh_lib.replicated(mesh))
-        b = mesh_lib.global_batch(bt.make_batch(batch, seq, cfg.vocab_size), mesh)
+        tr, opt, rng, fr, tp, b = bt.step_inputs(step, batch, seq, cfg.vocab_size)
         t0 = time.perf_counter()
         compiled = step.fn.lower(tr, opt, rng, fr, tp, b).compile()
         res["compile_s"] = time.perf_counter() - t0
@@ -293,18 +293,13 @@ def run_resume(bt: Any, item: str, models: tuple[Any, ...], args: argparse.Names
     kind = item.split(":")[1]
     cfg, _, teacher, student = models
     n = args.devices
-    seq = bt.TINY_SEQ if args.tiny else bt.SEQ
-    batch = (2 if args.tiny else 8) * n
+    seq, _, batch = _rows(bt, args, n)
     stage = _stage_for(bt, "layerwise", batch, seq, 10)
     mesh = mesh_lib.make_mesh(mesh_shape(kind, n), _devices(n))
     res: dict[str, Any] = {"name": item, "saved_on": {"mesh": kind, "shape": list(mesh_shape(kind, n)), "devices": n}}
     with bt.implementations(bt.Variant("scale", ssd="pallas")):
         step = trainer.build_step(stage, student, teacher, mesh, donate=False)
-        tr, fr = step.student.trainable, step.student.frozen
-        tp = {**step.teacher.trainable, **step.teacher.frozen}
-        opt = trainer.init_opt_state(step)
-        rng = jax.device_put(jax.random.key_data(jax.random.key(0)), mesh_lib.replicated(mesh))
-        b = mesh_lib.global_batch(bt.make_batch(batch, seq, cfg.vocab_size), mesh)
+        tr, opt, rng, fr, tp, b = bt.step_inputs(step, batch, seq, cfg.vocab_size)
         for _ in range(2):
             tr, opt, rng, _m = step.fn(tr, opt, rng, fr, tp, b)
     state = {"trainable": tr, "frozen": fr, "opt_state": opt, "rng": rng, "step": trainer._step_array(2, mesh)}
@@ -324,14 +319,14 @@ def run_resume(bt: Any, item: str, models: tuple[Any, ...], args: argparse.Names
             targets["cpu"] = mesh_lib.make_mesh((1, 1, 1), cpu)
         elif not cpu:
             res["cpu"] = {"skipped": "no CPU backend in this process (JAX_PLATFORMS excludes it)"}
+        ck = trainer.Checkpointer(d, CheckpointConfig(async_save=False))
         for label, m1 in targets.items():
-            ck = trainer.Checkpointer(d, CheckpointConfig(async_save=False))
             restored, meta = ck.restore(2, _abstract_on(state, m1), None)
-            ck.close()
             placed = {str(x.sharding.device_set) for x in jax.tree.leaves(restored)}
             leaves, same, bad = _same(saved, _host(restored))
             res[label] = {"leaves": leaves, "bit_identical": same, "differing": bad, "meta": meta,
                           "restored_on": sorted(placed)[:2]}
+        ck.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     res["exact"] = all(res[k]["bit_identical"] == res[k]["leaves"] for k in ("1 device", "cpu") if k in res
