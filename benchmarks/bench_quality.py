@@ -22,10 +22,10 @@ big files (a 270 MB checkpoint) never come back. Hence:
 Rows (variants): `main` at 50/25/12.5/0 % attention; ablations on the 50 % hybrid: `random-init` (Mamba layers
 freshly initialised instead of from attention), `reuse-<parts>` (only those of Q,K,V,O copied, e.g. reuse-QK,
 reuse-V, reuse-none), `oneshot` (all layers converted at once, no progressive ladder), `no-sft-dpo` (distillation
-stages only); experiments beyond the issue's rows: `quiet-init` (converted mixers start near "layer removed")
-and `fast-lr` (learning rates sized to the token budget), see EXPERIMENTS; `main` also evaluates its model with
-the Mamba mixers dropped (outputs zeroed: what the distilled layers add) and after each of distill / SFT / DPO
-(ppl only), so "with vs without SFT/DPO" costs no extra call.
+stages only); experiments beyond the issue's rows: `quiet-init` (converted mixers start near "layer removed"),
+`fast-lr` (learning rates sized to the token budget) and `quiet-fast` (both), see EXPERIMENTS; `main` also
+evaluates its model with the Mamba mixers dropped (outputs zeroed: what the distilled layers add) and after each
+of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra call.
 
     python benchmarks/bench_quality.py plan
     python benchmarks/bench_quality.py corpus --corpus data/quality-corpus       # device, once
@@ -71,8 +71,8 @@ ABLATIONS = ("random-init", "reuse-QK", "reuse-V", "reuse-none", "oneshot", "no-
 # Beyond the issue's rows: the leads of the session-4 notes on the poor start (quality/notes.md). quiet-init:
 # every newly converted mixer starts with an identity conv and its output norm scaled by QUIET_NORM_SCALE (near
 # "layer removed", which measured better than the converted layer); fast-lr: learning rates sized to the 6 M-token
-# budget instead of the paper's.
-EXPERIMENTS = ("quiet-init", "fast-lr")
+# budget instead of the paper's; quiet-fast: both.
+EXPERIMENTS = ("quiet-init", "fast-lr", "quiet-fast")
 QUIET_NORM_SCALE = 0.05
 LEARNING_RATES = {"paper": {"layerwise": 8e-5, "end_to_end": 2e-5, "sft": 2e-5},
                   "fast-lr": {"layerwise": 1e-3, "end_to_end": 1e-4, "sft": 1e-4}}
@@ -355,7 +355,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
     tokens_per_step = scale.batch_size * scale.seq_len
     steps_of = {k: max(1, int(scale.tokens * v) // tokens_per_step) for k, v in SPLIT.items()}
     layouts = [_layout(x, L) for x in ladder(fraction, variant == "oneshot")]
-    lr = LEARNING_RATES.get(variant, LEARNING_RATES["paper"])
+    lr = LEARNING_RATES["fast-lr" if variant in ("fast-lr", "quiet-fast") else "paper"]
     phases: list[tuple[str, Any, StageConfig]] = []
     data = DataConfig(source="-", kind="tokens", seq_len=scale.seq_len, num_epochs=0)
     lw = LossConfig(ce_weight=1.0, kl_weight=0.1, kl_normalization="sequence_sum")
@@ -388,7 +388,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         if lay is not None:
             converted = set() if student is None else set(student.mamba_layers)
             student, last_ppl = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student), None
-            if variant == "quiet-init":
+            if variant in ("quiet-init", "quiet-fast"):
                 _quiet(student, sorted(set(student.mamba_layers) - converted))
             if n == 0 and variant == "random-init":
                 _reinit(student, "none-at-all", seed + 99)
