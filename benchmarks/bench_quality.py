@@ -23,7 +23,8 @@ Rows (variants): `main` at 50/25/12.5/0 % attention; ablations on the 50 % hybri
 freshly initialised instead of from attention), `reuse-<parts>` (only those of Q,K,V,O copied, e.g. reuse-QK,
 reuse-V, reuse-none), `oneshot` (all layers converted at once, no progressive ladder), `no-sft-dpo` (distillation
 stages only); experiments beyond the issue's rows: `quiet-init` (converted mixers start near "layer removed"),
-`fast-lr` (learning rates sized to the token budget) and `quiet-fast` (both), see EXPERIMENTS; `main` also
+`fast-lr` (learning rates sized to the token budget) and `quiet-fast` (both), see RECIPES; an ablation
+on top of another recipe is `RECIPE+ABLATION` (e.g. quiet-fast+random-init); every recipe's plain row also
 evaluates its model with the Mamba mixers dropped (outputs zeroed: what the distilled layers add) and after each
 of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra call.
 
@@ -72,10 +73,33 @@ ABLATIONS = ("random-init", "reuse-QK", "reuse-V", "reuse-none", "oneshot", "no-
 # every newly converted mixer starts with an identity conv and its output norm scaled by QUIET_NORM_SCALE (near
 # "layer removed", which measured better than the converted layer); fast-lr: learning rates sized to the 6 M-token
 # budget instead of the paper's; quiet-fast: both.
-EXPERIMENTS = ("quiet-init", "fast-lr", "quiet-fast")
 QUIET_NORM_SCALE = 0.05
 LEARNING_RATES = {"paper": {"layerwise": 8e-5, "end_to_end": 2e-5, "sft": 2e-5},
                   "fast-lr": {"layerwise": 1e-3, "end_to_end": 1e-4, "sft": 1e-4}}
+# A recipe: (learning rates, quiet init). `main` is the paper's recipe; an ablation runs on top of any recipe as
+# `RECIPE+ABLATION` (a bare ablation name means main+ABLATION).
+RECIPES = {"main": ("paper", False), "quiet-init": ("paper", True), "fast-lr": ("fast-lr", False),
+           "quiet-fast": ("fast-lr", True)}
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """'quiet-fast+random-init' -> ('quiet-fast', 'random-init'); 'oneshot' -> ('main', 'oneshot');
+    'quiet-fast' -> ('quiet-fast', '')."""
+    recipe, plus, ablation = variant.partition("+")
+    if not plus:
+        recipe, ablation = (variant, "") if variant in RECIPES else ("main", variant)
+    if recipe not in RECIPES or ablation not in ("",) + ABLATIONS or (plus and not ablation):
+        raise ValueError(f"unknown variant {variant!r}: a recipe ({', '.join(RECIPES)}), an ablation "
+                         f"({', '.join(ABLATIONS)}) or RECIPE+ABLATION")
+    return recipe, ablation
+
+
+def _variant_arg(variant: str) -> str:
+    try:
+        split_variant(variant)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return variant
 GOALS = {"50": 1.05, "25": 1.10, "12.5": 1.15, "0": 1.30}
 # The chain's wall clock (its time budget); a test swaps in a fake one to cut stages deterministically.
 clock = time.perf_counter
@@ -354,8 +378,10 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
                       "rejected_ids": sources.corrupt_answer(ans, pairs_rng)})
     tokens_per_step = scale.batch_size * scale.seq_len
     steps_of = {k: max(1, int(scale.tokens * v) // tokens_per_step) for k, v in SPLIT.items()}
-    layouts = [_layout(x, L) for x in ladder(fraction, variant == "oneshot")]
-    lr = LEARNING_RATES["fast-lr" if variant in ("fast-lr", "quiet-fast") else "paper"]
+    recipe, ablation = split_variant(variant)
+    lr_key, quiet = RECIPES[recipe]
+    layouts = [_layout(x, L) for x in ladder(fraction, ablation == "oneshot")]
+    lr = LEARNING_RATES[lr_key]
     phases: list[tuple[str, Any, StageConfig]] = []
     data = DataConfig(source="-", kind="tokens", seq_len=scale.seq_len, num_epochs=0)
     lw = LossConfig(ce_weight=1.0, kl_weight=0.1, kl_normalization="sequence_sum")
@@ -368,7 +394,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         name="end-to-end", data=data, objective="distill", train="all", steps=steps_of["end_to_end"],
         batch_size=scale.batch_size, loss=LossConfig(ce_weight=0.0, kl_weight=1.0, kl_normalization="token_mean"),
         optim=OptimConfig(lr=lr["end_to_end"], warmup_steps=10, b2=0.98, grad_clip=1.0))))
-    if variant != "no-sft-dpo":
+    if ablation != "no-sft-dpo":
         phases.append(("sft", None, StageConfig(
             name="sft", data=dataclasses.replace(data, shuffle_seed=7), objective="distill", train="all",
             steps=steps_of["sft"], batch_size=scale.batch_size,
@@ -388,12 +414,12 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         if lay is not None:
             converted = set() if student is None else set(student.mamba_layers)
             student, last_ppl = build_hybrid(teacher.model, lay, rngs=nnx.Rngs(seed + n), previous=student), None
-            if variant in ("quiet-init", "quiet-fast"):
-                _quiet(student, sorted(set(student.mamba_layers) - converted))
-            if n == 0 and variant == "random-init":
+            if n == 0 and ablation == "random-init":
                 _reinit(student, "none-at-all", seed + 99)
-            elif n == 0 and variant.startswith("reuse-"):
-                _reinit(student, variant.split("-", 1)[1].replace("none", ""), seed + 99)
+            elif n == 0 and ablation.startswith("reuse-"):
+                _reinit(student, ablation.split("-", 1)[1].replace("none", ""), seed + 99)
+            if quiet:
+                _quiet(student, sorted(set(student.mamba_layers) - converted))
             if n == 0:  # the first layout, initialised, before any training: what the initialisation alone gives
                 last_ppl = row["ppl_after"]["init"] = _ppl(student, corpora, scale)
         # Each stage gets its compile time plus the time left after every remaining stage's compile, in proportion
@@ -449,13 +475,15 @@ def _evaluate(row: dict[str, Any], student: Any, teacher: Any, corpora: dict[str
     row["ppl"] = ppl
     row["teacher_ppl"] = teacher_ppl
     row["ppl_ratio"] = {k: ppl[k] / teacher_ppl[k] for k in ppl}
-    if variant == "main":
+    if not split_variant(variant)[1]:  # a recipe's main row
         dropped = _ppl(_drop_mamba(student), corpora, scale)
         row["mamba_dropped_ppl_ratio"] = {k: dropped[k] / teacher_ppl[k] for k in dropped}
     lap("ppl")
     niah = run_niah(student, tok, NiahConfig(base_length=scale.niah_base, multipliers=scale.niah_multipliers,
                                              batch_size=scale.batch_size))
     row["niah"] = {k: niah[k] for k in ("lengths", "depths", "rate", "rate_by_length", "overall")}
+    # Every trial's answer (clipped): a rate of 0 alone cannot tell a wrong number from a broken answer.
+    row["niah"]["cells"] = [dict(c, answer=c["answer"][:80]) for c in niah["cells"]]
     lap("niah")
     prompts = sources.heldout_prompts(scale.chat_prompts, seed + 1)
     chat = compare(student, teacher.model, tok, prompts, max_new_tokens=scale.chat_new_tokens,
@@ -579,7 +607,7 @@ def table(rows_dir: Path) -> str:
 
 def row_file(rows_dir: Path, row: str) -> Path:
     """Where a row ('50/main', 'teacher') is saved: one json file per row."""
-    return rows_dir / f"{row.replace('/', '_')}.json"
+    return rows_dir / f"{row.replace('/', '_').replace('+', '_')}.json"
 
 
 def _write(path: Path, text: str) -> None:
@@ -594,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", nargs="?", default="plan", choices=("plan", "corpus", "teacher", "chain", "table"))
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: fixture teacher, a handful of steps")
     ap.add_argument("--fraction", default="50", choices=FRACTIONS)
-    ap.add_argument("--variant", default="main", choices=("main",) + ABLATIONS + EXPERIMENTS)
+    ap.add_argument("--variant", default="main", type=_variant_arg,
+                    help=f"a recipe ({', '.join(RECIPES)}), an ablation ({', '.join(ABLATIONS)}), or RECIPE+ABLATION")
     ap.add_argument("--corpus", default="data/quality-corpus", type=Path)
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS / "quality")), type=Path)
     ap.add_argument("--budget-s", type=float, default=CALL_BUDGET_S)

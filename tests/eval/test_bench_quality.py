@@ -4,6 +4,7 @@ evaluated model (the first device run evaluated an untrained hybrid because they
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,15 @@ def test_quiet_init_touches_only_the_newly_converted_mixers(bq):
     assert np.allclose(np.asarray(second.layers[0].mixer.norm.weight[...]), 0.7)
     assert np.allclose(np.asarray(second.layers[n - 1].mixer.norm.weight[...]), bq.QUIET_NORM_SCALE)
     assert bq.LEARNING_RATES["fast-lr"]["layerwise"] > bq.LEARNING_RATES["paper"]["layerwise"]
+
+
+def test_variants_compose_a_recipe_and_an_ablation(bq):
+    assert bq.split_variant("main") == ("main", "")
+    assert bq.split_variant("oneshot") == ("main", "oneshot")
+    assert bq.split_variant("quiet-fast") == ("quiet-fast", "")
+    assert bq.split_variant("quiet-fast+random-init") == ("quiet-fast", "random-init")
+    for bad in ("bogus", "quiet-fast+bogus", "oneshot+random-init", "quiet-fast+"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            bq.split_variant(bad)
+    assert bq.row_file(Path("r"), "50/quiet-fast+random-init").name == "50_quiet-fast_random-init.json"
+    assert bq.RECIPES["quiet-fast"] == ("fast-lr", True) and bq.RECIPES["main"] == ("paper", False)
