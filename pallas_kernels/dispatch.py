@@ -5,16 +5,22 @@ flip it). `last_choice("ssd")` says which implementation the latest trace picked
 one a call would pick, without running it. `verify` / `verify_choice` do the same for the Mamba2 multistep
 verify (`pallas_kernels/multistep_verify.py`), opt-in on GPUs until its compiled test has passed there.
 `selective_scan` / `selective_scan_choice`: the Mamba1 scan (`pallas_kernels/selective_scan.py`), likewise opt-in.
+
+Under a sharded jit with a context mesh (the trainer's step sets one) the kernels run per batch shard through
+`batch_sharded`; the references are left to GSPMD, which partitions them itself.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mamba_llama_jax.errors import KernelError
+from mamba_llama_jax.train.mesh import batch_split_axes
 
 FORCE_REFERENCE_ENV = "MAMBA_LLAMA_FORCE_REFERENCE"
 PALLAS_TRITON = "pallas_triton"
@@ -140,6 +146,29 @@ def doc_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
     return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
 
+def batch_sharded(fn: Callable[..., Any], batched: dict[str, jax.Array | None],
+                  shared: dict[str, jax.Array | None] | None = None, **static: Any) -> Any:
+    """`fn(**batched, **shared, **static)`, run on each device's rows when the context mesh splits the batch.
+
+    A Pallas kernel is a custom call, which GSPMD cannot partition: under a batch-sharded jit it would gather
+    the operands onto every device and run the whole global batch there. Inside `jax.shard_map` every device runs
+    it on its own rows instead. `batched`: arrays with the batch on axis 0 (None for absent ones), split over the
+    batch axes (`train.mesh.batch_split_axes`); `shared`: arrays every shard needs whole (A, D, dt_bias),
+    replicated, their gradients summed over the shards; every output has the batch on axis 0. Without a context
+    mesh, or with a batch the axes do not divide evenly, it is the plain call."""
+    shared = shared or {}
+    rows = next(v.shape[0] for v in batched.values() if v is not None)
+    axes = batch_split_axes(rows)
+    if axes is None:
+        return fn(**batched, **shared, **static)
+
+    def body(b: dict[str, jax.Array | None], s: dict[str, jax.Array | None]) -> Any:
+        return fn(**b, **s, **static)
+    # check_vma off: a kernel's primitives (pallas_call, custom_vjp) need not carry varying-axis rules; the
+    # specs say all there is (batch split, the rest replicated), and the transpose psums the shared gradients
+    return jax.shard_map(body, in_specs=(P(axes), P()), out_specs=P(axes), check_vma=False)(batched, shared)
+
+
 def _on_gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"
@@ -199,12 +228,14 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
     choice = ssd_choice(x, dt, A, B, C, chunk_size=chunk_size, kernel_chunk_size=kernel_chunk_size,
                         **{k: v for k, v in kw.items() if k != "dt_softplus"})
     _last["ssd"] = choice
+    batched = dict(x=x, dt=dt, B=B, C=C, initial_state=initial_state, segment_ids=segment_ids)
+    shared = dict(A=A, D=D, dt_bias=dt_bias)
     if choice == PALLAS_TRITON:
         from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
-        return ssd_chunk_scan(x, dt, A, B, C, chunk_size=kernel_chunk_size, **kw)
+        return batch_sharded(ssd_chunk_scan, batched, shared, dt_softplus=dt_softplus, chunk_size=kernel_chunk_size)
     if choice == PALLAS_MOSAIC_TPU:  # tiles by its own TPU_CHUNK (the MXU's edge), not kernel_chunk_size
         from pallas_kernels.ssd_chunk_scan_tpu import TPU_CHUNK, ssd_chunk_scan_tpu
-        return ssd_chunk_scan_tpu(x, dt, A, B, C, chunk_size=TPU_CHUNK, **kw)
+        return batch_sharded(ssd_chunk_scan_tpu, batched, shared, dt_softplus=dt_softplus, chunk_size=TPU_CHUNK)
     from mamba_llama_jax.ops.ssd import ssd_chunked
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
 
@@ -243,7 +274,8 @@ def verify(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.A
     _last["verify"] = choice
     if choice == PALLAS_TRITON:
         from pallas_kernels.multistep_verify import multistep_verify
-        return multistep_verify(state, x, dt, A, B, C, interpret=not _on_gpu(), **kw)
+        return batch_sharded(multistep_verify, dict(state=state, x=x, dt=dt, B=B, C=C, accepted=accepted),
+                             dict(A=A, D=D, dt_bias=dt_bias), dt_softplus=dt_softplus, interpret=not _on_gpu())
     from mamba_llama_jax.ops.ssd import ssd_verify
     return ssd_verify(state, x, dt, A, B, C, **kw)
 
@@ -279,7 +311,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     _last["selective_scan"] = choice
     if choice == PALLAS_TRITON:
         from pallas_kernels.selective_scan import selective_scan_pallas
-        return selective_scan_pallas(u, delta, A, B, C, delta_softplus=delta_softplus, interpret=not _on_gpu(),
-                                     **arrays)
+        batched = dict(u=u, delta=delta, B=B, C=C, z=z, initial_state=initial_state, segment_ids=segment_ids)
+        return batch_sharded(selective_scan_pallas, batched, dict(A=A, D=D, delta_bias=delta_bias),
+                             delta_softplus=delta_softplus, interpret=not _on_gpu())
     from mamba_llama_jax.ops.scan import selective_scan as reference
     return reference(u, delta, A, B, C, delta_softplus=delta_softplus, **arrays)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from mamba_llama_jax.config import LlamaConfig, RopeScaling
 from mamba_llama_jax.models.cache import DecodeState, KVCache, empty_state
+from mamba_llama_jax.train.mesh import constrain_batch
 
 NEG_INF = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
 
@@ -293,7 +294,9 @@ class DecoderLM(nnx.Module):
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
         ctx = Context(positions, mask, segment_ids, cos, sin, index, valid, prefill)
-        x = self.embed_tokens(tokens)
+        # Between layers the hidden states stay split over the batch axes when a mesh is in context (training):
+        # with `embed` sharded over `fsdp` GSPMD would otherwise reshard activations rather than gather weights.
+        x = constrain_batch(self.embed_tokens(tokens))
         new_layers = []
         remat = getattr(self, "remat", "none")
         for i, layer in enumerate(self.layers):
@@ -301,6 +304,7 @@ class DecoderLM(nnx.Module):
                 x, c = remat_layer(layer, x, ctx, remat), None
             else:
                 x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify)
+            x = constrain_batch(x)
             new_layers.append(c)
         x = self.norm(x)
         if cache is not None:

@@ -7,7 +7,11 @@ optimizer state are sharded over it along their `embed` dimension and gathered p
 counts such as SmolLM2's 9), so the same rules work on any mesh.
 
 The mesh uses `AxisType.Auto`: shardings are given for inputs and outputs of the jitted step and XLA (GSPMD)
-propagates them through the model, which carries no sharding annotations of its own.
+propagates them through the model. Two things it cannot infer are said explicitly, and only while a context mesh
+is set (`trainer.build_step` sets it while tracing its step; single-device use and inference see none):
+`constrain_batch` keeps the hidden states between decoder layers split over the batch axes (else, with `embed`
+sharded over `fsdp`, GSPMD reshards activations instead of gathering weights), and `batch_split_axes` tells the
+kernel dispatcher to run Pallas kernels (custom calls, which GSPMD cannot split) per batch shard in `shard_map`.
 """
 
 from __future__ import annotations
@@ -117,6 +121,27 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: dict[str, 
 def shard_state(state: nnx.State, mesh: jax.sharding.Mesh, rules: dict[str, Any] = RULES) -> nnx.State:
     """`state` placed on the mesh according to its logical axes."""
     return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def batch_split_axes(batch: int) -> tuple[str, ...] | None:
+    """The context mesh's batch axes of size > 1 (manual ones, inside a `shard_map`, excluded) when together they
+    split `batch` rows evenly; None when there is no context mesh, nothing to split, or an uneven batch (callers
+    then leave the layout to GSPMD)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1 and types[a] != jax.sharding.AxisType.Manual)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x (batch, ...) split over the batch axes of the context mesh and replicated over the rest; x itself when
+    `batch_split_axes` gives none."""
+    axes = batch_split_axes(x.shape[0])
+    return x if axes is None else jax.lax.with_sharding_constraint(x, P(axes))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -228,6 +228,14 @@ def build_step(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, mesh:
 
     def step(trainable: Flat, opt_state: Any, rng: jax.Array, frozen: Flat, teacher_p: Flat,
              batch: dict[str, jax.Array]):
+        # The mesh as context while tracing (set here, inside the traced function, so that `fn(...)` and
+        # `fn.lower(...)` both see it): the model's batch-sharding hints and the dispatcher's per-shard kernels
+        # read it (`train.mesh.batch_split_axes`).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return traced_step(trainable, opt_state, rng, frozen, teacher_p, batch)
+
+    def traced_step(trainable: Flat, opt_state: Any, rng: jax.Array, frozen: Flat, teacher_p: Flat,
+                    batch: dict[str, jax.Array]):
         if accum == 1:
             (loss, metrics), grads = one_micro(trainable, frozen, teacher_p, batch)
         else:
