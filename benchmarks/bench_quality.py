@@ -247,22 +247,6 @@ def _reinit(model: Any, parts: str, seed: int) -> None:
             mixer.out_proj.kernel.set_value(fresh.out_proj.kernel[...])
 
 
-def _quiet(model: Any, layers: list[int]) -> None:
-    """The quiet-init experiment on `layers` (just converted): identity conv (the current input passes, no bias)
-    and the gated norm's weight times QUIET_NORM_SCALE."""
-    from mamba_llama_jax.models.mamba import Mamba2
-
-    for i in layers:
-        mixer = model.layers[i].mixer
-        if not isinstance(mixer, Mamba2):
-            raise SystemExit("quiet-init is written for the Mamba2 variant")
-        w = mixer.conv1d.weight[...]
-        mixer.conv1d.weight.set_value(w.at[...].set(0).at[:, -1].set(1))
-        if mixer.conv1d.bias is not None:
-            mixer.conv1d.bias.set_value(mixer.conv1d.bias[...] * 0)
-        mixer.norm.weight.set_value(mixer.norm.weight[...] * QUIET_NORM_SCALE)
-
-
 def _loss_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """First and last logged losses of a stage and its training rate: enough to see from the row alone
     whether a stage learned or diverged."""
@@ -363,7 +347,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
     from flax import nnx
 
     from mamba_llama_jax.config import DataConfig, LossConfig, OptimConfig, StageConfig
-    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.convert.from_attention import build_hybrid, quiet_start
     from mamba_llama_jax.data import pipeline, sources
     from mamba_llama_jax.train.trainer import fit
 
@@ -418,8 +402,8 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
                 _reinit(student, "none-at-all", seed + 99)
             elif n == 0 and ablation.startswith("reuse-"):
                 _reinit(student, ablation.split("-", 1)[1].replace("none", ""), seed + 99)
-            if quiet:
-                _quiet(student, sorted(set(student.mamba_layers) - converted))
+            if quiet:  # after a random-init ablation's fresh mixers, so that they start quiet too
+                quiet_start(student, sorted(set(student.mamba_layers) - converted), QUIET_NORM_SCALE)
             if n == 0:  # the first layout, initialised, before any training: what the initialisation alone gives
                 last_ppl = row["ppl_after"]["init"] = _ppl(student, corpora, scale)
         # Each stage gets its compile time plus the time left after every remaining stage's compile, in proportion

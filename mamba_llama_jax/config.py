@@ -380,7 +380,9 @@ class TrainConfig:
     """A recipe: a teacher, a target hybrid layout, and stages run in order, each from the previous one's result.
 
     teacher: a GGUF file or HF directory (None: the embedded SmolLM2-135M-Instruct). output_dir holds one
-    checkpoint directory per stage, metrics.jsonl and loss.png.
+    checkpoint directory per stage, metrics.jsonl and loss.png. quiet_start: None for the method's initialisation
+    of converted Mamba layers; a scale s in (0, 1] starts each newly converted Mamba2 mixer near "layer removed"
+    (identity conv, gated norm weight times s; `convert.from_attention.quiet_start`; 0.05 measured).
     """
 
     output_dir: str
@@ -393,8 +395,11 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    quiet_start: float | None = None
 
     def __post_init__(self) -> None:
+        if self.quiet_start is not None and not 0 < self.quiet_start <= 1:
+            raise ConfigError(f"quiet_start must be in (0, 1] (or left out), got {self.quiet_start}")
         if not self.stages:
             raise ConfigError("a recipe needs at least one stage")
         names = [s.name for s in self.stages]

@@ -715,7 +715,8 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
     for i, stage in enumerate(cfg.stages):
         layout = stage.hybrid or layout
         rngs = nnx.Rngs(cfg.seed + 1000 * i)
-        student = build_hybrid(teacher, layout, rngs=rngs, previous=student)  # type: ignore[arg-type]
+        student = build_hybrid(teacher, layout, rngs=rngs, previous=student,  # type: ignore[arg-type]
+                               quiet=cfg.quiet_start)
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher
         fit(stage, student, ref, _stage_data(stage, tok), out_dir=out / stage.name, mesh=mesh,
             seed=cfg.seed + i, checkpoint=cfg.checkpoint, log_every=cfg.log_every, progress=progress,

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig, from_dict
-from mamba_llama_jax.convert.from_attention import attn_layers_for, build_hybrid, trainable_mask
+from mamba_llama_jax.convert.from_attention import attn_layers_for, build_hybrid, quiet_start, trainable_mask
 from mamba_llama_jax.errors import ConfigError
 from mamba_llama_jax.models.llama import Attention, LlamaLM
 from mamba_llama_jax.models.mamba import Mamba1, Mamba2
@@ -102,6 +102,31 @@ def test_progressive_keeps_trained_mamba_layers(teacher):
                                   prev.layers[2].mixer.v_proj.kernel[...])
     with pytest.raises(ConfigError, match="back into attention"):
         build_hybrid(teacher, HybridConfig(attn_layers=(0, 1)), rngs=nnx.Rngs(3), previous=prev)
+
+
+def test_quiet_start_touches_only_the_newly_converted_mixers(teacher):
+    """Identity conv (no bias) and a scaled gate norm on the mixers a build converts; mixers converted by an
+    earlier stage keep what training gave them; attention layers are untouched."""
+    first = build_hybrid(teacher, HybridConfig(attn_layers=(1, 2, 3, 5, 6, 7)), rngs=nnx.Rngs(1), quiet=0.05)
+    plain = build_hybrid(teacher, HybridConfig(attn_layers=(1, 2, 3, 5, 6, 7)), rngs=nnx.Rngs(1))
+    for i in (0, 4):
+        m, p = first.layers[i].mixer, plain.layers[i].mixer
+        w = np.asarray(m.conv1d.weight[...])
+        assert (w[:, -1] == 1).all() and (w[:, :-1] == 0).all() and not np.asarray(m.conv1d.bias[...]).any()
+        np.testing.assert_allclose(m.norm.weight[...], 0.05 * np.asarray(p.norm.weight[...]))
+        assert not np.allclose(p.conv1d.weight[...], w)  # the method's own init is a fresh conv
+        np.testing.assert_array_equal(m.in_proj.kernel[...], p.in_proj.kernel[...])  # the Q/K/V copies stay
+    first.layers[0].mixer.norm.weight.set_value(first.layers[0].mixer.norm.weight[...] * 0 + 0.7)  # "trained"
+    second = build_hybrid(teacher, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(2), previous=first, quiet=0.1)
+    np.testing.assert_allclose(second.layers[0].mixer.norm.weight[...], 0.7)
+    np.testing.assert_allclose(second.layers[2].mixer.norm.weight[...], 0.1)  # converted by this build
+    np.testing.assert_array_equal(second.layers[1].mixer.q_proj.kernel[...],
+                                  teacher.layers[1].mixer.q_proj.kernel[...])
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        quiet_start(second, [0], 0.0)
+    mamba1 = HybridConfig(attn_fraction=0.5, mamba=MambaConfig(variant="mamba1"))
+    with pytest.raises(ConfigError, match="Mamba2"):
+        build_hybrid(teacher, mamba1, rngs=nnx.Rngs(3), quiet=0.05)
 
 
 def test_mismatched_dims_are_refused(teacher):

@@ -89,33 +89,6 @@ def _rows(d, row):
     return d
 
 
-def test_quiet_init_touches_only_the_newly_converted_mixers(bq):
-    """quiet-init: identity conv (output = silu of the current input's projection) and a scaled gate norm, on the
-    layers a ladder stage has just converted; the layers converted before keep what training gave them."""
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from mamba_llama_jax.config import HybridConfig
-    from mamba_llama_jax.convert import load_teacher
-    from mamba_llama_jax.convert.from_attention import build_hybrid
-
-    t = load_teacher(bq.TINY.teacher, dtype="float32")
-    n = t.config.num_layers
-    first = build_hybrid(t.model, HybridConfig(attn_layers=tuple(range(1, n))), rngs=nnx.Rngs(0))
-    bq._quiet(first, [0])
-    m0 = first.layers[0].mixer
-    w = np.asarray(m0.conv1d.weight[...])
-    assert (w[:, -1] == 1).all() and (w[:, :-1] == 0).all() and not np.asarray(m0.conv1d.bias[...]).any()
-    assert np.allclose(np.asarray(m0.norm.weight[...]), bq.QUIET_NORM_SCALE)
-    m0.norm.weight.set_value(jnp.full_like(m0.norm.weight[...], 0.7))  # "trained" since
-    second = build_hybrid(t.model, HybridConfig(attn_fraction=0.0), rngs=nnx.Rngs(1), previous=first)
-    bq._quiet(second, [i for i in second.mamba_layers if i != 0])
-    assert np.allclose(np.asarray(second.layers[0].mixer.norm.weight[...]), 0.7)
-    assert np.allclose(np.asarray(second.layers[n - 1].mixer.norm.weight[...]), bq.QUIET_NORM_SCALE)
-    assert bq.LEARNING_RATES["fast-lr"]["layerwise"] > bq.LEARNING_RATES["paper"]["layerwise"]
-
-
 def test_variants_compose_a_recipe_and_an_ablation(bq):
     assert bq.split_variant("main") == ("main", "")
     assert bq.split_variant("oneshot") == ("main", "oneshot")

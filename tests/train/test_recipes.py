@@ -124,6 +124,30 @@ def test_progressive_recipe_runs_and_resumes(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_quiet_start_reaches_the_recipe_students(tmp_path):
+    """`quiet_start` in a recipe: every stage's newly converted mixers start quiet (a few small steps later
+    their gate norms are still near the scale, far from the method's 1); out-of-range values are refused."""
+    from mamba_llama_jax.config import from_dict
+    from mamba_llama_jax.train.trainer import run_recipe
+
+    data = _chat_data(tmp_path)
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "teacher": str(ROOT / "tests" / "fixtures" / "tiny_llama_tied"),
+        "dtype": "float32", "hybrid": {"attn_fraction": 0, "mamba": {"chunk_size": 16}}, "quiet_start": 0.05,
+        "checkpoint": {"async_save": False},
+        "stages": [{"name": "only", "steps": 2, "batch_size": 2, "data": data, "optim": {"lr": 1e-4}}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    student = run_recipe(path, progress=False)
+    for i in student.mamba_layers:
+        w = np.asarray(student.layers[i].mixer.norm.weight[...])
+        assert np.abs(w - 0.05).max() < 0.01, (i, w)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="quiet_start"):
+            from_dict(TrainConfig, dict(recipe, quiet_start=bad))
+
+
 def jax_leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
