@@ -37,7 +37,9 @@ of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra c
 
 On the device the teacher is not pip-installed: stage it (../shared/device/split-teacher) and pass
 `--teacher /tmp/teacher/smollm2.gguf`; `chain --keep-model DIR` leaves the exported hybrid there (for a later
-call on the same warm machine, e.g. the speculative-decoding benchmark's target).
+call on the same warm machine, e.g. the speculative-decoding benchmark's target). `chain --tokens N` trains a row
+on another budget than the table's 6 M (≤ 20 M, the issue's cap), labelled `F/V@<N/1e6>M`: with `--phase train`
+then `--phase eval` (two calls on one warm machine) a row can train ~12 M tokens.
 """
 
 from __future__ import annotations
@@ -298,14 +300,15 @@ PHASES = ("all", "train", "eval")
 
 def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path,
               budget_s: float = CALL_BUDGET_S, seed: int = 0, keep_model: Path | None = None,
-              save: Any = None, phase: str = "all", row: dict[str, Any] | None = None) -> dict[str, Any]:
+              save: Any = None, phase: str = "all", row: dict[str, Any] | None = None,
+              tag: str = "") -> dict[str, Any]:
     """One table row end to end (module docstring); returns its json row. `save(row)` is called after training
     and after each measurement, so a call that runs out of time still brings back what it measured.
 
     `phase`: 'all' trains and evaluates in one call. A row whose stages' compiles leave too little of one call
     (the 12.5 % and 0 % ladders compile 7-8 steps) splits in two calls on one warm machine: 'train' trains with
     the whole budget and exports the model to `keep_model`; 'eval' reads that model and the 'train' call's
-    `row`, and evaluates it."""
+    `row`, and evaluates it. `tag`: appended to the row's name (`token_tag`)."""
     save = save or (lambda row: None)
     from mamba_llama_jax.convert import load_teacher
 
@@ -325,7 +328,7 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
         return _evaluate(dict(row), student, teacher, corpora, scale, variant, seed, save, t0, None)
     train_share = 0.95 if phase == "train" else 0.6  # 'all': the rest is evaluation, export and the reload check
     row, student, last_ppl = _train(fraction, variant, corpus_dir, scale, out_dir, budget_s * train_share, seed,
-                                    teacher, corpora, t0)
+                                    teacher, corpora, t0, tag)
     save(row)
     if phase == "train":
         row["export"] = _export_check(student, teacher.tokenizer, keep_model)
@@ -341,7 +344,8 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
 
 
 def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path, train_budget: float,
-           seed: int, teacher: Any, corpora: dict[str, Any], t0: float) -> tuple[dict[str, Any], Any, Any]:
+           seed: int, teacher: Any, corpora: dict[str, Any], t0: float,
+           tag: str = "") -> tuple[dict[str, Any], Any, Any]:
     """Builds the hybrid and runs every stage within `train_budget` seconds from `t0`: (row, student, the last
     perplexity measured, None when the student changed after it)."""
     from flax import nnx
@@ -390,7 +394,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
             objective="dpo", train="all", steps=steps_of["dpo"], batch_size=max(2, scale.batch_size // 2),
             loss=LossConfig(dpo_beta=0.01), optim=OptimConfig(lr=5e-7, warmup_steps=2))))
 
-    row: dict[str, Any] = {"row": f"{fraction}/{variant}", "fraction": fraction, "variant": variant,
+    row: dict[str, Any] = {"row": f"{fraction}/{variant}{tag}", "fraction": fraction, "variant": variant,
                            "planned_steps": {s.name: s.steps for _, _, s in phases}, "ran_steps": {},
                            "tokens": 0, "cut_short": [], "ppl_after": {}}
     student, last_ppl = None, None
@@ -590,8 +594,14 @@ def table(rows_dir: Path) -> str:
 
 
 def row_file(rows_dir: Path, row: str) -> Path:
-    """Where a row ('50/main', 'teacher') is saved: one json file per row."""
-    return rows_dir / f"{row.replace('/', '_').replace('+', '_')}.json"
+    """Where a row ('50/main', 'teacher') is saved: one json file per row (plain characters only: the device
+    returns no file whose name has others)."""
+    return rows_dir / f"{row.replace('/', '_').replace('+', '_').replace('@', '_')}.json"
+
+
+def token_tag(tokens: int) -> str:
+    """'' for the table's budget, '@12M' for another: rows of different budgets never share a name."""
+    return "" if tokens == TOKEN_BUDGET else f"@{tokens / 1e6:g}M"
 
 
 def _write(path: Path, text: str) -> None:
@@ -614,13 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", default=None, help="teacher GGUF/HF dir (default: the embedded SmolLM2)")
     ap.add_argument("--keep-model", default=None, type=Path, metavar="DIR",
                     help="chain: export the trained hybrid here (MambaInLlama format) and keep it")
+    ap.add_argument("--tokens", type=float, default=TOKEN_BUDGET,
+                    help=f"a chain row's distillation tokens (default {TOKEN_BUDGET:,}, at most {ISSUE_MAX_TOKENS:,})")
     ap.add_argument("--phase", default="all", choices=PHASES,
                     help="chain: 'all' (one call), or 'train' then 'eval' (two calls on one warm machine, same "
                     "--keep-model and --out: for rows whose compiles leave too little of one call)")
     a = ap.parse_args(argv)
     if a.tiny:
         return smoke(a.out if a.out != RESULTS / "quality" else Path(tempfile.mkdtemp(prefix="bench_quality_")))
-    scale = dataclasses.replace(DEVICE, teacher=a.teacher)
+    if not 0 < a.tokens <= ISSUE_MAX_TOKENS:
+        ap.error(f"--tokens must be in (0, {ISSUE_MAX_TOKENS:,}], got {a.tokens:,.0f}")
+    scale = dataclasses.replace(DEVICE, teacher=a.teacher, tokens=int(a.tokens))
+    tag = token_tag(scale.tokens)
     if a.command == "plan":
         print(plan_text())
         return 0
@@ -648,13 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--phase {a.phase} needs --keep-model DIR (where the model waits between the two calls)")
     previous = None
     if a.command == "chain" and a.phase == "eval":
-        path = row_file(a.out, f"{a.fraction}/{a.variant}")
+        path = row_file(a.out, f"{a.fraction}/{a.variant}{tag}")
         if not path.exists():
             ap.error(f"--phase eval: {path} is missing; run --phase train with the same --out first")
         previous = json.loads(path.read_text())
     row = run_teacher(a.corpus, scale) if a.command == "teacher" else run_chain(
         a.fraction, a.variant, a.corpus, scale, Path(tempfile.mkdtemp(prefix="chain_")), a.budget_s,
-        keep_model=a.keep_model, save=save, phase=a.phase, row=previous)
+        keep_model=a.keep_model, save=save, phase=a.phase, row=previous, tag=tag)
     save(row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("niah",)}, indent=1, default=str))
     return 0

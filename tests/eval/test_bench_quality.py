@@ -99,3 +99,12 @@ def test_variants_compose_a_recipe_and_an_ablation(bq):
             bq.split_variant(bad)
     assert bq.row_file(Path("r"), "50/quiet-fast+random-init").name == "50_quiet-fast_random-init.json"
     assert bq.RECIPES["quiet-fast"] == ("fast-lr", True) and bq.RECIPES["main"] == ("paper", False)
+
+
+def test_a_row_on_another_token_budget_is_named_for_it(bq, capsys):
+    assert bq.token_tag(bq.TOKEN_BUDGET) == ""
+    assert bq.token_tag(12_000_000) == "@12M"
+    assert bq.row_file(Path("r"), "50/quiet-fast@12M").name == "50_quiet-fast_12M.json"
+    with pytest.raises(SystemExit) as e:
+        bq.main(["chain", "--tokens", "3e7"])
+    assert e.value.code == 2 and "--tokens must be in" in capsys.readouterr().err
