@@ -177,6 +177,20 @@ def prompt_groups(args: argparse.Namespace, tok: Any, vocab: int, b: int,
     return [rng.integers(0, vocab, (b, args.prompt_len)).tolist()]
 
 
+def first_divergence(out: Any, plain: Any) -> int | None:
+    """The first position where two token rows differ (a shorter row differs where it ends); None if equal."""
+    out, plain = np.asarray(out), np.asarray(plain)
+    n = min(len(out), len(plain))
+    diff = np.flatnonzero(out[:n] != plain[:n])
+    if diff.size:
+        return int(diff[0])
+    return None if len(out) == len(plain) else n
+
+
+def _median_or_dash(xs: list[int] | None) -> str:
+    return f"{statistics.median(xs):.0f}" if xs else "—"
+
+
 def timed_groups(fn: Callable[[Any], Any], groups: list[Any], reps: int) -> float:
     """Seconds to run every group once: the sum of each group's median over ceil(reps / groups) timed runs (at
     least `reps` runs in all), after one warm-up run per group."""
@@ -220,8 +234,9 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     runs = [dec.run(g, k=k, max_new_tokens=args.new_tokens) for g in groups]
                     t_spec = timed_groups(lambda g: dec.run(g, k=k, max_new_tokens=args.new_tokens), groups,
                                           args.reps)
-                    same = float(np.mean([(out[r] == plain[r]).all() for (out, _, _), plain in zip(runs, plain_out)
-                                          for r in range(b)]))
+                    pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
+                    same = float(np.mean([(o == p).all() for o, p in pairs]))
+                    diverged = sorted(d for d in (first_divergence(o, p) for o, p in pairs) if d is not None)
                     stats = [st for _, _, st in runs]
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
@@ -232,6 +247,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                tokens_per_round=float(np.mean([st.tokens_per_round for st in stats])),
                                rounds=int(sum(st.rounds for st in stats)),
                                compactions=int(sum(st.compactions for st in stats)), identical_share=same,
+                               first_divergence=diverged,
                                t_plain_step=t_plain, t_verify=t_verify, t_draft_step=t_draft, t_draft_2tok=t_draft2,
                                projected_speedup={str(a): projected(t_plain, t_draft, t_draft2, t_verify, k, a)
                                                   for a in ALPHAS})
@@ -257,16 +273,17 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
               "Random-init targets and drafts: measured acceptance is ~0 (worst case). ")
              + "`impl` = the Mamba multistep verify (kernel: the Pallas kernel, reference: `ops.ssd.ssd_verify`); "
              "`proj@a` is the speedup the measured component times give at acceptance rate a. `same` = share of rows "
-             "whose speculative output equals plain greedy (bf16 rounding may legitimately differ). t_verify "
+             "whose speculative output equals plain greedy (bf16 rounding may legitimately differ); `diverge` = the "
+             "median position (of the new tokens) where the rows that differ first differ. t_verify "
              "includes the commit (the second verify call that rebuilds the kept state).", "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | t_step ms | t_verify ms | "
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | t_step ms | t_verify ms | "
              "t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
-             "|" + "---|" * (12 + len(ALPHAS))]
+             "|" + "---|" * (13 + len(ALPHAS))]
     for r in results["runs"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
                      f"{r['plain_tok_s']:.0f} | "
                      f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
-                     f"{1e3 * r['t_plain_step']:.2f} | {1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
+                     f"{_median_or_dash(r.get('first_divergence'))} | {1e3 * r['t_plain_step']:.2f} | {1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
                      + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
     if results["skipped"]:
         lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
