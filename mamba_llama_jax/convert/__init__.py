@@ -1,4 +1,5 @@
-"""Checkpoint converters. `load_teacher` is the single entry point: a GGUF file, an HF directory, or the default."""
+"""Checkpoint converters. `load_teacher` is the single entry point: a GGUF file, an HF directory, a MambaInLlama
+directory (a distilled hybrid), or the default."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from mamba_llama_jax.config import LlamaConfig
 from mamba_llama_jax.convert.common import build_llama
 from mamba_llama_jax.data.tokenizer import Tokenizer
 from mamba_llama_jax.errors import ModelFormatError
-from mamba_llama_jax.models.llama import LlamaLM
+from mamba_llama_jax.models.llama import DecoderLM
 
 
 class Teacher(NamedTuple):
     config: LlamaConfig
-    model: LlamaLM
+    model: DecoderLM  # a LlamaLM, or a HybridLM read from a MambaInLlama directory
     tokenizer: Tokenizer
 
 
@@ -38,13 +39,22 @@ def default_teacher_path() -> Path:
 
 def load_teacher(path: str | Path | None = None, *, dtype: str = "bfloat16",
                  param_dtype: str = "float32") -> Teacher:
-    """Loads a Llama teacher from a GGUF file or a local HF directory (default: the embedded SmolLM2)."""
+    """Loads a teacher: a Llama from a GGUF file or a local HF directory (default: the embedded SmolLM2), or a
+    distilled hybrid from a MambaInLlama directory (e.g. to distil a speculative draft from the very model it will
+    draft for: the draft then learns the hybrid's own distribution)."""
     from mamba_llama_jax.convert.gguf import read_gguf
     from mamba_llama_jax.convert.hf import read_hf_dir
+    from mamba_llama_jax.convert.mambainllama import MAMBA_CONFIG_FILE, import_mambainllama
 
     p = default_teacher_path() if path is None else Path(path)
     if not p.exists():
-        raise ModelFormatError(f"teacher not found: {p} (expected a .gguf file or an HF model directory)")
+        raise ModelFormatError(f"teacher not found: {p} (expected a .gguf file, an HF model directory or a "
+                               "MambaInLlama directory)")
+    if p.is_dir() and (p / MAMBA_CONFIG_FILE).is_file():
+        cfg, _, model, tok = import_mambainllama(p, dtype=dtype, param_dtype=param_dtype)
+        if tok is None:
+            raise ModelFormatError(f"{p} holds no tokenizer (tokenizer.json): a teacher needs one")
+        return Teacher(cfg, model, tok)
     cfg, params, tok = read_hf_dir(p) if p.is_dir() else read_gguf(p)
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype)
     return Teacher(cfg, build_llama(cfg, params), tok)

@@ -143,6 +143,10 @@ def build_hybrid(teacher: DecoderLM, hybrid_cfg: HybridConfig, *, rngs: nnx.Rngs
         _copy(layer.input_layernorm, s.input_layernorm)
         _copy(layer.post_attention_layernorm, s.post_attention_layernorm)
         _copy(layer.mlp, s.mlp)
+        if isinstance(layer.mixer, Attention) and not isinstance(s.mixer, Attention):
+            raise ConfigError(f"layer {j} keeps attention, but its source (layer {i} of the "
+                              f"{'previous stage' if previous is not None else 'teacher'}) is a Mamba layer: "
+                              "attention can only be kept where the source has it")
         if isinstance(layer.mixer, Attention) or not isinstance(s.mixer, Attention):
             _copy(layer.mixer, s.mixer)  # kept attention, or an already trained Mamba layer
         else:

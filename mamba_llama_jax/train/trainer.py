@@ -45,7 +45,7 @@ from flax import nnx
 from mamba_llama_jax.config import (
     CheckpointConfig, HybridConfig, OptimConfig, StageConfig, TrainConfig, load_config,
 )
-from mamba_llama_jax.errors import CheckpointError, Preempted, TrainingError
+from mamba_llama_jax.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from mamba_llama_jax.models.llama import DecoderLM
 from mamba_llama_jax.train import mesh as mesh_lib
 from mamba_llama_jax.train import stages
@@ -699,6 +699,7 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
     the `fit` callbacks of each stage."""
     from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.models.hybrid import HybridLM
 
     cfg = config or load_config(TrainConfig, config_path, list(overrides))
     loaded = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -708,6 +709,9 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = (), *, progre
         layout = stage.hybrid or layout
         stages.check_depths(stage.objective, len(layout.kept_layers(teacher_cfg.num_layers)),
                             teacher_cfg.num_layers)
+        if stage.objective in stages.PER_LAYER and isinstance(teacher, HybridLM):
+            raise ConfigError(f"stage {stage.name}: objective {stage.objective!r} matches Mamba layers with the "
+                              "teacher's attention layers, but this teacher is a hybrid: use objective 'distill'")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     out = Path(cfg.output_dir)
     student: DecoderLM | None = init

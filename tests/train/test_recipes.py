@@ -212,3 +212,50 @@ def test_per_layer_objective_with_a_shallow_student_fails_before_training(tmp_pa
     with pytest.raises(ConfigError, match="objective 'hidden' matches each student layer.*2 layers and the teacher 4"):
         run_recipe(path, progress=False, teacher=_deeper_tiny_teacher())
     assert not (tmp_path / "run" / "kl").exists()  # the first stage never started
+
+
+def test_a_distilled_hybrid_teaches_its_own_draft(tmp_path):
+    """A MambaInLlama directory as `teacher`: the draft's Mamba layers start as copies of the hybrid's own
+    (trained) Mamba layers, its converted ones from the hybrid's attention, and distillation runs against the
+    hybrid. A student that keeps attention where the hybrid has Mamba, or a per-layer objective, is refused."""
+    import jax.numpy as jnp
+
+    from mamba_llama_jax.convert import load_teacher
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.models.hybrid import HybridLM
+    from mamba_llama_jax.train.trainer import export_student, run_recipe
+
+    base = _deeper_tiny_teacher()
+    target = build_hybrid(base.model, HybridConfig(attn_layers=(1, 3)), rngs=nnx.Rngs(5))
+    export_student(target, tmp_path / "target", base.tokenizer)
+    t = load_teacher(tmp_path / "target", dtype="float32")
+    assert isinstance(t.model, HybridLM) and t.model.attn_layers == (1, 3)
+    tokens = jnp.asarray([[1, 17, 42, 99, 7, 250, 3, 64]], jnp.int32)
+    np.testing.assert_allclose(np.asarray(t.model(tokens)[0]), np.asarray(target(tokens)[0]), rtol=1e-5, atol=1e-5)
+
+    keep = HybridConfig(keep_layers=(0, 3), attn_fraction=0)
+    draft = build_hybrid(t.model, keep, rngs=nnx.Rngs(6))
+    for a, b in zip(jax_leaves(nnx.state(draft.layers[0].mixer, nnx.Param)),
+                    jax_leaves(nnx.state(t.model.layers[0].mixer, nnx.Param))):
+        np.testing.assert_array_equal(a, b)  # layer 0 was already Mamba in the hybrid: copied, not converted
+    with pytest.raises(ConfigError, match="keeps attention.*Mamba layer"):
+        build_hybrid(t.model, HybridConfig(attn_layers=(0,)), rngs=nnx.Rngs(7))
+
+    data = _chat_data(tmp_path)
+    recipe = {"output_dir": str(tmp_path / "run"), "dtype": "float32", "teacher": str(tmp_path / "target"),
+              "log_every": 1, "hybrid": {"keep_layers": [0, 3], "attn_fraction": 0, "mamba": {"chunk_size": 16}},
+              "checkpoint": {"async_save": False},
+              "stages": [{"name": "kl", "steps": 2, "batch_size": 2, "data": data, "train": "all",
+                          "loss": {"ce_weight": 0.0, "kl_weight": 1.0, "kl_normalization": "token_mean"}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    student = run_recipe(path, progress=False)
+    assert len(student.layers) == 2 and student.attn_layers == ()
+    kl = [json.loads(ln)["kl"] for ln in (tmp_path / "run" / "kl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(kl) == 2 and all(np.isfinite(kl))
+    recipe["stages"] = [dict(recipe["stages"][0], objective="hidden")]
+    recipe["hybrid"] = {"attn_fraction": 0, "mamba": {"chunk_size": 16}}
+    recipe["output_dir"] = str(tmp_path / "run2")
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="this teacher is a hybrid"):
+        run_recipe(path, progress=False)
