@@ -72,7 +72,8 @@ def _load(args: argparse.Namespace) -> Any:
         return Teacher(cfg, model, tok)
     teacher = load_teacher(args.teacher, dtype=dtype)
     if getattr(args, "hybrid", None):
-        hybrid = build_hybrid(teacher.model, hybrid_config_for(args.hybrid), rngs=nnx.Rngs(args.init_seed))
+        hybrid = build_hybrid(teacher.model, hybrid_config_for(args.hybrid), rngs=nnx.Rngs(args.init_seed),
+                              quiet=getattr(args, "quiet_start", None))
         return Teacher(teacher.config, hybrid, teacher.tokenizer)
     return teacher
 
@@ -440,7 +441,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="GGUF file or HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+                   help="GGUF file, HF model directory or MambaInLlama directory (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--model", default=None, metavar="DIR",
@@ -448,6 +450,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hybrid", default=None, metavar="PCT|YAML",
                    help="build a hybrid from the teacher keeping PCT %% attention (50, 25, 12.5, 0) or per a yaml")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the fresh Mamba parameters (--hybrid)")
+    p.add_argument("--quiet-start", type=float, default=None, metavar="S",
+                   help="(--hybrid) start the Mamba2 mixers near 'layer removed': identity conv, gate norm x S")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:

@@ -48,6 +48,22 @@ def test_convert_then_generate_from_saved_hybrid(tmp_path, capsys):
     assert "overwrite" in capsys.readouterr().err
 
 
+def test_convert_with_a_quiet_start(tmp_path, capsys):
+    import numpy as np
+
+    from mamba_llama_jax.convert.mambainllama import import_mambainllama
+
+    out = tmp_path / "quiet"
+    base = ["convert", "--teacher", str(TINY), "--hybrid", "50", "--dtype", "float32"]
+    assert main([*base, "--quiet-start", "0.05", "--out", str(out)]) == 0
+    _, _, model, _ = import_mambainllama(out, dtype="float32")
+    mixer = model.layers[model.mamba_layers[0]].mixer
+    np.testing.assert_allclose(np.asarray(mixer.norm.weight[...]), 0.05)
+    assert main([*base, "--quiet-start", "2", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "quiet_start must be in (0, 1]" in err
+
+
 def test_bad_hybrid_options(tmp_path, capsys):
     assert main(["generate", "--teacher", str(TINY), "--hybrid", "fifty", "--prompt", "x"]) == 2
     assert "--hybrid takes a percentage" in capsys.readouterr().err
