@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -152,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
-    import os
-
     if a.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from bench_env import device, now, versions
@@ -166,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = run(SHAPES, batches, BLOCKS, WARPS, a.reps, False, peak)
     meta = {"date": now(), "device": dev, "versions": versions(), "reps": 2 if a.tiny else a.reps,
-            "command": "python benchmarks/bench_fused_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python benchmarks/bench_fused_decode.py "
+                       + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "fused_decode_tiny" if a.tiny else "fused_decode"

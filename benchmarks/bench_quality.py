@@ -82,6 +82,11 @@ LEARNING_RATES = {"paper": {"layerwise": 8e-5, "end_to_end": 2e-5, "sft": 2e-5},
 # `RECIPE+ABLATION` (a bare ablation name means main+ABLATION).
 RECIPES = {"main": ("paper", False), "quiet-init": ("paper", True), "fast-lr": ("fast-lr", False),
            "quiet-fast": ("fast-lr", True)}
+GOALS = {"50": 1.05, "25": 1.10, "12.5": 1.15, "0": 1.30}
+# The chain's wall clock (its time budget); a test swaps in a fake one to cut stages deterministically.
+clock = time.perf_counter
+# Share of the token budget per phase: the layer-wise ladder, end-to-end KL, SFT, DPO.
+SPLIT = {"layerwise": 0.45, "end_to_end": 0.35, "sft": 0.15, "dpo": 0.05}
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -102,11 +107,6 @@ def _variant_arg(variant: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return variant
-GOALS = {"50": 1.05, "25": 1.10, "12.5": 1.15, "0": 1.30}
-# The chain's wall clock (its time budget); a test swaps in a fake one to cut stages deterministically.
-clock = time.perf_counter
-# Share of the token budget per phase: the layer-wise ladder, end-to-end KL, SFT, DPO.
-SPLIT = {"layerwise": 0.45, "end_to_end": 0.35, "sft": 0.15, "dpo": 0.05}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -276,14 +276,15 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "whose speculative output equals plain greedy (bf16 rounding may legitimately differ); `diverge` = the "
              "median position (of the new tokens) where the rows that differ first differ. t_verify "
              "includes the commit (the second verify call that rebuilds the kept state).", "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | t_step ms | t_verify ms | "
-             "t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | t_step ms | "
+             "t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
              "|" + "---|" * (13 + len(ALPHAS))]
     for r in results["runs"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
                      f"{r['plain_tok_s']:.0f} | "
                      f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
-                     f"{_median_or_dash(r.get('first_divergence'))} | {1e3 * r['t_plain_step']:.2f} | {1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
+                     f"{_median_or_dash(r.get('first_divergence'))} | {1e3 * r['t_plain_step']:.2f} | "
+                     f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
                      + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
     if results["skipped"]:
         lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
