@@ -222,6 +222,8 @@ def test_a_distilled_hybrid_teaches_its_own_draft(tmp_path):
 
     from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.convert.mambainllama import export_mambainllama
+    from mamba_llama_jax.errors import ModelFormatError
     from mamba_llama_jax.models.hybrid import HybridLM
     from mamba_llama_jax.train.trainer import export_student, run_recipe
 
@@ -230,6 +232,9 @@ def test_a_distilled_hybrid_teaches_its_own_draft(tmp_path):
     export_student(target, tmp_path / "target", base.tokenizer)
     t = load_teacher(tmp_path / "target", dtype="float32")
     assert isinstance(t.model, HybridLM) and t.model.attn_layers == (1, 3)
+    export_mambainllama(target, tmp_path / "no-tokenizer")  # the official format may leave the tokenizer out
+    with pytest.raises(ModelFormatError, match="no-tokenizer holds no tokenizer"):
+        load_teacher(tmp_path / "no-tokenizer")
     tokens = jnp.asarray([[1, 17, 42, 99, 7, 250, 3, 64]], jnp.int32)
     np.testing.assert_allclose(np.asarray(t.model(tokens)[0]), np.asarray(target(tokens)[0]), rtol=1e-5, atol=1e-5)
 
