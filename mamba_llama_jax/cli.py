@@ -411,7 +411,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ceiling = run_niah(teacher.model, tok, ncfg)
             niah["teacher_rate"] = ceiling["rate"]
             niah["teacher_overall"] = ceiling["overall"]
-        print(f"niah: overall {niah['overall']:.0%}, by length {niah['rate_by_length']}; heat map {png}")
+        print(f"niah: overall {niah['overall']:.0%}, by length {niah['rate_by_length']}; leading digits copied "
+              f"{niah['digits_by_length']}; heat map {png}")
         report["niah"] = niah
     if tasks:
         from mamba_llama_jax.eval.lm_eval_adapter import run_lm_eval

@@ -4,6 +4,10 @@ Each prompt: an instruction, filler sentences, the needle ("The magic number for
 at `depth` (0 = start of the filler, 1 = its end), more filler, then the question, ending in the needle's own
 wording ("... The magic number for <key> is") so that a model only has to copy — retrieval, not instruction
 following, is what is measured. A cell scores 1 when the first number in the greedy answer equals the needle's.
+A second, partial measure: the share of the needle's digits the answer reproduces in order before its first
+wrong or missing one (`digits`). The tokenizers of this family split numbers into single digits, so a model that
+finds the needle but cannot keep copying scores 0 exactly yet well above 0 here; one that does not find it
+scores near 0 (a first digit right by chance, 1 time in 9, adds 0.2).
 
 Context lengths are multiples of a base length (the distillation sequence length: 1×, 2×, 4×, 8×) and count the
 whole prompt plus the answer budget. The teacher's own score on the same prompts is the ceiling a student can be
@@ -121,6 +125,15 @@ def first_number(text: str) -> str | None:
     return m.group(0).replace(",", "") if m else None
 
 
+def digit_prefix(answer: str, value: str) -> float:
+    """Share of `value`'s digits that the first number in `answer` reproduces from its start, in order."""
+    got = first_number(answer) or ""
+    n = 0
+    while n < min(len(got), len(value)) and got[n] == value[n]:
+        n += 1
+    return n / len(value)
+
+
 def run_niah(model: DecoderLM, tokenizer: Any, cfg: NiahConfig = NiahConfig()) -> dict[str, Any]:
     """Retrieval rate per (depth, length) cell, plus every prompt's answer. Greedy decoding."""
     from mamba_llama_jax.inference.generate import Generator, SamplingConfig
@@ -138,6 +151,7 @@ def run_niah(model: DecoderLM, tokenizer: Any, cfg: NiahConfig = NiahConfig()) -
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rng = np.random.default_rng(cfg.seed)
     rate = np.zeros((len(cfg.depths), len(lengths)))
+    digits = np.zeros_like(rate)
     cells = []
     for li, length in enumerate(lengths):
         prompts = [build_prompt(tokenizer, length, d, rng, cfg.max_new_tokens)
@@ -149,18 +163,22 @@ def run_niah(model: DecoderLM, tokenizer: Any, cfg: NiahConfig = NiahConfig()) -
             res = gen.run([p.ids for p in chunk], sampling)
             answers += [tokenizer.decode(ids) for ids in res.ids()]
         for di, depth in enumerate(cfg.depths):
-            hits = 0
+            hits, share = 0, 0.0
             for t in range(cfg.trials):
                 p, a = prompts[di * cfg.trials + t], answers[di * cfg.trials + t]
                 ok = first_number(a) == p.value
                 hits += ok
+                share += digit_prefix(a, p.value)
                 cells.append({"length": length, "depth": depth, "key": p.key, "value": p.value,
                               "prompt_tokens": len(p.ids), "answer": a, "correct": bool(ok)})
             rate[di, li] = hits / cfg.trials
+            digits[di, li] = share / cfg.trials
     return {"lengths": lengths, "multipliers": list(cfg.multipliers), "base_length": cfg.base_length,
             "depths": list(cfg.depths), "trials": cfg.trials, "rate": rate.tolist(),
             "rate_by_length": dict(zip(map(str, lengths), rate.mean(axis=0).tolist())),
-            "overall": float(rate.mean()), "model_context": limit,
+            "overall": float(rate.mean()),
+            "digits_by_length": dict(zip(map(str, lengths), digits.mean(axis=0).tolist())),
+            "model_context": limit,
             "beyond_context": [n for n in lengths if n > limit], "caveat": CAVEAT, "cells": cells}
 
 

@@ -108,3 +108,36 @@ def test_a_row_on_another_token_budget_is_named_for_it(bq, capsys):
     with pytest.raises(SystemExit) as e:
         bq.main(["chain", "--tokens", "3e7"])
     assert e.value.code == 2 and "--tokens must be in" in capsys.readouterr().err
+
+
+def _row(name, heldout, pydoc, **kw):
+    return dict(row=name, date="2026-11-24", ppl={"heldout": heldout * 3.0, "pydoc": pydoc * 10.0},
+                teacher_ppl={"heldout": 3.0, "pydoc": 10.0}, ppl_ratio={"heldout": heldout, "pydoc": pydoc}, **kw)
+
+
+def test_table_computes_the_goals_from_the_rows(bq, tmp_path):
+    cells = [{"length": 1024, "value": "81669", "answer": " 816. The"},  # 3 of 5 digits
+             {"length": 1024, "value": "27956", "answer": " 1. The"},  # none
+             {"length": 8192, "value": "12345", "answer": " 12345."}]
+    niah = {"lengths": [1024, 8192], "rate_by_length": {"1024": 0.0, "8192": 0.5}, "cells": cells}
+    rows = [
+        {"row": "teacher", "date": "2026-11-23", "ppl": {"heldout": 3.0, "pydoc": 10.0},
+         "niah": {"lengths": [1024, 8192], "depths": [0.0, 1.0], "rate": [[1.0, 0.6], [1.0, 1.0]],
+                  "rate_by_length": {"1024": 1.0, "8192": 0.8}}},
+        _row("50/quiet-fast", 1.5, 4.5, niah=niah, ppl_after={"end_to_end": {"heldout": 5.1}}),
+        _row("50/quiet-fast+random-init", 1.6, 4.0),
+        _row("25/quiet-fast", 1.08, 2.0),
+    ]
+    d = tmp_path / "rows"
+    d.mkdir()
+    for r in rows:
+        bq._write(bq.row_file(d, r["row"]), json.dumps(r))
+    text = bq.table(d)
+    assert "| 50 % ppl ratio ≤ 1.05 | 1.500 (pydoc 4.50) | missed by 0.45 (1.43x the goal) |" in text
+    assert "| 25 % ppl ratio ≤ 1.10 | 1.080 (pydoc 2.00) | met |" in text
+    assert "| 12.5 % ppl ratio ≤ 1.15 | no row | open |" in text
+    assert "| 50 % NIAH at 8192 ≥ 0.80 (teacher 0.80) | 0.50; leading digits 1.00 | missed by 0.30 |" in text
+    assert "better on heldout |" in text  # not on pydoc: 4.5 vs 4.0
+    line = next(x for x in text.splitlines() if x.startswith("| 50/quiet-fast |"))
+    assert "| 1.700 |" in line and "| 0.30 / 1.00 |" in line  # before SFT/DPO 5.1 / 3.0; digits from the answers
+    assert [p.name for p in bq.heatmaps(d)] == ["niah_teacher.png"]  # the only row with a rate matrix
