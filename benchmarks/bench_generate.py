@@ -26,6 +26,7 @@ leaves tables):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -178,9 +179,62 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+@dataclasses.dataclass
+class CompiledGenerate:
+    """A generator's prefill and whole decode loop compiled for one (b, plen) prompt batch, greedy, no EOS (always
+    `n_new` tokens)."""
+
+    prefill_fn: Any
+    decode_fn: Any  # the compiled decode loop (its HLO: `.as_text()`)
+    args: tuple[Any, ...]  # state, tokens, mask, key, temp, top_p
+    n_new: int
+
+    def prefill(self) -> tuple[Any, Any]:
+        import jax
+
+        return jax.block_until_ready(self.prefill_fn(*self.args))
+
+    def decode(self, first: Any, cache: Any) -> Any:
+        import jax
+
+        state, _, _, key, temp, top_p = self.args
+        toks, steps, cache = jax.block_until_ready(self.decode_fn(state, cache, first, key, temp, top_p))
+        assert int(steps) == self.n_new, int(steps)
+        return toks
+
+    def once(self) -> tuple[float, float, Any]:
+        """(prefill s, decode s, tokens) of one generation."""
+        t0 = time.perf_counter()
+        first, cache = self.prefill()
+        t1 = time.perf_counter()
+        toks = self.decode(first, cache)
+        return t1 - t0, time.perf_counter() - t1, toks
+
+
+def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
+    import jax.numpy as jnp
+
+    from mamba_llama_jax.inference import generate as G
+    from pallas_kernels import dispatch
+
+    b, plen = tokens.shape
+    sampling = G.SamplingConfig(max_new_tokens=n_new)
+    spec = G._spec(sampling, gen.cfg.vocab_size)
+    key, temp, top_p = gen._dyn(sampling)
+    mask = jnp.ones((b, plen), bool)
+    slots = gen._slots(plen, n_new)
+    phases = gen.phases(plen, n_new, slots)
+    pcomp = G._prefill.lower(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots,
+                             spec=spec).compile()
+    first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
+    dispatch.record_choice("fused_decode", "none")
+    dcomp = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
+                                 n_new=n_new, eos=(), pad_id=0, phases=phases).compile()
+    return CompiledGenerate(pcomp, dcomp, (gen.state, tokens, mask, key, temp, top_p), n_new)
+
+
 def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool, block: int,
                      res: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -190,9 +244,6 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
     gen = G.Generator(model, fuse=fuse, window_block=block)
     cfg = gen.cfg
     n_new, plen = args.new_tokens, args.prompt_len
-    sampling = G.SamplingConfig(max_new_tokens=n_new)
-    spec = G._spec(sampling, cfg.vocab_size)
-    key, temp, top_p = gen._dyn(sampling)
     out: dict[str, Any] = {"variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": gen.fused,
                            "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[name][3]),
                            "decode_attention": gen.decode_attention_impl()}
@@ -203,31 +254,12 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
             out.setdefault("skipped", []).append(f"batch {b}: deadline")
             continue
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, plen)), jnp.int32)
-        mask = jnp.ones((b, plen), bool)
-        slots = gen._slots(plen, n_new)
-        phases = gen.phases(plen, n_new, slots)
         tc = time.perf_counter()
-        pcomp = G._prefill.lower(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots,
-                                 spec=spec).compile()
-        first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
-        dispatch.record_choice("fused_decode", "none")
-        dcomp = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
-                                     n_new=n_new, eos=(), pad_id=0, phases=phases).compile()
+        compiled = compile_generate(gen, tokens, n_new)
+        once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
         traced = {"decode_attention": dispatch.last_choice("decode_attention"),
                   "fused_decode": dispatch.last_choice("fused_decode")}
-
-        def once() -> tuple[float, float, Any]:
-            t0 = time.perf_counter()
-            first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
-            jax.block_until_ready((first, cache))
-            t1 = time.perf_counter()
-            toks, steps, cache = dcomp(gen.state, cache, first, key, temp, top_p)
-            jax.block_until_ready((toks, cache))
-            t2 = time.perf_counter()
-            assert int(steps) == n_new, int(steps)
-            return t1 - t0, t2 - t1, toks
-
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -257,7 +289,6 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
               f"{row['decode_ms_per_step']:.3f} ms/step = {row['decode_tokens_per_s']:,.0f} tok/s ({len(dec)} runs; "
               f"compile {compile_s:.1f} s; attention {traced['decode_attention']}, GEMVs {row['fused_decode']})",
               flush=True)
-        del cache
     return gen, out
 
 

@@ -1,0 +1,188 @@
+"""Where a decode step's time goes (issue 3): the whole jitted decode loop of the SmolLM2-shaped teacher (random
+weights) and of its 50 % hybrid, profiled, per step: host wall time, device busy time (the union of all kernels'
+intervals), the idle gaps between kernels (wall − busy), the number of kernels, and busy time by kind of kernel
+(the project's Pallas kernels by name; XLA fusions, cuBLAS calls and copies grouped).
+
+The 164-kernel batch-1 step took 0.918 ms on the H100 while its four fused GEMVs per layer take ~11 µs of device
+time (`results/fused_decode.md`), so the rest is decode attention, the other kernels, or the gaps between dependent
+launches; this tells which, and so whether fewer kernels per layer (one per layer half) is the lever.
+
+    python benchmarks/bench_decode_profile.py --out benchmarks/results            # device
+    python benchmarks/bench_decode_profile.py --tiny --out /tmp/decode_profile    # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Kernel names as the GPU trace shows them: Pallas kernels carry their pallas_call name.
+KINDS = (
+    ("decode attention", re.compile(r"decode_attention")),
+    ("fused GEMVs", re.compile(r"norm_matmul|norm_gate_up|matmul_residual|attn_combine")),
+    ("Mamba kernels", re.compile(r"multistep|ssd|selective|verify")),
+    ("cuBLAS / GEMM", re.compile(r"gemm|gemv|cublas|cutlass|matmul|sm90_xmma", re.I)),
+    ("copies / memset", re.compile(r"copy|memset|memcpy", re.I)),
+    ("XLA fusions", re.compile(r"fusion|triton|reduce|loop_|input_|wrapped", re.I)),
+)
+_SKIP_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework", "Source code", "python")
+
+
+def kind_of(name: str) -> str:
+    for kind, pat in KINDS:
+        if pat.search(name):
+            return kind
+    return "other"
+
+
+def kernel_events(planes: Iterable[Any]) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of every kernel on the first GPU's streams; without a GPU (the CPU smoke test),
+    the XLA executor events of the host plane."""
+    planes = list(planes)
+    gpus = [p for p in planes if p.name.startswith("/device:") and "CPU" not in p.name]
+    if gpus:
+        lines = [ln for ln in gpus[0].lines if ln.name.startswith("Stream")] or \
+                [ln for ln in gpus[0].lines if not ln.name.startswith(_SKIP_LINES)]
+    else:
+        lines = [ln for p in planes for ln in p.lines if ln.name.startswith("tf_XLAExecute")]
+    return [(e.name, int(e.start_ns), int(e.end_ns)) for ln in lines for e in ln.events]
+
+
+def summarize(events: list[tuple[str, int, int]], steps: int, wall_ms_per_step: float) -> dict[str, Any]:
+    """Per decode step: busy ms (union of intervals), gap ms (wall − busy), kernels, busy ms and count by kind, and
+    the ten kernels that took the most time."""
+    from train_scaling import _length, _union
+
+    busy = _length(_union((s, e) for _, s, e in events)) / 1e6 / steps
+    by_kind: dict[str, list[float]] = {}
+    by_name: dict[str, float] = {}
+    for name, s, e in events:
+        k = by_kind.setdefault(kind_of(name), [0.0, 0])
+        k[0] += (e - s) / 1e6 / steps
+        k[1] += 1 / steps
+        by_name[name[:80]] = by_name.get(name[:80], 0.0) + (e - s) / 1e6 / steps
+    return {"wall_ms": wall_ms_per_step, "busy_ms": busy, "gap_ms": max(wall_ms_per_step - busy, 0.0),
+            "kernels": len(events) / steps,
+            "by_kind": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
+            "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:10])}
+
+
+def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, prof_runs: int) -> dict[str, Any]:
+    """Median decode wall time per step over `runs` runs, then a profile of `prof_runs` more."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.profiler import ProfileData
+
+    from bench_generate import compile_generate
+    from mamba_llama_jax.inference.generate import Generator
+    from pallas_kernels import dispatch
+
+    gen = Generator(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
+    c = compile_generate(gen, tokens, n_new)
+    chosen = {k: dispatch.last_choice(k) for k in ("decode_attention", "fused_decode")}
+    c.once()  # warm-up
+    steps = n_new - 1
+    walls = [c.once()[1] for _ in range(runs)]
+    prefilled = [c.prefill() for _ in range(prof_runs)]  # outside the trace: only decode loops are profiled
+    d = tempfile.mkdtemp(prefix="decode_profile_")
+    prof_walls = []
+    with jax.profiler.trace(d):
+        for first, cache in prefilled:
+            t = time.perf_counter()
+            c.decode(first, cache)
+            prof_walls.append(time.perf_counter() - t)
+    files = list(Path(d).rglob("*.xplane.pb"))
+    if not files:
+        return {"error": "the profiler wrote no .xplane.pb"}
+    events = kernel_events(ProfileData.from_file(str(files[0])).planes)
+    shutil.rmtree(d, ignore_errors=True)
+    out = summarize(events, steps * prof_runs, 1e3 * statistics.median(prof_walls) / steps)
+    out.update(wall_ms_unprofiled=1e3 * statistics.median(walls) / steps, runs=runs, profiled_runs=prof_runs,
+               chosen=chosen)
+    return out
+
+
+def _models(tiny: bool) -> dict[str, Any]:
+    from flax import nnx
+
+    from bench_generate import _jax_model
+    from mamba_llama_jax.config import HybridConfig
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+
+    teacher = _jax_model(None, tiny)
+    return {"teacher": teacher, "attn50%": build_hybrid(teacher, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(1))}
+
+
+def render_md(r: dict[str, Any]) -> str:
+    m = r["meta"]
+    lines = [f"# Decode step profile ({m['device']}, {m['date']})", "",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Command: `{m['command']}`.",
+             "Random weights of the SmolLM2-135M shape (bf16), greedy, EOS ignored. Per decode step: wall = median"
+             " host time of the whole loop / steps (profiled runs; unprofiled in brackets); busy = union of the"
+             " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels).", "",
+             "| model | batch | wall ms (unprofiled) | busy ms | gaps ms | kernels | busy by kind (ms, count) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['batch']} | {row['error']} | | | | |")
+            continue
+        kinds = "; ".join(f"{k} {v['ms']:.3f} ({v['count']:.0f})" for k, v in row["by_kind"].items())
+        lines.append(f"| {row['model']} | {row['batch']} | {row['wall_ms']:.3f} ({row['wall_ms_unprofiled']:.3f}) |"
+                     f" {row['busy_ms']:.3f} | {row['gap_ms']:.3f} | {row['kernels']:.0f} | {kinds} |")
+    lines += ["", "Top kernels per step (ms), first row:", ""]
+    first = next((x for x in r["rows"] if "top_kernels_ms" in x), None)
+    if first:
+        lines += [f"- `{k}`: {v:.4f}" for k, v in first["top_kernels_ms"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, a few steps")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--profiled-runs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    a = ap.parse_args(argv)
+    from bench_env import device, now, versions
+
+    if a.tiny:
+        a.prompt_len, a.new_tokens, a.runs, a.profiled_runs = 8, 6, 2, 1
+    r: dict[str, Any] = {"meta": {"date": now(), "device": device(), "versions": versions(),
+                                  "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])},
+                         "rows": []}
+    t0 = time.perf_counter()
+    for name, model in _models(a.tiny).items():
+        for b in map(int, a.batches.split(",")):
+            row = {"model": name, "batch": b, **profile_decode(model, b, a.prompt_len, a.new_tokens, a.runs,
+                                                               a.profiled_runs)}
+            r["rows"].append(row)
+            print(f"{name} b={b}: " + (row.get("error") or f"wall {row['wall_ms']:.3f} ms/step, busy "
+                  f"{row['busy_ms']:.3f}, gaps {row['gap_ms']:.3f}, {row['kernels']:.0f} kernels"), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = "decode_profile_tiny" if a.tiny else "decode_profile"  # a smoke run never replaces device figures
+    (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
+    (a.out / f"{stem}.md").write_text(render_md(r))
+    print(render_md(r))
+    print(f"done in {time.perf_counter() - t0:.0f} s; {a.out / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""benchmarks/bench_decode_profile.py: the per-step arithmetic on a known timeline, and a CPU smoke run of both
+models (the device figures come from the H100)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture()
+def bdp(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("bench_decode_profile", None)
+    import bench_decode_profile
+
+    return bench_decode_profile
+
+
+def test_summary_splits_wall_time_into_busy_and_gaps(bdp):
+    # two steps: kernels overlap once (union 0-3 µs), then idle gaps; times in ns
+    ev = [("norm_matmul", 0, 2000), ("decode_attention", 1000, 3000), ("loop_fusion.3", 5000, 6000),
+          ("norm_matmul", 10_000, 12_000), ("decode_attention", 12_000, 14_000), ("memcpy", 15_000, 15_500)]
+    s = bdp.summarize(ev, steps=2, wall_ms_per_step=0.01)
+    assert s["busy_ms"] == pytest.approx((3 + 1 + 4 + 0.5) / 2 / 1e3)
+    assert s["gap_ms"] == pytest.approx(0.01 - s["busy_ms"])
+    assert s["kernels"] == 3
+    assert s["by_kind"]["fused GEMVs"] == {"ms": pytest.approx(0.002), "count": 1}
+    assert s["by_kind"]["decode attention"]["ms"] == pytest.approx(0.002)
+    assert s["by_kind"]["copies / memset"]["count"] == 0.5
+    assert list(s["top_kernels_ms"])[:2] == ["norm_matmul", "decode_attention"]
+
+
+def test_kinds_of_the_projects_kernels(bdp):
+    assert bdp.kind_of("decode_attention") == "decode attention"
+    assert bdp.kind_of("norm_gate_up") == "fused GEMVs" and bdp.kind_of("attn_combine_residual") == "fused GEMVs"
+    assert bdp.kind_of("multistep_verify") == "Mamba kernels"
+    assert bdp.kind_of("input_reduce_fusion_2") == "XLA fusions"
+    assert bdp.kind_of("sm90_xmma_gemm_bf16") == "cuBLAS / GEMM"
+    assert bdp.kind_of("something_else") == "other"
+
+
+def test_tiny_run_profiles_both_models(bdp, tmp_path):
+    assert bdp.main(["--tiny", "--batches", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "decode_profile_tiny.json").read_text())
+    assert [row["model"] for row in r["rows"]] == ["teacher", "attn50%"]
+    for row in r["rows"]:
+        assert "error" not in row, row
+        assert row["wall_ms"] > 0 and 0 < row["busy_ms"] and row["gap_ms"] >= 0 and row["kernels"] > 0, row
+    assert "| teacher | 1 |" in (tmp_path / "decode_profile_tiny.md").read_text()
+    assert not (tmp_path / "decode_profile.json").exists()
