@@ -24,7 +24,8 @@ Rows (variants): the table's recipe (TABLE_RECIPE, `quiet-fast` since session 6;
 freshly initialised instead of from attention), `reuse-<parts>` (only those of Q,K,V,O copied, e.g. reuse-QK,
 reuse-V, reuse-none), `oneshot` (all layers converted at once, no progressive ladder), `no-sft-dpo` (distillation
 stages only); experiments beyond the issue's rows: `quiet-init` (converted mixers start near "layer removed"),
-`fast-lr` (learning rates sized to the token budget) and `quiet-fast` (both), see RECIPES; an ablation
+`fast-lr` (learning rates sized to the token budget) and `quiet-fast` (both), `quiet-fast-mix` (quiet-fast whose
+distillation stages also read copy-and-recall documents and standard-library prose, see MIX), see RECIPES; an ablation
 on top of another recipe is `RECIPE+ABLATION` (e.g. quiet-fast+random-init); every recipe's plain row also
 evaluates its model with the Mamba mixers dropped (outputs zeroed: what the distilled layers add) and after each
 of distill / SFT / DPO (ppl only), so "with vs without SFT/DPO" costs no extra call.
@@ -82,7 +83,11 @@ LEARNING_RATES = {"paper": {"layerwise": 8e-5, "end_to_end": 2e-5, "sft": 2e-5},
 # A recipe: (learning rates, quiet init). `main` is the paper's recipe; an ablation runs on top of any recipe as
 # `RECIPE+ABLATION` (a bare ablation name means main+ABLATION).
 RECIPES = {"main": ("paper", False), "quiet-init": ("paper", True), "fast-lr": ("fast-lr", False),
-           "quiet-fast": ("fast-lr", True)}
+           "quiet-fast": ("fast-lr", True), "quiet-fast-mix": ("fast-lr", True)}
+# Recipes whose distillation stages (layer-wise, end-to-end; not SFT, not DPO) also read plain text: the share of
+# their tokens that are copy-and-recall documents and standard-library prose (`data/plain_text.py`), the rest the
+# teacher's chat answers. The session-6 lead: the students copy badly and fit prose far worse than chats.
+MIX = {"quiet-fast-mix": {"recall": 0.2, "prose": 0.05}}
 GOALS = {"50": 1.05, "25": 1.10, "12.5": 1.15, "0": 1.30}
 # The recipe of the table's rows (fractions and ablations) since session 6: the paper's recipe (`main`) started
 # every hybrid far worse than its Mamba layers removed (quality/notes.md, session 4) and stays as a reference row.
@@ -347,6 +352,33 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     return row
 
 
+def _mixed(train: list[dict[str, Any]], tok: Any, shares: dict[str, float], seq_len: int,
+           seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The distillation stages' rows: `train` plus plain-text rows making up `shares` of all tokens ({} = train
+    alone). Recall documents are generated until their share is reached; the prose is what the standard library
+    has, cut to its share (a smaller library gives less, which the returned token counts show)."""
+    from mamba_llama_jax.data import plain_text
+
+    if not shares:
+        return train, {}
+    count = lambda rows: sum(len(r["tokens"]) for r in rows)
+    chat = count(train)
+    total = chat / (1.0 - sum(shares.values()))
+    recall: list[dict[str, Any]] = []
+    batch = 0
+    while count(recall) < shares.get("recall", 0.0) * total:
+        recall += plain_text.text_rows(tok, plain_text.recall_documents(64, seed=seed * 1000 + batch), seq_len)
+        batch += 1
+    prose_all = plain_text.text_rows(tok, plain_text.stdlib_prose(), seq_len) if shares.get("prose") else []
+    prose, budget = [], shares.get("prose", 0.0) * total
+    for i in np.random.default_rng(seed).permutation(len(prose_all)):
+        if count(prose) >= budget:
+            break
+        prose.append(prose_all[i])
+    return train + recall + prose, {"chat_tokens": chat, "recall_tokens": count(recall),
+                                    "prose_tokens": count(prose)}
+
+
 def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir: Path, train_budget: float,
            seed: int, teacher: Any, corpora: dict[str, Any], t0: float,
            tag: str = "") -> tuple[dict[str, Any], Any, Any]:
@@ -368,9 +400,10 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         ans = ex["tokens"][p:]
         pairs.append({"prompt_ids": ex["tokens"][:p], "chosen_ids": ans,
                       "rejected_ids": sources.corrupt_answer(ans, pairs_rng)})
+    recipe, ablation = split_variant(variant)
+    distill_rows, mix_info = _mixed(train, tok, MIX.get(recipe, {}), scale.seq_len, seed)
     tokens_per_step = scale.batch_size * scale.seq_len
     steps_of = {k: max(1, int(scale.tokens * v) // tokens_per_step) for k, v in SPLIT.items()}
-    recipe, ablation = split_variant(variant)
     lr_key, quiet = RECIPES[recipe]
     layouts = [_layout(x, L) for x in ladder(fraction, ablation == "oneshot")]
     lr = LEARNING_RATES[lr_key]
@@ -400,7 +433,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
 
     row: dict[str, Any] = {"row": f"{fraction}/{variant}{tag}", "fraction": fraction, "variant": variant,
                            "planned_steps": {s.name: s.steps for _, _, s in phases}, "ran_steps": {},
-                           "tokens": 0, "cut_short": [], "ppl_after": {}}
+                           "tokens": 0, "cut_short": [], "ppl_after": {}, **({"mix": mix_info} if mix_info else {})}
     student, last_ppl = None, None
     for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
@@ -422,7 +455,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         if left <= 0:
             row["cut_short"].append(stage.name)
             continue
-        examples = pairs if stage.data.kind == "pairs" else train
+        examples = pairs if stage.data.kind == "pairs" else train if kind == "sft" else distill_rows
         ds = pipeline.build_dataset(examples, tok, stage.data, batch_size=stage.batch_size)
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher.model
         t_stage = clock()

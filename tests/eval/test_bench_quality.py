@@ -141,3 +141,21 @@ def test_table_computes_the_goals_from_the_rows(bq, tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| 50/quiet-fast |"))
     assert "| 1.700 |" in line and "| 0.30 / 1.00 |" in line  # before SFT/DPO 5.1 / 3.0; digits from the answers
     assert [p.name for p in bq.heatmaps(d)] == ["niah_teacher.png"]  # the only row with a rate matrix
+
+
+def test_mix_recipe_adds_plain_text_in_its_shares(bq):
+    from mamba_llama_jax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_dir(Path(__file__).parents[1] / "fixtures" / "tiny_llama")
+    train = [{"tokens": list(range(3, 103)), "loss_mask": [0] * 20 + [1] * 80} for _ in range(50)]
+    rows, info = bq._mixed(train, tok, bq.MIX["quiet-fast-mix"], 128, seed=0)
+    assert rows[:50] == train and info["chat_tokens"] == 5000
+    total = 5000 / (1 - 0.25)
+    from mamba_llama_jax.data import plain_text
+
+    one_batch = sum(len(r["tokens"]) for r in plain_text.text_rows(tok, plain_text.recall_documents(64, seed=0), 128))
+    assert info["recall_tokens"] >= 0.2 * total and info["recall_tokens"] == one_batch  # whole batches, no more
+    assert 0.05 * total <= info["prose_tokens"] <= 0.05 * total + 128  # cut to its share, one row over at most
+    assert sum(len(r["tokens"]) for r in rows[50:]) == info["recall_tokens"] + info["prose_tokens"]
+    assert bq._mixed(train, tok, {}, 128, seed=0) == (train, {})
+    assert bq.split_variant("quiet-fast-mix") == ("quiet-fast-mix", "")
