@@ -1,6 +1,7 @@
 """Chunked SSD scan on one GPU, all four issue shapes in one run within a fixed wall budget: this project's Pallas
-kernel, the pure-JAX chunked SSD, the JAX associative scan and (if its source sits in .anchors/mamba/) mamba_ssm's
-Triton `mamba_chunk_scan_combined`.
+kernel (Triton; on a Hopper GPU also its Mosaic GPU forward, `pallas_mgpu[c64]`, whose fwd+bwd column runs the
+Triton backward), the pure-JAX chunked SSD, the JAX associative scan and (if its source sits in .anchors/mamba/)
+mamba_ssm's Triton `mamba_chunk_scan_combined`.
 
 Same inputs for all (bf16 x/B/C, fp32 dt, dt_bias + softplus inside, D, g = h), forward and forward+backward (all
 gradients for a cotangent of y). JAX: each call timed by the host clock around call + block_until_ready (median,
@@ -384,6 +385,19 @@ def pallas_variants(shape, tiny: bool, override: str | None) -> list[tuple[str, 
             ("c32b32", dict(chunk_size=32, bwd_block_p=32))]
 
 
+MGPU_NAME = "pallas_mgpu[c64]"  # fwd: Mosaic GPU kernel; fwd+bwd: that forward + the Triton backward
+
+
+def on_hopper() -> bool:
+    """Whether JAX runs on a GPU of compute capability 9.x (the Mosaic GPU kernel's wgmma needs one)."""
+    try:
+        import jax
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    except Exception:
+        return False
+
+
 def time_compiled(fn, args, reps: int, budget_s: float) -> dict:
     """Host clock around call + block_until_ready (median), then back-to-back calls (mean); the number of
     calls shrinks (to 3 at least) when `budget_s` would not cover `reps` of each."""
@@ -526,20 +540,31 @@ class Bench:
         self.run.log(json.dumps(self.meta))
         self.run.phase("inputs + Pallas compiles (children warming up)")
         self.host = {si: inputs(self.shapes[si]) for si in self.sel}
+        hopper = on_hopper()
+        self.meta["mosaic_gpu_column"] = (f"{MGPU_NAME}: Mosaic GPU forward (wgmma, TMA), backward = the Triton "
+                                          "kernel's (custom_vjp)" if hopper else "not run: needs a GPU of "
+                                          "compute capability 9.x")
         for si in self.sel:
             shape = self.shapes[si]
-            for vname, kw in pallas_variants(shape, self.args.tiny, self.args.variants):
-                name = f"pallas[{vname}]"
+            variants = [(f"pallas[{v}]", ssd_chunk_scan, kw, {})
+                        for v, kw in pallas_variants(shape, self.args.tiny, self.args.variants)]
+            if hopper:  # the Mosaic GPU forward (wgmma): Hopper only; its fwd+bwd runs the Triton backward
+                from pallas_kernels.ssd_chunk_scan_mgpu import ssd_chunk_scan_mgpu
+                variants.append((MGPU_NAME, ssd_chunk_scan_mgpu, dict(chunk_size=64),
+                                 dict(backward="triton ssd_chunk_scan (custom_vjp)")))
+            for name, fn, kw, note in variants:
                 if self.skipped(name):
                     continue
                 kw = {**kw, **self.interp}
-                entry = self.impls[si][name] = dict(fn=ssd_chunk_scan, kw=kw, chunk=kw["chunk_size"], modes={},
-                                                    config={k: v for k, v in kw.items() if v is not None})
+                entry = self.impls[si][name] = dict(fn=fn, kw=kw, chunk=kw["chunk_size"], modes={},
+                                                    config={**{k: v for k, v in kw.items() if v is not None},
+                                                            **note})
                 for mode in ("fwd", "fwd+bwd"):
                     t0 = time.perf_counter()
                     try:
-                        f = make_fn(ssd_chunk_scan, kw, mode)
-                        traced = "pallas_call" in str(jax.make_jaxpr(f)(*arg_specs(shape, mode)))
+                        f = make_fn(fn, kw, mode)
+                        jaxpr = str(jax.make_jaxpr(f)(*arg_specs(shape, mode)))
+                        traced = "pallas_call" in jaxpr or "mpmd_map" in jaxpr  # Triton / Mosaic GPU kernel
                         comp = jax.jit(f).lower(*arg_specs(shape, mode)).compile()
                         entry["modes"][mode] = dict(compiled=comp, compile_s=round(time.perf_counter() - t0, 2),
                                                     traced_pallas_call=traced)
@@ -733,8 +758,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma list of shape indices (default: all)")
     ap.add_argument("--variants", default=None,
                     help="override the per-shape Pallas configs: name:chunk:fwd_block_p:bwd_block_p[:bwd_warps],...")
-    ap.add_argument("--skip", default="", help="comma list: pallas, jax_chunked[256], jax_associative, "
-                                               "mamba_ssm_triton")
+    ap.add_argument("--skip", default="", help="comma list: pallas, pallas_mgpu, jax_chunked[256], "
+                                               "jax_associative, mamba_ssm_triton")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, kernels interpreted")
     ap.add_argument("--mamba-stand-in", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mamba-child", action="store_true", help=argparse.SUPPRESS)
