@@ -1,10 +1,18 @@
 """Each fused decode GEMV alone (pallas_kernels/fused_decode.py) against its XLA reference, at the SmolLM2 decode
 shapes: device time per call (from a profile: the union of the kernels' intervals, so launch gaps do not count),
-host wall time per call, and the weight bandwidth the device time achieves. Sweeps the output columns per
-program (`block_n`) and `num_warps`, the two knobs that set how many SMs stream the weights (issue 3: a layer's
+host wall time per call, and the weight bandwidth the device time achieves. Sweeps the outputs per program
+(`block_n`) and `num_warps`, the two knobs that set how many SMs stream the weights (issue 3: a layer's
 weights are 4.4 MB, 1.5 µs at 3 TB/s, yet the fused layer took ~30 µs).
 
+`--cold-mb M`: each timed call runs the GEMV on as many weight copies as make M MB, in turn (M well past the
+50-60 MB L2: 200), so every call reads its weights from HBM, as a decode step does (the model is ~270 MB);
+without it the same weights are re-read from L2 and the figures flatter the kernels (the 2026-11-24 sweep did
+that). The 2026-12-04 run used 48 copies of every GEMV instead, which is 53 / 32 MB for q·k·v / o: still in L2.
+XLA may merge the copies' dots, which share their input (its dot merger), so its cold figures are a lower bound;
+the decode-step profile (bench_decode_profile.py) is the measure that counts.
+
     python benchmarks/bench_fused_decode.py                 # device: batch 1 and 8, results/fused_decode.md
+    python benchmarks/bench_fused_decode.py --cold-mb 200 --batches 1   # weights from HBM: fused_decode_cold.md
     python benchmarks/bench_fused_decode.py --tiny          # CPU smoke test (interpret mode, small shapes)
 """
 
@@ -28,14 +36,15 @@ SHAPES = {"qkv": ("norm_matmul", 576, 960), "o": ("matmul_residual", 576, 576),
           "gate_up": ("norm_gate_up", 576, 1536), "down": ("matmul_residual", 1536, 576)}
 TINY_SHAPES = {"qkv": ("norm_matmul", 64, 96), "o": ("matmul_residual", 64, 64),
                "gate_up": ("norm_gate_up", 64, 128), "down": ("matmul_residual", 128, 64)}
-BLOCKS = (4, 8, 16, 32, 64)
+BLOCKS = (1, 2, 4, 8, 16)
 WARPS = (1, 2, 4)
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM3 / HBM3e, vendor figures
 
 
-def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool) -> tuple[tuple[Any, ...], Callable[..., Any],
-                                                                            Callable[..., Any], int]:
-    """(arguments, reference, kernel(block_n, num_warps) -> fn, weight bytes) for one GEMV."""
+def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool, cold: int = 0,
+             ) -> tuple[tuple[Any, ...], Callable[..., Any], Callable[..., Any], int]:
+    """(arguments, reference, kernel(block_n, num_warps) -> fn, weight bytes) for one GEMV; with `cold` > 0 (MB)
+    the functions take that many MB of weight copies and return the GEMV of each (`cold_over`)."""
     import functools
 
     import jax
@@ -48,24 +57,43 @@ def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool) -> tuple[tup
     x = jax.random.normal(keys[0], (rows, k), dt)
     nw = 1 + 0.1 * jax.random.normal(keys[1], (k,), jnp.float32)
     if kind == "norm_matmul":
-        w = (jax.random.normal(keys[2], (k, n), jnp.float32) / k ** 0.5).astype(dt)
+        w = (jax.random.normal(keys[2], (n, k), jnp.float32) / k ** 0.5).astype(dt)  # output-major
         args = (x, nw, w)
         ref = jax.jit(functools.partial(fd.norm_matmul_reference, eps=1e-5))
         ker = lambda bn, nwarps: jax.jit(functools.partial(fd.norm_matmul_pallas, eps=1e-5, block_n=bn,
                                                            num_warps=nwarps, interpret=interpret))
     elif kind == "norm_gate_up":
-        w = (jax.random.normal(keys[2], (k, 2 * n), jnp.float32) / k ** 0.5).astype(dt)
+        w = (jax.random.normal(keys[2], (2 * n, k), jnp.float32) / k ** 0.5).astype(dt)
         args = (x, nw, w)
         ref = jax.jit(functools.partial(fd.norm_gate_up_reference, eps=1e-5))
         ker = lambda bn, nwarps: jax.jit(functools.partial(fd.norm_gate_up_pallas, eps=1e-5, block_n=bn,
                                                            num_warps=nwarps, interpret=interpret))
     else:
-        w = (jax.random.normal(keys[2], (k, n), jnp.float32) / k ** 0.5).astype(dt)
+        w = (jax.random.normal(keys[2], (n, k), jnp.float32) / k ** 0.5).astype(dt)
         args = (x, w, jax.random.normal(keys[3], (rows, n), dt))
         ref = jax.jit(fd.matmul_residual_reference)
         ker = lambda bn, nwarps: jax.jit(functools.partial(fd.matmul_residual_pallas, block_n=bn,
                                                            num_warps=nwarps, interpret=interpret))
-    return args, ref, ker, int(w.size) * 2
+    wbytes = int(w.size) * 2
+    if cold:
+        cold = max(2, -(-cold * 2 ** 20 // wbytes))  # MB -> copies
+        wpos = 1 if kind == "matmul_residual" else 2
+        copies = [w] + [(w.astype(jnp.float32) * (1.0 + 1e-3 * c)).astype(dt) for c in range(1, cold)]
+        args = args[:wpos] + (tuple(copies),) + args[wpos + 1:]
+        ref, kernel = cold_over(ref, wpos), ker
+        ker = lambda bn, nwarps: cold_over(kernel(bn, nwarps), wpos)
+    return args, ref, ker, wbytes
+
+
+def cold_over(fn: Callable[..., Any], wpos: int) -> Callable[..., Any]:
+    """fn with its weight argument (position wpos) replaced by a tuple of copies: one jitted program calling fn
+    on each copy in turn (XLA runs them one after another on one stream), returning every result (an unused one
+    would be dropped by XLA)."""
+    import jax
+
+    def run_all(*args: Any) -> tuple[Any, ...]:
+        return tuple(fn(*args[:wpos], w, *args[wpos + 1:]) for w in args[wpos])
+    return jax.jit(run_all)
 
 
 def time_fn(fn: Callable[..., Any], args: tuple[Any, ...], reps: int) -> dict[str, float]:
@@ -87,23 +115,27 @@ def time_fn(fn: Callable[..., Any], args: tuple[Any, ...], reps: int) -> dict[st
 
 
 def run(shapes: dict[str, tuple[str, int, int]], batches: tuple[int, ...], blocks: tuple[int, ...],
-        warps: tuple[int, ...], reps: int, interpret: bool, peak_gbs: float | None) -> list[dict[str, Any]]:
+        warps: tuple[int, ...], reps: int, interpret: bool, peak_gbs: float | None,
+        cold: int = 0) -> list[dict[str, Any]]:
     import numpy as np
 
     rows_out = []
     for b in batches:
         for name, (kind, k, n) in shapes.items():
-            args, ref, ker, wbytes = make_fns(kind, k, n, b, interpret)
-            want = np.asarray(ref(*args), np.float32)
+            args, ref, ker, wbytes = make_fns(kind, k, n, b, interpret, cold)
+            copies = next((len(a) for a in args if isinstance(a, tuple)), 1)
+            first = (lambda o: o[0]) if cold else (lambda o: o)
+            want = np.asarray(first(ref(*args)), np.float32)
             variants = [("xla", None, None, ref)] + [(f"pallas bn{bn} w{nw}", bn, nw, ker(bn, nw))
                                                        for bn in blocks for nw in warps]
             for label, bn, nw, fn in variants:
                 row = {"batch": b, "gemv": name, "kind": kind, "k": k, "n": n, "impl": label, "block_n": bn,
-                       "num_warps": nw, "weight_bytes": wbytes}
+                       "num_warps": nw, "weight_bytes": wbytes, "copies": copies}
                 try:
-                    got = np.asarray(fn(*args), np.float32)
+                    got = np.asarray(first(fn(*args)), np.float32)
                     row["max_abs_diff"] = float(np.abs(got - want).max())
-                    row.update(time_fn(fn, args, reps))
+                    t = time_fn(fn, args, reps)
+                    row.update({kk: v / copies if kk.endswith("_us") else v for kk, v in t.items()})
                 except Exception as e:  # noqa: BLE001 - a block the compiler refuses is a finding, not a stop
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 if "device_us" in row and row["device_us"] == row["device_us"]:
@@ -120,7 +152,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
              + f". Command: `{meta['command']}`. Device µs: union of the kernels' intervals in a profile of "
              f"{meta['reps']} calls, per call (launch gaps excluded); wall µs: median host time per call with "
-             "block_until_ready (includes dispatch). GB/s: weight bytes / device time.", "",
+             "block_until_ready (includes dispatch). GB/s: weight bytes / device time. "
+             + (f"Cold: each call cycles through {meta['cold']} MB of weight copies (weights read from HBM), figures "
+                "per GEMV." if meta.get("cold") else "Hot: the same weights every call (read from L2)."), "",
              "| batch | gemv (K→N) | impl | device µs | wall µs | GB/s | share of peak | max abs diff |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -151,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: interpret mode, small shapes, few reps")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--cold-mb", dest="cold", type=int, default=0, metavar="MB",
+                    help="time over MB of weight copies so that weights come from HBM (device: 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     if a.tiny:
@@ -161,15 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     peak = next((v for k, v in PEAK_GBS.items() if k in dev), None)
     batches = tuple(int(b) for b in a.batches.split(","))
     if a.tiny:
-        rows = run(TINY_SHAPES, (1,), (8, 16), (4,), 2, True, None)
+        rows = run(TINY_SHAPES, (1,), (8, 16), (4,), 2, True, None, a.cold)
     else:
-        rows = run(SHAPES, batches, BLOCKS, WARPS, a.reps, False, peak)
-    meta = {"date": now(), "device": dev, "versions": versions(), "reps": 2 if a.tiny else a.reps,
+        rows = run(SHAPES, batches, BLOCKS, WARPS, a.reps, False, peak, a.cold)
+    meta = {"date": now(), "device": dev, "versions": versions(), "reps": 2 if a.tiny else a.reps, "cold": a.cold,
             "command": "python benchmarks/bench_fused_decode.py "
                        + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "fused_decode_tiny" if a.tiny else "fused_decode"
+    name = "fused_decode" + ("_cold" if a.cold else "") + ("_tiny" if a.tiny else "")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = report(rows, meta)
     (out / f"{name}.md").write_text(text)

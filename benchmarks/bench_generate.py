@@ -353,14 +353,14 @@ def _save_weights(gen: Any, cfg: Any, path: str) -> None:
         t[p + "post_attention_layernorm.weight"] = f(layer.post_attention_layernorm.weight)
         a, mlp = layer.mixer, layer.mlp
         if gen.fused:
-            qkv, gu = f(a.qkv), f(mlp.gate_up)
-            t[p + "self_attn.q_proj.weight"] = qkv[:, : h * hd].T
-            t[p + "self_attn.k_proj.weight"] = qkv[:, h * hd: (h + kv) * hd].T
-            t[p + "self_attn.v_proj.weight"] = qkv[:, (h + kv) * hd:].T
-            t[p + "self_attn.o_proj.weight"] = f(a.o).T
-            t[p + "mlp.gate_proj.weight"] = gu[:, :inter].T
-            t[p + "mlp.up_proj.weight"] = gu[:, inter:].T
-            t[p + "mlp.down_proj.weight"] = f(mlp.down).T
+            qkv, gu = f(a.qkv), f(mlp.gate_up)  # output-major (N, K): HF's (out, in) already
+            t[p + "self_attn.q_proj.weight"] = qkv[: h * hd]
+            t[p + "self_attn.k_proj.weight"] = qkv[h * hd: (h + kv) * hd]
+            t[p + "self_attn.v_proj.weight"] = qkv[(h + kv) * hd:]
+            t[p + "self_attn.o_proj.weight"] = f(a.o)
+            t[p + "mlp.gate_proj.weight"] = gu[:inter]
+            t[p + "mlp.up_proj.weight"] = gu[inter:]
+            t[p + "mlp.down_proj.weight"] = f(mlp.down)
         else:
             for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 t[p + f"self_attn.{n}.weight"] = f(getattr(a, n).kernel).T

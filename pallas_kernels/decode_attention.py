@@ -12,7 +12,7 @@ by the static window), so one compiled step serves every cache fill. The new tok
 registers (the block holding slot `index` has them substituted), so no program depends on another's store.
 
 Splits (`plan`): at small batch b·kv programs would leave most SMs idle with long serial chains (3 programs at
-batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split until about two programs run per SM.
+batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split into short pieces.
 Each split writes an unnormalised partial (output, running max, running sum); `decode_attention_partials` hands
 them to the consumer, which merges them in its own prologue (`fused_decode.attn_combine_residual`, fused with the
 o-projection: no extra launch); `decode_attention` merges them itself with a small XLA epilogue.
@@ -36,7 +36,9 @@ from pallas_kernels.dispatch import is_pow2
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
-SMS = 132  # H100 SXM streaming multiprocessors: `plan` aims at about two programs per SM
+SMS = 132  # H100 / H200 SXM streaming multiprocessors
+MIN_SPLIT_SLOTS = 16  # the shortest sequence piece `plan` gives a program
+MAX_PROGRAMS = 8 * SMS  # `plan` stops splitting here
 
 
 def _pow2_floor(v: int) -> int:
@@ -58,16 +60,17 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
     """(block, splits) for one decode step over a `window`-slot cache.
 
     With batch·kv programs covering the SMs: one split and 128-slot blocks (every SM has a chain; long chains are
-    fine then). Below that the sequence is split so that about 2·SMS programs run, in small blocks (32 slots, 64
-    past 2k slots) so that at short context each split's serial chain is a block or two. Splits are a power of
-    two (the fused combine reads them as one tensor) and at most `max_splits` (what the consumer merges cheaply).
+    fine then, and an unsplit step needs no merge). Below that the sequence is split as finely as pieces of
+    MIN_SPLIT_SLOTS slots allow, up to about MAX_PROGRAMS programs, in blocks of the split's length (16-128
+    slots). Measured on the H200 (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were
+    b16 s16 at batch 1 and 8 over 256 slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over
+    4096: short serial chains and many programs win. Splits are a power of two (the fused combine reads them as
+    one tensor) and at most `max_splits` (what the consumer merges cheaply).
     """
     if batch * kv >= SMS:
         return pick_block(window), 1
-    block = pick_block(window, 32 if window <= 2048 else 64)
-    nblocks = window // block
-    want = -(-2 * SMS // (batch * kv))
-    return block, _pow2_floor(max(1, min(nblocks, want, max_splits)))
+    splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
+    return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
 
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs

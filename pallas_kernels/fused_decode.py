@@ -8,9 +8,17 @@ the decode-attention kernel a Llama layer is five launches:
       (`matmul_residual` when attention ran unsplit)
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
-Each kernel's grid runs over blocks of output columns, so every program streams its own slice of the weight
-matrix (bf16) and many SMs read at once; each program recomputes the row's RMS norm from the whole row, which
-costs nothing at small batch (the row is ~1 kB). Accumulation is fp32. Rounding to the compute dtype happens
+Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
+(bf16) and many SMs read at once; each program recomputes the row's RMS norm from the whole row, which costs
+nothing at small batch (the row is ~1 kB).
+
+Weights are output-major, (N, K): each output's K weights contiguous (`prepare_for_inference` stores them so).
+Why: in the (K, N) layout a program's slice of a few output columns is a 32-byte piece of every one of K rows,
+and a decode step reads each layer's weights cold from HBM (a model does not fit in L2). Measured on the H200
+(benchmarks/results/decode_profile.md, 2026-12-04): in the decode loop the four (K, N) kernels took 24 µs a
+layer, 0.72 of the 0.85 ms a step was busy, though each took 2.3-3.6 µs alone with its weights hot in L2
+(fused_decode.md). In (N, K) a program reads whole K-long rows: long contiguous bursts, and output blocks small
+enough that every SM streams. Accumulation is fp32. Rounding to the compute dtype happens
 where the XLA path rounds (after the norm, after each matmul, after each elementwise op), so a kernel differs
 from its reference only by summation order.
 
@@ -20,7 +28,8 @@ for shapes the kernels do not tile. The dispatchers (`norm_matmul`, ...) choose,
 `pallas_kernels.dispatch.last_choice("fused_decode")`.
 
 Shapes (b rows, K input width, N output width; compute dtype = the rows' dtype):
-  x, residual (b, K) / (b, N) compute dtype; norm_weight (K,) any float; weights (K, N) compute dtype.
+  x, residual (b, K) / (b, N) compute dtype; norm_weight (K,) any float; weights wt (N, K) compute dtype
+  (output-major: `x @ wt.T`).
   Kernels: rows b in 1..8 (one 1-D pass per row) or 16 / 32 / 64 (tensor-core dots); K and N multiples of 16
   (blocks are powers of two that tile them exactly: Triton tensors must be powers of two, and exact tiling
   needs no masked loads).
@@ -69,34 +78,42 @@ def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array
     return (xf * weight.astype(F32)).astype(x.dtype)
 
 
-def norm_matmul_reference(x: jax.Array, norm_weight: jax.Array, w: jax.Array, *, eps: float) -> jax.Array:
-    """(a): RMSNorm(x) @ w, (b, N) in x.dtype."""
+def matmul_t(a: jax.Array, wt: jax.Array) -> jax.Array:
+    """a @ wt.T for output-major weights wt (N, K), a (..., K) -> (..., N): one dot_general, no transpose copy."""
+    return jax.lax.dot_general(a, wt, (((a.ndim - 1,), (1,)), ((), ())))
+
+
+def norm_matmul_reference(x: jax.Array, norm_weight: jax.Array, wt: jax.Array, *, eps: float) -> jax.Array:
+    """(a): RMSNorm(x) @ wt.T, (b, N) in x.dtype."""
     dt = x.dtype
-    return jnp.dot(rms_norm_reference(x, norm_weight, eps), w.astype(dt))
+    return matmul_t(rms_norm_reference(x, norm_weight, eps), wt.astype(dt))
 
 
-def matmul_residual_reference(a: jax.Array, w: jax.Array, residual: jax.Array) -> jax.Array:
-    """(b)/(d): residual + a @ w, (b, N) in residual.dtype."""
+def matmul_residual_reference(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:
+    """(b)/(d): residual + a @ wt.T, (b, N) in residual.dtype."""
     dt = residual.dtype
-    return residual + jnp.dot(a.astype(dt), w.astype(dt))
+    return residual + matmul_t(a.astype(dt), wt.astype(dt))
 
 
-def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, w_gate_up: jax.Array, *,
-                           eps: float) -> jax.Array:
-    """(c): SiLU(h @ W_gate) * (h @ W_up) with h = RMSNorm(x); w_gate_up = [W_gate | W_up] (K, 2·I) -> (b, I)."""
-    dt = x.dtype
-    inter = w_gate_up.shape[1] // 2
-    gu = jnp.dot(rms_norm_reference(x, norm_weight, eps), w_gate_up.astype(dt))
+def swiglu(gu: jax.Array, inter: int) -> jax.Array:
+    """SiLU(gate) * up on [gate | up] columns."""
     return jax.nn.silu(gu[..., :inter]) * gu[..., inter:]
 
 
-def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, w: jax.Array,
+def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *,
+                           eps: float) -> jax.Array:
+    """(c): SiLU(h @ W_gate) * (h @ W_up) with h = RMSNorm(x); wt_gate_up = [W_gate | W_up].T (2·I, K) -> (b, I)."""
+    dt = x.dtype
+    return swiglu(matmul_t(rms_norm_reference(x, norm_weight, eps), wt_gate_up.astype(dt)), wt_gate_up.shape[0] // 2)
+
+
+def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
                                     residual: jax.Array) -> jax.Array:
-    """(b) after a split decode attention: residual + merge(o_part, m, l) @ w.
+    """(b) after a split decode attention: residual + merge(o_part, m, l) @ wt.T.
 
     o_part (b, S, H·d) fp32 unnormalised per-split outputs, m / l (b, S, H) fp32 per-split running max and sum
-    (`pallas_kernels.decode_attention.decode_attention_partials`)."""
-    return matmul_residual_reference(merge_partials(o_part, m, l, residual.dtype), w, residual)
+    (`pallas_kernels.decode_attention.decode_attention_partials`); wt (N, H·d)."""
+    return matmul_residual_reference(merge_partials(o_part, m, l, residual.dtype), wt, residual)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -122,10 +139,11 @@ def _check_rows(x: Any, name: str, width: int | None = None) -> tuple[int, int]:
     return x.shape
 
 
-def _check_matrix(w: Any, k: int, name: str) -> int:
-    if getattr(w, "ndim", None) != 2 or w.shape[0] != k:
-        raise _bad(f"{name} must be ({k}, N) (input width first), got shape {getattr(w, 'shape', None)}")
-    return w.shape[1]
+def _check_matrix(wt: Any, k: int, name: str) -> int:
+    if getattr(wt, "ndim", None) != 2 or wt.shape[1] != k:
+        raise _bad(f"{name} must be (N, {k}) (output-major: input width last), got shape "
+                   f"{getattr(wt, 'shape', None)}")
+    return wt.shape[0]
 
 
 def kernel_shape_ok(rows: int, *widths: int) -> bool:
@@ -167,9 +185,12 @@ def kernels_would_run(rows: int, *widths: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- kernels
 # Two code paths per kernel, picked by the (static) row count:
-#   rows <= 8: every row on its own as 1-D vectors; each weight block is loaded once and reused for all rows;
-#     the K loop is unrolled so all of a program's loads are independent (issued together: one memory latency).
-#   rows 16/32/64: (rows, BK) x (BK, BN) tensor-core dots in a fori_loop that Triton pipelines.
+#   rows <= 8: every row on its own as 1-D vectors; each (bn, bk) weight tile is loaded once and reused for all
+#     rows; the K loop is unrolled so all of a program's loads are independent (issued together: one memory
+#     latency), and products are summed elementwise, reduced across K once at the end.
+#   rows 16/32/64: (rows, bk) x (bn, bk)^T tensor-core dots in a fori_loop that Triton pipelines.
+
+_CONTRACT_K = (((1,), (1,)), ((), ()))  # (rows, bk) . (bn, bk) -> (rows, bn)
 
 
 def _r(v: jax.Array, dt: Any) -> jax.Array:
@@ -187,16 +208,15 @@ def _norm_rows_1d(x_ref: Any, nw_ref: Any, r: int, k: int, bk: int, eps: float, 
     return [_r((v * rs) * nw_ref[pl.ds(i * bk, bk)].astype(F32), dt) for i, v in enumerate(xs)]
 
 
-def _gemv_rows(rows: list[list[jax.Array]], w_ref: Any, col: int | jax.Array, bk: int, bn: int) -> list[jax.Array]:
-    """Per row: sum_i rows[r][i] (bk,) . W[i*bk:(i+1)*bk, col:col+bn] -> (bn,) fp32. The products are summed
-    elementwise over the K blocks and reduced across threads once at the end (one reduction, not one per
-    block: the dependent chain is what costs at batch 1)."""
-    acc = [jnp.zeros((bk, bn), F32) for _ in rows]
+def _gemv_rows(rows: list[list[jax.Array]], wt_ref: Any, out0: int | jax.Array, bk: int,
+               bn: int) -> list[jax.Array]:
+    """Per row: sum_i wt[out0:out0+bn, i-th K block] . rows[r][i] -> (bn,) fp32."""
+    acc = [jnp.zeros((bn, bk), F32) for _ in rows]
     for i in range(len(rows[0])):
-        wk = w_ref[pl.ds(i * bk, bk), pl.ds(col, bn)].astype(F32)
+        wk = wt_ref[pl.ds(out0, bn), pl.ds(i * bk, bk)].astype(F32)
         for r, blocks in enumerate(rows):
-            acc[r] = acc[r] + blocks[i][:, None] * wk
-    return [jnp.sum(a, axis=0) for a in acc]
+            acc[r] = acc[r] + wk * blocks[i][None, :]
+    return [jnp.sum(a, axis=1) for a in acc]
 
 
 def _row_scale_dot(x_ref: Any, nw_ref: Any | None, k: int, bk: int, eps: float, dt: Any) -> Any:
@@ -217,71 +237,74 @@ def _row_scale_dot(x_ref: Any, nw_ref: Any | None, k: int, bk: int, eps: float, 
     return block
 
 
-def _gemv_dot(block: Any, w_ref: Any, cols: list[Any], k: int, bk: int, rows: int, bn: int,
+def _dot_t(a: jax.Array, wk: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(a, wk, _CONTRACT_K, preferred_element_type=F32)
+
+
+def _gemv_dot(block: Any, wt_ref: Any, outs: list[Any], k: int, bk: int, rows: int, bn: int,
               dt: Any) -> list[jax.Array]:
-    """(rows, bn) fp32 for each column slice in `cols`: sum over K blocks of block(i) @ W[i-th rows, cols]."""
+    """(rows, bn) fp32 for each output slice in `outs`: sum over K blocks of block(i) @ wt[outs, i-th block].T."""
     def body(i: Any, accs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         xb = block(i)
-        return tuple(a + jnp.dot(xb, w_ref[pl.ds(i * bk, bk), c].astype(dt), preferred_element_type=F32)
-                     for a, c in zip(accs, cols))
-    init = tuple(jnp.zeros((rows, bn), F32) for _ in cols)
+        return tuple(a + _dot_t(xb, wt_ref[c, pl.ds(i * bk, bk)].astype(dt)) for a, c in zip(accs, outs))
+    init = tuple(jnp.zeros((rows, bn), F32) for _ in outs)
     return list(jax.lax.fori_loop(0, k // bk, body, init))
 
 
-def _norm_matmul_kernel(x_ref, nw_ref, w_ref, o_ref, *, k: int, bk: int, bn: int, eps: float):
+def _norm_matmul_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, eps: float):
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = x_ref.shape[0]
     if rows in DOT_ROWS:
         cols = pl.ds(j * bn, bn)
-        (acc,) = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), w_ref, [cols], k, bk, rows, bn, dt)
+        (acc,) = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), wt_ref, [cols], k, bk, rows, bn, dt)
         o_ref[:, cols] = acc.astype(dt)
         return
     xs = [_norm_rows_1d(x_ref, nw_ref, r, k, bk, eps, dt) for r in range(rows)]
-    for r, acc in enumerate(_gemv_rows(xs, w_ref, j * bn, bk, bn)):
+    for r, acc in enumerate(_gemv_rows(xs, wt_ref, j * bn, bk, bn)):
         o_ref[r, pl.ds(j * bn, bn)] = acc.astype(dt)
 
 
-def _norm_gate_up_kernel(x_ref, nw_ref, w_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
+def _norm_gate_up_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = x_ref.shape[0]
 
-    def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:  # jax.nn.silu(g) * u with the XLA path's roundings
+    def silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:  # `swiglu` with the XLA path's roundings
         g, u = _r(g, dt), _r(u, dt)
         s = _r(1.0 / (1.0 + jnp.exp(-g)), dt)
         return (_r(g * s, dt) * u).astype(dt)
 
     if rows in DOT_ROWS:
         cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
-        g, u = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), w_ref, [cg, cu], k, bk, rows, bn, dt)
-        o_ref[:, cg] = swiglu(g, u)
+        g, u = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), wt_ref, [cg, cu], k, bk, rows, bn, dt)
+        o_ref[:, cg] = silu_mul(g, u)
         return
     xs = [_norm_rows_1d(x_ref, nw_ref, r, k, bk, eps, dt) for r in range(rows)]
-    gs = _gemv_rows(xs, w_ref, j * bn, bk, bn)
-    us = _gemv_rows(xs, w_ref, inter + j * bn, bk, bn)
+    gs = _gemv_rows(xs, wt_ref, j * bn, bk, bn)
+    us = _gemv_rows(xs, wt_ref, inter + j * bn, bk, bn)
     for r in range(rows):
-        o_ref[r, pl.ds(j * bn, bn)] = swiglu(gs[r], us[r])
+        o_ref[r, pl.ds(j * bn, bn)] = silu_mul(gs[r], us[r])
 
 
-def _matmul_residual_kernel(a_ref, w_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
+def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = a_ref.shape[0]
+    cols = pl.ds(j * bn, bn)
     if rows in DOT_ROWS:
-        cols = pl.ds(j * bn, bn)
-        (acc,) = _gemv_dot(_row_scale_dot(a_ref, None, k, bk, 0.0, dt), w_ref, [cols], k, bk, rows, bn, dt)
+        (acc,) = _gemv_dot(_row_scale_dot(a_ref, None, k, bk, 0.0, dt), wt_ref, [cols], k, bk, rows, bn, dt)
         o_ref[:, cols] = (_r(acc, dt) + res_ref[:, cols].astype(F32)).astype(dt)
         return
     xs = [[a_ref[r, pl.ds(i * bk, bk)].astype(F32) for i in range(k // bk)] for r in range(rows)]
-    for r, acc in enumerate(_gemv_rows(xs, w_ref, j * bn, bk, bn)):
-        cols = pl.ds(j * bn, bn)
+    for r, acc in enumerate(_gemv_rows(xs, wt_ref, j * bn, bk, bn)):
         o_ref[r, cols] = (_r(acc, dt) + res_ref[r, cols].astype(F32)).astype(dt)
 
 
-def _attn_combine_kernel(op_ref, m_ref, l_ref, w_ref, res_ref, o_ref, *, heads: int, d: int, splits: int, bn: int):
+def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads: int, d: int, splits: int,
+                         bn: int):
     """Every program merges the splits' partial softmaxes of every head (cheap: rows x S x H·d fp32, read from
-    L2 by all programs) and multiplies the merged, rounded attention output with its columns of W_o."""
+    L2 by all programs) and multiplies the merged, rounded attention output with its rows of W_o^T."""
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = op_ref.shape[0]
@@ -301,33 +324,41 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, w_ref, res_ref, o_ref, *, heads: 
                 den = den + wt * l_ref[:, s, hh]
                 num = num + wt[:, None] * op_ref[:, s, pl.ds(hh * d, d)]
             a = (num / jnp.maximum(den, 1e-30)[:, None]).astype(dt)
-            acc = acc + jnp.dot(a, w_ref[pl.ds(hh * d, d), cols].astype(dt), preferred_element_type=F32)
+            acc = acc + _dot_t(a, wt_ref[cols, pl.ds(hh * d, d)].astype(dt))
         o_ref[:, cols] = (_r(acc, dt) + res_ref[:, cols].astype(F32)).astype(dt)
         return
     sl = pl.ds(0, splits)
-    acc = [jnp.zeros((d, bn), F32) for _ in range(rows)]  # reduced over d once, at the end (as `_gemv_rows`)
+    acc = [jnp.zeros((bn, d), F32) for _ in range(rows)]  # reduced over d once, at the end (as `_gemv_rows`)
     for hh in range(heads):
-        wk = w_ref[pl.ds(hh * d, d), cols].astype(F32)
+        wk = wt_ref[cols, pl.ds(hh * d, d)].astype(F32)
         for r in range(rows):
             mh = m_ref[r, sl, hh]  # (S,)
             wt = jnp.exp(mh - jnp.max(mh))
             den = jnp.sum(wt * l_ref[r, sl, hh])
             num = jnp.sum(wt[:, None] * op_ref[r, sl, pl.ds(hh * d, d)], axis=0)  # (d,)
             a = _r(num / jnp.maximum(den, 1e-30), dt)
-            acc[r] = acc[r] + a[:, None] * wk
+            acc[r] = acc[r] + wk * a[None, :]
     for r in range(rows):
-        o_ref[r, cols] = (_r(jnp.sum(acc[r], axis=0), dt) + res_ref[r, cols].astype(F32)).astype(dt)
+        o_ref[r, cols] = (_r(jnp.sum(acc[r], axis=1), dt) + res_ref[r, cols].astype(F32)).astype(dt)
 
 
 # --------------------------------------------------------------------------------------------- pallas wrappers
 
+SMS = 132  # H100 / H200 streaming multiprocessors
+ROW_BLOCK_CAP = 4  # outputs per program on the 1-D path (see `pick_block_n`)
+ROW_WARPS = 2
+DOT_WARPS = 4
+
 
 def pick_block_n(n: int, rows: int) -> int:
-    """Output columns per program: 16 (as many programs as possible, each reading 32-byte row segments of W:
-    whole DRAM sectors; the N of a tensor-core dot may be 16 too). SmolLM2 at batch 1: 60 programs for q·k·v,
-    96 for gate·up, 36 for o and down."""
-    del rows
-    return _block(n, 16)
+    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: at most ROW_BLOCK_CAP
+    (SmolLM2 at batch 1: 240 programs for q·k·v, 144 for o and down, 384 for gate·up), so that every SM streams
+    its share of the weights; each program's rows are K contiguous weights."""
+    return _block(n, 16 if rows in DOT_ROWS else ROW_BLOCK_CAP)
+
+
+def pick_warps(rows: int) -> int:
+    return DOT_WARPS if rows in DOT_ROWS else ROW_WARPS
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int) -> Any:
@@ -347,71 +378,73 @@ def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, nu
           *args: Any) -> jax.Array:
     rows = out.shape[0]
     return pl.pallas_call(kernel, grid=(grid,), out_shape=out, interpret=interpret, name=name,
-                          compiler_params=_compiler_params(interpret, num_warps, 3 if rows in DOT_ROWS else 1),
+                          compiler_params=_compiler_params(interpret, num_warps or pick_warps(rows),
+                                                           3 if rows in DOT_ROWS else 1),
                           )(*args)
 
 
+def _block_k(k: int) -> int:
+    return _block(k, 128)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
-def norm_matmul_pallas(x: jax.Array, norm_weight: jax.Array, w: jax.Array, *, eps: float, block_n: int = 0,
-                       interpret: bool = False, num_warps: int = 4) -> jax.Array:
+def norm_matmul_pallas(x: jax.Array, norm_weight: jax.Array, wt: jax.Array, *, eps: float, block_n: int = 0,
+                       interpret: bool = False, num_warps: int = 0) -> jax.Array:
     """(a) as one launch; same result as `norm_matmul_reference` up to summation order."""
     b, k = _check_rows(x, "x")
-    n = _check_matrix(w, k, "w")
+    n = _check_matrix(wt, k, "wt")
     _check_kernel_shape(b, k, n)
     bn = block_n or pick_block_n(n, b)
-    bk = _block(k, 128 if b in DOT_ROWS else 64)
-    kern = functools.partial(_norm_matmul_kernel, k=k, bk=bk, bn=bn, eps=float(eps))
+    kern = functools.partial(_norm_matmul_kernel, k=k, bk=_block_k(k), bn=bn, eps=float(eps))
     return _call(kern, jax.ShapeDtypeStruct((b, n), x.dtype), n // bn, interpret, num_warps, "norm_matmul",
-                 x, norm_weight, w.astype(x.dtype))
+                 x, norm_weight, wt.astype(x.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
-def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, w_gate_up: jax.Array, *, eps: float,
-                        block_n: int = 0, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *, eps: float,
+                        block_n: int = 0, interpret: bool = False, num_warps: int = 0) -> jax.Array:
     """(c) as one launch; same result as `norm_gate_up_reference` up to summation order."""
     b, k = _check_rows(x, "x")
-    n2 = _check_matrix(w_gate_up, k, "w_gate_up")
+    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
     inter = n2 // 2
     _check_kernel_shape(b, k, inter)
     bn = block_n or pick_block_n(inter, b)
-    bk = _block(k, 128 if b in DOT_ROWS else 64)
-    kern = functools.partial(_norm_gate_up_kernel, k=k, bk=bk, bn=bn, inter=inter, eps=float(eps))
+    kern = functools.partial(_norm_gate_up_kernel, k=k, bk=_block_k(k), bn=bn, inter=inter, eps=float(eps))
     return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps,
-                 "norm_gate_up", x, norm_weight, w_gate_up.astype(x.dtype))
+                 "norm_gate_up", x, norm_weight, wt_gate_up.astype(x.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
-def matmul_residual_pallas(a: jax.Array, w: jax.Array, residual: jax.Array, *, block_n: int = 0,
-                           interpret: bool = False, num_warps: int = 4) -> jax.Array:
+def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, block_n: int = 0,
+                           interpret: bool = False, num_warps: int = 0) -> jax.Array:
     """(b)/(d) as one launch; same result as `matmul_residual_reference` up to summation order."""
     b, k = _check_rows(a, "a")
-    n = _check_matrix(w, k, "w")
+    n = _check_matrix(wt, k, "wt")
     _check_rows(residual, "residual", n)
     if residual.shape[0] != b:
         raise _bad(f"residual must have a's {b} rows, got {residual.shape}")
     _check_kernel_shape(b, k, n)
     bn = block_n or pick_block_n(n, b)
-    bk = _block(k, 128)
-    kern = functools.partial(_matmul_residual_kernel, k=k, bk=bk, bn=bn)
+    kern = functools.partial(_matmul_residual_kernel, k=k, bk=_block_k(k), bn=bn)
     dt = residual.dtype
     return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "matmul_residual",
-                 a.astype(dt), w.astype(dt), residual)
+                 a.astype(dt), wt.astype(dt), residual)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
-def attn_combine_residual_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, w: jax.Array,
+def attn_combine_residual_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
                                  residual: jax.Array, *, block_n: int = 0, interpret: bool = False,
-                                 num_warps: int = 4) -> jax.Array:
+                                 num_warps: int = 0) -> jax.Array:
     """(b) after a split decode attention, as one launch (the merge of the splits happens in its prologue)."""
-    check_combine_args(o_part, m, l, w, residual, kernel=True)
+    check_combine_args(o_part, m, l, wt, residual, kernel=True)
     b, splits, hd = o_part.shape
     heads = m.shape[2]
-    n = w.shape[1]
+    n = wt.shape[0]
     bn = block_n or pick_block_n(n, b)
     kern = functools.partial(_attn_combine_kernel, heads=heads, d=hd // heads, splits=splits, bn=bn)
     dt = residual.dtype
     return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "attn_combine_residual",
-                 o_part.astype(F32), m.astype(F32), l.astype(F32), w.astype(dt), residual)
+                 o_part.astype(F32), m.astype(F32), l.astype(F32), wt.astype(dt), residual)
 
 
 MAX_COMBINE_SPLITS = 16  # partials every program of the combine kernel reads: rows x S x H·d fp32
@@ -423,14 +456,14 @@ def combine_max_splits(rows: int) -> int:
     return 4 if rows in DOT_ROWS else MAX_COMBINE_SPLITS
 
 
-def check_combine_args(o_part: Any, m: Any, l: Any, w: Any, residual: Any, *, kernel: bool) -> None:
+def check_combine_args(o_part: Any, m: Any, l: Any, wt: Any, residual: Any, *, kernel: bool) -> None:
     if getattr(o_part, "ndim", None) != 3:
         raise _bad(f"o_part must be (rows, splits, heads·head_dim), got {getattr(o_part, 'shape', None)}")
     b, s, hd = o_part.shape
     if getattr(m, "ndim", None) != 3 or m.shape[:2] != (b, s) or hd % m.shape[2] or l.shape != m.shape:
         raise _bad(f"m and l must both be (rows, splits, heads) = ({b}, {s}, heads dividing {hd}), got "
                    f"{getattr(m, 'shape', None)} and {getattr(l, 'shape', None)}")
-    n = _check_matrix(w, hd, "w")
+    n = _check_matrix(wt, hd, "wt")
     if residual.shape != (b, n):
         raise _bad(f"residual must be (rows, N) = {(b, n)}, got {residual.shape}")
     if not kernel:
@@ -456,45 +489,45 @@ def _record(choice: str) -> str:
     return choice
 
 
-def norm_matmul(x: jax.Array, norm_weight: jax.Array, w: jax.Array, *, eps: float) -> jax.Array:
+def norm_matmul(x: jax.Array, norm_weight: jax.Array, wt: jax.Array, *, eps: float) -> jax.Array:
     """(a): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
     b, k = _check_rows(x, "x")
-    n = _check_matrix(w, k, "w")
+    n = _check_matrix(wt, k, "wt")
     if _record(fused_decode_choice(b, k, n)) == PALLAS_TRITON:
-        return norm_matmul_pallas(x, norm_weight, w, eps=eps, interpret=_interpret())
-    return norm_matmul_reference(x, norm_weight, w, eps=eps)
+        return norm_matmul_pallas(x, norm_weight, wt, eps=eps, interpret=_interpret())
+    return norm_matmul_reference(x, norm_weight, wt, eps=eps)
 
 
-def norm_gate_up(x: jax.Array, norm_weight: jax.Array, w_gate_up: jax.Array, *, eps: float) -> jax.Array:
+def norm_gate_up(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
     """(c): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
     b, k = _check_rows(x, "x")
-    n2 = _check_matrix(w_gate_up, k, "w_gate_up")
+    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
     if n2 % 2:
-        raise _bad(f"w_gate_up must hold [W_gate | W_up] (an even number of columns), got {w_gate_up.shape}")
+        raise _bad(f"wt_gate_up must hold [W_gate | W_up].T (an even number of rows), got {wt_gate_up.shape}")
     if _record(fused_decode_choice(b, k, n2 // 2)) == PALLAS_TRITON:
-        return norm_gate_up_pallas(x, norm_weight, w_gate_up, eps=eps, interpret=_interpret())
-    return norm_gate_up_reference(x, norm_weight, w_gate_up, eps=eps)
+        return norm_gate_up_pallas(x, norm_weight, wt_gate_up, eps=eps, interpret=_interpret())
+    return norm_gate_up_reference(x, norm_weight, wt_gate_up, eps=eps)
 
 
-def matmul_residual(a: jax.Array, w: jax.Array, residual: jax.Array) -> jax.Array:
+def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:
     """(b)/(d): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
     b, k = _check_rows(a, "a")
-    n = _check_matrix(w, k, "w")
+    n = _check_matrix(wt, k, "wt")
     if _record(fused_decode_choice(b, k, n)) == PALLAS_TRITON:
-        return matmul_residual_pallas(a, w, residual, interpret=_interpret())
-    return matmul_residual_reference(a, w, residual)
+        return matmul_residual_pallas(a, wt, residual, interpret=_interpret())
+    return matmul_residual_reference(a, wt, residual)
 
 
-def attn_combine_residual(o_part: jax.Array, m: jax.Array, l: jax.Array, w: jax.Array,
+def attn_combine_residual(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
                           residual: jax.Array) -> jax.Array:
     """(b) after a split decode attention: the kernel where it tiles, else the reference."""
-    check_combine_args(o_part, m, l, w, residual, kernel=False)
-    choice = fused_decode_choice(o_part.shape[0], o_part.shape[2], w.shape[1])
+    check_combine_args(o_part, m, l, wt, residual, kernel=False)
+    choice = fused_decode_choice(o_part.shape[0], o_part.shape[2], wt.shape[0])
     if choice == PALLAS_TRITON:
         try:
-            check_combine_args(o_part, m, l, w, residual, kernel=True)
+            check_combine_args(o_part, m, l, wt, residual, kernel=True)
         except KernelError:
             choice = REFERENCE
     if _record(choice) == PALLAS_TRITON:
-        return attn_combine_residual_pallas(o_part, m, l, w, residual, interpret=_interpret())
-    return attn_combine_residual_reference(o_part, m, l, w, residual)
+        return attn_combine_residual_pallas(o_part, m, l, wt, residual, interpret=_interpret())
+    return attn_combine_residual_reference(o_part, m, l, wt, residual)

@@ -44,7 +44,8 @@ from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run, plan,
 )
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, norm_gate_up, norm_matmul,
+    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, norm_gate_up,
+    norm_matmul, swiglu,
 )
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -138,9 +139,10 @@ class FusedAttention(nnx.Module):
     """
 
     def __init__(self, attn: Attention):
+        # output-major (N, K), as `pallas_kernels.fused_decode` reads them (contiguous per output)
         self.qkv = nnx.Param(jnp.concatenate(
-            [attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]], axis=1))
-        self.o = nnx.Param(attn.o_proj.kernel[...])
+            [attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]], axis=1).T)
+        self.o = nnx.Param(attn.o_proj.kernel[...].T)
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.dtype = attn.dtype
         self.decode_window = 0  # static, set per decode phase; 0 = the whole cache
@@ -166,7 +168,7 @@ class FusedAttention(nnx.Module):
         args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
         if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, **kw) == PALLAS_TRITON
-                and kernels_would_run(b, h * d, wo.shape[1])):
+                and kernels_would_run(b, h * d, wo.shape[0])):
             block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b))
             if splits > 1:  # the o-projection kernel merges the splits: no launch for the merge
                 o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw)
@@ -180,11 +182,11 @@ class FusedAttention(nnx.Module):
         b, t, _ = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         dt = jnp.dtype(self.dtype)
-        qkv = jnp.dot(x.astype(dt), self.qkv[...].astype(dt))
+        qkv = matmul_t(x.astype(dt), self.qkv[...].astype(dt))
         if cache is not None and not ctx.prefill and t == 1:
             out, kc, vc = decode_attention(qkv[:, 0], cache.k, cache.v, ctx.cos[:, 0], ctx.sin[:, 0], ctx.index,
                                            ctx.valid, num_heads=h, num_kv_heads=kv, window=self.decode_window)
-            return jnp.dot(out[:, None].astype(dt), self.o[...].astype(dt)), KVCache(kc, vc)
+            return matmul_t(out[:, None].astype(dt), self.o[...].astype(dt)), KVCache(kc, vc)
         q = qkv[..., : h * d].reshape(b, t, h, d)
         k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
         v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
@@ -197,7 +199,7 @@ class FusedAttention(nnx.Module):
             out = attend(q, k, v, chunk_mask(ctx))
         else:
             out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask(ctx, cache.k.shape[1]))
-        y = jnp.dot(out.reshape(b, t, h * d).astype(dt), self.o[...].astype(dt))
+        y = matmul_t(out.reshape(b, t, h * d).astype(dt), self.o[...].astype(dt))
         return y, cache
 
 
@@ -211,15 +213,16 @@ class FusedMLP(nnx.Module):
     """SwiGLU with gate and up in one matmul."""
 
     def __init__(self, mlp: MLP):
-        self.gate_up = nnx.Param(jnp.concatenate([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1))
-        self.down = nnx.Param(mlp.down_proj.kernel[...])
+        # output-major (N, K), as in `FusedAttention`
+        self.gate_up = nnx.Param(jnp.concatenate([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1).T)
+        self.down = nnx.Param(mlp.down_proj.kernel[...].T)
         self.dtype = mlp.down_proj.dtype
         self.inter = mlp.gate_proj.kernel.shape[1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
-        gu = jnp.dot(x.astype(dt), self.gate_up[...].astype(dt))
-        return jnp.dot(jax.nn.silu(gu[..., : self.inter]) * gu[..., self.inter:], self.down[...].astype(dt))
+        gu = matmul_t(x.astype(dt), self.gate_up[...].astype(dt))
+        return matmul_t(swiglu(gu, self.inter), self.down[...].astype(dt))
 
     def norm_residual(self, x: jax.Array, norm: Any) -> jax.Array:
         """x + self(norm(x)). At a decode step (one token per row) two launches on GPU at small batch: RMSNorm +

@@ -19,7 +19,7 @@ def test_tiny_run_times_every_tiling(tmp_path, monkeypatch):
     for r in rows:
         assert "error" not in r, r
         assert r["device_us"] > 0 and r["wall_us"] > 0, r
-    assert [r["impl"] for r in rows if r["planned"]] == ["b32 s1 w4"]  # plan(1, 2, 32) = (32 slots, 1 split)
+    assert [r["impl"] for r in rows if r["planned"]] == ["b16 s2 w4"]  # plan(1, 2, 32) = (16 slots, 2 splits)
     assert "Best tiling per case" in (tmp_path / "decode_attention_tiny.md").read_text()
 
 

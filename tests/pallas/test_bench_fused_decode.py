@@ -22,3 +22,20 @@ def test_tiny_run_measures_every_variant(tmp_path, monkeypatch):
         assert r["device_us"] > 0 and r["wall_us"] > 0, r
     assert sum(r["impl"] == "xla" for r in rows) == len(bfd.TINY_SHAPES)
     assert "Best kernel per GEMV" in (tmp_path / "fused_decode_tiny.md").read_text()
+
+
+def test_tiny_cold_run_cycles_weight_copies(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("bench_fused_decode", None)
+    import bench_fused_decode as bfd
+
+    # the cold program calls the GEMV once per copy: every copy's output comes back (none dropped by XLA)
+    args, ref, ker, wbytes = bfd.make_fns("matmul_residual", 64, 32, 1, True, cold=1)  # 1 MB of 4 kB copies
+    assert wbytes == 64 * 32 * 2 and len(args[1]) == 256
+    assert len(ref(*args)) == 256 and len(ker(16, 4)(*args)) == 256
+    assert bfd.main(["--tiny", "--cold-mb", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "fused_decode_cold_tiny.json").read_text())
+    assert data["meta"]["cold"] == 1
+    assert all("error" not in r and r["max_abs_diff"] < 0.05 for r in data["rows"])
+    assert {r["copies"] for r in data["rows"]} == {-(-(2 ** 20) // r["weight_bytes"]) for r in data["rows"]}
+    assert "MB of weight copies" in (tmp_path / "fused_decode_cold_tiny.md").read_text()

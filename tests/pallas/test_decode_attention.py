@@ -16,9 +16,10 @@ import pytest
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import decode_attention_reference
+from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
-    SMS, decode_attention, decode_attention_choice, decode_attention_pallas, decode_attention_partials_pallas,
+    decode_attention, decode_attention_choice, decode_attention_pallas, decode_attention_partials_pallas,
     decode_attention_partials_reference, merge_partials, plan,
 )
 import os
@@ -127,9 +128,11 @@ def test_plan_fills_the_gpu_at_small_batch():
         block, splits = plan(b, 3, window, max_splits=cap)
         assert window % block == 0 and block >= 16 and splits & (splits - 1) == 0
         assert 1 <= splits <= min(cap, window // block)
-        want = -(-2 * SMS // (b * 3))  # about two programs per SM
-        assert splits * 2 > min(cap, window // block, want)  # the largest power of two within every bound
-    assert plan(1, 3, 384, max_splits=16) == (32, 8)
+        assert block * splits <= window and block <= 128
+        want = da.MAX_PROGRAMS // (b * 3)
+        assert splits * 2 > min(cap, window // da.MIN_SPLIT_SLOTS, want)  # the largest power of two in the bounds
+    assert plan(1, 3, 384, max_splits=16) == (16, 16)  # the H200's best at batch 1, short context: b16 s16
+    assert plan(1, 3, 4096) == (64, 64)
 
 
 def lowers_for_h100(fn, *avals) -> None:

@@ -38,8 +38,8 @@ def inputs(rows, k, n, *, dtype=jnp.float32, seed=0):
     return dict(
         x=jax.random.normal(ks[0], (rows, k)).astype(dtype),
         nw=(1.0 + 0.2 * jax.random.normal(ks[1], (k,))).astype(jnp.float32),
-        w=(jax.random.normal(ks[2], (k, n)) / np.sqrt(k)).astype(dtype),
-        w2=(jax.random.normal(ks[3], (k, 2 * n)) / np.sqrt(k)).astype(dtype),
+        w=(jax.random.normal(ks[2], (n, k)) / np.sqrt(k)).astype(dtype),  # output-major (N, K)
+        w2=(jax.random.normal(ks[3], (2 * n, k)) / np.sqrt(k)).astype(dtype),
         res=jax.random.normal(ks[4], (rows, n)).astype(dtype),
         a=jax.random.normal(ks[5], (rows, k)).astype(dtype),
     )
@@ -96,7 +96,7 @@ def split_attention(rows, slots, h, kv, d, index, splits, block, *, dtype, seed=
 def test_attn_combine_residual_equals_reference_interpret(rows, splits):
     h, kv, d, n = 4, 2, 16, 32
     (o_part, m, l), attn = split_attention(rows, 64, h, kv, d, 40, splits, 16, dtype=jnp.float32, seed=rows)
-    w = jax.random.normal(jax.random.key(7), (h * d, n)) / 8.0
+    w = jax.random.normal(jax.random.key(7), (n, h * d)) / 8.0
     res = jax.random.normal(jax.random.key(8), (rows, n))
     kern = functools.partial(fd.attn_combine_residual_pallas, interpret=True)
     assert has_pallas_call(kern, o_part, m, l, w, res)
@@ -126,13 +126,15 @@ def test_dispatch_cpu_reference_env_and_bad_args(monkeypatch):
         fd.max_batch()
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
     assert fd.fused_decode_choice(2, 64, 32) == "reference_xla"
-    with pytest.raises(KernelError, match="w must be"):
-        fd.norm_matmul(t["x"], t["nw"], t["w"][:-1], eps=1e-5)
+    with pytest.raises(KernelError, match="wt must be"):
+        fd.norm_matmul(t["x"], t["nw"], t["w"][:, :-1], eps=1e-5)
+    with pytest.raises(KernelError, match="wt must be"):  # the (K, N) layout of the unfused model is refused
+        fd.matmul_residual(t["a"], t["w"].T[:, :16], t["res"])
     with pytest.raises(KernelError, match="rows"):
         fd.norm_matmul_pallas(jnp.zeros((12, 64)), t["nw"], t["w"], eps=1e-5, interpret=True)
     with pytest.raises(KernelError, match="splits"):
         fd.attn_combine_residual_pallas(jnp.zeros((1, 3, 64)), jnp.zeros((1, 3, 4)), jnp.zeros((1, 3, 4)),
-                                        jnp.zeros((64, 32)), jnp.zeros((1, 32)), interpret=True)
+                                        jnp.zeros((32, 64)), jnp.zeros((1, 32)), interpret=True)
 
 
 # ----------------------------------------------------------------------------- Triton lowering, without a GPU
@@ -149,13 +151,13 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
     S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
     d, h, kv, hd, inter = SMOL["d"], SMOL["h"], SMOL["kv"], SMOL["hd"], SMOL["inter"]
     lowers_for_h100(functools.partial(fd.norm_matmul_pallas, eps=1e-5), S((rows, d), bf), S((d,), bf),
-                    S((d, (h + 2 * kv) * hd), bf))
+                    S(((h + 2 * kv) * hd, d), bf))
     lowers_for_h100(functools.partial(fd.norm_gate_up_pallas, eps=1e-5), S((rows, d), bf), S((d,), f32),
-                    S((d, 2 * inter), bf))
-    lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((inter, d), bf), S((rows, d), bf))
+                    S((2 * inter, d), bf))
+    lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((d, inter), bf), S((rows, d), bf))
     sp = fd.combine_max_splits(rows)
     lowers_for_h100(fd.attn_combine_residual_pallas, S((rows, sp, h * hd), f32), S((rows, sp, h), f32),
-                    S((rows, sp, h), f32), S((h * hd, d), bf), S((rows, d), bf))
+                    S((rows, sp, h), f32), S((d, h * hd), bf), S((rows, d), bf))
 
 
 # ------------------------------------------------------------------------------- the decode path, end to end
@@ -190,8 +192,8 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
     model = LlamaLM(TINY, rngs=nnx.Rngs(0))
     if kind == "hybrid50":
         model = build_hybrid(model, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(1))
-    prompts = [[5, 17, 3, 88, 41, 9, 60] * 6, [12, 7, 70]]  # 48 slots + 6 new: 64 slots, attention in 2 splits
-    assert da.plan(2, TINY.num_kv_heads, 64, max_splits=fd.combine_max_splits(2)) == (32, 2)
+    prompts = [[5, 17, 3, 88, 41, 9, 60] * 6, [12, 7, 70]]  # 48 slots + 6 new: 64 slots, attention in 4 splits
+    assert da.plan(2, TINY.num_kv_heads, 64, max_splits=fd.combine_max_splits(2)) == (16, 4)
     want = greedy(model, prompts, 6, monkeypatch, kernels=False)
     got = greedy(model, prompts, 6, monkeypatch, kernels=True)
     assert got == want
@@ -221,7 +223,7 @@ def test_split_attention_and_combine_gpu(rows, slots, index):
     assert splits > 1
     (o_part, m, l), attn = split_attention(rows, slots, h, kv, hd, index, splits, block, dtype=jnp.bfloat16,
                                            interpret=False)
-    w = (jax.random.normal(jax.random.key(7), (h * hd, d)) / 24.0).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(7), (d, h * hd)) / 24.0).astype(jnp.bfloat16)
     res = jax.random.normal(jax.random.key(8), (rows, d)).astype(jnp.bfloat16)
     kern = fd.attn_combine_residual_pallas
     assert has_pallas_call(kern, o_part, m, l, w, res)
