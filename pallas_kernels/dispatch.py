@@ -25,6 +25,7 @@ from mamba_llama_jax.train.mesh import batch_split_axes
 FORCE_REFERENCE_ENV = "MAMBA_LLAMA_FORCE_REFERENCE"
 PALLAS_TRITON = "pallas_triton"
 PALLAS_MOSAIC_TPU = "pallas_mosaic_tpu"  # pallas_kernels.ssd_chunk_scan_tpu: opt-in until run on a TPU
+PALLAS_MOSAIC_GPU = "pallas_mosaic_gpu"  # pallas_kernels.ssd_chunk_scan_mgpu: the forward on Hopper GPUs
 REFERENCE = "reference_chunked"
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -183,6 +184,28 @@ def _on_tpu() -> bool:
         return False
 
 
+def _on_hopper() -> bool:
+    """A GPU of compute capability 9.x (H100 / H200): what the Mosaic GPU kernel's wgmma needs."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def _gpu_ssd_choice(x: jax.Array, B: jax.Array, kernel_chunk: int) -> str:
+    # Mosaic GPU's forward beat the Triton kernel's by 1.25-1.39x on the H200 (benchmarks/results/scan_mgpu.md;
+    # the backward is the Triton one either way), so Hopper takes it wherever its own limits allow.
+    from pallas_kernels import ssd_chunk_scan_mgpu as mg
+    if not _on_hopper() or not (mg.GPU_VERIFIED or unverified_allowed()):
+        return PALLAS_TRITON
+    try:
+        mg.check_mgpu_args(x, B, kernel_chunk, interpret=False)
+    except KernelError:
+        return PALLAS_TRITON
+    return PALLAS_MOSAIC_GPU
+
+
 def _tpu_ssd_choice(x, dt, A, B, C, arrays: dict) -> str:
     # The Mosaic kernel equals the reference in TPU interpret mode and compiles with libtpu, but has never run
     # nor been timed on a TPU: the XLA reference stays the default there until it has.
@@ -206,11 +229,12 @@ def ssd_choice(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         return _tpu_ssd_choice(x, dt, A, B, C, arrays)
     if force_reference() or not _on_gpu():
         return REFERENCE
+    kernel_chunk = kw.get("kernel_chunk_size", 64)
     try:
-        check_ssd_args(x, dt, A, B, C, chunk_size=kw.get("kernel_chunk_size", 64), **arrays)
+        check_ssd_args(x, dt, A, B, C, chunk_size=kernel_chunk, **arrays)
     except KernelError:
         return REFERENCE  # a shape the kernel does not tile (e.g. head_dim 48): the reference takes it
-    return PALLAS_TRITON
+    return _gpu_ssd_choice(x, B, kernel_chunk)
 
 
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
@@ -219,7 +243,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
         chunk_size: int = 256, kernel_chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD, same signature and result as `mamba_llama_jax.ops.ssd.ssd_chunked`.
 
-    On GPU runs the Pallas kernel; elsewhere (CPU; TPU unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in to the
+    On GPU runs the Pallas kernel (on Hopper the Mosaic GPU forward where it tiles, else Triton); elsewhere (CPU; TPU unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in to the
     Mosaic kernel) or with MAMBA_LLAMA_FORCE_REFERENCE=1 the XLA reference. `chunk_size` is the reference's
     chunk; the GPU kernel tiles by `kernel_chunk_size` (64 fits the on-chip (chunk x chunk) tiles best): the maths
     is chunk-independent, only round-off differs.
@@ -233,6 +257,10 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
     if choice == PALLAS_TRITON:
         from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
         return batch_sharded(ssd_chunk_scan, batched, shared, dt_softplus=dt_softplus, chunk_size=kernel_chunk_size)
+    if choice == PALLAS_MOSAIC_GPU:
+        from pallas_kernels.ssd_chunk_scan_mgpu import ssd_chunk_scan_mgpu
+        return batch_sharded(ssd_chunk_scan_mgpu, batched, shared, dt_softplus=dt_softplus,
+                             chunk_size=kernel_chunk_size)
     if choice == PALLAS_MOSAIC_TPU:  # tiles by its own TPU_CHUNK (the MXU's edge), not kernel_chunk_size
         from pallas_kernels.ssd_chunk_scan_tpu import TPU_CHUNK, ssd_chunk_scan_tpu
         return batch_sharded(ssd_chunk_scan_tpu, batched, shared, dt_softplus=dt_softplus, chunk_size=TPU_CHUNK)

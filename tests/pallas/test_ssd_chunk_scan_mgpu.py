@@ -192,3 +192,57 @@ def test_gpu_compiled_matches_triton_and_reference():
     gt = jax.jit(grad_of_outputs(triton, len(present)))(*vals)
     for name, a, t in zip(present, gk, gt):
         assert rel(a, t) < 2e-2, (name, rel(a, t))
+
+
+# ---------------------------------------------------------------------------------------------- the dispatcher
+
+
+def _as_gpu(monkeypatch, hopper: bool) -> None:
+    from pallas_kernels import dispatch
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    monkeypatch.setattr(dispatch, "_on_hopper", lambda: hopper)
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+
+
+def test_dispatcher_takes_mgpu_on_hopper_where_it_tiles(monkeypatch):
+    from pallas_kernels import dispatch
+    ins, _ = make_ssd_inputs(2, 128, 2, 64, 32, 2, dtype=jnp.bfloat16)
+    args = [ins[a] for a in ("x", "dt", "A", "B", "C")]
+    _as_gpu(monkeypatch, hopper=True)
+    assert dispatch.ssd_choice(*args) == dispatch.PALLAS_MOSAIC_GPU
+    assert dispatch.ssd_choice(*args, kernel_chunk_size=32) == dispatch.PALLAS_TRITON  # mgpu tiles 64 / 128
+    f32 = [a.astype(jnp.float32) if i in (0, 3, 4) else a for i, a in enumerate(args)]
+    assert dispatch.ssd_choice(*f32) == dispatch.PALLAS_TRITON  # fp32 x: no tf32 wgmma with transposes
+    narrow, _ = make_ssd_inputs(2, 128, 2, 32, 32, 2, dtype=jnp.bfloat16)  # head_dim 32: Triton only
+    assert dispatch.ssd_choice(*[narrow[a] for a in ("x", "dt", "A", "B", "C")]) == dispatch.PALLAS_TRITON
+    monkeypatch.setattr(mg, "GPU_VERIFIED", False)
+    monkeypatch.delenv(dispatch.UNVERIFIED_ENV, raising=False)
+    assert dispatch.ssd_choice(*args) == dispatch.PALLAS_TRITON
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+    assert dispatch.ssd_choice(*args) == dispatch.PALLAS_MOSAIC_GPU
+    _as_gpu(monkeypatch, hopper=False)  # an A100 (8.0): wgmma does not exist there
+    assert dispatch.ssd_choice(*args) == dispatch.PALLAS_TRITON
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+    assert dispatch.ssd_choice(*args) == dispatch.REFERENCE
+
+
+@needs_interpret
+def test_dispatcher_runs_mgpu_with_its_arguments(monkeypatch):
+    """`dispatch.ssd` hands every argument to the Mosaic GPU kernel (here in interpret mode): equal to the
+    reference, and the kernel is what ran."""
+    import functools
+
+    from pallas_kernels import dispatch
+    _as_gpu(monkeypatch, hopper=True)
+    monkeypatch.setattr(mg, "ssd_chunk_scan_mgpu", functools.partial(mg.ssd_chunk_scan_mgpu, interpret=True))
+    ins, segs = make_ssd_inputs(1, 96, 2, 64, 16, 1, dtype=jnp.float32, seg=True, seed=3)
+    kw = dict(D=ins["D"], dt_bias=ins["dt_bias"], initial_state=ins["initial_state"], segment_ids=segs)
+    arrays = [ins[a] for a in ("x", "dt", "A", "B", "C")]
+    orig = mg.check_mgpu_args  # fp32 x is refused for the GPU, allowed in interpret mode: check as interpret
+    monkeypatch.setattr(mg, "check_mgpu_args", lambda x, B, c, interpret: orig(x, B, c, True))
+    fn = lambda *a: dispatch.ssd(*a, **kw)  # noqa: E731
+    assert has_mgpu_kernel(fn, *arrays)
+    y, fin = jax.jit(fn)(*arrays)
+    assert dispatch.last_choice("ssd") == dispatch.PALLAS_MOSAIC_GPU
+    yr, finr = ssd_chunked(*arrays, chunk_size=64, **kw)
+    assert rel(y, yr) < 1e-5 and rel(fin, finr) < 1e-5
