@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) run.py demo
 
 test: $(STAMP)
-	$(PYTEST) -q -m "not slow and not gpu" --timeout=900
+	$(PYTEST) -q -m "not slow and not gpu" --timeout=900 --durations=25
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m "slow and not gpu" --timeout=3600

@@ -9,12 +9,19 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 
     python benchmarks/bench_decode_profile.py --out benchmarks/results            # device
     python benchmarks/bench_decode_profile.py --tiny --out /tmp/decode_profile    # CPU smoke test
+    # decode-path variants side by side in one run (the teacher, batch 1):
+    python benchmarks/bench_decode_profile.py --models teacher --batches 1 --variants default,bn1w1,c16,bn1w1+c16,xla
+
+A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
+the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
+`xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -116,6 +123,48 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     return out
 
 
+def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
+    """A variant's `fused_decode.tiling` keywords and environment (see the module docstring)."""
+    tiling: dict[str, int] = {}
+    env: dict[str, str] = {}
+    for tok in name.split("+"):
+        if tok == "default":
+            continue
+        if tok == "xla":
+            env["MAMBA_LLAMA_FUSED_DECODE"] = "0"
+        elif m := re.fullmatch(r"fd(\d+)", tok):
+            env["MAMBA_LLAMA_FUSED_DECODE"] = m.group(1)
+        elif m := re.fullmatch(r"bn(\d+)(?:w(\d+))?", tok):
+            tiling["row_block"] = int(m.group(1))
+            if m.group(2):
+                tiling["row_warps"] = int(m.group(2))
+        elif m := re.fullmatch(r"c(\d+)", tok):
+            tiling["combine_block"] = int(m.group(1))
+        else:
+            raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
+                             "(default, xla, fdN, bnN, bnNwM, cN)")
+    return tiling, env
+
+
+def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[str, Any]:
+    """`profile_decode` with the variant's settings, traced anew (caches cleared before and after)."""
+    import jax
+
+    from pallas_kernels import fused_decode as fd
+
+    tiling, env = parse_variant(variant)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    jax.clear_caches()
+    try:
+        with fd.tiling(**tiling):
+            return profile_decode(model, batch, *args)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        jax.clear_caches()
+
+
 def _models(tiny: bool) -> dict[str, Any]:
     from flax import nnx
 
@@ -134,19 +183,24 @@ def render_md(r: dict[str, Any]) -> str:
              "Random weights of the SmolLM2-135M shape (bf16), greedy, EOS ignored. Per decode step: wall = median"
              " host time of the whole loop / steps (profiled runs; unprofiled in brackets); busy = union of the"
              " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels).", "",
-             "| model | batch | wall ms (unprofiled) | busy ms | gaps ms | kernels | busy by kind (ms, count) |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | batch | variant | wall ms (unprofiled) | busy ms | gaps ms | kernels | busy by kind (ms, count) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
+        v = row.get("variant", "default")
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['batch']} | {row['error']} | | | | |")
+            lines.append(f"| {row['model']} | {row['batch']} | {v} | {row['error']} | | | | |")
             continue
-        kinds = "; ".join(f"{k} {v['ms']:.3f} ({v['count']:.0f})" for k, v in row["by_kind"].items())
-        lines.append(f"| {row['model']} | {row['batch']} | {row['wall_ms']:.3f} ({row['wall_ms_unprofiled']:.3f}) |"
-                     f" {row['busy_ms']:.3f} | {row['gap_ms']:.3f} | {row['kernels']:.0f} | {kinds} |")
-    lines += ["", "Top kernels per step (ms), first row:", ""]
-    first = next((x for x in r["rows"] if "top_kernels_ms" in x), None)
-    if first:
-        lines += [f"- `{k}`: {v:.4f}" for k, v in first["top_kernels_ms"].items()]
+        kinds = "; ".join(f"{k} {x['ms']:.3f} ({x['count']:.0f})" for k, x in row["by_kind"].items())
+        lines.append(f"| {row['model']} | {row['batch']} | {v} | {row['wall_ms']:.3f} "
+                     f"({row['wall_ms_unprofiled']:.3f}) | {row['busy_ms']:.3f} | {row['gap_ms']:.3f} | "
+                     f"{row['kernels']:.0f} | {kinds} |")
+    lines += ["", "Top kernels per step (ms):", ""]
+    for row in r["rows"]:
+        if "top_kernels_ms" in row:
+            top = ", ".join(f"`{k}` {x:.4f}" for k, x in list(row["top_kernels_ms"].items())[:6])
+            lines.append(f"- {row['model']} b={row['batch']} {row.get('variant', 'default')}: {top}")
+    if r.get("skipped"):
+        lines += ["", "Skipped at the deadline: " + "; ".join(r["skipped"])]
     return "\n".join(lines) + "\n"
 
 
@@ -158,25 +212,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--profiled-runs", type=int, default=2)
+    ap.add_argument("--models", default="teacher,attn50%", help="comma list of teacher, attn50%%")
+    ap.add_argument("--variants", default="default", help="comma list (see the module docstring)")
+    ap.add_argument("--deadline-s", type=float, default=0.0, help="start no new row after this (0: none)")
+    ap.add_argument("--stem", default="", help="result file name (default decode_profile)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args(argv)
     from bench_env import device, now, versions
+
+    variants = a.variants.split(",")
+    for v in variants:
+        parse_variant(v)  # a typo stops the run before anything is compiled
 
     if a.tiny:
         a.prompt_len, a.new_tokens, a.runs, a.profiled_runs = 8, 6, 2, 1
     r: dict[str, Any] = {"meta": {"date": now(), "device": device(), "versions": versions(),
                                   "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])},
-                         "rows": []}
+                         "rows": [], "skipped": []}
     t0 = time.perf_counter()
-    for name, model in _models(a.tiny).items():
+    models = _models(a.tiny)
+    for name in a.models.split(","):
+        if name not in models:
+            raise SystemExit(f"bench_decode_profile: unknown model {name!r} (teacher, attn50%)")
         for b in map(int, a.batches.split(",")):
-            row = {"model": name, "batch": b, **profile_decode(model, b, a.prompt_len, a.new_tokens, a.runs,
-                                                               a.profiled_runs)}
-            r["rows"].append(row)
-            print(f"{name} b={b}: " + (row.get("error") or f"wall {row['wall_ms']:.3f} ms/step, busy "
-                  f"{row['busy_ms']:.3f}, gaps {row['gap_ms']:.3f}, {row['kernels']:.0f} kernels"), flush=True)
+            for v in variants:
+                if a.deadline_s and time.perf_counter() - t0 > a.deadline_s:
+                    r["skipped"].append(f"{name} b={b} {v}")
+                    continue
+                row = {"model": name, "batch": b, "variant": v,
+                       **profile_variant(v, models[name], b, a.prompt_len, a.new_tokens, a.runs, a.profiled_runs)}
+                r["rows"].append(row)
+                print(f"{name} b={b} {v}: " + (row.get("error") or f"wall {row['wall_ms']:.3f} ms/step, busy "
+                      f"{row['busy_ms']:.3f}, gaps {row['gap_ms']:.3f}, {row['kernels']:.0f} kernels"), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = "decode_profile_tiny" if a.tiny else "decode_profile"  # a smoke run never replaces device figures
+    stem = (a.stem or "decode_profile") + ("_tiny" if a.tiny else "")  # a smoke run never replaces device figures
     (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
     (a.out / f"{stem}.md").write_text(render_md(r))
     print(render_md(r))

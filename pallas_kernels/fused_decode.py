@@ -37,9 +37,10 @@ Shapes (b rows, K input width, N output width; compute dtype = the rows' dtype):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -344,21 +345,44 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 
 # --------------------------------------------------------------------------------------------- pallas wrappers
 
-SMS = 132  # H100 / H200 streaming multiprocessors
-ROW_BLOCK_CAP = 4  # outputs per program on the 1-D path (see `pick_block_n`)
-ROW_WARPS = 2
+# The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
+# benchmark's variants, side by side in one run).
+_TILING = {"row_block": 4, "row_warps": 2, "combine_block": 0}
 DOT_WARPS = 4
 
 
-def pick_block_n(n: int, rows: int) -> int:
-    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: at most ROW_BLOCK_CAP
-    (SmolLM2 at batch 1: 240 programs for q·k·v, 144 for o and down, 384 for gate·up), so that every SM streams
-    its share of the weights; each program's rows are K contiguous weights."""
-    return _block(n, 16 if rows in DOT_ROWS else ROW_BLOCK_CAP)
+@contextlib.contextmanager
+def tiling(*, row_block: int | None = None, row_warps: int | None = None,
+           combine_block: int | None = None) -> Iterator[None]:
+    """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
+    output block for `attn_combine_residual` (0: as the other kernels). Clear jax's caches (`jax.clear_caches`)
+    so that nothing traced before is reused."""
+    new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block}
+    for k, v in new.items():
+        if v is not None and (v < 0 or (v and v & (v - 1))):
+            raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
+    old = dict(_TILING)
+    _TILING.update({k: v for k, v in new.items() if v is not None})
+    try:
+        yield
+    finally:
+        _TILING.clear()
+        _TILING.update(old)
+
+
+def pick_block_n(n: int, rows: int, *, combine: bool = False) -> int:
+    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: at most 4 (SmolLM2 at batch
+    1: 240 programs for q·k·v, 144 for o and down, 384 for gate·up), so that every SM streams its share of the
+    weights; each program's rows are K contiguous weights. The combine kernel may take its own (`tiling`): each
+    of its programs also merges every split of every head, work that grows with the number of programs."""
+    if rows in DOT_ROWS:
+        return _block(n, 16)
+    cap = (_TILING["combine_block"] if combine else 0) or _TILING["row_block"]
+    return _block(n, cap)
 
 
 def pick_warps(rows: int) -> int:
-    return DOT_WARPS if rows in DOT_ROWS else ROW_WARPS
+    return DOT_WARPS if rows in DOT_ROWS else _TILING["row_warps"]
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int) -> Any:
@@ -440,7 +464,7 @@ def attn_combine_residual_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, 
     b, splits, hd = o_part.shape
     heads = m.shape[2]
     n = wt.shape[0]
-    bn = block_n or pick_block_n(n, b)
+    bn = block_n or pick_block_n(n, b, combine=True)
     kern = functools.partial(_attn_combine_kernel, heads=heads, d=hd // heads, splits=splits, bn=bn)
     dt = residual.dtype
     return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "attn_combine_residual",

@@ -2,6 +2,7 @@
 models (the device figures come from the H100)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,5 +50,42 @@ def test_tiny_run_profiles_both_models(bdp, tmp_path):
     for row in r["rows"]:
         assert "error" not in row, row
         assert row["wall_ms"] > 0 and 0 < row["busy_ms"] and row["gap_ms"] >= 0 and row["kernels"] > 0, row
-    assert "| teacher | 1 |" in (tmp_path / "decode_profile_tiny.md").read_text()
+    assert "| teacher | 1 | default |" in (tmp_path / "decode_profile_tiny.md").read_text()
     assert not (tmp_path / "decode_profile.json").exists()
+
+
+def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
+    from pallas_kernels import fused_decode as fd
+
+    assert bdp.parse_variant("default") == ({}, {})
+    assert bdp.parse_variant("bn1w1+c16") == ({"row_block": 1, "row_warps": 1, "combine_block": 16}, {})
+    assert bdp.parse_variant("xla") == ({}, {"MAMBA_LLAMA_FUSED_DECODE": "0"})
+    assert bdp.parse_variant("fd64+bn2") == ({"row_block": 2}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
+    with pytest.raises(SystemExit, match="unknown variant setting"):
+        bdp.parse_variant("bn1+fast")
+    monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
+    seen = {}
+
+    def fake_profile(model, batch, *args):
+        seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
+                    warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"))
+        return {}
+    monkeypatch.setattr(bdp, "profile_decode", fake_profile)
+    bdp.profile_variant("bn1w1+c16+fd4", None, 1)
+    assert seen == {"block": 1, "combine": 16, "warps": 1, "env": "4"}
+    # everything back as it was
+    assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1)) == (4, 4, 2)
+    assert "MAMBA_LLAMA_FUSED_DECODE" not in os.environ
+    with pytest.raises(Exception, match="power of two"):
+        with fd.tiling(row_block=3):
+            pass
+
+
+def test_tiny_run_with_variants(bdp, tmp_path):
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants", "default,bn1w1+c16,xla",
+                     "--stem", "decode_variants", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "decode_variants_tiny.json").read_text())
+    assert [row["variant"] for row in r["rows"]] == ["default", "bn1w1+c16", "xla"]
+    assert all("error" not in row and row["busy_ms"] > 0 for row in r["rows"])
+    text = (tmp_path / "decode_variants_tiny.md").read_text()
+    assert "| teacher | 1 | bn1w1+c16 |" in text
