@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,7 +42,7 @@ WARPS = (1, 2, 4)
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM3 / HBM3e, vendor figures
 
 
-def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool, cold: int = 0,
+def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool, cold: float = 0.0,
              ) -> tuple[tuple[Any, ...], Callable[..., Any], Callable[..., Any], int]:
     """(arguments, reference, kernel(block_n, num_warps) -> fn, weight bytes) for one GEMV; with `cold` > 0 (MB)
     the functions take that many MB of weight copies and return the GEMV of each (`cold_over`)."""
@@ -76,7 +77,7 @@ def make_fns(kind: str, k: int, n: int, rows: int, interpret: bool, cold: int = 
                                                            num_warps=nwarps, interpret=interpret))
     wbytes = int(w.size) * 2
     if cold:
-        cold = max(2, -(-cold * 2 ** 20 // wbytes))  # MB -> copies
+        cold = max(2, math.ceil(cold * 2 ** 20 / wbytes))  # MB -> copies
         wpos = 1 if kind == "matmul_residual" else 2
         copies = [w] + [(w.astype(jnp.float32) * (1.0 + 1e-3 * c)).astype(dt) for c in range(1, cold)]
         args = args[:wpos] + (tuple(copies),) + args[wpos + 1:]
@@ -116,7 +117,7 @@ def time_fn(fn: Callable[..., Any], args: tuple[Any, ...], reps: int) -> dict[st
 
 def run(shapes: dict[str, tuple[str, int, int]], batches: tuple[int, ...], blocks: tuple[int, ...],
         warps: tuple[int, ...], reps: int, interpret: bool, peak_gbs: float | None,
-        cold: int = 0) -> list[dict[str, Any]]:
+        cold: float = 0.0) -> list[dict[str, Any]]:
     import numpy as np
 
     rows_out = []
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: interpret mode, small shapes, few reps")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--cold-mb", dest="cold", type=int, default=0, metavar="MB",
+    ap.add_argument("--cold-mb", dest="cold", type=float, default=0.0, metavar="MB",
                     help="time over MB of weight copies so that weights come from HBM (device: 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)

@@ -131,6 +131,7 @@ def _recipe(tmp_path, name, stages):
     return path
 
 
+@pytest.mark.slow  # 35 s on 2 cores (CI, 2026-12-04)
 def test_single_stage_commands_chain(tmp_path, capsys):
     """distill -> sft -> dpo, each a one-stage recipe starting from the previous command's exported model."""
     import json

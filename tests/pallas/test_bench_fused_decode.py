@@ -2,6 +2,7 @@
 each kernel block, agreeing with the reference, with a device time from the profile and a report."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,12 +31,14 @@ def test_tiny_cold_run_cycles_weight_copies(tmp_path, monkeypatch):
     import bench_fused_decode as bfd
 
     # the cold program calls the GEMV once per copy: every copy's output comes back (none dropped by XLA)
-    args, ref, ker, wbytes = bfd.make_fns("matmul_residual", 64, 32, 1, True, cold=1)  # 1 MB of 4 kB copies
-    assert wbytes == 64 * 32 * 2 and len(args[1]) == 256
-    assert len(ref(*args)) == 256 and len(ker(16, 4)(*args)) == 256
-    assert bfd.main(["--tiny", "--cold-mb", "1", "--out", str(tmp_path)]) == 0
+    mb = 12 * 4096 / 2 ** 20  # twelve copies of a 4 kB matrix
+    args, ref, ker, wbytes = bfd.make_fns("matmul_residual", 64, 32, 1, True, cold=mb)
+    assert wbytes == 64 * 32 * 2 and len(args[1]) == 12
+    assert len(ref(*args)) == 12 and len(ker(16, 4)(*args)) == 12
+    assert bfd.main(["--tiny", "--cold-mb", "0.02", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "fused_decode_cold_tiny.json").read_text())
-    assert data["meta"]["cold"] == 1
+    assert data["meta"]["cold"] == 0.02
     assert all("error" not in r and r["max_abs_diff"] < 0.05 for r in data["rows"])
-    assert {r["copies"] for r in data["rows"]} == {-(-(2 ** 20) // r["weight_bytes"]) for r in data["rows"]}
+    assert {r["copies"] for r in data["rows"]} == {max(2, math.ceil(0.02 * 2 ** 20 / r["weight_bytes"]))
+                                                    for r in data["rows"]}
     assert "MB of weight copies" in (tmp_path / "fused_decode_cold_tiny.md").read_text()
