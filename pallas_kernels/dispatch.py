@@ -2,8 +2,10 @@
 
 `MAMBA_LLAMA_FORCE_REFERENCE=1` forces the reference everywhere (read at call time, so a test or a notebook can
 flip it). `last_choice("ssd")` says which implementation the latest trace picked, and `ssd_choice(...)` says which
-one a call would pick, without running it. `verify` / `verify_choice` do the same for the Mamba2 multistep
-verify (`pallas_kernels/multistep_verify.py`), opt-in on GPUs until its compiled test has passed there.
+one a call would pick, without running it. On a GPU `ssd` takes the Triton kernel, on Hopper (compute capability
+9.x) the Mosaic GPU forward (`pallas_kernels/ssd_chunk_scan_mgpu.py`) wherever that kernel's limits allow.
+`verify` / `verify_choice` do the same for the Mamba2 multistep verify (`pallas_kernels/multistep_verify.py`),
+opt-in on GPUs until its compiled test has passed there.
 `selective_scan` / `selective_scan_choice`: the Mamba1 scan (`pallas_kernels/selective_scan.py`), likewise opt-in.
 
 Under a sharded jit with a context mesh (the trainer's step sets one) the kernels run per batch shard through
@@ -55,7 +57,8 @@ def force_reference() -> bool:
 
 
 def last_choice(op: str = "ssd") -> str | None:
-    """The implementation the most recent trace of `op` used (`pallas_triton` or the op's reference name)."""
+    """The implementation the most recent trace of `op` used (`pallas_triton`, for "ssd" also `pallas_mosaic_gpu`
+    or `pallas_mosaic_tpu`, or the op's reference name)."""
     return _last.get(op)
 
 
@@ -243,10 +246,10 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
         chunk_size: int = 256, kernel_chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD, same signature and result as `mamba_llama_jax.ops.ssd.ssd_chunked`.
 
-    On GPU runs the Pallas kernel (on Hopper the Mosaic GPU forward where it tiles, else Triton); elsewhere (CPU; TPU unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in to the
-    Mosaic kernel) or with MAMBA_LLAMA_FORCE_REFERENCE=1 the XLA reference. `chunk_size` is the reference's
-    chunk; the GPU kernel tiles by `kernel_chunk_size` (64 fits the on-chip (chunk x chunk) tiles best): the maths
-    is chunk-independent, only round-off differs.
+    On GPU runs the Pallas kernel (on Hopper the Mosaic GPU forward where it tiles, else Triton); elsewhere (CPU;
+    TPU unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1 opts in to the Mosaic kernel) or with MAMBA_LLAMA_FORCE_REFERENCE=1
+    the XLA reference. `chunk_size` is the reference's chunk; the GPU kernels tile by `kernel_chunk_size` (64 fits
+    the on-chip (chunk x chunk) tiles best): the maths is chunk-independent, only round-off differs.
     """
     kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state, segment_ids=segment_ids)
     choice = ssd_choice(x, dt, A, B, C, chunk_size=chunk_size, kernel_chunk_size=kernel_chunk_size,

@@ -19,6 +19,7 @@ import pytest
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.ssd import ssd_chunked
+from pallas_kernels import dispatch
 from pallas_kernels import ssd_chunk_scan_mgpu as mg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -165,16 +166,13 @@ def test_mosaic_gpu_lowering_for_hopper_on_cpu(shape, seg, chunk, dtype):
 # --------------------------------------------------------------------------------------- compiled, on the GPU
 
 
-def _hopper() -> bool:
-    try:
-        return jax.devices()[0].platform == "gpu" and jax.devices()[0].compute_capability.startswith("9")
-    except Exception:
-        return False
+needs_hopper = pytest.mark.skipif(not dispatch._on_hopper(),
+                                  reason="the Mosaic GPU kernel uses wgmma: needs compute capability 9.x")
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.skipif(not _hopper(), reason="the Mosaic GPU kernel uses wgmma: needs compute capability 9.x")
+@needs_hopper
 def test_gpu_compiled_matches_triton_and_reference():
     from pallas_kernels.ssd_chunk_scan import ssd_chunk_scan
     b, l, h, p, n, g = 8, 2048, 9, 64, 64, 9
@@ -198,19 +196,19 @@ def test_gpu_compiled_matches_triton_and_reference():
 
 
 def _as_gpu(monkeypatch, hopper: bool) -> None:
-    from pallas_kernels import dispatch
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
     monkeypatch.setattr(dispatch, "_on_hopper", lambda: hopper)
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
 
 
 def test_dispatcher_takes_mgpu_on_hopper_where_it_tiles(monkeypatch):
-    from pallas_kernels import dispatch
     ins, _ = make_ssd_inputs(2, 128, 2, 64, 32, 2, dtype=jnp.bfloat16)
     args = [ins[a] for a in ("x", "dt", "A", "B", "C")]
     _as_gpu(monkeypatch, hopper=True)
     assert dispatch.ssd_choice(*args) == dispatch.PALLAS_MOSAIC_GPU
-    assert dispatch.ssd_choice(*args, kernel_chunk_size=32) == dispatch.PALLAS_TRITON  # mgpu tiles 64 / 128
+    assert dispatch.ssd_choice(*args, kernel_chunk_size=128) == dispatch.PALLAS_MOSAIC_GPU
+    for chunk in (32, 256):  # mgpu tiles 64 / 128; Triton takes 16..256
+        assert dispatch.ssd_choice(*args, kernel_chunk_size=chunk) == dispatch.PALLAS_TRITON, chunk
     f32 = [a.astype(jnp.float32) if i in (0, 3, 4) else a for i, a in enumerate(args)]
     assert dispatch.ssd_choice(*f32) == dispatch.PALLAS_TRITON  # fp32 x: no tf32 wgmma with transposes
     narrow, _ = make_ssd_inputs(2, 128, 2, 32, 32, 2, dtype=jnp.bfloat16)  # head_dim 32: Triton only
@@ -226,23 +224,68 @@ def test_dispatcher_takes_mgpu_on_hopper_where_it_tiles(monkeypatch):
     assert dispatch.ssd_choice(*args) == dispatch.REFERENCE
 
 
+@pytest.mark.parametrize("platform,capability,hopper", [
+    ("gpu", "9.0", True), ("gpu", "8.0", False), ("gpu", "8.9", False), ("gpu", "10.0", False),
+    ("cpu", "", False),
+])
+def test_dispatcher_reads_the_compute_capability(monkeypatch, platform, capability, hopper):
+    """Only compute capability 9.x (H100 / H200) takes the Mosaic GPU kernel: it is built of wgmma, which
+    neither Ampere / Ada (8.x) nor Blackwell (10.x) run."""
+    import types
+
+    ins, _ = make_ssd_inputs(1, 64, 2, 64, 16, 1, dtype=jnp.bfloat16)
+    args = [ins[a] for a in ("x", "dt", "A", "B", "C")]
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    fake = types.SimpleNamespace(platform=platform, compute_capability=capability)
+    monkeypatch.setattr(jax, "devices", lambda *a, **k: [fake])
+    assert dispatch._on_hopper() is hopper
+    want = dispatch.PALLAS_MOSAIC_GPU if hopper else dispatch.PALLAS_TRITON
+    assert dispatch.ssd_choice(*args) == want
+
+
+def check_dispatched(ins, segs, *, tol_y: float, tol_g: float) -> None:
+    """`dispatch.ssd` with every optional argument picks the Mosaic GPU kernel, forward and gradients (through
+    its custom_vjp: the Triton backward) equal to the fp32 reference."""
+    vals = [ins[a] for a in ARGS]
+    fk = ssd_caller(dispatch.ssd, ins, ARGS, segs, True)
+    fr = ssd_caller(ssd_chunked, ins, ARGS, segs, True, chunk_size=64)
+    assert has_mgpu_kernel(fk, *vals)
+    assert dispatch.last_choice("ssd") == dispatch.PALLAS_MOSAIC_GPU
+    vals32 = [v.astype(jnp.float32) for v in vals]
+    y, fin = jax.jit(fk)(*vals)
+    yr, finr = jax.jit(fr)(*vals32)
+    assert rel(y, yr) < tol_y and rel(fin, finr) < tol_y, (rel(y, yr), rel(fin, finr))
+    gk_fn = grad_of_outputs(fk, len(ARGS))
+    jaxpr = str(jax.make_jaxpr(gk_fn)(*vals))
+    assert mg.KERNEL_NAME in jaxpr and "ssd_chunk_scan_bwd" in jaxpr
+    assert dispatch.last_choice("ssd") == dispatch.PALLAS_MOSAIC_GPU
+    gk = jax.jit(gk_fn)(*vals)
+    gr = jax.jit(grad_of_outputs(fr, len(ARGS)))(*vals32)
+    for name, a, r in zip(ARGS, gk, gr):
+        assert rel(a, r) < tol_g, (name, rel(a, r))
+
+
 @needs_interpret
 def test_dispatcher_runs_mgpu_with_its_arguments(monkeypatch):
-    """`dispatch.ssd` hands every argument to the Mosaic GPU kernel (here in interpret mode): equal to the
-    reference, and the kernel is what ran."""
+    """`dispatch.ssd` hands every argument to the Mosaic GPU kernel (here in interpret mode, fp32)."""
     import functools
 
-    from pallas_kernels import dispatch
     _as_gpu(monkeypatch, hopper=True)
     monkeypatch.setattr(mg, "ssd_chunk_scan_mgpu", functools.partial(mg.ssd_chunk_scan_mgpu, interpret=True))
-    ins, segs = make_ssd_inputs(1, 96, 2, 64, 16, 1, dtype=jnp.float32, seg=True, seed=3)
-    kw = dict(D=ins["D"], dt_bias=ins["dt_bias"], initial_state=ins["initial_state"], segment_ids=segs)
-    arrays = [ins[a] for a in ("x", "dt", "A", "B", "C")]
     orig = mg.check_mgpu_args  # fp32 x is refused for the GPU, allowed in interpret mode: check as interpret
     monkeypatch.setattr(mg, "check_mgpu_args", lambda x, B, c, interpret: orig(x, B, c, True))
-    fn = lambda *a: dispatch.ssd(*a, **kw)  # noqa: E731
-    assert has_mgpu_kernel(fn, *arrays)
-    y, fin = jax.jit(fn)(*arrays)
-    assert dispatch.last_choice("ssd") == dispatch.PALLAS_MOSAIC_GPU
-    yr, finr = ssd_chunked(*arrays, chunk_size=64, **kw)
-    assert rel(y, yr) < 1e-5 and rel(fin, finr) < 1e-5
+    ins, segs = make_ssd_inputs(1, 96, 2, 64, 16, 1, dtype=jnp.float32, seg=True, seed=3)
+    check_dispatched(ins, segs, tol_y=1e-5, tol_g=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@needs_hopper
+def test_gpu_dispatcher_takes_mgpu_and_matches_reference(monkeypatch):
+    """On a real Hopper GPU `dispatch.ssd` runs the Mosaic GPU forward for bf16 (bf16 tolerances of the Triton
+    kernel's GPU tests); fp32 x stays on Triton (test_ssd_chunk_scan.py::test_gpu_dispatch_picks_kernel)."""
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    ins, segs = make_ssd_inputs(2, 1000, 4, 64, 64, 2, dtype=jnp.bfloat16, seg=True, seed=5, seg_rate=0.005)
+    assert int(segs.max()) > 0, "the case must hold a document boundary"
+    check_dispatched(ins, segs, tol_y=2e-2, tol_g=4e-2)
