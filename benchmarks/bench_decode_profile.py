@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -150,18 +149,15 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     """`profile_decode` with the variant's settings, traced anew (caches cleared before and after)."""
     import jax
 
+    from bench_generate import _Env
     from pallas_kernels import fused_decode as fd
 
     tiling, env = parse_variant(variant)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     jax.clear_caches()
     try:
-        with fd.tiling(**tiling):
+        with _Env(env), fd.tiling(**tiling):
             return profile_decode(model, batch, *args)
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         jax.clear_caches()
 
 
@@ -183,7 +179,8 @@ def render_md(r: dict[str, Any]) -> str:
              "Random weights of the SmolLM2-135M shape (bf16), greedy, EOS ignored. Per decode step: wall = median"
              " host time of the whole loop / steps (profiled runs; unprofiled in brackets); busy = union of the"
              " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels).", "",
-             "| model | batch | variant | wall ms (unprofiled) | busy ms | gaps ms | kernels | busy by kind (ms, count) |",
+             "| model | batch | variant | wall ms (unprofiled) | busy ms | gaps ms | kernels "
+             "| busy by kind (ms, count) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         v = row.get("variant", "default")
