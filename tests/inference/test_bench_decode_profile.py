@@ -89,3 +89,16 @@ def test_tiny_run_with_variants(bdp, tmp_path):
     assert all("error" not in row and row["busy_ms"] > 0 for row in r["rows"])
     text = (tmp_path / "decode_variants_tiny.md").read_text()
     assert "| teacher | 1 | bn1w1+c16 |" in text
+
+
+def test_bad_model_name_and_deadline(bdp, tmp_path):
+    with pytest.raises(SystemExit, match="unknown model 'student'"):
+        bdp.main(["--tiny", "--models", "student", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown variant setting"):  # before anything is compiled
+        bdp.main(["--tiny", "--variants", "default,turbo", "--out", str(tmp_path)])
+    # a deadline already passed: every row is listed as skipped, none measured
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--deadline-s", "1e-9",
+                     "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "decode_profile_tiny.json").read_text())
+    assert r["rows"] == [] and r["skipped"] == ["teacher b=1 default"]
+    assert "Skipped at the deadline: teacher b=1 default" in (tmp_path / "decode_profile_tiny.md").read_text()
