@@ -14,7 +14,12 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
-`xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N.
+`xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N, `sN` = N attention
+splits (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
+`decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
+(`fused_decode.tiling(merge=...)`), `gN` = N rows per program on the fused dot path (`fused_decode.dot_group`).
+(Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
+results/decode_dot.md.)
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
 
 def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
     """A variant's `fused_decode.tiling` keywords and environment (see the module docstring)."""
-    tiling: dict[str, int] = {}
+    tiling: dict[str, Any] = {}
     env: dict[str, str] = {}
     for tok in name.split("+"):
         if tok == "default":
@@ -139,9 +144,15 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
                 tiling["row_warps"] = int(m.group(2))
         elif m := re.fullmatch(r"c(\d+)", tok):
             tiling["combine_block"] = int(m.group(1))
+        elif m := re.fullmatch(r"s(\d+)", tok):
+            tiling["attn_splits"] = int(m.group(1))
+        elif tok in ("mx", "mk", "mc"):
+            tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
+        elif m := re.fullmatch(r"g(\d+)", tok):
+            tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, fdN, bnN, bnNwM, cN)")
+                             "(default, xla, fdN, bnN, bnNwM, cN, sN, mx, mk, mc, gN)")
     return tiling, env
 
 
@@ -150,12 +161,14 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     import jax
 
     from bench_generate import _Env
+    from pallas_kernels import decode_attention as da
     from pallas_kernels import fused_decode as fd
 
     tiling, env = parse_variant(variant)
+    splits = tiling.pop("attn_splits", 0)
     jax.clear_caches()
     try:
-        with _Env(env), fd.tiling(**tiling):
+        with _Env(env), fd.tiling(**tiling), da.override_plan(splits=splits):
             return profile_decode(model, batch, *args)
     finally:
         jax.clear_caches()
@@ -226,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     r: dict[str, Any] = {"meta": {"date": now(), "device": device(), "versions": versions(),
                                   "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])},
                          "rows": [], "skipped": []}
+    stem = (a.stem or "decode_profile") + ("_tiny" if a.tiny else "")  # a smoke run never replaces device figures
+
+    def save() -> None:  # after every row: a run cut short by its caller's timeout keeps what it measured
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
+        (a.out / f"{stem}.md").write_text(render_md(r))
+
     t0 = time.perf_counter()
     models = _models(a.tiny)
     for name in a.models.split(","):
@@ -241,10 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["rows"].append(row)
                 print(f"{name} b={b} {v}: " + (row.get("error") or f"wall {row['wall_ms']:.3f} ms/step, busy "
                       f"{row['busy_ms']:.3f}, gaps {row['gap_ms']:.3f}, {row['kernels']:.0f} kernels"), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = (a.stem or "decode_profile") + ("_tiny" if a.tiny else "")  # a smoke run never replaces device figures
-    (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
-    (a.out / f"{stem}.md").write_text(render_md(r))
+                save()
+    save()
     print(render_md(r))
     print(f"done in {time.perf_counter() - t0:.0f} s; {a.out / (stem + '.md')}")
     return 0

@@ -14,15 +14,18 @@ registers (the block holding slot `index` has them substituted), so no program d
 Splits (`plan`): at small batch b·kv programs would leave most SMs idle with long serial chains (3 programs at
 batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split into short pieces.
 Each split writes an unnormalised partial (output, running max, running sum); `decode_attention_partials` hands
-them to the consumer, which merges them in its own prologue (`fused_decode.attn_combine_residual`, fused with the
-o-projection: no extra launch); `decode_attention` merges them itself with a small XLA epilogue.
+them to the decode step, which merges them with `merge_partials_pallas` (one small launch, a program per row and
+head) before the o-projection (or, `fused_decode.merge_mode`, in the o-projection's prologue: no launch, but
+every program of it repeats the merge — measured slower); `decode_attention` merges them itself with a small XLA
+epilogue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +59,43 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
+# `override_plan` sets a split count for a while (the decode-step benchmark's variants); 0 = `plan` decides.
+_PLAN_OVERRIDE = {"splits": 0}
+
+
+@contextlib.contextmanager
+def override_plan(*, splits: int = 0) -> Iterator[None]:
+    """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
+    for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
+    if splits < 0 or splits & (splits - 1):
+        raise KernelError(f"decode_attention: override_plan splits must be a power of two (or 0), got {splits}")
+    old = _PLAN_OVERRIDE["splits"]
+    _PLAN_OVERRIDE["splits"] = splits
+    try:
+        yield
+    finally:
+        _PLAN_OVERRIDE["splits"] = old
+
+
 def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int, int]:
     """(block, splits) for one decode step over a `window`-slot cache.
 
-    With batch·kv programs covering the SMs: one split and 128-slot blocks (every SM has a chain; long chains are
-    fine then, and an unsplit step needs no merge). Below that the sequence is split as finely as pieces of
+    With batch·kv programs covering the SMs: 128-slot blocks, split in pieces of at least one block up to about
+    4·SMS programs (batch 64 over 256 slots: 2 splits, 384 programs; measured on the H200,
+    benchmarks/results/decode_variants_b64.md: 9.7 vs 14.1 µs a layer unsplit, the step 1.04 vs 1.14 ms with the
+    XLA merge). Below that the sequence is split as finely as pieces of
     MIN_SPLIT_SLOTS slots allow, up to about MAX_PROGRAMS programs, in blocks of the split's length (16-128
     slots). Measured on the H200 (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were
     b16 s16 at batch 1 and 8 over 256 slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over
     4096: short serial chains and many programs win. Splits are a power of two (the fused combine reads them as
     one tensor) and at most `max_splits` (what the consumer merges cheaply).
     """
+    if forced := _PLAN_OVERRIDE["splits"]:
+        splits = _pow2_floor(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
+        return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
     if batch * kv >= SMS:
-        return pick_block(window), 1
+        block = pick_block(window)
+        return block, _pow2_floor(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
     splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
     return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
 
@@ -148,6 +175,38 @@ def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) ->
     den = jnp.sum(w * l, axis=1)  # (b, H)
     num = jnp.sum(w[..., None] * o_part.reshape(b, splits, h, hd // h), axis=1)
     return (num / jnp.maximum(den, 1e-30)[..., None]).reshape(b, hd).astype(dtype)
+
+
+def _merge_kernel(op_ref, m_ref, l_ref, o_ref, *, d: int, splits: int):
+    bi, hh = pl.program_id(0), pl.program_id(1)
+    sl = pl.ds(0, splits)
+    mh = m_ref[bi, sl, hh]
+    w = jnp.exp(mh - jnp.max(mh))
+    den = jnp.sum(w * l_ref[bi, sl, hh])
+    num = jnp.sum(w[:, None] * op_ref[bi, sl, pl.ds(hh * d, d)], axis=0)
+    o_ref[bi, pl.ds(hh * d, d)] = (num / jnp.maximum(den, 1e-30)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
+def merge_partials_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any, *,
+                          interpret: bool = False) -> jax.Array:
+    """`merge_partials` as one launch, one program per (row, head): for a consumer that is not the fused
+    o-projection (whose own prologue merges, `fused_decode.attn_combine_residual`)."""
+    b, splits, hd = o_part.shape
+    h = m.shape[2]
+    d = hd // h
+    if not (is_pow2(splits) and is_pow2(d) and d >= 16) or m.shape != (b, splits, h) or l.shape != m.shape:
+        raise KernelError(f"decode_attention: merge_partials_pallas needs o_part (b, S, H·d) and m, l (b, S, H) "
+                          f"with S and d powers of two (d >= 16), got {o_part.shape}, {m.shape}, {l.shape}")
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(num_warps=1, num_stages=1)
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, d=d, splits=splits), grid=(b, h),
+        out_shape=jax.ShapeDtypeStruct((b, hd), dtype), compiler_params=params, interpret=interpret,
+        name="decode_attention_merge",
+    )(o_part.astype(F32), m.astype(F32), l.astype(F32))
 
 
 def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -358,6 +417,16 @@ def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.A
     if choice == PALLAS_TRITON:
         f = functools.partial(decode_attention_partials_pallas, interpret=_interpret())
     return f(qkv, k_cache, v_cache, cos, sin, index, valid, block=block, splits=splits, **kw)
+
+
+def merge_splits(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
+    """`merge_partials_pallas` where the attention kernel runs (GPU, or interpret mode in tests), `merge_partials`
+    elsewhere; records the choice under "decode_attention_merge"."""
+    choice = PALLAS_TRITON if _kernel_allowed() else REFERENCE
+    dispatch.record_choice("decode_attention_merge", choice)
+    if choice == PALLAS_TRITON:
+        return merge_partials_pallas(o_part, m, l, dtype, interpret=_interpret())
+    return merge_partials(o_part, m, l, dtype)
 
 
 def _interpret() -> bool:

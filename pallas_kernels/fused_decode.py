@@ -1,13 +1,15 @@
 """Small-batch decode GEMVs that fuse what XLA launches separately, one Pallas launch each.
 
 Why: at decode and small batch the step is launch-bound (~2 µs a kernel; XLA needs ~11-17 kernels per layer for
-two RMSNorms, four projections, their split-K reductions, SiLU·mul and two residual adds). With these four and
-the decode-attention kernel a Llama layer is five launches:
+two RMSNorms, four projections, their split-K reductions, SiLU·mul and two residual adds). With these and the
+decode-attention kernels a Llama layer is six launches:
   (a) `norm_matmul`            RMSNorm prologue + x·W        (the fused q·k·v projection)
-  (b) `attn_combine_residual`  merge of decode attention's per-split partial softmaxes + o-projection + residual
-      (`matmul_residual` when attention ran unsplit)
+      decode attention, then the merge of its sequence splits (`decode_attention.merge_partials_pallas`)
+  (b) `matmul_residual`        o-projection + residual add
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
+`attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
+every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
 (bf16) and many SMs read at once; each program recomputes the row's RMS norm from the whole row, which costs
 nothing at small batch (the row is ~1 kB).
@@ -57,11 +59,17 @@ REFERENCE = "reference_xla"
 OP = "fused_decode"
 
 # "0" / "off" turns the fused GEMVs off (decode attention alone, for the benchmark's comparison); an integer
-# sets the largest batch they serve. Default 8 (the row-by-row kernels): on the H100 (benchmarks/results/
-# generate_variants.md) they beat XLA's GEMMs at batch 1 (0.918 vs 0.983 ms/step) but lose at batch 64 (1.490 vs
-# 1.231), where XLA's GEMMs are compute-efficient and the launch count no longer dominates.
+# sets the largest batch they serve. Default 4: the decode step of the SmolLM2-shaped teacher on the H200
+# (benchmarks/results/decode_crossover.md, unprofiled ms/step, fused vs XLA GEMMs) 0.460 vs 0.658 at batch 1,
+# 0.524 vs 0.901 at 2, 0.627 vs 0.859 at 4, 0.963 vs 0.827 at 8 (the 1-D path re-reads every row per output);
+# the dot path loses to XLA at 16 and 64 (decode_dot.md: 1.052 vs 0.870, 1.219 vs 1.025).
 FUSED_DECODE_ENV = "MAMBA_LLAMA_FUSED_DECODE"
-DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BATCH = 4
+# ... and by default only for models up to this hidden size (the smallest width of each GEMV): the 1-D path's
+# one-output programs win at SmolLM2's 576 but lose at Llama-3.2-1B's 2048 (benchmarks/results/
+# speculative_llama1b_b4.md: a fused plain step 2.65 ms at batch 4 vs 1.33 ms for XLA's verify of 3 tokens per row);
+# sizes in between are not measured. An explicit MAMBA_LLAMA_FUSED_DECODE=N lifts this bound.
+DEFAULT_MAX_HIDDEN = 1024
 DOT_ROWS = (16, 32, 64)  # row counts served by tensor-core dots (tl.dot needs >= 16 rows, Triton powers of two)
 
 # Compiled and compared with the reference on an H100: the gpu tests of this file passed there
@@ -173,9 +181,16 @@ def _kernel_allowed() -> bool:
     return dispatch.interpret_kernels()
 
 
+def _batch_set_explicitly() -> bool:
+    v = os.environ.get(FUSED_DECODE_ENV, "").strip()
+    return v.isdigit() and int(v) > 1
+
+
 def fused_decode_choice(rows: int, *widths: int) -> str:
     """Which implementation the dispatchers use for `rows` rows and these K/N widths."""
     if not _kernel_allowed() or rows > max_batch() or not kernel_shape_ok(rows, *widths):
+        return REFERENCE
+    if widths and min(widths) > DEFAULT_MAX_HIDDEN and not _batch_set_explicitly():
         return REFERENCE
     return PALLAS_TRITON
 
@@ -220,20 +235,27 @@ def _gemv_rows(rows: list[list[jax.Array]], wt_ref: Any, out0: int | jax.Array, 
     return [jnp.sum(a, axis=1) for a in acc]
 
 
-def _row_scale_dot(x_ref: Any, nw_ref: Any | None, k: int, bk: int, eps: float, dt: Any) -> Any:
-    """For the dot path: a function i -> the (rows, bk) block i of x, normalised when nw_ref is given."""
+def _group(rows: int) -> tuple[int, Any]:
+    """Dot path: this program's row group (its size, and the slice of rows) — grid axis 1 (`dot_group`)."""
+    rg = dot_group(rows)
+    return rg, pl.ds(pl.program_id(1) * rg, rg)
+
+
+def _row_scale_dot(x_ref: Any, nw_ref: Any | None, k: int, bk: int, eps: float, dt: Any, rs_: Any,
+                   rows: int) -> Any:
+    """For the dot path: a function i -> the (rows, bk) block i of x's rows `rs_`, normalised when nw_ref is
+    given."""
     if nw_ref is None:
-        return lambda i: x_ref[:, pl.ds(i * bk, bk)].astype(dt)
+        return lambda i: x_ref[rs_, pl.ds(i * bk, bk)].astype(dt)
 
     def ss_body(i: Any, ss: jax.Array) -> jax.Array:
-        v = x_ref[:, pl.ds(i * bk, bk)].astype(F32)
+        v = x_ref[rs_, pl.ds(i * bk, bk)].astype(F32)
         return ss + jnp.sum(v * v, axis=1)
-    rows = x_ref.shape[0]
     ss = jax.lax.fori_loop(0, k // bk, ss_body, jnp.zeros((rows,), F32))
     rs = jax.lax.rsqrt(ss / k + eps)
 
     def block(i: Any) -> jax.Array:
-        v = x_ref[:, pl.ds(i * bk, bk)].astype(F32)
+        v = x_ref[rs_, pl.ds(i * bk, bk)].astype(F32)
         return ((v * rs[:, None]) * nw_ref[pl.ds(i * bk, bk)].astype(F32)[None, :]).astype(dt)
     return block
 
@@ -252,14 +274,23 @@ def _gemv_dot(block: Any, wt_ref: Any, outs: list[Any], k: int, bk: int, rows: i
     return list(jax.lax.fori_loop(0, k // bk, body, init))
 
 
+def _dot_rows(x_ref: Any, nw_ref: Any | None, wt_ref: Any, outs: list[Any], k: int, bk: int, eps: float,
+              dt: Any, bn: int) -> tuple[Any, list[jax.Array]]:
+    """Dot path: (this program's row slice, [(rows, bn) fp32 per output slice in `outs`]) for its row group, x
+    normalised first when nw_ref is given. (Unrolling the K loop, as the 1-D path does, measured slower here:
+    1.57 vs 1.22 ms a step at batch 64, benchmarks/results/decode_dot.md.)"""
+    rg, rs = _group(x_ref.shape[0])
+    return rs, _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt, rs, rg), wt_ref, outs, k, bk, rg, bn, dt)
+
+
 def _norm_matmul_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, eps: float):
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = x_ref.shape[0]
     if rows in DOT_ROWS:
         cols = pl.ds(j * bn, bn)
-        (acc,) = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), wt_ref, [cols], k, bk, rows, bn, dt)
-        o_ref[:, cols] = acc.astype(dt)
+        rs, (acc,) = _dot_rows(x_ref, nw_ref, wt_ref, [cols], k, bk, eps, dt, bn)
+        o_ref[rs, cols] = acc.astype(dt)
         return
     xs = [_norm_rows_1d(x_ref, nw_ref, r, k, bk, eps, dt) for r in range(rows)]
     for r, acc in enumerate(_gemv_rows(xs, wt_ref, j * bn, bk, bn)):
@@ -278,8 +309,8 @@ def _norm_gate_up_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: i
 
     if rows in DOT_ROWS:
         cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
-        g, u = _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt), wt_ref, [cg, cu], k, bk, rows, bn, dt)
-        o_ref[:, cg] = silu_mul(g, u)
+        rs, (g, u) = _dot_rows(x_ref, nw_ref, wt_ref, [cg, cu], k, bk, eps, dt, bn)
+        o_ref[rs, cg] = silu_mul(g, u)
         return
     xs = [_norm_rows_1d(x_ref, nw_ref, r, k, bk, eps, dt) for r in range(rows)]
     gs = _gemv_rows(xs, wt_ref, j * bn, bk, bn)
@@ -294,8 +325,8 @@ def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, b
     rows = a_ref.shape[0]
     cols = pl.ds(j * bn, bn)
     if rows in DOT_ROWS:
-        (acc,) = _gemv_dot(_row_scale_dot(a_ref, None, k, bk, 0.0, dt), wt_ref, [cols], k, bk, rows, bn, dt)
-        o_ref[:, cols] = (_r(acc, dt) + res_ref[:, cols].astype(F32)).astype(dt)
+        rs, (acc,) = _dot_rows(a_ref, None, wt_ref, [cols], k, bk, 0.0, dt, bn)
+        o_ref[rs, cols] = (_r(acc, dt) + res_ref[rs, cols].astype(F32)).astype(dt)
         return
     xs = [[a_ref[r, pl.ds(i * bk, bk)].astype(F32) for i in range(k // bk)] for r in range(rows)]
     for r, acc in enumerate(_gemv_rows(xs, wt_ref, j * bn, bk, bn)):
@@ -312,9 +343,10 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
     cols = pl.ds(j * bn, bn)
     if rows in DOT_ROWS:
         # splits <= 4 here (>= 48 programs already at 16 rows): the split axis is unrolled, all tensors 2-D
+        rows, rs = _group(rows)
         acc = jnp.zeros((rows, bn), F32)
         for hh in range(heads):
-            ms = [m_ref[:, s, hh] for s in range(splits)]
+            ms = [m_ref[rs, s, hh] for s in range(splits)]
             mx = ms[0]
             for v in ms[1:]:
                 mx = jnp.maximum(mx, v)
@@ -322,11 +354,11 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
             den = jnp.zeros((rows,), F32)
             for s in range(splits):
                 wt = jnp.exp(ms[s] - mx)
-                den = den + wt * l_ref[:, s, hh]
-                num = num + wt[:, None] * op_ref[:, s, pl.ds(hh * d, d)]
+                den = den + wt * l_ref[rs, s, hh]
+                num = num + wt[:, None] * op_ref[rs, s, pl.ds(hh * d, d)]
             a = (num / jnp.maximum(den, 1e-30)[:, None]).astype(dt)
             acc = acc + _dot_t(a, wt_ref[cols, pl.ds(hh * d, d)].astype(dt))
-        o_ref[:, cols] = (_r(acc, dt) + res_ref[:, cols].astype(F32)).astype(dt)
+        o_ref[rs, cols] = (_r(acc, dt) + res_ref[rs, cols].astype(F32)).astype(dt)
         return
     sl = pl.ds(0, splits)
     acc = [jnp.zeros((bn, d), F32) for _ in range(rows)]  # reduced over d once, at the end (as `_gemv_rows`)
@@ -347,19 +379,28 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
-_TILING = {"row_block": 4, "row_warps": 2, "combine_block": 0}
+_TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16}
 DOT_WARPS = 4
+MERGES = ("combine", "xla", "kernel")
 
 
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
-           combine_block: int | None = None) -> Iterator[None]:
+           combine_block: int | None = None, merge: str | None = None,
+           dot_rows: int | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
-    output block for `attn_combine_residual` (0: as the other kernels). Clear jax's caches (`jax.clear_caches`)
+    output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
+    attention's partials are merged in the decode step (`merge_mode`); `dot_rows` the dot path's rows per program
+    (`dot_group`: 16..64). Clear jax's caches (`jax.clear_caches`)
     so that nothing traced before is reused."""
-    new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block}
+    if merge is not None and merge not in MERGES:
+        raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
+    if dot_rows is not None and dot_rows not in DOT_ROWS:
+        raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
+    new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
+           "dot_rows": dot_rows}
     for k, v in new.items():
-        if v is not None and (v < 0 or (v and v & (v - 1))):
+        if k != "merge" and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old = dict(_TILING)
     _TILING.update({k: v for k, v in new.items() if v is not None})
@@ -371,14 +412,29 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
 
 
 def pick_block_n(n: int, rows: int, *, combine: bool = False) -> int:
-    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: at most 4 (SmolLM2 at batch
-    1: 240 programs for q·k·v, 144 for o and down, 384 for gate·up), so that every SM streams its share of the
-    weights; each program's rows are K contiguous weights. The combine kernel may take its own (`tiling`): each
-    of its programs also merges every split of every head, work that grows with the number of programs."""
+    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: 1, with one warp (SmolLM2 at
+    batch 1: 960 programs for q·k·v, 576 for o and down, 1536 for gate·up), so that every SM streams its share of
+    the weights, one K-long contiguous row per program. Measured in the decode loop on the H200
+    (benchmarks/results/decode_variants.md): the four GEMVs' step total 0.440 ms at 1 output / 1 warp, 0.495 at
+    2 / 1, 0.649 at 4 / 1, 0.722 at 4 / 2 (the previous default). The combine kernel may take its own (`tiling`):
+    each of its programs also merges every split of every head, work that grows with the number of programs."""
     if rows in DOT_ROWS:
         return _block(n, 16)
     cap = (_TILING["combine_block"] if combine else 0) or _TILING["row_block"]
     return _block(n, cap)
+
+
+def merge_mode() -> str:
+    """Where the decode step merges a split attention's partials: "combine" = in the o-projection kernel's
+    prologue (`attn_combine_residual`, no extra launch); "xla" / "kernel" = first on their own (an XLA fusion /
+    `decode_attention.merge_partials_pallas`), then `matmul_residual`."""
+    return _TILING["merge"]
+
+
+def dot_group(rows: int) -> int:
+    """Dot path: rows per program (grid axis 1 runs over the groups). 16, the smallest tensor-core dot: 4x the
+    programs at 64 rows (each output block's weights are then read by 4 programs, 3 of them from L2)."""
+    return min(rows, _TILING["dot_rows"])
 
 
 def pick_warps(rows: int) -> int:
@@ -401,7 +457,8 @@ def _check_kernel_shape(rows: int, *widths: int) -> None:
 def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, num_warps: int, name: str,
           *args: Any) -> jax.Array:
     rows = out.shape[0]
-    return pl.pallas_call(kernel, grid=(grid,), out_shape=out, interpret=interpret, name=name,
+    grids = (grid, rows // dot_group(rows)) if rows in DOT_ROWS else (grid,)
+    return pl.pallas_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
                           compiler_params=_compiler_params(interpret, num_warps or pick_warps(rows),
                                                            3 if rows in DOT_ROWS else 1),
                           )(*args)

@@ -41,11 +41,12 @@ from mamba_llama_jax.models.llama import (
 )
 from mamba_llama_jax.ops.attention import attend_one
 from pallas_kernels.decode_attention import (
-    PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run, plan,
+    PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
+    merge_partials, merge_splits, plan,
 )
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, norm_gate_up,
-    norm_matmul, swiglu,
+    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, merge_mode,
+    norm_gate_up, norm_matmul, swiglu,
 )
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -151,9 +152,10 @@ class FusedAttention(nnx.Module):
         return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
 
     def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
-        """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three launches on GPU at small
-        batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, and o-projection + residual
-        (fused with the merge of attention's sequence splits when it ran split). Each piece falls back to its
+        """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three or four launches on GPU at
+        small batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, the merge of its sequence
+        splits when it ran split (`merge_splits`, or in the next kernel's prologue: `fused_decode.merge_mode`), and
+        o-projection + residual. Each piece falls back to its
         reference on its own (CPU, large batch, shapes a kernel does not tile): then this is exactly
         `x + self(norm(x), ctx, cache)[0]`."""
         from mamba_llama_jax.models.cache import KVCache
@@ -170,9 +172,12 @@ class FusedAttention(nnx.Module):
         if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, **kw) == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
             block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b))
-            if splits > 1:  # the o-projection kernel merges the splits: no launch for the merge
+            if splits > 1:
                 o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw)
-                return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
+                if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it
+                    return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
+                merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
+                return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 

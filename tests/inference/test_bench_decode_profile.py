@@ -55,12 +55,16 @@ def test_tiny_run_profiles_both_models(bdp, tmp_path):
 
 
 def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
+    from pallas_kernels import decode_attention as da
     from pallas_kernels import fused_decode as fd
 
     assert bdp.parse_variant("default") == ({}, {})
     assert bdp.parse_variant("bn1w1+c16") == ({"row_block": 1, "row_warps": 1, "combine_block": 16}, {})
     assert bdp.parse_variant("xla") == ({}, {"MAMBA_LLAMA_FUSED_DECODE": "0"})
     assert bdp.parse_variant("fd64+bn2") == ({"row_block": 2}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
+    assert bdp.parse_variant("s4+mk") == ({"attn_splits": 4, "merge": "kernel"}, {})
+    assert bdp.parse_variant("mx")[0] == {"merge": "xla"}
+    assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
@@ -68,13 +72,17 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
 
     def fake_profile(model, batch, *args):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
-                    warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"))
+                    warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
+                    splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode())
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
-    bdp.profile_variant("bn1w1+c16+fd4", None, 1)
-    assert seen == {"block": 1, "combine": 16, "warps": 1, "env": "4"}
+    defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
+                da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
+    bdp.profile_variant("bn2w2+c16+fd4+s2+mx", None, 1)
+    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla"}
     # everything back as it was
-    assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1)) == (4, 4, 2)
+    assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
+            da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults
     assert "MAMBA_LLAMA_FUSED_DECODE" not in os.environ
     with pytest.raises(Exception, match="power of two"):
         with fd.tiling(row_block=3):
@@ -82,10 +90,10 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
 
 
 def test_tiny_run_with_variants(bdp, tmp_path):
-    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants", "default,bn1w1+c16,xla",
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants", "default,bn1w1+c16,xla,s2+mk",
                      "--stem", "decode_variants", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "decode_variants_tiny.json").read_text())
-    assert [row["variant"] for row in r["rows"]] == ["default", "bn1w1+c16", "xla"]
+    assert [row["variant"] for row in r["rows"]] == ["default", "bn1w1+c16", "xla", "s2+mk"]
     assert all("error" not in row and row["busy_ms"] > 0 for row in r["rows"])
     text = (tmp_path / "decode_variants_tiny.md").read_text()
     assert "| teacher | 1 | bn1w1+c16 |" in text

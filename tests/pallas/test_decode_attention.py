@@ -20,13 +20,13 @@ from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
     decode_attention, decode_attention_choice, decode_attention_pallas, decode_attention_partials_pallas,
-    decode_attention_partials_reference, merge_partials, plan,
+    decode_attention_partials_reference, merge_partials, merge_partials_pallas, plan,
 )
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import lower_for_h100, on_gpu, rel  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -122,8 +122,39 @@ def test_partials_kernel_equals_reference_interpret(b, slots, h, kv, d, index, w
     assert_partials_equal(args, h, kv, block=block, splits=splits, window=window)
 
 
+@pytest.mark.parametrize("b,slots,h,kv,d,index,block,splits", [
+    (1, 64, 4, 2, 16, 37, 16, 4),
+    (2, 96, 6, 2, 16, 20, 16, 4),  # splits that saw nothing (m = NEG_INF) add nothing
+])
+def test_merge_kernel_equals_merge_partials_interpret(b, slots, h, kv, d, index, block, splits):
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5][:b], seed=index)
+    o_part, m, l = decode_attention_partials_reference(*args, num_heads=h, num_kv_heads=kv, block=block,
+                                                       splits=splits)[:3]
+    assert has_pallas_call(functools.partial(merge_partials_pallas, dtype=jnp.float32, interpret=True), o_part, m, l)
+    got = merge_partials_pallas(o_part, m, l, jnp.float32, interpret=True)
+    want = merge_partials(o_part, m, l, jnp.float32)
+    assert got.shape == want.shape == (b, h * d) and got.dtype == want.dtype
+    assert rel(got, want) < 1e-6
+    with pytest.raises(KernelError, match="powers of two"):
+        merge_partials_pallas(o_part[:, :3], m[:, :3], l[:, :3], jnp.float32, interpret=True)
+
+
+def test_override_plan_sets_the_splits_for_a_while():
+    base = plan(1, 3, 384, max_splits=16)
+    with da.override_plan(splits=4):
+        assert plan(1, 3, 384, max_splits=16) == (64, 4)  # 384 slots: 6 blocks of 64 in 4 splits
+        assert plan(64, 3, 384) == (64, 4)  # also where `plan` alone would not split
+        assert plan(1, 3, 384, max_splits=2)[1] == 2  # the consumer's cap still holds
+    assert plan(1, 3, 384, max_splits=16) == base
+    with pytest.raises(KernelError, match="power of two"):
+        with da.override_plan(splits=3):
+            pass
+
+
 def test_plan_fills_the_gpu_at_small_batch():
-    assert plan(64, 3, 384) == (128, 1)  # 192 programs already
+    assert plan(64, 3, 256) == (128, 2)  # 192 programs already: 128-slot blocks, 2 splits
+    assert plan(64, 3, 384) == (128, 2) and plan(64, 3, 384, max_splits=1) == (128, 1)
+    assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit
     for b, window, cap in [(1, 384, 16), (1, 4352, 16), (4, 384, 16), (16, 4352, 4), (1, 64, 64)]:
         block, splits = plan(b, 3, window, max_splits=cap)
         assert window % block == 0 and block >= 16 and splits & (splits - 1) == 0
@@ -151,6 +182,9 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     block, splits = plan(b, kv, slots, max_splits=16)
     lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv, block=block,
                                       splits=splits), *avals)
+    if splits > 1:
+        lowers_for_h100(functools.partial(merge_partials_pallas, dtype=bf), S((b, splits, h * d), f32),
+                        S((b, splits, h), f32), S((b, splits, h), f32))
 
 
 @pytest.mark.gpu
@@ -172,3 +206,7 @@ def test_partials_kernel_equals_reference_gpu(b, slots, index):
     block, splits = plan(b, 3, slots, max_splits=16)
     assert splits > 1
     assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False)
+    o_part, m, l = decode_attention_partials_pallas(*args, num_heads=9, num_kv_heads=3, block=block,
+                                                    splits=splits)[:3]
+    got = merge_partials_pallas(o_part, m, l, jnp.bfloat16)
+    assert rel(got.astype(jnp.float32), merge_partials(o_part, m, l, jnp.bfloat16).astype(jnp.float32)) < 1e-2

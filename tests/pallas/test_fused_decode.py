@@ -68,6 +68,22 @@ def test_gemv_kernels_equal_reference_interpret(rows):
     check_all(rows, 64, 48, dtype=jnp.float32, tol=1e-5, interpret=True)
 
 
+@pytest.mark.parametrize("dot_rows", [16, 32])
+def test_dot_path_row_groups_interpret(dot_rows):
+    """32 rows through the dot path: in two groups of 16 (grid axis 1) or one; each group its own rows' norm."""
+    assert fd.dot_group(32) == 16
+    jax.clear_caches()
+    try:
+        with fd.tiling(dot_rows=dot_rows):
+            assert fd.dot_group(32) == dot_rows
+            check_all(32, 64, 48, dtype=jnp.float32, tol=1e-5, interpret=True)
+    finally:
+        jax.clear_caches()
+    with pytest.raises(KernelError, match="dot_rows"):
+        with fd.tiling(dot_rows=8):
+            pass
+
+
 def test_gemv_kernels_bf16_interpret():
     check_all(2, 64, 32, dtype=jnp.bfloat16, tol=2e-2, interpret=True)
 
@@ -92,7 +108,7 @@ def split_attention(rows, slots, h, kv, d, index, splits, block, *, dtype, seed=
     return parts[:3], want
 
 
-@pytest.mark.parametrize("rows,splits", [(1, 4), (3, 2), (16, 4)])
+@pytest.mark.parametrize("rows,splits", [(1, 4), (3, 2), (32, 4)])
 def test_attn_combine_residual_equals_reference_interpret(rows, splits):
     h, kv, d, n = 4, 2, 16, 32
     (o_part, m, l), attn = split_attention(rows, 64, h, kv, d, 40, splits, 16, dtype=jnp.float32, seed=rows)
@@ -117,6 +133,12 @@ def test_dispatch_cpu_reference_env_and_bad_args(monkeypatch):
     assert fd.fused_decode_choice(2, 64, 32) == "pallas_triton"
     assert fd.fused_decode_choice(12, 64, 32) == "reference_xla"  # 12 rows: neither 1..8 nor a dot size
     assert fd.fused_decode_choice(2, 64, 40) == "reference_xla"  # width not a multiple of 16
+    assert fd.fused_decode_choice(fd.DEFAULT_MAX_BATCH + 1, 64, 32) == "reference_xla"
+    assert fd.fused_decode_choice(1, 2048, 8192) == "reference_xla"  # a 1B-sized model: XLA's GEMMs by default
+    assert fd.fused_decode_choice(1, 576, 1536) == "pallas_triton"
+    monkeypatch.setenv(fd.FUSED_DECODE_ENV, "8")  # an explicit batch bound lifts the size bound too
+    assert fd.fused_decode_choice(1, 2048, 8192) == "pallas_triton"
+    assert fd.fused_decode_choice(8, 64, 32) == "pallas_triton"
     monkeypatch.setenv(fd.FUSED_DECODE_ENV, "off")
     assert fd.fused_decode_choice(2, 64, 32) == "reference_xla"
     monkeypatch.setenv(fd.FUSED_DECODE_ENV, "1")
@@ -185,8 +207,9 @@ def greedy(model, prompts, n, monkeypatch, *, kernels: bool):
     return out
 
 
-@pytest.mark.parametrize("kind", ["teacher", "hybrid50"])
-def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
+@pytest.mark.parametrize("kind,merge", [("teacher", "combine"), ("hybrid50", "combine"), ("teacher", "kernel"),
+                                        ("teacher", "xla")])
+def test_greedy_tokens_through_kernels_equal_reference(kind, merge, monkeypatch):
     from mamba_llama_jax.convert.from_attention import build_hybrid
 
     model = LlamaLM(TINY, rngs=nnx.Rngs(0))
@@ -195,8 +218,11 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
     prompts = [[5, 17, 3, 88, 41, 9, 60] * 6, [12, 7, 70]]  # 48 slots + 6 new: 64 slots, attention in 4 splits
     assert da.plan(2, TINY.num_kv_heads, 64, max_splits=fd.combine_max_splits(2)) == (16, 4)
     want = greedy(model, prompts, 6, monkeypatch, kernels=False)
-    got = greedy(model, prompts, 6, monkeypatch, kernels=True)
+    with fd.tiling(merge=merge):
+        got = greedy(model, prompts, 6, monkeypatch, kernels=True)
     assert got == want
+    if merge == "kernel":
+        assert dispatch.last_choice("decode_attention_merge") == "pallas_triton"
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
@@ -205,13 +231,13 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, monkeypatch):
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")]
 
 
-@pytest.mark.parametrize("rows", [1, 4, 64])  # the 1-D row path, several rows, the tensor-core dot path
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])  # the 1-D row path, several rows, the dot path (1 and 4 groups)
 @(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
 def test_gemv_kernels_equal_reference_gpu(rows):
     d, inter = SMOL["d"], SMOL["inter"]
     check_all(rows, d, (SMOL["h"] + 2 * SMOL["kv"]) * SMOL["hd"], dtype=jnp.bfloat16, tol=2e-2, interpret=False)
     check_all(rows, inter, d, dtype=jnp.bfloat16, tol=2e-2, interpret=False)
-    if rows == 1:
+    if rows in (1, 16):
         check_all(rows, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False)
 
 
