@@ -3,6 +3,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
+# Test processes (pytest-xdist; one module's tests stay on one worker, so module fixtures load once). 2 on these
+# 2-core machines: the default run 21m48s serial vs 13m46s with 2 workers (2026-12-04).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow test-gpu bench fixtures reliability clean
 
@@ -20,7 +23,7 @@ demo: $(STAMP)
 	$(PY) run.py demo
 
 test: $(STAMP)
-	$(PYTEST) -q -m "not slow and not gpu" --timeout=900 --durations=25
+	$(PYTEST) -q -n $(TEST_WORKERS) --dist loadscope -m "not slow and not gpu" --timeout=900 --durations=25
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m "slow and not gpu" --timeout=3600
