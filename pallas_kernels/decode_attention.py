@@ -92,11 +92,11 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
     """
     if forced := _PLAN_OVERRIDE["splits"]:
         splits = _pow2_floor(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
-        return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
-    if batch * kv >= SMS:
+    elif batch * kv >= SMS:
         block = pick_block(window)
         return block, _pow2_floor(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
-    splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
+    else:
+        splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
     return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
 
 

@@ -160,17 +160,24 @@ def kernel_shape_ok(rows: int, *widths: int) -> bool:
     return (1 <= rows <= 8 or rows in DOT_ROWS) and all(w % 16 == 0 and w > 0 for w in widths)
 
 
-def max_batch() -> int:
-    """Largest row count the dispatchers send to the kernels (0 = kernels off), from MAMBA_LLAMA_FUSED_DECODE."""
+def _env_bound() -> int | None:
+    """The batch bound MAMBA_LLAMA_FUSED_DECODE sets (0 = kernels off), or None where it asks for the defaults
+    (unset, 1/on: DEFAULT_MAX_BATCH and DEFAULT_MAX_HIDDEN)."""
     v = os.environ.get(FUSED_DECODE_ENV, "").strip().lower()
     if v in ("", "1", "on", "true", "yes"):
-        return DEFAULT_MAX_BATCH
+        return None
     if v in ("0", "off", "false", "no"):
         return 0
     try:
         return max(0, int(v))
     except ValueError:
         raise KernelError(f"{FUSED_DECODE_ENV} must be 0/off, 1/on or a batch size, got {v!r}") from None
+
+
+def max_batch() -> int:
+    """Largest row count the dispatchers send to the kernels (0 = kernels off), from MAMBA_LLAMA_FUSED_DECODE."""
+    bound = _env_bound()
+    return DEFAULT_MAX_BATCH if bound is None else bound
 
 
 def _kernel_allowed() -> bool:
@@ -181,18 +188,14 @@ def _kernel_allowed() -> bool:
     return dispatch.interpret_kernels()
 
 
-def _batch_set_explicitly() -> bool:
-    v = os.environ.get(FUSED_DECODE_ENV, "").strip()
-    return v.isdigit() and int(v) > 1
-
-
 def fused_decode_choice(rows: int, *widths: int) -> str:
     """Which implementation the dispatchers use for `rows` rows and these K/N widths."""
-    if not _kernel_allowed() or rows > max_batch() or not kernel_shape_ok(rows, *widths):
+    if not _kernel_allowed():
         return REFERENCE
-    if widths and min(widths) > DEFAULT_MAX_HIDDEN and not _batch_set_explicitly():
-        return REFERENCE
-    return PALLAS_TRITON
+    bound = _env_bound()
+    if bound is None:  # the defaults: a batch bound and a model-size bound
+        bound = 0 if widths and min(widths) > DEFAULT_MAX_HIDDEN else DEFAULT_MAX_BATCH
+    return PALLAS_TRITON if rows <= bound and kernel_shape_ok(rows, *widths) else REFERENCE
 
 
 def kernels_would_run(rows: int, *widths: int) -> bool:
@@ -391,8 +394,7 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` the dot path's rows per program
-    (`dot_group`: 16..64). Clear jax's caches (`jax.clear_caches`)
-    so that nothing traced before is reused."""
+    (`dot_group`: 16..64). Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:

@@ -139,6 +139,20 @@ def test_merge_kernel_equals_merge_partials_interpret(b, slots, h, kv, d, index,
         merge_partials_pallas(o_part[:, :3], m[:, :3], l[:, :3], jnp.float32, interpret=True)
 
 
+
+def test_merge_splits_dispatch(monkeypatch):
+    """The merge dispatcher: the reference on a CPU, the kernel in interpret mode; the choice recorded."""
+    args = make_inputs(1, 64, 4, 2, 16, 37)
+    parts = decode_attention_partials_reference(*args, num_heads=4, num_kv_heads=2, block=16, splits=4)[:3]
+    want = merge_partials(*parts, jnp.float32)
+    monkeypatch.delenv(dispatch.INTERPRET_ENV, raising=False)
+    np.testing.assert_array_equal(da.merge_splits(*parts, jnp.float32), want)
+    assert dispatch.last_choice("decode_attention_merge") == "reference_xla"
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    assert rel(da.merge_splits(*parts, jnp.float32), want) < 1e-6
+    assert dispatch.last_choice("decode_attention_merge") == "pallas_triton"
+
+
 def test_override_plan_sets_the_splits_for_a_while():
     base = plan(1, 3, 384, max_splits=16)
     with da.override_plan(splits=4):

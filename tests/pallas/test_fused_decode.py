@@ -82,6 +82,9 @@ def test_dot_path_row_groups_interpret(dot_rows):
     with pytest.raises(KernelError, match="dot_rows"):
         with fd.tiling(dot_rows=8):
             pass
+    with pytest.raises(KernelError, match="merge"):
+        with fd.tiling(merge="fused"):
+            pass
 
 
 def test_gemv_kernels_bf16_interpret():
