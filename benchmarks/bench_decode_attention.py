@@ -33,7 +33,7 @@ HEADS, KV, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 TINY = dict(heads=4, kv=2, head_dim=16)
 BLOCKS = (16, 32, 64, 128)
 SPLITS = (1, 4, 8, 16, 32, 64)
-WARPS = (2, 4)
+WARPS = (1, 2, 4)
 
 
 def make_step(batch: int, slots: int, index: int, block: int | None, splits: int | None, warps: int | None,
@@ -77,7 +77,7 @@ def run(batches: tuple[int, ...], contexts: tuple[tuple[int, int], ...], blocks:
         splits: tuple[int, ...], warps: tuple[int, ...], reps: int, interpret: bool, heads: int, kv: int,
         d: int, deadline: float = float("inf")) -> list[dict[str, Any]]:
     from bench_fused_decode import time_fn
-    from pallas_kernels.decode_attention import plan
+    from pallas_kernels.decode_attention import plan, planned_warps
 
     rows = []
     for b in batches:
@@ -88,7 +88,7 @@ def run(batches: tuple[int, ...], contexts: tuple[tuple[int, int], ...], blocks:
                 if slots % bl == 0 and sp <= slots // bl]
             for label, bl, sp, w in variants:
                 row = {"batch": b, "slots": slots, "index": index, "impl": label, "block": bl, "splits": sp,
-                       "num_warps": w, "planned": (bl, sp) == chosen and w == 4}
+                       "num_warps": w, "planned": (bl, sp) == chosen and w == planned_warps(0, bl or 0)}
                 if time.perf_counter() > deadline:
                     row["error"] = "skipped: deadline"
                     rows.append(row)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = tuple(map(int, a.batches.split(",")))
     blocks, splits, warps = BLOCKS, SPLITS, WARPS
     if a.tiny:
-        batches, contexts, blocks, splits, warps, a.reps = (1,), ((32, 20),), (16, 32), (1, 2), (4,), 2
+        batches, contexts, blocks, splits, warps, a.reps = (1,), ((32, 20),), (16, 32), (1, 2), (1,), 2
     meta = {"date": now(), "device": device(), "versions": versions(), "reps": a.reps,
             "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     t0 = time.perf_counter()

@@ -15,7 +15,8 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N, `sN` = N attention
-splits (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
+splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program
+(`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
 (`fused_decode.tiling(merge=...)`), `gN` = N rows per program on the fused dot path (`fused_decode.dot_group`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
@@ -146,13 +147,17 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["combine_block"] = int(m.group(1))
         elif m := re.fullmatch(r"s(\d+)", tok):
             tiling["attn_splits"] = int(m.group(1))
+        elif m := re.fullmatch(r"ab(\d+)", tok):
+            tiling["attn_block"] = int(m.group(1))
+        elif m := re.fullmatch(r"aw(\d+)", tok):
+            tiling["attn_warps"] = int(m.group(1))
         elif tok in ("mx", "mk", "mc"):
             tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
         elif m := re.fullmatch(r"g(\d+)", tok):
             tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, fdN, bnN, bnNwM, cN, sN, mx, mk, mc, gN)")
+                             "(default, xla, fdN, bnN, bnNwM, cN, sN, abN, awN, mx, mk, mc, gN)")
     return tiling, env
 
 
@@ -165,10 +170,10 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     from pallas_kernels import fused_decode as fd
 
     tiling, env = parse_variant(variant)
-    splits = tiling.pop("attn_splits", 0)
+    attn = {k: tiling.pop(f"attn_{k}", 0) for k in ("splits", "block", "warps")}
     jax.clear_caches()
     try:
-        with _Env(env), fd.tiling(**tiling), da.override_plan(splits=splits):
+        with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
             return profile_decode(model, batch, *args)
     finally:
         jax.clear_caches()

@@ -339,15 +339,17 @@ def run_chain(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_d
     row, student, last_ppl = _train(fraction, variant, corpus_dir, scale, out_dir, budget_s * train_share, seed,
                                     teacher, corpora, t0, tag)
     save(row)
+    # Exported before any evaluation: a call that runs out of time while evaluating still leaves the trained
+    # model in `keep_model` (session 9 lost one to a NIAH evaluation that outlasted its call).
+    t_export = clock()
+    row["export"] = _export_check(student, teacher.tokenizer, keep_model)
+    row["export_s"] = round(clock() - t_export, 1)
     if phase == "train":
-        row["export"] = _export_check(student, teacher.tokenizer, keep_model)
         row["phase"] = "trained"
         row["total_s"] = clock() - t0
         return row
+    save(row)
     row = _evaluate(row, student, teacher, corpora, scale, variant, seed, save, t0, last_ppl)
-    t_export = clock()
-    row["export"] = _export_check(student, teacher.tokenizer, keep_model)
-    row["eval_s"]["export"] = round(clock() - t_export, 1)
     row["total_s"] = clock() - t0
     return row
 

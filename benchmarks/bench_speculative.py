@@ -16,7 +16,8 @@ things, per batch size, k and verify implementation (`--impls`: kernel = `pallas
 reference = `ops.ssd.ssd_verify`; everything else keeps the dispatcher's choice):
 1. measured end to end: tokens/s of plain greedy (`generate.Generator`) and of `SpeculativeDecoder` (with a random
    draft acceptance is ~0, the worst case: every round costs a draft pass and a verify for one token), plus the
-   share of rows whose tokens equal plain greedy;
+   share of rows whose tokens equal plain greedy, where the others first differ, and the target's top-1 minus
+   top-2 logit there (near-ties that bf16 rounding may flip, or not);
 2. component times, all at the same cache fill: one plain target decode step, one target verify of k+1 tokens
    with its commit (keeping half: the second multistep-verify call), one draft step (a 1-token verify, as the
    draft round runs it) and one draft 2-token verify + commit; and the speedup they imply at fixed acceptance
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -79,6 +81,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                    max_position_embeddings=1024)),
 }
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+LOOP_ALPHAS = (0.5, 0.7, 0.9, 1.0)
 
 
 def make_models(shape: str, dtype: str) -> tuple[DecoderLM, DecoderLM]:
@@ -159,9 +162,22 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[
     return out
 
 
+def tokens_per_round(k: int, alpha: float) -> float:
+    """Expected tokens a round yields at i.i.d. acceptance alpha: 1 + alpha + ... + alpha^k (k + 1 at alpha 1)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
 def projected(t_plain: float, t_draft: float, t_draft2: float, t_verify: float, k: int, alpha: float) -> float:
-    per_round = (1 - alpha ** (k + 1)) / (1 - alpha)
-    return per_round * t_plain / (t_draft2 + (k - 1) * t_draft + t_verify)
+    return tokens_per_round(k, alpha) * t_plain / (t_draft2 + (k - 1) * t_draft + t_verify)
+
+
+def loop_projected(row: dict[str, Any], alpha: float) -> float:
+    """The speedup over plain decoding at acceptance alpha implied by the end-to-end loops alone: a round's measured
+    time (tokens per round / speculative tokens/s) against the plain loop's step, assuming a round costs the same
+    whatever it accepts (k draft steps, one verify and one commit run every round). Unlike `projected` it needs
+    no separately compiled component (whose single steps can differ from the loop's: see the 1B reading in
+    results/speculative_llama1b_xla.md); alpha 1 gives the ceiling, a draft that is always right."""
+    return tokens_per_round(row["k"], alpha) / row["tokens_per_round"] * row["spec_tok_s"] / row["plain_tok_s"]
 
 
 def prompt_groups(args: argparse.Namespace, tok: Any, vocab: int, b: int,
@@ -175,6 +191,27 @@ def prompt_groups(args: argparse.Namespace, tok: Any, vocab: int, b: int,
         rows = [ids[r % len(ids)] for r in range(n)]
         return [rows[i:i + b] for i in range(0, n, b)]
     return [rng.integers(0, vocab, (b, args.prompt_len)).tolist()]
+
+
+def divergence_margins(model: DecoderLM, cases: list[tuple[list[int], Any, int]]) -> list[float]:
+    """For each (prompt ids, plain greedy tokens, first divergence p): the target's top-1 minus top-2 logit for the
+    token at p after the common prefix (prompt + plain[:p]), by one full forward in the model's dtype. A small
+    margin says the two decodings parted at a near-tie, where bf16 rounding of a (k+1)-token verify and a 1-token
+    step may legitimately choose differently; a large one would point at a bug. One batch, right-padded (causal:
+    padding after a position does not change it)."""
+    if not cases:
+        return []
+    seqs = [list(map(int, prompt)) + [int(t) for t in np.asarray(plain)[:pos]] for prompt, plain, pos in cases]
+    n = max(len(q) for q in seqs)
+    toks = np.zeros((len(seqs), n), np.int32)
+    mask = np.zeros((len(seqs), n), bool)
+    for i, q in enumerate(seqs):
+        toks[i, :len(q)], mask[i, :len(q)] = q, True
+    last = jnp.asarray([len(q) - 1 for q in seqs])
+    h, _ = model.hidden(jnp.asarray(toks), token_mask=jnp.asarray(mask))
+    logits = model.logits(h[jnp.arange(len(seqs)), last])  # (cases, vocab) fp32
+    top2 = jax.lax.top_k(logits, 2)[0]
+    return [float(m) for m in np.asarray(top2[:, 0] - top2[:, 1])]
 
 
 def first_divergence(out: Any, plain: Any) -> int | None:
@@ -237,6 +274,10 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
                     same = float(np.mean([(o == p).all() for o, p in pairs]))
                     diverged = sorted(d for d in (first_divergence(o, p) for o, p in pairs) if d is not None)
+                    prompts = [g[r] for g in groups for r in range(b)]
+                    margins = divergence_margins(target, [
+                        (q, p, d) for q, (o, p) in zip(prompts, pairs)
+                        if (d := first_divergence(o, p)) is not None and d < len(p)])
                     stats = [st for _, _, st in runs]
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
@@ -247,7 +288,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                tokens_per_round=float(np.mean([st.tokens_per_round for st in stats])),
                                rounds=int(sum(st.rounds for st in stats)),
                                compactions=int(sum(st.compactions for st in stats)), identical_share=same,
-                               first_divergence=diverged,
+                               first_divergence=diverged, divergence_margins=sorted(margins),
                                t_plain_step=t_plain, t_verify=t_verify, t_draft_step=t_draft, t_draft_2tok=t_draft2,
                                projected_speedup={str(a): projected(t_plain, t_draft, t_draft2, t_verify, k, a)
                                                   for a in ALPHAS})
@@ -263,6 +304,13 @@ def clear_spec_cache() -> None:
     clear() if clear else jax.clear_caches()
 
 
+def _margin(margins: list[float] | None) -> str:
+    """Median (largest) of the divergence margins, "—" when none were recorded."""
+    if not margins:
+        return "—"
+    return f"{float(np.median(margins)):.2f} ({max(margins):.2f})"
+
+
 def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [f"# Speculative decoding ({results['device']}, {args.dtype}, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, {results['date']})", "",
@@ -274,25 +322,32 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              + "`impl` = the Mamba multistep verify (kernel: the Pallas kernel, reference: `ops.ssd.ssd_verify`); "
              "`proj@a` is the speedup the measured component times give at acceptance rate a. `same` = share of rows "
              "whose speculative output equals plain greedy (bf16 rounding may legitimately differ); `diverge` = the "
-             "median position (of the new tokens) where the rows that differ first differ. t_verify "
-             "includes the commit (the second verify call that rebuilds the kept state).", "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | t_step ms | "
-             "t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " |",
-             "|" + "---|" * (13 + len(ALPHAS))]
+             "median position (of the new tokens) where the rows that differ first differ, `margin` the median (and "
+             "largest) top-1 minus top-2 logit of the target there (`divergence_margins`: small = a near-tie that "
+             "rounding may flip). t_verify "
+             "includes the commit (the second verify call that rebuilds the kept state). `loop@a` is the speedup at "
+             "acceptance a implied by the end-to-end loops alone (`loop_projected`: a round's measured time against "
+             "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right).", "",
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | margin | t_step ms | "
+             "t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
+             + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
+             "|" + "---|" * (14 + len(ALPHAS) + len(LOOP_ALPHAS))]
     for r in results["runs"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
                      f"{r['plain_tok_s']:.0f} | "
                      f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
-                     f"{_median_or_dash(r.get('first_divergence'))} | {1e3 * r['t_plain_step']:.2f} | "
+                     f"{_median_or_dash(r.get('first_divergence'))} | {_margin(r.get('divergence_margins'))} | "
+                     f"{1e3 * r['t_plain_step']:.2f} | "
                      f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
-                     + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " |")
+                     + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " | "
+                     + " | ".join(f"{loop_projected(r, a):.2f}" for a in LOOP_ALPHAS) + " |")
     if results["skipped"]:
         lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
                   + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true",
                     help="CPU smoke run: --shapes tiny --batch 1 2 --k 2 3 --prompt-len 16 --new-tokens 16 --reps 2")
@@ -315,7 +370,27 @@ def main() -> None:
                     help="start nothing new after this many seconds (a measurement in flight finishes)")
     ap.add_argument("--no-cmdbuf", action="store_true", help=f"do not add {CMDBUF} to XLA_FLAGS")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = ap.parse_args()
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only rewrite the markdown of a saved result (JSON.md beside it) with this version's columns")
+    return ap
+
+
+def render_saved(path: Path) -> Path:
+    """Rewrites the markdown of a saved speculative.json from its figures (the report's derived columns change
+    with the script; the measurements do not), with the arguments its recorded command had."""
+    results = json.loads(path.read_text())
+    args = build_parser().parse_args(shlex.split(results["command"])[1:])
+    md = path.with_suffix(".md")
+    md.write_text(render_md(results, args))
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.render:
+        print(render_saved(args.render).read_text())
+        return
     if args.tiny:
         args.shapes, args.batch, args.k = ["tiny"], [1, 2], [2, 3]
         args.prompt_len, args.new_tokens, args.reps = 16, 16, 2

@@ -18,6 +18,8 @@ them to the decode step, which merges them with `merge_partials_pallas` (one sma
 head) before the o-projection (or, `fused_decode.merge_mode`, in the o-projection's prologue: no launch, but
 every program of it repeats the merge — measured slower); `decode_attention` merges them itself with a small XLA
 epilogue.
+
+Warps (`planned_warps`): one per 16 slots of a block, 1 to 4 — a 16-slot block is one warp's worth of work.
 """
 
 from __future__ import annotations
@@ -59,22 +61,38 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
-# `override_plan` sets a split count for a while (the decode-step benchmark's variants); 0 = `plan` decides.
-_PLAN_OVERRIDE = {"splits": 0}
+# `override_plan` sets the split count, block and warps for a while (the decode-step benchmark's variants);
+# 0 = `plan` / `planned_warps` decides.
+_PLAN_OVERRIDE = {"splits": 0, "block": 0, "warps": 0}
 
 
 @contextlib.contextmanager
-def override_plan(*, splits: int = 0) -> Iterator[None]:
+def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
-    for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
-    if splits < 0 or splits & (splits - 1):
-        raise KernelError(f"decode_attention: override_plan splits must be a power of two (or 0), got {splits}")
-    old = _PLAN_OVERRIDE["splits"]
-    _PLAN_OVERRIDE["splits"] = splits
+    of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), and the kernel
+    runs `warps` warps a program, for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
+    traced before is reused."""
+    for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
+        if v and (v < least or v & (v - 1)):
+            raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
+                              f"got {v}")
+    old = dict(_PLAN_OVERRIDE)
+    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps)
     try:
         yield
     finally:
-        _PLAN_OVERRIDE["splits"] = old
+        _PLAN_OVERRIDE.update(old)
+
+
+def planned_warps(num_warps: int = 0, block: int = 128) -> int:
+    """`num_warps` if given, else the override's (`override_plan`), else one warp per 16 slots of a block, 1 to 4.
+
+    A program's work is one block of block × head_dim K and V per step of its loop: a 16-slot block is a single
+    warp's worth. Measured on the H200 in the whole batch-1 decode loop (prompt 128 + 256 new tokens,
+    benchmarks/results/decode_attn_b1.md): 16-slot blocks took 5.1 µs a layer with 1 warp vs 5.5 with 4 (2 and
+    8: 6.1 / 5.8), 32-slot blocks 6.3 with 2 warps vs 6.8 with 4; at batch 64 (128-slot blocks,
+    decode_attn_b64.md) 4 warps beat 2 and 8 (14.0 vs 25.9 / 21.3 µs)."""
+    return num_warps or _PLAN_OVERRIDE["warps"] or max(1, min(4, block // 16))
 
 
 def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int, int]:
@@ -92,12 +110,17 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
     """
     if forced := _PLAN_OVERRIDE["splits"]:
         splits = _pow2_floor(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
+        block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
-        return block, _pow2_floor(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
+        splits = _pow2_floor(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
     else:
         splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
-    return pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits))), splits
+        block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
+    if forced_block := _PLAN_OVERRIDE["block"]:
+        block = pick_block(window, forced_block)
+        splits = _pow2_floor(max(1, min(splits, window // block)))
+    return block, splits
 
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
@@ -227,7 +250,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+        params = plgpu.CompilerParams(num_warps=planned_warps(num_warps, block), num_stages=2)
     return pl.pallas_call(
         kern,
         grid=(b, kv, splits),
@@ -246,7 +269,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
 def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                             sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                             num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
-                            interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            interpret: bool = False, num_warps: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`. With splits > 1 the
     partials are merged by `merge_partials` in XLA."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -269,7 +292,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
 def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                                      sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                                      num_kv_heads: int, window: int = 0, block: int, splits: int,
-                                     interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, ...]:
+                                     interpret: bool = False, num_warps: int = 0) -> tuple[jax.Array, ...]:
     """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) with
     S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -60,6 +60,24 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
 
 
 @pytest.mark.slow
+def test_chain_keeps_the_trained_model_when_the_evaluation_dies(bq, corpus, tmp_path, monkeypatch):
+    """The export comes before any evaluation: a call killed while evaluating still leaves the model."""
+    out, _ = corpus
+    tick = itertools.count()
+    monkeypatch.setattr(bq, "clock", lambda: float(next(tick)))
+
+    def die(*args, **kwargs):
+        raise RuntimeError("the evaluation died")
+
+    monkeypatch.setattr(bq, "_evaluate", die)
+    saved = []
+    with pytest.raises(RuntimeError, match="evaluation died"):
+        bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", budget_s=23,
+                     save=lambda r: saved.append(json.loads(json.dumps(r))), keep_model=tmp_path / "kept")
+    assert (tmp_path / "kept" / "mamba_config.json").exists()
+    assert saved[-1]["export"]["max_abs_logit_diff"] == 0.0 and "ppl" not in saved[-1]
+
+@pytest.mark.slow
 def test_chain_split_in_a_train_call_and_an_eval_call(bq, corpus, tmp_path):
     """--phase train then --phase eval: the second call evaluates the model the first one trained and kept."""
     out, _ = corpus

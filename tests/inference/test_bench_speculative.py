@@ -16,3 +16,78 @@ def test_first_divergence(monkeypatch):
     assert bs.first_divergence([1, 2], [1, 2, 3]) == 2
     assert bs._median_or_dash([]) == "—" and bs._median_or_dash([3, 7, 100]) == "7"
     sys.modules.pop("bench_speculative", None)
+
+
+def _row(**kw):
+    nan = float("nan")
+    row = dict(shape="target", batch=1, prompts=8, k=3, impl="kernel", plain_tok_s=1000.0, spec_tok_s=600.0,
+               measured_acceptance=0.5 / 3, tokens_per_round=1.5, identical_share=0.5, first_divergence=[40],
+               t_plain_step=nan, t_verify=nan, t_draft_step=nan, t_draft_2tok=nan,
+               projected_speedup={str(a): nan for a in (0.5, 0.6, 0.7, 0.8, 0.9)})
+    row.update(kw)
+    return row
+
+
+def test_loop_projection_scales_the_measured_round(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    assert bs.tokens_per_round(2, 0.5) == 1.75 and bs.tokens_per_round(3, 1.0) == 4.0
+    row = _row()
+    # a round took 1.5 tokens / 600 tok/s = 2.5 ms, 2.5 plain steps: at best 4 tokens a round -> 1.6x
+    assert abs(bs.loop_projected(row, 1.0) - 1.6) < 1e-12
+    assert abs(bs.loop_projected(row, 0.5) - 1.875 / 1.5 * 0.6) < 1e-12
+    # at the measured acceptance (i.i.d. model) it gives back the measured ratio when the model fits the round
+    fit = _row(tokens_per_round=bs.tokens_per_round(3, 0.4))
+    assert abs(bs.loop_projected(fit, 0.4) - 0.6) < 1e-12
+    sys.modules.pop("bench_speculative", None)
+
+
+def test_render_saved_rewrites_the_markdown_from_the_json(monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    results = dict(date="2026-12-04", device="cpu", versions={"jax": "x"}, dtype="bfloat16", prompt_len=128,
+                   new_tokens=128, command="bench_speculative.py --target /t --draft /d --k 3 --deadline-s 60",
+                   real_models=True, xla_flags="", runs=[_row()], skipped=["target b=4"], wall_s=95.0)
+    path = tmp_path / "speculative.json"
+    path.write_text(json.dumps(results))
+    md = bs.render_saved(path).read_text()
+    assert md == (tmp_path / "speculative.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| shape"))
+    row = next(line for line in md.splitlines() if line.startswith("| target"))
+    assert header.count("|") == row.count("|") and "loop@1.0" in header
+    assert row.rstrip(" |").endswith("1.60")  # the ceiling, last column
+    assert "(--deadline-s 60): skipped target b=4" in md  # the deadline from the recorded command
+    sys.modules.pop("bench_speculative", None)
+
+
+def test_divergence_margins_read_the_target_at_the_split(monkeypatch):
+    """The margin is the target's top-1 minus top-2 logit after the common prefix, the same whether the case is
+    alone or right-padded beside a longer one."""
+    import jax
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    target, _ = bs.make_models("tiny", "float32")
+    rng = np.random.default_rng(0)
+    vocab = target.cfg.vocab_size
+    short = (rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 6), 2)
+    long = (rng.integers(0, vocab, 9).tolist(), rng.integers(0, vocab, 6), 5)
+
+    def direct(case):
+        prompt, plain, pos = case
+        seq = np.asarray(prompt + list(plain[:pos]), np.int32)[None]
+        h, _ = target.hidden(jax.numpy.asarray(seq))
+        top = np.sort(np.asarray(target.logits(h[:, -1]))[0])[::-1]
+        return top[0] - top[1]
+
+    both = bs.divergence_margins(target, [short, long])
+    assert np.allclose(both, [direct(short), direct(long)], rtol=1e-4, atol=1e-5)
+    assert min(both) >= 0 and bs.divergence_margins(target, []) == []
+    assert bs._margin([0.1, 0.5, 0.02]) == "0.10 (0.50)" and bs._margin(None) == "—"
+    sys.modules.pop("bench_speculative", None)

@@ -15,11 +15,11 @@ def test_tiny_run_times_every_tiling(tmp_path, monkeypatch):
 
     assert bda.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode_attention_tiny.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["xla", "b16 s1 w4", "b16 s2 w4", "b32 s1 w4"]
+    assert [r["impl"] for r in rows] == ["xla", "b16 s1 w1", "b16 s2 w1", "b32 s1 w1"]
     for r in rows:
         assert "error" not in r, r
         assert r["device_us"] > 0 and r["wall_us"] > 0, r
-    assert [r["impl"] for r in rows if r["planned"]] == ["b16 s2 w4"]  # plan(1, 2, 32) = (16 slots, 2 splits)
+    assert [r["impl"] for r in rows if r["planned"]] == ["b16 s2 w1"]  # plan(1, 2, 32) = (16 slots, 2 splits), 1 warp
     assert "Best tiling per case" in (tmp_path / "decode_attention_tiny.md").read_text()
 
 

@@ -165,6 +165,23 @@ def test_override_plan_sets_the_splits_for_a_while():
             pass
 
 
+def test_override_plan_sets_the_block_and_warps_for_a_while():
+    assert [da.planned_warps(0, blk) for blk in (16, 32, 64, 128)] == [1, 2, 4, 4]  # a warp per 16 slots, <= 4
+    assert da.planned_warps(2, 16) == 2
+    with da.override_plan(block=64, warps=8):
+        assert plan(1, 3, 384, max_splits=16) == (64, 4)  # planned 16 splits, but 384 slots hold 6 blocks of 64
+        assert plan(64, 3, 256) == (64, 2)  # the planned 2 splits kept
+        assert plan(1, 3, 96) == (32, 2)  # the largest block tiling 96 slots
+        assert da.planned_warps(0, 16) == 8 and da.planned_warps(2, 16) == 2  # an explicit count still wins
+    with da.override_plan(splits=1, block=128):
+        assert plan(1, 3, 384, max_splits=16) == (128, 1)
+    assert da.planned_warps(0, 16) == 1 and plan(64, 3, 256) == (128, 2)
+    for bad in (dict(block=8), dict(block=48), dict(warps=3)):
+        with pytest.raises(KernelError, match="power of two"):
+            with da.override_plan(**bad):
+                pass
+
+
 def test_plan_fills_the_gpu_at_small_batch():
     assert plan(64, 3, 256) == (128, 2)  # 192 programs already: 128-slot blocks, 2 splits
     assert plan(64, 3, 384) == (128, 2) and plan(64, 3, 384, max_splits=1) == (128, 1)
