@@ -28,6 +28,7 @@ b (the last filled up cyclically): acceptance and `same` over all of them, token
 median time. Median of --reps timed runs after one warm-up. Stops starting
 new measurements once --deadline-s has passed (the default leaves a 10-minute device call room for the last one
 and the write-up) and lists what it skipped. Writes <out>/speculative.json and <out>/speculative.md.
+`--profile`: one more run per row traced, a round and a plain step broken down by kind of kernel.
 """
 
 from __future__ import annotations
@@ -162,6 +163,41 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[
     return out
 
 
+_PROFILER_WARM: list[bool] = []
+
+
+def profile_run(fn: Callable[[], Any], units: Callable[[Any], int]) -> dict[str, Any]:
+    """One profiled call of `fn` (already compiled), summarised per unit (a speculative round, a plain decode
+    step) as `bench_decode_profile.summarize` does: wall and busy ms, gaps, kernels, busy ms and count by kind."""
+    import shutil
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    from bench_decode_profile import kernel_events, summarize
+
+    d = tempfile.mkdtemp(prefix="spec_profile_")
+    try:
+        if not _PROFILER_WARM:  # the first trace of a process pays the profiler's own start-up inside it
+            with jax.profiler.trace(d):
+                jax.block_until_ready(jnp.zeros(8) + 1)
+            shutil.rmtree(d, ignore_errors=True)
+            _PROFILER_WARM.append(True)
+        with jax.profiler.trace(d):
+            t = time.perf_counter()
+            res = fn()
+            wall = time.perf_counter() - t
+        files = list(Path(d).rglob("*.xplane.pb"))
+        if not files:
+            return {"error": "the profiler wrote no .xplane.pb"}
+        n = max(1, units(res))
+        out = summarize(kernel_events(ProfileData.from_file(str(files[0])).planes), n, 1e3 * wall / n)
+        out["units"] = n
+        return out
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def tokens_per_round(k: int, alpha: float) -> float:
     """Expected tokens a round yields at i.i.d. acceptance alpha: 1 + alpha + ... + alpha^k (k + 1 at alpha 1)."""
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
@@ -292,6 +328,12 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                t_plain_step=t_plain, t_verify=t_verify, t_draft_step=t_draft, t_draft_2tok=t_draft2,
                                projected_speedup={str(a): projected(t_plain, t_draft, t_draft2, t_verify, k, a)
                                                   for a in ALPHAS})
+                    if args.profile:  # one more run of the first group, traced (compiled already)
+                        g0 = groups[0]
+                        row["profile"] = dict(
+                            round=profile_run(lambda: dec.run(g0, k=k, max_new_tokens=args.new_tokens),
+                                              lambda res: res[2].rounds),
+                            plain_step=profile_run(lambda: gen.run(g0, sampling), lambda res: res.steps))
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
                     flush()  # a call cut short by its time limit still brings back every finished row
@@ -341,6 +383,22 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
                      + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " | "
                      + " | ".join(f"{loop_projected(r, a):.2f}" for a in LOOP_ALPHAS) + " |")
+    profiled = [r for r in results["runs"] if "profile" in r]
+    if profiled:
+        lines += ["", "Where a round and a plain step go (one profiled run of the first prompt group; ms per round / "
+                  "per plain step, each run's prefills included, amortised; busy = union of the kernels' intervals; by "
+                  "kind: ms (kernels)):", "",
+                  "| shape | batch | k | impl | what | wall ms | busy ms | kernels | busy by kind |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in profiled:
+            for what, pr in (("round", r["profile"]["round"]), ("plain step", r["profile"]["plain_step"])):
+                if "error" in pr:
+                    lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {what} | "
+                                 f"{pr['error']} | | | |")
+                    continue
+                kinds = "; ".join(f"{kk} {v['ms']:.3f} ({v['count']:.0f})" for kk, v in pr["by_kind"].items())
+                lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {what} | "
+                             f"{pr['wall_ms']:.3f} | {pr['busy_ms']:.3f} | {pr['kernels']:.0f} | {kinds} |")
     if results["skipped"]:
         lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
                   + "; ".join(results["skipped"])]
@@ -369,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--deadline-s", type=float, default=420.0,
                     help="start nothing new after this many seconds (a measurement in flight finishes)")
     ap.add_argument("--no-cmdbuf", action="store_true", help=f"do not add {CMDBUF} to XLA_FLAGS")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one speculative run and one plain run per row: where a round and a plain "
+                    "step go (kernels by kind)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rewrite the markdown of a saved result (JSON.md beside it) with this version's columns")

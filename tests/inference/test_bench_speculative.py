@@ -91,3 +91,20 @@ def test_divergence_margins_read_the_target_at_the_split(monkeypatch):
     assert min(both) >= 0 and bs.divergence_margins(target, []) == []
     assert bs._margin([0.1, 0.5, 0.02]) == "0.10 (0.50)" and bs._margin(None) == "—"
     sys.modules.pop("bench_speculative", None)
+
+
+def test_profile_run_summarises_per_unit(monkeypatch):
+    """On the CPU the profile holds the XLA executor's events: the summary divides them by the units."""
+    import jax.numpy as jnp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    x = jnp.ones((64, 64))
+    f = lambda: [(x @ x).block_until_ready() for _ in range(4)]
+    f()
+    one = bs.profile_run(f, lambda res: 1)
+    four = bs.profile_run(f, lambda res: len(res))
+    assert "error" not in one and four["units"] == 4 and one["units"] == 1
+    assert one["kernels"] > 0 and abs(four["kernels"] * 4 - one["kernels"]) <= 4 and four["busy_ms"] > 0
+    sys.modules.pop("bench_speculative", None)

@@ -76,6 +76,16 @@ def test_draft_recipe_is_a_shallow_pure_mamba_student():
     assert all(st.hybrid is None or st.hybrid.keep_layers == cfg.hybrid.keep_layers for st in cfg.stages)
 
 
+def test_attention_draft_recipe_keeps_the_50_percent_hybrids_attention_layers():
+    cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "smollm2-135m-draft-attn.yaml")
+    kept = cfg.hybrid.kept_layers(30)
+    student = cfg.hybrid.student_layout(30)
+    assert len(kept) == 6 and kept[-1] == 29 and student.attn_layers == tuple(range(6))
+    # every kept layer is attention in the 50 % hybrid, so the draft can be copied from that hybrid too
+    assert set(kept) <= set(HybridConfig(attn_fraction=0.5).layers_for(30))
+    assert all(st.objective == "distill" and st.train == "all" for st in cfg.stages)
+
+
 def test_official_layerwise_loss():
     cfg = load_config(TrainConfig, ROOT / "configs" / "recipes" / "smollm2-135m-layerwise.yaml")
     loss = cfg.stages[0].loss
