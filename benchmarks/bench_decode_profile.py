@@ -15,8 +15,9 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N, `sN` = N attention
-splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program
-(`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
+splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
+of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
+default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
 (`fused_decode.tiling(merge=...)`), `gN` = N rows per program on the fused dot path (`fused_decode.dot_group`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
@@ -151,13 +152,15 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_block"] = int(m.group(1))
         elif m := re.fullmatch(r"aw(\d+)", tok):
             tiling["attn_warps"] = int(m.group(1))
+        elif tok in ("amk", "amx"):
+            tiling["attn_merge"] = {"amk": "kernel", "amx": "xla"}[tok]
         elif tok in ("mx", "mk", "mc"):
             tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
         elif m := re.fullmatch(r"g(\d+)", tok):
             tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, fdN, bnN, bnNwM, cN, sN, abN, awN, mx, mk, mc, gN)")
+                             "(default, xla, fdN, bnN, bnNwM, cN, sN, abN, awN, amk, amx, mx, mk, mc, gN)")
     return tiling, env
 
 
@@ -170,7 +173,7 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     from pallas_kernels import fused_decode as fd
 
     tiling, env = parse_variant(variant)
-    attn = {k: tiling.pop(f"attn_{k}", 0) for k in ("splits", "block", "warps")}
+    attn = {k: tiling.pop(f"attn_{k}", d) for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""))}
     jax.clear_caches()
     try:
         with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):

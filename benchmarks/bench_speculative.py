@@ -243,11 +243,15 @@ def divergence_margins(model: DecoderLM, cases: list[tuple[list[int], Any, int]]
     mask = np.zeros((len(seqs), n), bool)
     for i, q in enumerate(seqs):
         toks[i, :len(q)], mask[i, :len(q)] = q, True
-    last = jnp.asarray([len(q) - 1 for q in seqs])
-    h, _ = model.hidden(jnp.asarray(toks), token_mask=jnp.asarray(mask))
-    logits = model.logits(h[jnp.arange(len(seqs)), last])  # (cases, vocab) fp32
-    top2 = jax.lax.top_k(logits, 2)[0]
+    top2 = _top2_at(model, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray([len(q) - 1 for q in seqs]))
     return [float(m) for m in np.asarray(top2[:, 0] - top2[:, 1])]
+
+
+@nnx.jit
+def _top2_at(model: DecoderLM, toks: jax.Array, mask: jax.Array, last: jax.Array) -> jax.Array:
+    h, _ = model.hidden(toks, token_mask=mask)
+    logits = model.logits(h[jnp.arange(toks.shape[0]), last])  # (cases, vocab) fp32
+    return jax.lax.top_k(logits, 2)[0]
 
 
 def first_divergence(out: Any, plain: Any) -> int | None:

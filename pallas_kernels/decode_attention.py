@@ -61,23 +61,26 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
-# `override_plan` sets the split count, block and warps for a while (the decode-step benchmark's variants);
-# 0 = `plan` / `planned_warps` decides.
-_PLAN_OVERRIDE = {"splits": 0, "block": 0, "warps": 0}
+# `override_plan` sets the split count, block, warps and merge for a while (the decode-step benchmark's variants);
+# 0 / "" = `plan` / `planned_warps` / the default decides.
+_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": ""}
 
 
 @contextlib.contextmanager
-def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0) -> Iterator[None]:
+def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
-    of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), and the kernel
-    runs `warps` warps a program, for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
-    traced before is reused."""
+    of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
+    runs `warps` warps a program, and `decode_attention_pallas` merges its splits with `merge` ("xla":
+    `merge_partials`, the default; "kernel": `merge_partials_pallas`), for steps traced anew. Clear jax's caches
+    (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
                               f"got {v}")
+    if merge not in ("", "xla", "kernel"):
+        raise KernelError(f"decode_attention: override_plan merge must be 'xla' or 'kernel', got {merge!r}")
     old = dict(_PLAN_OVERRIDE)
-    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps)
+    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge)
     try:
         yield
     finally:
@@ -271,7 +274,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                             num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
                             interpret: bool = False, num_warps: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`. With splits > 1 the
-    partials are merged by `merge_partials` in XLA."""
+    partials are merged by `merge_partials` in XLA (or `merge_partials_pallas`: `override_plan(merge="kernel")`)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True)
     b, slots, kv, _ = k_cache.shape
@@ -282,7 +285,9 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
                               block=block, splits=splits, partials=splits > 1, interpret=interpret,
                               num_warps=num_warps)
-    if splits > 1:
+    if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
+        o = merge_partials_pallas(o, m, l, qkv.dtype, interpret=interpret)
+    elif splits > 1:
         o = merge_partials(o, m, l, qkv.dtype)
     return o, kc, vc
 

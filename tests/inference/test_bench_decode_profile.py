@@ -65,6 +65,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("s4+mk") == ({"attn_splits": 4, "merge": "kernel"}, {})
     assert bdp.parse_variant("mx")[0] == {"merge": "xla"}
     assert bdp.parse_variant("s1+ab64+aw8")[0] == {"attn_splits": 1, "attn_block": 64, "attn_warps": 8}
+    assert bdp.parse_variant("amk+s4")[0] == {"attn_merge": "kernel", "attn_splits": 4}
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")

@@ -79,11 +79,14 @@ def test_divergence_margins_read_the_target_at_the_split(monkeypatch):
     short = (rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 6), 2)
     long = (rng.integers(0, vocab, 9).tolist(), rng.integers(0, vocab, 6), 5)
 
+    @jax.jit
+    def logits_of(seq):
+        h, _ = target.hidden(seq)
+        return target.logits(h[:, -1])[0]
+
     def direct(case):
         prompt, plain, pos = case
-        seq = np.asarray(prompt + list(plain[:pos]), np.int32)[None]
-        h, _ = target.hidden(jax.numpy.asarray(seq))
-        top = np.sort(np.asarray(target.logits(h[:, -1]))[0])[::-1]
+        top = np.sort(np.asarray(logits_of(jax.numpy.asarray(prompt + list(plain[:pos]), np.int32)[None])))[::-1]
         return top[0] - top[1]
 
     both = bs.divergence_margins(target, [short, long])

@@ -73,6 +73,23 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
     assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
 
 
+def test_unfused_merge_by_the_merge_kernel_interpret():
+    """override_plan(merge="kernel"): the split kernel's partials merged by merge_partials_pallas, same result."""
+    args = make_inputs(3, 64, 9, 3, 32, 40, pad=[0, 5, 17], seed=3)
+    jax.clear_caches()
+    try:
+        with da.override_plan(merge="kernel"):
+            fn = lambda *a: decode_attention_pallas(*a, num_heads=9, num_kv_heads=3, splits=4, block=16,
+                                                    interpret=True)
+            assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2  # attention, then the merge kernel
+            assert_equal_to_reference(args, 9, 3, splits=4, block=16)
+    finally:
+        jax.clear_caches()
+    with pytest.raises(KernelError, match="merge must be"):
+        with da.override_plan(merge="combine"):
+            pass
+
+
 def test_kernel_bf16_interpret():
     args = make_inputs(2, 32, 4, 2, 16, 20, dtype=jnp.bfloat16, pad=[3, 0])
     assert_equal_to_reference(args, 4, 2, tol=1e-2, block=16)
