@@ -14,7 +14,8 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
-`xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `fdN` = fused GEMVs up to batch N, `sN` = N attention
+`xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
+(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: e.g. the fused Mamba2 decode step, `pallas_kernels/mamba_decode.py`), `fdN` = fused GEMVs up to batch N, `sN` = N attention
 splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KINDS = (
     ("decode attention", re.compile(r"decode_attention")),
     ("fused GEMVs", re.compile(r"norm_matmul|norm_gate_up|matmul_residual|attn_combine")),
-    ("Mamba kernels", re.compile(r"multistep|ssd|selective|verify")),
+    ("Mamba kernels", re.compile(r"multistep|ssd|selective|verify|mamba2_decode")),
     ("cuBLAS / GEMM", re.compile(r"gemm|gemv|cublas|cutlass|matmul|sm90_xmma", re.I)),
     ("copies / memset", re.compile(r"copy|memset|memcpy", re.I)),
     ("XLA fusions", re.compile(r"fusion|triton|reduce|loop_|input_|wrapped", re.I)),
@@ -106,7 +107,7 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     gen = Generator(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
     c = compile_generate(gen, tokens, n_new)
-    chosen = {k: dispatch.last_choice(k) for k in ("decode_attention", "fused_decode")}
+    chosen = {k: dispatch.last_choice(k) for k in ("decode_attention", "fused_decode", "mamba2_decode")}
     c.once()  # warm-up
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]
@@ -138,6 +139,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             continue
         if tok == "xla":
             env["MAMBA_LLAMA_FUSED_DECODE"] = "0"
+        elif tok == "uv":
+            env["MAMBA_LLAMA_UNVERIFIED_KERNELS"] = "1"
         elif m := re.fullmatch(r"fd(\d+)", tok):
             env["MAMBA_LLAMA_FUSED_DECODE"] = m.group(1)
         elif m := re.fullmatch(r"bn(\d+)(?:w(\d+))?", tok):
@@ -160,7 +163,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, fdN, bnN, bnNwM, cN, sN, abN, awN, amk, amx, mx, mk, mc, gN)")
+                             "(default, xla, uv, fdN, bnN, bnNwM, cN, sN, abN, awN, amk, amx, mx, mk, mc, gN)")
     return tiling, env
 
 

@@ -259,7 +259,8 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
         traced = {"decode_attention": dispatch.last_choice("decode_attention"),
-                  "fused_decode": dispatch.last_choice("fused_decode")}
+                  "fused_decode": dispatch.last_choice("fused_decode"),
+                  "mamba2_decode": dispatch.last_choice("mamba2_decode")}
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):

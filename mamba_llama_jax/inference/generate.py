@@ -39,11 +39,14 @@ from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
 )
+from mamba_llama_jax.models.mamba import Mamba2, gated_rmsnorm, mamba_project
 from mamba_llama_jax.ops.attention import attend_one
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
     merge_partials, merge_splits, plan,
 )
+from pallas_kernels.mamba_decode import kernel_would_run as mamba_decode_would_run
+from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.fused_decode import (
     attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, merge_mode,
     norm_gate_up, norm_matmul, swiglu,
@@ -241,6 +244,59 @@ class FusedMLP(nnx.Module):
         return matmul_residual(act, self.down[...].astype(dt), x2)[:, None]
 
 
+class FusedMamba2(Mamba2):
+    """`Mamba2` with output-major projections and a three-launch decode step; built from one by
+    `prepare_for_inference` where `pallas_kernels.mamba_decode` would run its kernel.
+
+    Same maths, parameters and cache as `models.mamba.Mamba2` (prefill, verify chunks and `multistep` run its own
+    code through the projections below). A single-token decode step is RMSNorm + in_proj
+    (`fused_decode.norm_matmul`), the whole step between the projections (`mamba_decode.mamba2_decode`: conv,
+    SiLU, state update, D skip, gated norm) and out_proj + residual (`fused_decode.matmul_residual`), where XLA
+    runs ~12 kernels (`pallas_kernels/mamba_decode.py` says why that matters at decode)."""
+
+    def __init__(self, m: Mamba2):  # noqa: D107 - no super().__init__: the parameters are m's, not fresh ones
+        self.d_inner, self.d_xb, self.d_state = m.d_inner, m.d_xb, m.d_state
+        self.nheads, self.headdim, self.mcfg, self.dtype, self.conv_dim = (m.nheads, m.headdim, m.mcfg, m.dtype,
+                                                                           m.conv_dim)
+        # output-major (N, K), as `pallas_kernels.fused_decode` reads them (contiguous per output)
+        self.in_t = nnx.Param(m.in_proj.kernel[...].T)
+        self.out_t = nnx.Param(m.out_proj.kernel[...].T)
+        self.conv1d, self.dt_bias, self.A_log, self.D, self.norm = m.conv1d, m.dt_bias, m.A_log, m.D, m.norm
+
+    def _in(self, x: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.dtype)
+        return matmul_t(x.astype(dt), self.in_t[...].astype(dt))
+
+    def _project(self, x: jax.Array, ctx: Context):
+        return mamba_project(self._in(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
+
+    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        b, t = y.shape[:2]
+        dt = jnp.dtype(self.dtype)
+        y = gated_rmsnorm(y.reshape(b, t, self.d_inner), z, self.norm.weight[...], self.headdim, self.mcfg.norm_eps)
+        return matmul_t(y.astype(dt), self.out_t[...].astype(dt))
+
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        """x + mixer(norm(x)) for one decode token per row (x: (b, 1, D)): three launches on GPU (see the class);
+        each falls back to its reference on its own, and the references are exactly the unfused ops."""
+        from mamba_llama_jax.models.cache import MambaCache
+
+        dt = jnp.dtype(self.dtype)
+        x2 = x[:, 0].astype(dt)
+        zx = norm_matmul(x2, norm.weight[...], self.in_t[...].astype(dt), eps=norm.eps)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias[...]
+        y, conv, ssm = mamba2_decode(zx, cache.conv, cache.ssm, self.conv1d.weight[...], bias, self.dt_bias[...],
+                                     -jnp.exp(self.A_log[...].astype(jnp.float32)), self.D[...],
+                                     self.norm.weight[...], ctx.token_mask[:, 0], d_inner=self.d_inner,
+                                     d_xb=self.d_xb, eps=self.mcfg.norm_eps)
+        return matmul_residual(y, self.out_t[...].astype(dt), x2)[:, None], MambaCache(conv, ssm)
+
+
+def _fusable_mamba(m: Any) -> bool:
+    return (type(m) is Mamba2 and m.in_proj.bias is None and m.out_proj.bias is None
+            and mamba_decode_would_run(m.d_state))
+
+
 def _fusable_attention(m: Any) -> bool:
     return type(m) is Attention and all(p.bias is None for p in (m.q_proj, m.k_proj, m.v_proj, m.o_proj))
 
@@ -248,7 +304,7 @@ def _fusable_attention(m: Any) -> bool:
 # Leaves cast to the compute dtype: weight matrices that the model casts on every call anyway (Linear kernels,
 # the embedding / tied LM head, the fused matrices). Others keep their dtype — norm weights, and the Mamba conv
 # weights, A_log, D and dt_bias, which the model upcasts to fp32: rounding them would change the result.
-_CAST = frozenset({"kernel", "embedding", "qkv", "o", "gate_up", "down"})
+_CAST = frozenset({"kernel", "embedding", "qkv", "o", "gate_up", "down", "in_t", "out_t"})
 
 
 def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State, bool]:
@@ -256,7 +312,8 @@ def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.G
     cast to the compute dtype. The original model is left untouched.
 
     Works on any `DecoderLM` (the teacher, `HybridLM`, ...): every plain bias-free attention layer becomes a
-    `FusedAttention` and every plain MLP a `FusedMLP`; other mixers (Mamba) keep their own decode path.
+    `FusedAttention`, every plain MLP a `FusedMLP`, and every bias-free Mamba2 mixer a `FusedMamba2` where its
+    decode kernel would run (`pallas_kernels.mamba_decode.kernel_would_run`); other mixers keep their own path.
     `fused` says whether any layer was fused.
     """
     graphdef, state = nnx.split(model)
@@ -266,6 +323,9 @@ def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.G
         for layer in copy.layers:
             if _fusable_attention(layer.mixer):
                 layer.mixer = FusedAttention(layer.mixer)
+                fused = True
+            elif _fusable_mamba(layer.mixer):
+                layer.mixer = FusedMamba2(layer.mixer)
                 fused = True
             if type(layer.mlp) is MLP:
                 layer.mlp = FusedMLP(layer.mlp)

@@ -242,6 +242,42 @@ def ssd_step(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax
     return y[:, None].astype(x.dtype), s
 
 
+def mamba_project(zxbcdt: jax.Array, mask: jax.Array, d_inner: int, conv_dim: int,
+                  dt_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """in_proj's output (b, t, d_inner + conv_dim + heads) split and masked: (z, xBC, dt') with
+    dt' = softplus(dt + dt_bias) fp32, xBC and dt' zero at padding (mask (b, t))."""
+    z = zxbcdt[..., :d_inner]
+    xbc = jnp.where(mask[..., None], zxbcdt[..., d_inner:d_inner + conv_dim], 0)
+    dt = jax.nn.softplus(zxbcdt[..., d_inner + conv_dim:].astype(F32) + dt_bias.astype(F32)) * mask[..., None]
+    return z, xbc, dt
+
+
+def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, conv_w: jax.Array,
+                            conv_b: jax.Array | None, dt_bias: jax.Array, A: jax.Array, D: jax.Array,
+                            norm_w: jax.Array, mask: jax.Array, *, d_inner: int, d_xb: int,
+                            eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Mamba2 decode step between in_proj and out_proj, exactly `Mamba2.__call__`'s at one token (the pure-JAX
+    reference of `pallas_kernels.mamba_decode`): zxbcdt (b, d_inner + channels + heads) in_proj's output; conv
+    (b, channels, d_conv) and ssm (b, h, p, n) fp32 the cache; conv_w (channels, d_conv), conv_b (channels,) or
+    None; dt_bias, A (= -exp(A_log)), D (h,); norm_w (d_inner,); mask (b,) whether the token is real (padding
+    leaves the cache as it was). Returns (the gated-normed y (b, d_inner) in zxbcdt's dtype, the new conv window,
+    the new state)."""
+    b = zxbcdt.shape[0]
+    n = ssm.shape[-1]
+    conv_dim = d_inner + 2 * d_xb
+    m = mask.astype(bool)[:, None]  # (b, 1): the decode step's token mask
+    z, xbc, dt = mamba_project(zxbcdt[:, None], m, d_inner, conv_dim, dt_bias)
+    act = jax.nn.silu(causal_conv(xbc, conv_w, conv_b, conv, None)).astype(xbc.dtype)
+    heads, rep = d_inner // n, d_inner // d_xb
+    x = repeat_groups(act[..., :d_xb], n, rep).reshape(b, 1, heads, n)
+    B = repeat_groups(act[..., d_xb:2 * d_xb], n, rep).reshape(b, 1, heads, n)
+    C = act[..., 2 * d_xb:].reshape(b, 1, heads, n)
+    y, state = ssd_step(ssm, x, dt, A.astype(F32), B, C, D.astype(F32))
+    window = conv_window(xbc, conv, m, None, conv.shape[2]).astype(conv.dtype)
+    out = gated_rmsnorm(y.reshape(b, 1, d_inner), z, norm_w, n, eps)
+    return out[:, 0].astype(zxbcdt.dtype), window, state
+
+
 class Mamba2(nnx.Module):
     """MambaInLlama's Mamba2 mixer: heads = groups = num_heads, head size = d_state = head_dim, expand 1."""
 
@@ -273,14 +309,7 @@ class Mamba2(nnx.Module):
 
     def _project(self, x: jax.Array, ctx: Context):
         """in_proj, masked: (z, xBC, dt') with dt' = softplus(dt + dt_bias) fp32, zero at padding."""
-        zxbcdt = self.in_proj(x)
-        z = zxbcdt[..., :self.d_inner]
-        xbc = zxbcdt[..., self.d_inner:self.d_inner + self.conv_dim]
-        dt = zxbcdt[..., self.d_inner + self.conv_dim:]
-        mask = ctx.token_mask
-        xbc = jnp.where(mask[..., None], xbc, 0)
-        dt = jax.nn.softplus(dt.astype(F32) + self.dt_bias[...].astype(F32)) * mask[..., None]
-        return z, xbc, dt
+        return mamba_project(self.in_proj(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
 
     def _heads(self, xbc_act: jax.Array):
         """Split the conv output into per-head x, B (GQA-repeated) and C: (b,t,H,P), (b,t,H,N), (b,t,H,N)."""

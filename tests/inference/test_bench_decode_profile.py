@@ -61,6 +61,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("default") == ({}, {})
     assert bdp.parse_variant("bn1w1+c16") == ({"row_block": 1, "row_warps": 1, "combine_block": 16}, {})
     assert bdp.parse_variant("xla") == ({}, {"MAMBA_LLAMA_FUSED_DECODE": "0"})
+    assert bdp.parse_variant("uv") == ({}, {"MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"})
     assert bdp.parse_variant("fd64+bn2") == ({"row_block": 2}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("s4+mk") == ({"attn_splits": 4, "merge": "kernel"}, {})
     assert bdp.parse_variant("mx")[0] == {"merge": "xla"}

@@ -220,10 +220,14 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, merge, monkeypatch)
         model = build_hybrid(model, HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(1))
     prompts = [[5, 17, 3, 88, 41, 9, 60] * 6, [12, 7, 70]]  # 48 slots + 6 new: 64 slots, attention in 4 splits
     assert da.plan(2, TINY.num_kv_heads, 64, max_splits=fd.combine_max_splits(2)) == (16, 4)
+    dispatch.record_choice("mamba2_decode", "none")
     want = greedy(model, prompts, 6, monkeypatch, kernels=False)
+    assert dispatch.last_choice("mamba2_decode") == "none"  # no FusedMamba2 without its kernel
     with fd.tiling(merge=merge):
         got = greedy(model, prompts, 6, monkeypatch, kernels=True)
     assert got == want
+    # the hybrid's Mamba2 layers decode through FusedMamba2 and the fused Mamba2 step kernel
+    assert dispatch.last_choice("mamba2_decode") == ("pallas_triton" if kind == "hybrid50" else "none")
     if merge == "kernel":
         assert dispatch.last_choice("decode_attention_merge") == "pallas_triton"
 
