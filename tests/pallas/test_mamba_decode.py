@@ -125,11 +125,12 @@ def test_dispatch(monkeypatch):
 
 
 SMOLLM2_HYBRID = dict(h=9, n=64, groups=3)  # d_inner 576, d_xb 192: the 50 % hybrid's Mamba2 layers
+LLAMA1B_HYBRID = dict(h=32, n=64, groups=8)  # d_inner 2048, d_xb 512: a Llama-3.2-1B hybrid's
 
 
-@pytest.mark.parametrize("b", [1, 64])
-def test_kernel_lowers_to_triton_at_the_smollm2_hybrid_shapes(b):
-    args, kw = make_args(b, dtype=jnp.bfloat16, **SMOLLM2_HYBRID)
+@pytest.mark.parametrize("b,shape", [(1, SMOLLM2_HYBRID), (64, SMOLLM2_HYBRID), (1, LLAMA1B_HYBRID)])
+def test_kernel_lowers_to_triton_at_real_hybrid_shapes(b, shape):
+    args, kw = make_args(b, dtype=jnp.bfloat16, **shape)
     avals = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     mod = lower_for_h100(lambda *a: md.mamba2_decode_pallas(*a, **kw), *avals)
     assert "xla.gpu.triton" in mod
@@ -137,10 +138,11 @@ def test_kernel_lowers_to_triton_at_the_smollm2_hybrid_shapes(b):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("b", [1, 4, 64])
-def test_kernel_equals_reference_gpu(b):
+@pytest.mark.parametrize("b,shape", [(1, SMOLLM2_HYBRID), (4, SMOLLM2_HYBRID), (64, SMOLLM2_HYBRID),
+                                     (1, LLAMA1B_HYBRID)])
+def test_kernel_equals_reference_gpu(b, shape):
     mask = [r % 5 != 3 for r in range(b)]
-    args, kw = make_args(b, dtype=jnp.bfloat16, mask=mask, seed=b, **SMOLLM2_HYBRID)
+    args, kw = make_args(b, dtype=jnp.bfloat16, mask=mask, seed=b, **shape)
     fn = functools.partial(md.mamba2_decode_pallas, **kw)
     assert has_pallas_call(fn, *args)
     got = jax.jit(fn)(*args)
