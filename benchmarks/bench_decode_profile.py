@@ -15,8 +15,8 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
-(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: e.g. the fused Mamba2 decode step, `pallas_kernels/mamba_decode.py`), `fdN` = fused GEMVs up to batch N, `sN` = N attention
-splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
+(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: e.g. the fused Mamba2 decode step, `pallas_kernels/mamba_decode.py`),
+`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,12 +93,26 @@ def summarize(events: list[tuple[str, int, int]], steps: int, wall_ms_per_step: 
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:10])}
 
 
+def traced_kernel_events(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, int, int]] | None]:
+    """(fn's result, the kernel events of running it under the profiler (`kernel_events`)); events None if the
+    profiler wrote no trace."""
+    import jax
+    from jax.profiler import ProfileData
+
+    d = tempfile.mkdtemp(prefix="decode_profile_")
+    try:
+        with jax.profiler.trace(d):
+            res = fn()
+        files = list(Path(d).rglob("*.xplane.pb"))
+        return res, kernel_events(ProfileData.from_file(str(files[0])).planes) if files else None
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, prof_runs: int) -> dict[str, Any]:
     """Median decode wall time per step over `runs` runs, then a profile of `prof_runs` more."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.profiler import ProfileData
 
     from bench_generate import compile_generate
     from mamba_llama_jax.inference.generate import Generator
@@ -112,18 +126,18 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]
     prefilled = [c.prefill() for _ in range(prof_runs)]  # outside the trace: only decode loops are profiled
-    d = tempfile.mkdtemp(prefix="decode_profile_")
-    prof_walls = []
-    with jax.profiler.trace(d):
+
+    def profiled() -> list[float]:
+        prof_walls = []
         for first, cache in prefilled:
             t = time.perf_counter()
             c.decode(first, cache)
             prof_walls.append(time.perf_counter() - t)
-    files = list(Path(d).rglob("*.xplane.pb"))
-    if not files:
+        return prof_walls
+
+    prof_walls, events = traced_kernel_events(profiled)
+    if events is None:
         return {"error": "the profiler wrote no .xplane.pb"}
-    events = kernel_events(ProfileData.from_file(str(files[0])).planes)
-    shutil.rmtree(d, ignore_errors=True)
     out = summarize(events, steps * prof_runs, 1e3 * statistics.median(prof_walls) / steps)
     out.update(wall_ms_unprofiled=1e3 * statistics.median(walls) / steps, runs=runs, profiled_runs=prof_runs,
                chosen=chosen)

@@ -169,33 +169,24 @@ _PROFILER_WARM: list[bool] = []
 def profile_run(fn: Callable[[], Any], units: Callable[[Any], int]) -> dict[str, Any]:
     """One profiled call of `fn` (already compiled), summarised per unit (a speculative round, a plain decode
     step) as `bench_decode_profile.summarize` does: wall and busy ms, gaps, kernels, busy ms and count by kind."""
-    import shutil
-    import tempfile
+    from bench_decode_profile import summarize, traced_kernel_events
 
-    from jax.profiler import ProfileData
+    if not _PROFILER_WARM:  # the first trace of a process pays the profiler's own start-up inside it
+        traced_kernel_events(lambda: jax.block_until_ready(jnp.zeros(8) + 1))
+        _PROFILER_WARM.append(True)
 
-    from bench_decode_profile import kernel_events, summarize
+    def timed_call() -> tuple[Any, float]:
+        t = time.perf_counter()
+        res = fn()
+        return res, time.perf_counter() - t
 
-    d = tempfile.mkdtemp(prefix="spec_profile_")
-    try:
-        if not _PROFILER_WARM:  # the first trace of a process pays the profiler's own start-up inside it
-            with jax.profiler.trace(d):
-                jax.block_until_ready(jnp.zeros(8) + 1)
-            shutil.rmtree(d, ignore_errors=True)
-            _PROFILER_WARM.append(True)
-        with jax.profiler.trace(d):
-            t = time.perf_counter()
-            res = fn()
-            wall = time.perf_counter() - t
-        files = list(Path(d).rglob("*.xplane.pb"))
-        if not files:
-            return {"error": "the profiler wrote no .xplane.pb"}
-        n = max(1, units(res))
-        out = summarize(kernel_events(ProfileData.from_file(str(files[0])).planes), n, 1e3 * wall / n)
-        out["units"] = n
-        return out
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    (res, wall), events = traced_kernel_events(timed_call)
+    if events is None:
+        return {"error": "the profiler wrote no .xplane.pb"}
+    n = max(1, units(res))
+    out = summarize(events, n, 1e3 * wall / n)
+    out["units"] = n
+    return out
 
 
 def tokens_per_round(k: int, alpha: float) -> float:
@@ -313,11 +304,11 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                           args.reps)
                     pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
                     same = float(np.mean([(o == p).all() for o, p in pairs]))
-                    diverged = sorted(d for d in (first_divergence(o, p) for o, p in pairs) if d is not None)
+                    firsts = [first_divergence(o, p) for o, p in pairs]
+                    diverged = sorted(d for d in firsts if d is not None)
                     prompts = [g[r] for g in groups for r in range(b)]
-                    margins = divergence_margins(target, [
-                        (q, p, d) for q, (o, p) in zip(prompts, pairs)
-                        if (d := first_divergence(o, p)) is not None and d < len(p)])
+                    margins = divergence_margins(target, [(q, p, d) for q, (_, p), d in zip(prompts, pairs, firsts)
+                                                          if d is not None and d < len(p)])
                     stats = [st for _, _, st in runs]
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
@@ -374,8 +365,8 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "includes the commit (the second verify call that rebuilds the kept state). `loop@a` is the speedup at "
              "acceptance a implied by the end-to-end loops alone (`loop_projected`: a round's measured time against "
              "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right).", "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | margin | t_step ms | "
-             "t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | margin | "
+             "t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
              + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
              "|" + "---|" * (14 + len(ALPHAS) + len(LOOP_ALPHAS))]
     for r in results["runs"]:

@@ -392,20 +392,12 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
 GPU_VERIFIED = True
 
 
-def _kernel_allowed() -> bool:
-    if dispatch.force_reference():
-        return False
-    if dispatch._on_gpu():
-        return GPU_VERIFIED or dispatch.unverified_allowed()
-    return dispatch.interpret_kernels()  # tests: the kernel in interpret mode on a CPU
-
-
 def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *,
                             num_heads: int, num_kv_heads: int, window: int = 0) -> str:
     """Which implementation `decode_attention` would use (raises KernelError for bad arguments)."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
     check_args(qkv, k_cache, v_cache, cos, sin, valid, kernel=False, **kw)
-    if not _kernel_allowed():
+    if not dispatch.kernel_allowed(GPU_VERIFIED):
         return REFERENCE
     try:
         check_args(qkv, k_cache, v_cache, cos, sin, valid, kernel=True, **kw)
@@ -417,7 +409,8 @@ def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin:
 def kernel_would_run(head_dim: int, slots_multiple: int) -> bool:
     """Whether the Generator's decode attention will be the kernel (for its phase plan): GPU (or interpret mode),
     not forced to the reference, a head size the kernel tiles, and caches whose slot count is a multiple of 16."""
-    return _kernel_allowed() and is_pow2(head_dim) and head_dim >= 16 and slots_multiple % 16 == 0
+    return (dispatch.kernel_allowed(GPU_VERIFIED) and is_pow2(head_dim) and head_dim >= 16
+            and slots_multiple % 16 == 0)
 
 
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -450,7 +443,7 @@ def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.A
 def merge_splits(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
     """`merge_partials_pallas` where the attention kernel runs (GPU, or interpret mode in tests), `merge_partials`
     elsewhere; records the choice under "decode_attention_merge"."""
-    choice = PALLAS_TRITON if _kernel_allowed() else REFERENCE
+    choice = PALLAS_TRITON if dispatch.kernel_allowed(GPU_VERIFIED) else REFERENCE
     dispatch.record_choice("decode_attention_merge", choice)
     if choice == PALLAS_TRITON:
         return merge_partials_pallas(o_part, m, l, dtype, interpret=_interpret())

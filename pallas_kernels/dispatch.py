@@ -56,6 +56,17 @@ def force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def kernel_allowed(gpu_verified: bool) -> bool:
+    """Whether a Pallas kernel may be chosen at all (its shapes aside): never with MAMBA_LLAMA_FORCE_REFERENCE=1;
+    on a GPU once its compiled test has passed (`gpu_verified`, its file's GPU_VERIFIED) or with
+    MAMBA_LLAMA_UNVERIFIED_KERNELS=1; off a GPU in interpret mode with MAMBA_LLAMA_INTERPRET_KERNELS=1 (tests)."""
+    if force_reference():
+        return False
+    if _on_gpu():
+        return gpu_verified or unverified_allowed()
+    return interpret_kernels()
+
+
 def last_choice(op: str = "ssd") -> str | None:
     """The implementation the most recent trace of `op` used (`pallas_triton`, for "ssd" also `pallas_mosaic_gpu`
     or `pallas_mosaic_tpu`, or the op's reference name)."""
@@ -284,8 +295,7 @@ def verify_choice(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B
     from pallas_kernels import multistep_verify as mv
     kw = dict(D=D, dt_bias=dt_bias, accepted=accepted)
     mv.check_verify_args(state, x, dt, A, B, C, kernel=False, **kw)
-    allowed = (mv.GPU_VERIFIED or unverified_allowed()) if _on_gpu() else interpret_kernels()
-    if force_reference() or not allowed:
+    if not kernel_allowed(mv.GPU_VERIFIED):
         return mv.REFERENCE
     try:
         mv.check_verify_args(state, x, dt, A, B, C, kernel=True, **kw)
@@ -327,8 +337,7 @@ def selective_scan_choice(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.A
     from pallas_kernels import selective_scan as ss
     ss.check_selective_scan_args(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
                                  segment_ids=segment_ids, kernel=False)
-    allowed = (ss.GPU_VERIFIED or unverified_allowed()) if _on_gpu() else interpret_kernels()
-    return PALLAS_TRITON if allowed and not force_reference() else SELECTIVE_REFERENCE
+    return PALLAS_TRITON if kernel_allowed(ss.GPU_VERIFIED) else SELECTIVE_REFERENCE
 
 
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,

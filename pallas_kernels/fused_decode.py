@@ -180,17 +180,9 @@ def max_batch() -> int:
     return DEFAULT_MAX_BATCH if bound is None else bound
 
 
-def _kernel_allowed() -> bool:
-    if dispatch.force_reference():
-        return False
-    if dispatch._on_gpu():
-        return GPU_VERIFIED or dispatch.unverified_allowed()
-    return dispatch.interpret_kernels()
-
-
 def fused_decode_choice(rows: int, *widths: int) -> str:
     """Which implementation the dispatchers use for `rows` rows and these K/N widths."""
-    if not _kernel_allowed():
+    if not dispatch.kernel_allowed(GPU_VERIFIED):
         return REFERENCE
     bound = _env_bound()
     if bound is None:  # the defaults: a batch bound and a model-size bound

@@ -144,17 +144,9 @@ def mamba2_decode_pallas(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, con
       dt_bias, A.astype(F32), D.astype(F32), norm_w, mask.astype(jnp.int32))
 
 
-def _kernel_allowed() -> bool:
-    if dispatch.force_reference():
-        return False
-    if dispatch._on_gpu():
-        return GPU_VERIFIED or dispatch.unverified_allowed()
-    return dispatch.interpret_kernels()  # tests: the kernel in interpret mode on a CPU
-
-
 def kernel_would_run(d_state: int) -> bool:
     """Whether `mamba2_decode` will take the kernel for a layer of this state size (for `prepare_for_inference`)."""
-    return _kernel_allowed() and is_pow2(d_state) and d_state >= 16
+    return dispatch.kernel_allowed(GPU_VERIFIED) and is_pow2(d_state) and d_state >= 16
 
 
 def mamba2_decode(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, conv_w: jax.Array, conv_b: jax.Array | None,

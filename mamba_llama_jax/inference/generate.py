@@ -39,7 +39,7 @@ from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
 )
-from mamba_llama_jax.models.mamba import Mamba2, gated_rmsnorm, mamba_project
+from mamba_llama_jax.models.mamba import Mamba2
 from mamba_llama_jax.ops.attention import attend_one
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
@@ -249,7 +249,7 @@ class FusedMamba2(Mamba2):
     `prepare_for_inference` where `pallas_kernels.mamba_decode` would run its kernel.
 
     Same maths, parameters and cache as `models.mamba.Mamba2` (prefill, verify chunks and `multistep` run its own
-    code through the projections below). A single-token decode step is RMSNorm + in_proj
+    code through the projections `_in` / `_out_proj` below). A single-token decode step is RMSNorm + in_proj
     (`fused_decode.norm_matmul`), the whole step between the projections (`mamba_decode.mamba2_decode`: conv,
     SiLU, state update, D skip, gated norm) and out_proj + residual (`fused_decode.matmul_residual`), where XLA
     runs ~12 kernels (`pallas_kernels/mamba_decode.py` says why that matters at decode)."""
@@ -267,13 +267,8 @@ class FusedMamba2(Mamba2):
         dt = jnp.dtype(self.dtype)
         return matmul_t(x.astype(dt), self.in_t[...].astype(dt))
 
-    def _project(self, x: jax.Array, ctx: Context):
-        return mamba_project(self._in(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
-
-    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        b, t = y.shape[:2]
+    def _out_proj(self, y: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
-        y = gated_rmsnorm(y.reshape(b, t, self.d_inner), z, self.norm.weight[...], self.headdim, self.mcfg.norm_eps)
         return matmul_t(y.astype(dt), self.out_t[...].astype(dt))
 
     def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:

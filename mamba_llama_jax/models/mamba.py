@@ -307,9 +307,15 @@ class Mamba2(nnx.Module):
         return MambaCache.allocate(batch, self.conv_dim, self.mcfg.d_conv,
                                    (self.nheads, self.headdim, self.d_state), jnp.dtype(self.dtype))
 
+    def _in(self, x: jax.Array) -> jax.Array:
+        return self.in_proj(x)
+
+    def _out_proj(self, y: jax.Array) -> jax.Array:
+        return self.out_proj(y)
+
     def _project(self, x: jax.Array, ctx: Context):
         """in_proj, masked: (z, xBC, dt') with dt' = softplus(dt + dt_bias) fp32, zero at padding."""
-        return mamba_project(self.in_proj(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
+        return mamba_project(self._in(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
 
     def _heads(self, xbc_act: jax.Array):
         """Split the conv output into per-head x, B (GQA-repeated) and C: (b,t,H,P), (b,t,H,N), (b,t,H,N)."""
@@ -324,7 +330,7 @@ class Mamba2(nnx.Module):
         b, t = y.shape[:2]
         y = gated_rmsnorm(y.reshape(b, t, self.d_inner), z, self.norm.weight[...], self.headdim,
                           self.mcfg.norm_eps)
-        return self.out_proj(y.astype(jnp.dtype(self.dtype)))
+        return self._out_proj(y.astype(jnp.dtype(self.dtype)))
 
     def __call__(self, x: jax.Array, ctx: Context, cache: MambaCache | None) -> tuple[jax.Array, MambaCache | None]:
         z, xbc, dt = self._project(x, ctx)
