@@ -445,7 +445,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.render:
-        print(render_saved(args.render).read_text())
+        try:
+            md = render_saved(args.render)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, unreadable or not a result of this script
+            ap.error(f"--render {args.render}: not a saved speculative.json ({type(e).__name__}: {e})")
+        print(md.read_text())
         return
     if args.tiny:
         args.shapes, args.batch, args.k = ["tiny"], [1, 2], [2, 3]

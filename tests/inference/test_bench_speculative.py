@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -110,4 +112,42 @@ def test_profile_run_summarises_per_unit(monkeypatch):
     four = bs.profile_run(f, lambda res: len(res))
     assert "error" not in one and four["units"] == 4 and one["units"] == 1
     assert one["kernels"] > 0 and abs(four["kernels"] * 4 - one["kernels"]) <= 4 and four["busy_ms"] > 0
+    sys.modules.pop("bench_speculative", None)
+
+
+def test_render_flag_rewrites_and_refuses_what_is_not_a_result(monkeypatch, tmp_path, capsys):
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    results = dict(date="2026-12-04", device="cpu", versions={"jax": "x"}, dtype="bfloat16", prompt_len=128,
+                   new_tokens=128, command="bench_speculative.py --target /t --draft /d --k 3", real_models=True,
+                   xla_flags="", runs=[_row()], skipped=[], wall_s=95.0)
+    path = tmp_path / "speculative.json"
+    path.write_text(json.dumps(results))
+    bs.main(["--render", str(path)])
+    assert "loop@1.0" in capsys.readouterr().out and (tmp_path / "speculative.md").exists()
+    for bad, text in (("missing.json", None), ("garbage.json", "{not json"), ("other.json", '{"rows": []}')):
+        if text is not None:
+            (tmp_path / bad).write_text(text)
+        with pytest.raises(SystemExit):
+            bs.main(["--render", str(tmp_path / bad)])
+        assert "not a saved speculative.json" in capsys.readouterr().err
+    sys.modules.pop("bench_speculative", None)
+
+
+@pytest.mark.slow
+def test_tiny_run_with_profile(monkeypatch, tmp_path):
+    """The whole script on the CPU with --profile: every row has a round and a plain-step profile."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    bs.main(["--tiny", "--impls", "kernel", "--profile", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "speculative.json").read_text())["runs"]
+    assert runs and all(set(r["profile"]) == {"round", "plain_step"} for r in runs)
+    assert all("error" not in pr and pr["units"] >= 1 for r in runs for pr in r["profile"].values())
+    assert "Where a round and a plain step go" in (tmp_path / "speculative.md").read_text()
     sys.modules.pop("bench_speculative", None)
