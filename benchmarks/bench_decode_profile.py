@@ -15,7 +15,7 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
-(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: e.g. the fused Mamba2 decode step, `pallas_kernels/mamba_decode.py`),
+(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False),
 `fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by

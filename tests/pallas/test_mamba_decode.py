@@ -118,7 +118,10 @@ def test_dispatch(monkeypatch):
     got = md.mamba2_decode(*args, **kw)
     assert dispatch.last_choice("mamba2_decode") == md.PALLAS_TRITON
     assert all(rel(g, w) < 1e-5 for g, w in zip(got, want))
-    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)  # a GPU: not verified there yet -> the reference
+    monkeypatch.delenv(dispatch.INTERPRET_ENV)
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)  # a GPU: the kernel once verified there, else the reference
+    assert md.kernel_would_run(16)
+    monkeypatch.setattr(md, "GPU_VERIFIED", False)
     assert not md.kernel_would_run(16)
     monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
     assert md.kernel_would_run(16)
