@@ -34,9 +34,11 @@ F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 
-# Compiled and compared with the reference on an H200: tests/pallas/test_mamba_decode.py's `-m gpu` tests passed
-# there (benchmarks/results/test-gpu-s10.xml), so the kernel is the default on GPUs.
-GPU_VERIFIED = True
+# Its `-m gpu` tests passed on an H200 (benchmarks/results/test-gpu-s10.xml) and a hybrid's plain decode ran it
+# (results/decode_mamba_s10.md), but the next device call, the speculative benchmark with this kernel on by
+# default, died of a CUDA launch failure that is not yet explained (test-gpu.md, session 10): off on GPUs (unless
+# MAMBA_LLAMA_UNVERIFIED_KERNELS=1) until that run is repeated and the failure placed.
+GPU_VERIFIED = False
 
 
 def _softplus(v: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from mamba_llama_jax.models.llama import (
 )
 from mamba_llama_jax.models.mamba import Mamba2
 from mamba_llama_jax.ops.attention import attend_one
+from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
     merge_partials, merge_splits, plan,
@@ -51,6 +52,18 @@ from pallas_kernels.fused_decode import (
     attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, merge_mode,
     norm_gate_up, norm_matmul, swiglu,
 )
+
+# Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
+# as rows of the fused GEMVs): exercised in interpret mode on the CPU, not yet on a GPU (the session-10 device run
+# that first tried it died of a CUDA launch failure not yet placed: benchmarks/results/test-gpu.md). Until its
+# `-m gpu` test passes there, GPUs verify through XLA's GEMMs unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
+VERIFY_ROWS_GPU_VERIFIED = False
+
+
+def verify_rows_fused() -> bool:
+    """Whether verify chunks take the decode step's kernels (`VERIFY_ROWS_GPU_VERIFIED`)."""
+    return dispatch.kernel_allowed(VERIFY_ROWS_GPU_VERIFIED)
+
 
 # ------------------------------------------------------------------------------------------------------ sampling
 
@@ -184,17 +197,44 @@ class FusedAttention(nnx.Module):
         out, kc, vc = decode_attention(*args, **kw)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
+    def verify_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        """x + attention(norm(x)) for a verify chunk x (b, t, D): its b·t tokens go through RMSNorm + q·k·v and
+        o-projection + residual as rows (`fused_decode.norm_matmul` / `matmul_residual`: the plain decode step's
+        kernels where b·t is within their rows, the same maths as their references elsewhere)."""
+        b, t, width = x.shape
+        if t == 1:  # a one-token chunk (a Mamba draft's steps) is a decode step to attention
+            return self.decode_residual(x, norm, ctx, cache)
+        if not verify_rows_fused():
+            y, cache = self(norm(x), ctx, cache)
+            return x + y, cache
+        dt = jnp.dtype(self.dtype)
+        x2 = x.reshape(b * t, width).astype(dt)
+        qkv = norm_matmul(x2, norm.weight[...], self.qkv[...].astype(dt), eps=norm.eps)
+        out, cache = self._attend(qkv.reshape(b, t, -1), ctx, cache)
+        y = matmul_residual(out.reshape(b * t, -1).astype(dt), self.o[...].astype(dt), x2)
+        return y.reshape(b, t, width), cache
+
     def __call__(self, x: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         from mamba_llama_jax.models.cache import KVCache
 
         b, t, _ = x.shape
-        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         dt = jnp.dtype(self.dtype)
         qkv = matmul_t(x.astype(dt), self.qkv[...].astype(dt))
         if cache is not None and not ctx.prefill and t == 1:
             out, kc, vc = decode_attention(qkv[:, 0], cache.k, cache.v, ctx.cos[:, 0], ctx.sin[:, 0], ctx.index,
-                                           ctx.valid, num_heads=h, num_kv_heads=kv, window=self.decode_window)
+                                           ctx.valid, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                           window=self.decode_window)
             return matmul_t(out[:, None].astype(dt), self.o[...].astype(dt)), KVCache(kc, vc)
+        out, cache = self._attend(qkv, ctx, cache)
+        return matmul_t(out.astype(dt), self.o[...].astype(dt)), cache
+
+    def _attend(self, qkv: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        """Attention of a chunk from its q·k·v (b, t, (h + 2·kv)·d): RoPE, the cache write, attention over cache +
+        chunk (or the chunk alone at prefill / without a cache). Returns (b, t, h·d) and the cache."""
+        from mamba_llama_jax.models.cache import KVCache
+
+        b, t, _ = qkv.shape
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = qkv[..., : h * d].reshape(b, t, h, d)
         k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
         v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
@@ -207,8 +247,7 @@ class FusedAttention(nnx.Module):
             out = attend(q, k, v, chunk_mask(ctx))
         else:
             out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask(ctx, cache.k.shape[1]))
-        y = matmul_t(out.reshape(b, t, h * d).astype(dt), self.o[...].astype(dt))
-        return y, cache
+        return out.reshape(b, t, h * d), cache
 
 
 def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, window: int) -> jax.Array:
@@ -233,15 +272,17 @@ class FusedMLP(nnx.Module):
         return matmul_t(swiglu(gu, self.inter), self.down[...].astype(dt))
 
     def norm_residual(self, x: jax.Array, norm: Any) -> jax.Array:
-        """x + self(norm(x)). At a decode step (one token per row) two launches on GPU at small batch: RMSNorm +
-        gate·up + SiLU·mul (`fused_decode.norm_gate_up`) and down + residual (`fused_decode.matmul_residual`);
-        their references elsewhere, which are exactly the unfused ops."""
-        if x.shape[1] != 1:  # prefill and verify chunks: XLA's GEMMs
+        """x + self(norm(x)), the b·t tokens of x (b, t, D) taken as rows: at a decode step or a speculative
+        verify chunk, two launches on GPU while b·t is small: RMSNorm + gate·up + SiLU·mul
+        (`fused_decode.norm_gate_up`) and down + residual (`fused_decode.matmul_residual`); their references
+        elsewhere (prefill, larger batches), which are exactly the unfused ops."""
+        b, t, width = x.shape
+        if t != 1 and not verify_rows_fused():
             return x + self(norm(x))
         dt = jnp.dtype(self.dtype)
-        x2 = x[:, 0].astype(dt)
+        x2 = x.reshape(b * t, width).astype(dt)
         act = norm_gate_up(x2, norm.weight[...], self.gate_up[...].astype(dt), eps=norm.eps)
-        return matmul_residual(act, self.down[...].astype(dt), x2)[:, None]
+        return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
 
 
 class FusedMamba2(Mamba2):
@@ -285,6 +326,20 @@ class FusedMamba2(Mamba2):
                                      self.norm.weight[...], ctx.token_mask[:, 0], d_inner=self.d_inner,
                                      d_xb=self.d_xb, eps=self.mcfg.norm_eps)
         return matmul_residual(y, self.out_t[...].astype(dt), x2)[:, None], MambaCache(conv, ssm)
+
+    def verify_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+        """x + multistep(norm(x)) for a verify chunk x (b, t, D) (returns the `MambaChunk`, as `multistep`): the
+        projections take its b·t tokens as rows (`fused_decode.norm_matmul` / `matmul_residual`, as in
+        `FusedAttention.verify_residual`), the steps between them are `Mamba2.multistep_gated`."""
+        b, t, width = x.shape
+        if not verify_rows_fused():
+            y, chunk = self.multistep(norm(x), ctx, cache)
+            return x + y, chunk
+        dt = jnp.dtype(self.dtype)
+        x2 = x.reshape(b * t, width).astype(dt)
+        zx = norm_matmul(x2, norm.weight[...], self.in_t[...].astype(dt), eps=norm.eps)
+        y, chunk = self.multistep_gated(zx.reshape(b, t, -1), ctx, cache)
+        return matmul_residual(y.reshape(b * t, -1), self.out_t[...].astype(dt), x2).reshape(b, t, width), chunk
 
 
 def _fusable_mamba(m: Any) -> bool:

@@ -8,7 +8,10 @@ Acceptance keeps a prefix; `Pending.commit` then advances every cache by exactly
 by masking slots, Mamba by one more multistep-verify call from the cached state with the accepted count (the state
 after n steps is written, the k per-prefix states never are) and a slice of old conv window ++ chunk inputs.
 No recurrent state per draft token exists at any point: a Mamba layer holds its cached state and, during a round,
-the latest one.
+the latest one. In inference copies (`generate.prepare_for_inference`) a verify chunk's b·(k+1) tokens go through
+the plain decode step's fused kernels as rows where they fit them (`verify_residual` of `FusedAttention` /
+`FusedMamba2`, `FusedMLP.norm_residual`; on GPUs once `generate.VERIFY_ROWS_GPU_VERIFIED`): a verify then costs
+about what that many decode rows cost, and rounds as plain decoding does.
 
 Round invariants (both kept per row):
 - target: has consumed every committed token except the last, `x0`. It verifies [x0, d1..dk] (k+1 tokens), so

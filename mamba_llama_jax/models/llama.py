@@ -232,8 +232,11 @@ class Block(nnx.Module):
         # Inference copies (`inference.generate.prepare_for_inference`) give the mixer and the MLP methods that
         # take the norm and the residual too: at a decode step they fold RMSNorm into the next projection and the
         # residual add into the previous one (fused small-batch kernels: fewer launches per layer).
-        if (hasattr(self.mixer, "decode_residual") and cache is not None and not ctx.prefill and not verify
-                and x.shape[1] == 1):
+        # A speculative verify chunk (k+1 tokens a row) goes the same way, its b·(k+1) tokens taken as rows.
+        fold = hasattr(self.mixer, "decode_residual") and cache is not None and not ctx.prefill
+        if fold and verify:
+            x, cache = self.mixer.verify_residual(x, self.input_layernorm, ctx, cache)
+        elif fold and x.shape[1] == 1:
             x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache)
         else:
             h = self.input_layernorm(x)

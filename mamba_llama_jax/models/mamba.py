@@ -315,7 +315,10 @@ class Mamba2(nnx.Module):
 
     def _project(self, x: jax.Array, ctx: Context):
         """in_proj, masked: (z, xBC, dt') with dt' = softplus(dt + dt_bias) fp32, zero at padding."""
-        return mamba_project(self._in(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
+        return self._split(self._in(x), ctx)
+
+    def _split(self, zxbcdt: jax.Array, ctx: Context):
+        return mamba_project(zxbcdt, ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
 
     def _heads(self, xbc_act: jax.Array):
         """Split the conv output into per-head x, B (GQA-repeated) and C: (b,t,H,P), (b,t,H,N), (b,t,H,N)."""
@@ -326,11 +329,15 @@ class Mamba2(nnx.Module):
         C = xbc_act[..., 2 * self.d_xb:].reshape(b, t, self.nheads, self.d_state)
         return x, B, C
 
-    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    def _gate(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """The gated RMSNorm before out_proj: (b, t, d_inner) in the compute dtype."""
         b, t = y.shape[:2]
         y = gated_rmsnorm(y.reshape(b, t, self.d_inner), z, self.norm.weight[...], self.headdim,
                           self.mcfg.norm_eps)
-        return self._out_proj(y.astype(jnp.dtype(self.dtype)))
+        return y.astype(jnp.dtype(self.dtype))
+
+    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        return self._out_proj(self._gate(y, z))
 
     def __call__(self, x: jax.Array, ctx: Context, cache: MambaCache | None) -> tuple[jax.Array, MambaCache | None]:
         z, xbc, dt = self._project(x, ctx)
@@ -361,15 +368,22 @@ class Mamba2(nnx.Module):
 
         One call of the multistep-verify op (`pallas_kernels.dispatch.verify`: the Pallas kernel on GPU) with
         accepted = k gives the outputs and the last state; acceptance later advances `cache` by its count."""
-        z, xbc, dt = self._project(x, ctx)
+        y, chunk = self.multistep_gated(self._in(x), ctx, cache)
+        return self._out_proj(y), chunk
+
+    def multistep_gated(self, zxbcdt: jax.Array, ctx: Context,
+                        cache: MambaCache) -> tuple[jax.Array, MambaChunk]:
+        """`multistep` between the projections: from in_proj's output to the gated-normed y (b, k, d_inner), so
+        that inference copies can run the projections as their own (fused) kernels."""
+        z, xbc, dt = self._split(zxbcdt, ctx)
         conv = causal_conv(xbc, self.conv1d.weight[...], None if self.conv1d.bias is None else self.conv1d.bias[...],
                            cache.conv, None)
         xs, B, C = self._heads(jax.nn.silu(conv).astype(xbc.dtype))
         A = -jnp.exp(self.A_log[...].astype(F32))
-        b, k = x.shape[:2]
+        b, k = zxbcdt.shape[:2]
         y, final = dispatch.verify(cache.ssm, xs, dt, A, B, C, D=self.D[...].astype(F32), dt_softplus=False,
                                    accepted=jnp.full((b,), k, jnp.int32))
-        return self._out(y, z), _chunk(cache, xbc, xs, dt, B, A, final, "mamba2")
+        return self._gate(y, z), _chunk(cache, xbc, xs, dt, B, A, final, "mamba2")
 
 
 # ------------------------------------------------------------------------------------------------------ Mamba1

@@ -58,7 +58,10 @@ def random_draft(kind):
 @functools.cache
 def noisy_copy(fraction, scale=0.2):
     """The target with perturbed weights: agrees often but not always, so rows accept different counts."""
-    model = target(fraction)
+    return noisy_copy_of(target(fraction), scale)
+
+
+def noisy_copy_of(model, scale=0.2):
     graphdef, state = nnx.split(model)
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(3), len(leaves))
@@ -281,6 +284,67 @@ def test_greedy_through_the_verify_kernel_equals_plain_greedy(monkeypatch):
         spec._speculate.clear_cache()  # programs traced with interpret-mode kernels stay out of other tests
     assert [out[r, :m].tolist() for r, m in enumerate(lengths)] == want
     assert st.accepted_hist[0] > 0 and sum(st.accepted_hist[1:]) > 0, st  # rejections and acceptances both
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize("mode", ["interpret", pytest.param("gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")])])
+def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode, monkeypatch):
+    """An inference copy verifies a chunk with the plain decode step's kernels, its b·(k+1) tokens taken as rows
+    (interpret mode on the CPU; compiled on a GPU, where `VERIFY_ROWS_GPU_VERIFIED` waits for this test): logits
+    and every layer's pending state equal the unfused model's verify, and the whole loop at batch 1 (k+1 <= 4 rows:
+    the fused GEMVs run) equals plain greedy (fp32)."""
+    from pallas_kernels import dispatch
+    from mamba_llama_jax.inference import speculative as spec
+    from pallas_kernels import fused_decode as fd
+    from mamba_llama_jax.inference import generate as gen
+    from mamba_llama_jax.inference.generate import FusedAttention, FusedMamba2, prepare_for_inference
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, dtype="float32", max_position_embeddings=256)
+    tgt = build_hybrid(LlamaLM(cfg, rngs=nnx.Rngs(40)), HybridConfig(attn_fraction=0.5, mamba=MambaConfig(
+        chunk_size=4)), rngs=nnx.Rngs(41))
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(dispatch.INTERPRET_ENV if mode == "interpret" else dispatch.UNVERIFIED_ENV, "1")
+    jax.clear_caches()  # the kernel choice is made at trace time
+    graphdef, state, _ = prepare_for_inference(tgt)
+    copy = nnx.merge(graphdef, state)
+    assert {type(layer.mixer) for layer in copy.layers} == {FusedAttention, FusedMamba2}
+
+    def verified(model):
+        cache = model.init_cache(1, 32)
+        _, cache = model.hidden(jnp.asarray([[5, 17, 3, 8, 41, 9]]), cache=cache, prefill=True)
+        return verify(model, jnp.asarray([[60, 2, 33, 12]]), cache)
+
+    rows = []  # the row counts the mixers' RMSNorm + input projection take (attention's q·k·v, Mamba's in_proj)
+
+    def norm_matmul(x, *args, **kw):
+        rows.append(x.shape[0])
+        return fd.norm_matmul(x, *args, **kw)
+
+    monkeypatch.setattr(gen, "norm_matmul", norm_matmul)
+    dispatch.record_choice("fused_decode", "none")
+    got_logits, got = verified(copy)
+    assert rows == [4, 4] and dispatch.last_choice("fused_decode") == "pallas_triton"
+    want_logits, want = verified(tgt)
+    np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
+    assert {type(c) for c in got.state.layers} == {KVCache, MambaChunk}
+    for g, w in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state)):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+    n = 10
+    want_ids = reference_greedy(tgt, PROMPTS[0], n)
+    decoder = SpeculativeDecoder(tgt, noisy_copy_of(tgt))
+    for k in (3,) if mode == "interpret" else (1, 2, 3):
+        try:
+            out, lengths, st = decoder.run([PROMPTS[0]], k=k, max_new_tokens=n)
+            assert dispatch.last_choice("fused_decode") == "pallas_triton"
+        finally:
+            spec._speculate.clear_cache()  # programs traced with interpret-mode kernels stay out of other tests
+        assert out[0, :lengths[0]].tolist() == want_ids, k
+        assert sum(st.accepted_hist[1:]) > 0, (k, st)
 
 
 # ------------------------------------------------------------------------------------------------- acceptance

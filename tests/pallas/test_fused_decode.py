@@ -238,7 +238,9 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, merge, monkeypatch)
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")]
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 64])  # the 1-D row path, several rows, the dot path (1 and 4 groups)
+# the 1-D row path (2 and 3: a speculative verify chunk's k+1 tokens at batch 1), several rows, the dot path (1 and
+# 4 groups)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 64])
 @(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
 def test_gemv_kernels_equal_reference_gpu(rows):
     d, inter = SMOL["d"], SMOL["inter"]

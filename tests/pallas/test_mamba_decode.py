@@ -120,6 +120,7 @@ def test_dispatch(monkeypatch):
     assert all(rel(g, w) < 1e-5 for g, w in zip(got, want))
     monkeypatch.delenv(dispatch.INTERPRET_ENV)
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)  # a GPU: the kernel once verified there, else the reference
+    monkeypatch.setattr(md, "GPU_VERIFIED", True)
     assert md.kernel_would_run(16)
     monkeypatch.setattr(md, "GPU_VERIFIED", False)
     assert not md.kernel_would_run(16)
