@@ -30,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_helpers import has_pallas_call, lower_for_h100, needs_gpu, rel  # noqa: E402
 
 
-def make_args(b, h, n, groups, *, width=4, dtype=jnp.float32, bias=True, mask=None, seed=0):
-    """Random step arguments for h heads of size n, x/B in `groups` groups; `mask` (b,) bools (default all real)."""
+def make_args(b, h, n, groups, *, width=4, dtype=jnp.float32, bias=True, mask=None, seed=0, param_dtype=jnp.float32):
+    """Random step arguments for h heads of size n, x/B in `groups` groups; `mask` (b,) bools (default all real).
+    `param_dtype`: the conv weights and bias, dt_bias, D and the norm weight (a model built with param_dtype=bf16
+    hands them over as they are; A = -exp(A_log) is always fp32)."""
     d_inner, d_xb = h * n, groups * n
     conv_dim = d_inner + 2 * d_xb
     k = jax.random.split(jax.random.key(seed), 10)
@@ -45,6 +47,8 @@ def make_args(b, h, n, groups, *, width=4, dtype=jnp.float32, bias=True, mask=No
     D = jax.random.normal(k[7], (h,))
     norm_w = 1.0 + 0.1 * jax.random.normal(k[8], (d_inner,))
     mask = jnp.ones((b,), bool) if mask is None else jnp.asarray(mask)
+    pd = lambda a: None if a is None else a.astype(param_dtype)
+    conv_w, conv_b, dt_bias, D, norm_w = map(pd, (conv_w, conv_b, dt_bias, D, norm_w))
     return (zx, conv, ssm, conv_w, conv_b, dt_bias, A, D, norm_w, mask), dict(d_inner=d_inner, d_xb=d_xb, eps=1e-5)
 
 
@@ -79,10 +83,13 @@ def test_reference_is_the_mixers_own_decode_step():
     (3, 4, 16, 4, False, jnp.float32, 1e-5),     # one head per group, no conv bias
     (2, 6, 32, 2, True, jnp.float32, 1e-5),      # 3 heads per group, larger state
     (3, 4, 16, 2, True, jnp.bfloat16, 2e-2),     # bf16 inputs and caches
+    (3, 4, 16, 2, True, "bf16 params", 2e-2),    # ... and bf16 parameters (a model built with param_dtype=bf16)
 ])
 def test_kernel_equals_reference_interpret(b, h, n, groups, bias, dtype, tol):
     mask = [True, False, True][:b]
-    args, kw = make_args(b, h, n, groups, dtype=dtype, bias=bias, mask=mask, seed=b + h)
+    pdt = jnp.bfloat16 if dtype == "bf16 params" else jnp.float32
+    dtype = jnp.bfloat16 if dtype == "bf16 params" else dtype
+    args, kw = make_args(b, h, n, groups, dtype=dtype, bias=bias, mask=mask, seed=b + h, param_dtype=pdt)
     fn = functools.partial(md.mamba2_decode_pallas, interpret=True, **kw)
     assert has_pallas_call(fn, *args)
     got = jax.jit(fn)(*args)
@@ -128,13 +135,15 @@ def test_dispatch(monkeypatch):
     assert md.kernel_would_run(16)
 
 
+F32, BF16 = jnp.float32, jnp.bfloat16
 SMOLLM2_HYBRID = dict(h=9, n=64, groups=3)  # d_inner 576, d_xb 192: the 50 % hybrid's Mamba2 layers
 LLAMA1B_HYBRID = dict(h=32, n=64, groups=8)  # d_inner 2048, d_xb 512: a Llama-3.2-1B hybrid's
 
 
-@pytest.mark.parametrize("b,shape", [(1, SMOLLM2_HYBRID), (64, SMOLLM2_HYBRID), (1, LLAMA1B_HYBRID)])
-def test_kernel_lowers_to_triton_at_real_hybrid_shapes(b, shape):
-    args, kw = make_args(b, dtype=jnp.bfloat16, **shape)
+@pytest.mark.parametrize("b,shape,pdt", [(1, SMOLLM2_HYBRID, F32), (64, SMOLLM2_HYBRID, F32),
+                                         (1, LLAMA1B_HYBRID, F32), (1, SMOLLM2_HYBRID, BF16)])
+def test_kernel_lowers_to_triton_at_real_hybrid_shapes(b, shape, pdt):
+    args, kw = make_args(b, dtype=jnp.bfloat16, param_dtype=pdt, **shape)
     avals = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     mod = lower_for_h100(lambda *a: md.mamba2_decode_pallas(*a, **kw), *avals)
     assert "xla.gpu.triton" in mod
@@ -142,11 +151,12 @@ def test_kernel_lowers_to_triton_at_real_hybrid_shapes(b, shape):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("b,shape", [(1, SMOLLM2_HYBRID), (4, SMOLLM2_HYBRID), (64, SMOLLM2_HYBRID),
-                                     (1, LLAMA1B_HYBRID)])
-def test_kernel_equals_reference_gpu(b, shape):
+@pytest.mark.parametrize("b,shape,pdt", [(1, SMOLLM2_HYBRID, F32), (4, SMOLLM2_HYBRID, F32),
+                                         (64, SMOLLM2_HYBRID, F32), (1, LLAMA1B_HYBRID, F32),
+                                         (1, SMOLLM2_HYBRID, BF16)])  # bf16 params: bench_speculative's models
+def test_kernel_equals_reference_gpu(b, shape, pdt):
     mask = [r % 5 != 3 for r in range(b)]
-    args, kw = make_args(b, dtype=jnp.bfloat16, mask=mask, seed=b, **shape)
+    args, kw = make_args(b, dtype=jnp.bfloat16, mask=mask, seed=b, param_dtype=pdt, **shape)
     fn = functools.partial(md.mamba2_decode_pallas, **kw)
     assert has_pallas_call(fn, *args)
     got = jax.jit(fn)(*args)
