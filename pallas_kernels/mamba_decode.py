@@ -103,9 +103,9 @@ def check_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bi
         raise bad(f"a MambaInLlama Mamba2 step needs head_dim = d_state and d_inner = heads·d_state with d_xb a "
                   f"multiple of d_state dividing d_inner; got ssm {ssm.shape}, d_inner {d_inner}, d_xb {d_xb}")
     conv_dim = d_inner + 2 * d_xb
-    if zxbcdt.shape != (b, d_inner + conv_dim + h):
-        raise bad(f"zxbcdt must be (batch, d_inner + conv channels + heads) = {(b, d_inner + conv_dim + h)}, "
-                  f"got {zxbcdt.shape}")
+    if getattr(zxbcdt, "ndim", None) != 2 or zxbcdt.shape[0] != b or zxbcdt.shape[1] < d_inner + conv_dim + h:
+        raise bad(f"zxbcdt must be (batch, >= d_inner + conv channels + heads) = ({b}, >= {d_inner + conv_dim + h}) "
+                  f"(columns past the heads' dt are ignored), got {getattr(zxbcdt, 'shape', None)}")
     if getattr(conv, "ndim", None) != 3 or conv.shape[:2] != (b, conv_dim):
         raise bad(f"conv must be (batch, {conv_dim}, d_conv), got {getattr(conv, 'shape', None)}")
     width = conv.shape[2]

@@ -257,7 +257,8 @@ def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, 
                             norm_w: jax.Array, mask: jax.Array, *, d_inner: int, d_xb: int,
                             eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One Mamba2 decode step between in_proj and out_proj, exactly `Mamba2.__call__`'s at one token (the pure-JAX
-    reference of `pallas_kernels.mamba_decode`): zxbcdt (b, d_inner + channels + heads) in_proj's output; conv
+    reference of `pallas_kernels.mamba_decode`): zxbcdt (b, d_inner + channels + heads) in_proj's output (columns
+    past those ignored: inference copies pad in_proj to the fused GEMVs' tile); conv
     (b, channels, d_conv) and ssm (b, h, p, n) fp32 the cache; conv_w (channels, d_conv), conv_b (channels,) or
     None; dt_bias, A (= -exp(A_log)), D (h,); norm_w (d_inner,); mask (b,) whether the token is real (padding
     leaves the cache as it was). Returns (the gated-normed y (b, d_inner) in zxbcdt's dtype, the new conv window,
@@ -266,9 +267,10 @@ def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, 
     n = ssm.shape[-1]
     conv_dim = d_inner + 2 * d_xb
     m = mask.astype(bool)[:, None]  # (b, 1): the decode step's token mask
-    z, xbc, dt = mamba_project(zxbcdt[:, None], m, d_inner, conv_dim, dt_bias)
+    heads = d_inner // n
+    z, xbc, dt = mamba_project(zxbcdt[:, None, :d_inner + conv_dim + heads], m, d_inner, conv_dim, dt_bias)
     act = jax.nn.silu(causal_conv(xbc, conv_w, conv_b, conv, None)).astype(xbc.dtype)
-    heads, rep = d_inner // n, d_inner // d_xb
+    rep = d_inner // d_xb
     x = repeat_groups(act[..., :d_xb], n, rep).reshape(b, 1, heads, n)
     B = repeat_groups(act[..., d_xb:2 * d_xb], n, rep).reshape(b, 1, heads, n)
     C = act[..., 2 * d_xb:].reshape(b, 1, heads, n)
