@@ -301,17 +301,16 @@ class FusedMamba2(Mamba2):
                                                                            m.conv_dim)
         # output-major (N, K), as `pallas_kernels.fused_decode` reads them (contiguous per output). in_proj's
         # outputs (d_inner + conv channels + heads: 1,545 for SmolLM2's hybrids) padded with zero rows to a multiple
-        # of 16, the fused GEMVs' tile, so that RMSNorm + in_proj is one launch at decode; the padding columns are
-        # cut off where the mixer's own code reads them and never read by the Mamba2 decode kernel.
+        # of 16, the fused GEMVs' tile, so that RMSNorm + in_proj is one launch at decode; nothing reads the
+        # padding columns (`models.mamba.mamba_project` and the Mamba2 decode kernel stop at the heads' dt).
         w_in = m.in_proj.kernel[...].T
-        self.in_width = w_in.shape[0]
-        self.in_t = nnx.Param(jnp.pad(w_in, ((0, -self.in_width % 16), (0, 0))))
+        self.in_t = nnx.Param(jnp.pad(w_in, ((0, -w_in.shape[0] % 16), (0, 0))))
         self.out_t = nnx.Param(m.out_proj.kernel[...].T)
         self.conv1d, self.dt_bias, self.A_log, self.D, self.norm = m.conv1d, m.dt_bias, m.A_log, m.D, m.norm
 
     def _in(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
-        return matmul_t(x.astype(dt), self.in_t[...].astype(dt))[..., :self.in_width]
+        return matmul_t(x.astype(dt), self.in_t[...].astype(dt))
 
     def _out_proj(self, y: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
@@ -342,7 +341,7 @@ class FusedMamba2(Mamba2):
             return x + y, chunk
         dt = jnp.dtype(self.dtype)
         x2 = x.reshape(b * t, width).astype(dt)
-        zx = norm_matmul(x2, norm.weight[...], self.in_t[...].astype(dt), eps=norm.eps)[:, :self.in_width]
+        zx = norm_matmul(x2, norm.weight[...], self.in_t[...].astype(dt), eps=norm.eps)
         y, chunk = self.multistep_gated(zx.reshape(b, t, -1), ctx, cache)
         return matmul_residual(y.reshape(b * t, -1), self.out_t[...].astype(dt), x2).reshape(b, t, width), chunk
 

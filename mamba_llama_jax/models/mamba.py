@@ -245,10 +245,12 @@ def ssd_step(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax
 def mamba_project(zxbcdt: jax.Array, mask: jax.Array, d_inner: int, conv_dim: int,
                   dt_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """in_proj's output (b, t, d_inner + conv_dim + heads) split and masked: (z, xBC, dt') with
-    dt' = softplus(dt + dt_bias) fp32, xBC and dt' zero at padding (mask (b, t))."""
+    dt' = softplus(dt + dt_bias) fp32, xBC and dt' zero at padding (mask (b, t)). Columns past the heads' dt are
+    ignored (inference copies pad in_proj to the fused GEMVs' tile)."""
     z = zxbcdt[..., :d_inner]
     xbc = jnp.where(mask[..., None], zxbcdt[..., d_inner:d_inner + conv_dim], 0)
-    dt = jax.nn.softplus(zxbcdt[..., d_inner + conv_dim:].astype(F32) + dt_bias.astype(F32)) * mask[..., None]
+    dt = zxbcdt[..., d_inner + conv_dim:d_inner + conv_dim + dt_bias.shape[0]]
+    dt = jax.nn.softplus(dt.astype(F32) + dt_bias.astype(F32)) * mask[..., None]
     return z, xbc, dt
 
 
@@ -258,7 +260,7 @@ def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, 
                             eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One Mamba2 decode step between in_proj and out_proj, exactly `Mamba2.__call__`'s at one token (the pure-JAX
     reference of `pallas_kernels.mamba_decode`): zxbcdt (b, d_inner + channels + heads) in_proj's output (columns
-    past those ignored: inference copies pad in_proj to the fused GEMVs' tile); conv
+    past those ignored, as `mamba_project` ignores them); conv
     (b, channels, d_conv) and ssm (b, h, p, n) fp32 the cache; conv_w (channels, d_conv), conv_b (channels,) or
     None; dt_bias, A (= -exp(A_log)), D (h,); norm_w (d_inner,); mask (b,) whether the token is real (padding
     leaves the cache as it was). Returns (the gated-normed y (b, d_inner) in zxbcdt's dtype, the new conv window,
@@ -267,10 +269,9 @@ def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, 
     n = ssm.shape[-1]
     conv_dim = d_inner + 2 * d_xb
     m = mask.astype(bool)[:, None]  # (b, 1): the decode step's token mask
-    heads = d_inner // n
-    z, xbc, dt = mamba_project(zxbcdt[:, None, :d_inner + conv_dim + heads], m, d_inner, conv_dim, dt_bias)
+    z, xbc, dt = mamba_project(zxbcdt[:, None], m, d_inner, conv_dim, dt_bias)
     act = jax.nn.silu(causal_conv(xbc, conv_w, conv_b, conv, None)).astype(xbc.dtype)
-    rep = d_inner // d_xb
+    heads, rep = d_inner // n, d_inner // d_xb
     x = repeat_groups(act[..., :d_xb], n, rep).reshape(b, 1, heads, n)
     B = repeat_groups(act[..., d_xb:2 * d_xb], n, rep).reshape(b, 1, heads, n)
     C = act[..., 2 * d_xb:].reshape(b, 1, heads, n)
