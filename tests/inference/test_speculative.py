@@ -289,6 +289,30 @@ def test_greedy_through_the_verify_kernel_equals_plain_greedy(monkeypatch):
 ON_GPU = jax.default_backend() == "gpu"
 
 
+def test_verify_rows_gate(monkeypatch):
+    """Verify chunks take the decode kernels on a GPU only once cleared there (or with unverified kernels allowed),
+    in interpret mode off a GPU, never with the references forced."""
+    from pallas_kernels import dispatch
+    from mamba_llama_jax.inference import generate as gen
+
+    for env in (dispatch.FORCE_REFERENCE_ENV, dispatch.UNVERIFIED_ENV, dispatch.INTERPRET_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: False)
+    assert not gen.verify_rows_fused()
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    assert gen.verify_rows_fused()
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    monkeypatch.setattr(gen, "VERIFY_ROWS_GPU_VERIFIED", False)
+    assert not gen.verify_rows_fused()
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+    assert gen.verify_rows_fused()
+    monkeypatch.delenv(dispatch.UNVERIFIED_ENV)
+    monkeypatch.setattr(gen, "VERIFY_ROWS_GPU_VERIFIED", True)
+    assert gen.verify_rows_fused()
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+    assert not gen.verify_rows_fused()
+
+
 @pytest.mark.parametrize("mode", ["interpret", pytest.param("gpu", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")])])
 def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode, monkeypatch):
