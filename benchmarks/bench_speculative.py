@@ -56,7 +56,8 @@ from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noq
 from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
 from mamba_llama_jax.inference import speculative as spec_mod  # noqa: E402
 from mamba_llama_jax.inference.generate import Generator, SamplingConfig, prepare_for_inference  # noqa: E402
-from mamba_llama_jax.inference.speculative import SpeculativeDecoder, _latest, verify  # noqa: E402
+from mamba_llama_jax.inference.speculative import (SpeculativeDecoder, _latest, draft_logits,  # noqa: E402
+                                                    draft_vocabulary, verify)
 from mamba_llama_jax.models.llama import DecoderLM, LlamaLM  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 
@@ -124,11 +125,12 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
 
 
 def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[tuple[str, int], ...],
-                    reps: int) -> dict[tuple[str, int], float]:
+                    reps: int, head: Any = None) -> dict[tuple[str, int], float]:
     """Seconds of one forward from a cache holding `prompt_len` tokens, per (kind, t): ("decode", 1) a plain decode
-    step; ("step", 1) a 1-token verify (a draft step of `draft_round`); ("verify", t) a t-token verify + commit of
-    t // 2 tokens. Each timed call runs 16 forwards in a fori_loop so the host call's launch overhead is amortised,
-    restarting from the same cache each time (the fill stays fixed). Traced here: call inside `verify_impl`."""
+    step; ("step", 1) a 1-token verify (a draft step of `draft_round`, scoring `head`'s reduced vocabulary when
+    given); ("verify", t) a t-token verify + commit of t // 2 tokens. Each timed call runs 16 forwards in a
+    fori_loop so the host call's launch overhead is amortised, restarting from the same cache each time (the fill
+    stays fixed). Traced here: call inside `verify_impl`."""
     graphdef, state, _ = prepare_for_inference(model)
     slots = prompt_len + 64
 
@@ -152,7 +154,7 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[
                     return acc + jnp.argmax(m.logits(h)[:, -1], axis=-1) + touch(c)
                 if kind == "step":
                     h, st = m.hidden(tok, cache=cache, verify=True)
-                    return acc + jnp.argmax(m.logits(h)[:, -1], axis=-1) + touch(_latest(st))
+                    return acc + jnp.argmax(draft_logits(m, h[:, -1], head), axis=-1) + touch(_latest(st))
                 logits, pend = verify(m, tok, cache)
                 acc = acc + jnp.argmax(logits[:, -1], axis=-1)
                 keep = jnp.full((batch,), t // 2, jnp.int32) + (acc < 0).astype(jnp.int32)  # data-dependent
@@ -270,7 +272,9 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
              deadline: Deadline, results: dict[str, Any], flush: Callable[[], None]) -> None:
     vocab = target.cfg.vocab_size
     gen = Generator(target)
-    dec = SpeculativeDecoder(target, draft)
+    subset = (draft_vocabulary(vocab, args.draft_vocab, keep=tok.eos_token_ids if tok is not None else ())
+              if args.draft_vocab else None)
+    dec = SpeculativeDecoder(target, draft, draft_vocab=subset)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     rng = np.random.default_rng(0)
     for b in args.batch:
@@ -293,7 +297,8 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                 nan = float("nan")
                 tc = (component_times(target, b, plen, kinds, args.reps) if args.components
                       else {kk: nan for kk in kinds})
-                dcomp = (component_times(draft, b, plen, (("step", 1), ("verify", 2)), args.reps) if args.components
+                dcomp = (component_times(draft, b, plen, (("step", 1), ("verify", 2)), args.reps, dec.draft_head)
+                         if args.components
                          else {("step", 1): nan, ("verify", 2): nan})
                 for k in args.k:
                     if deadline.over():
@@ -364,7 +369,10 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "rounding may flip). t_verify "
              "includes the commit (the second verify call that rebuilds the kept state). `loop@a` is the speedup at "
              "acceptance a implied by the end-to-end loops alone (`loop_projected`: a round's measured time against "
-             "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right).", "",
+             "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right)."
+             + (f" The draft scores a reduced vocabulary (`--draft-vocab {args.draft_vocab}`: the first "
+                f"{args.draft_vocab} ids and the end-of-turn ids, `speculative.draft_vocabulary`)."
+                if getattr(args, "draft_vocab", 0) else ""), "",
              "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | margin | "
              "t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
              + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
@@ -413,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--k", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--impls", nargs="+", default=["kernel", "reference"], choices=["kernel", "reference"])
+    ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="the draft scores only the first N ids and the end-of-turn ids "
+                    "(speculative.draft_vocabulary); 0: every id")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")

@@ -115,6 +115,10 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert res.out == plain and "acceptance" in res.err
     assert main(["speculate", *args, "--draft", str(draft), "--k", "0"]) == 2
     assert "--k must be >= 1" in capsys.readouterr().err
+    assert main(["speculate", *args, "--draft", str(draft), "--k", "3", "--draft-vocab", "20"]) == 0
+    assert capsys.readouterr().out == plain  # a draft restricted to 20 ids: the same greedy answer
+    assert main(["speculate", *args, "--draft", str(draft), "--draft-vocab", "10000000"]) == 2
+    assert "--draft-vocab must be in 1.." in capsys.readouterr().err
 
 
 TIED = TINY.parent / "tiny_llama_tied"

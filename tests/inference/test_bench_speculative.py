@@ -151,3 +151,30 @@ def test_tiny_run_with_profile(monkeypatch, tmp_path):
     assert all("error" not in pr and pr["units"] >= 1 for r in runs for pr in r["profile"].values())
     assert "Where a round and a plain step go" in (tmp_path / "speculative.md").read_text()
     sys.modules.pop("bench_speculative", None)
+
+
+def test_draft_vocab_coverage_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_draft_vocab as bd
+
+    held = [[0, 1, 5, 9], [2, 9], []]
+    train = [[9, 9, 5], [9, 5, 7]]  # by frequency: 9, 5, 7, then 0, 1, ...
+    rows = bd.coverage(held, train, vocab=10, sizes=[2, 3], keep=(9,))
+    # first 2 ids + 9 = {0, 1, 9}: 4 of 6 held-out tokens; top 2 by frequency = {9, 5}: 3 of 6
+    assert rows[0] == dict(size=2, head_share=0.3, first_n=4 / 6, frequency_top_n=3 / 6)
+    assert rows[1]["first_n"] == 5 / 6 and rows[1]["frequency_top_n"] == 3 / 6  # {0,1,2,9}; {9,5,7}
+    sys.modules.pop("bench_draft_vocab", None)
+
+
+def test_draft_vocab_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_draft_vocab as bd
+
+    tiny = ROOT / "tests" / "fixtures" / "tiny_llama"
+    bd.main(["--target", str(tiny), "--heldout-prompts", "2", "--train-prompts", "2", "--new-tokens", "4",
+             "--sizes", "8", "16", "--out", str(tmp_path)])
+    md = (tmp_path / "draft_vocab.md").read_text()
+    assert "| 8 |" in md and "| 16 |" in md and (tmp_path / "draft_vocab.json").is_file()
+    with pytest.raises(SystemExit):
+        bd.main(["--target", str(tiny), "--sizes", "100000000", "--out", str(tmp_path)])
+    sys.modules.pop("bench_draft_vocab", None)

@@ -15,7 +15,8 @@ from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference.generate import SamplingConfig, _spec
 from mamba_llama_jax.inference.speculative import (
-    SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, filter_logits, speculative_generate, verify,
+    SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, draft_vocabulary, filter_logits,
+    speculative_generate, verify,
 )
 from mamba_llama_jax.models.cache import KVCache, MambaCache, MambaChunk
 from mamba_llama_jax.models.llama import LlamaLM
@@ -177,6 +178,49 @@ def test_eos_stops_rows_and_pads():
     for r, n in enumerate(lengths):
         if n < N:
             assert out[r, n] == eos and (out[r, n + 1:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------- reduced draft vocabulary
+
+
+def test_draft_vocab_of_every_id_in_any_order_is_the_full_head():
+    """Every id, shuffled: the draft scores the same logits in another order and maps its pick back, so each
+    round accepts exactly what the full head accepts."""
+    tgt, draft = target(0.5), noisy_copy(0.5)
+    full, st_full = speculative_generate(tgt, draft, PROMPTS, k=3, max_new_tokens=N)
+    perm = np.random.default_rng(0).permutation(CFG.vocab_size)
+    sub, st_sub = speculative_generate(tgt, draft, PROMPTS, k=3, max_new_tokens=N, draft_vocab=perm)
+    assert sub == full and st_sub.accepted_hist == st_full.accepted_hist
+    assert 0 < st_full.acceptance_rate < 1
+
+
+def test_reduced_draft_vocab_keeps_greedy_exact_and_bounds_acceptance():
+    """The target drafting for itself: with every token of its greedy answers in the subset it accepts every
+    draft (its argmax over the subset is its argmax); with some of them left out it accepts fewer, and the
+    output is plain greedy decoding either way."""
+    tgt, k = target(0.25), 3
+    ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
+    used = sorted({t for r in ref for t in r})
+    covering = draft_vocabulary(CFG.vocab_size, 4, keep=used)
+    got, st = speculative_generate(tgt, tgt, PROMPTS, k=k, max_new_tokens=N, draft_vocab=covering)
+    assert got == ref and st.acceptance_rate == 1.0
+    missing = np.setdiff1d(np.arange(CFG.vocab_size), used[::2])  # half of the answers' tokens left out
+    got, st = speculative_generate(tgt, tgt, PROMPTS, k=k, max_new_tokens=N, draft_vocab=missing)
+    assert got == ref and 0 < st.acceptance_rate < 1
+
+
+def test_draft_vocabulary_and_bad_subsets():
+    assert draft_vocabulary(61, 4, keep=[60, 2]).tolist() == [0, 1, 2, 3, 60]
+    assert draft_vocabulary(61, 61).tolist() == list(range(61))
+    for size in (0, 62, 2.5):
+        with pytest.raises(GenerationError, match="size"):
+            draft_vocabulary(61, size)
+    with pytest.raises(GenerationError, match="keep"):
+        draft_vocabulary(61, 4, keep=[61])
+    tgt = target(0.5)
+    for bad in ([], [[1, 2]], [1, 1, 2], [0, 61], [-1, 3], [0.5, 1.5]):
+        with pytest.raises(GenerationError, match="draft_vocab"):
+            SpeculativeDecoder(tgt, tgt, draft_vocab=bad)
 
 
 # ------------------------------------------------------------------------------------- verify / commit / rollback
@@ -442,19 +486,21 @@ def _peaky(model, scale):
     return model
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0, seed=3),
-                                      SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4)],
-                         ids=["plain", "topk-topp"])
-def test_sampling_preserves_target_distribution(sampling):
+@pytest.mark.parametrize("sampling,draft_vocab", [(SamplingConfig(temperature=1.0, seed=3), None),
+                                                  (SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4), None),
+                                                  (SamplingConfig(temperature=1.0, top_k=6, seed=5), [1, 4, 6, 7])],
+                         ids=["plain", "topk-topp", "draft-vocab"])
+def test_sampling_preserves_target_distribution(sampling, draft_vocab):
     """Many rows of one prompt in one call: the 2nd and 3rd new tokens (decided by speculation, k = 2) follow
-    the target's own sampling distribution (exact, by enumerating the earlier tokens)."""
+    the target's own sampling distribution (exact, by enumerating the earlier tokens) — also when the draft may
+    propose only 4 of the 8 ids (its q is 0 elsewhere; top-k 6 > 4 is clipped for the draft only)."""
     teacher_t = LlamaLM(TINY, rngs=nnx.Rngs(20))
     tgt = _peaky(build_hybrid(teacher_t, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(chunk_size=4)),
                               rngs=nnx.Rngs(21)), 20.0)
     draft = _peaky(LlamaLM(TINY, rngs=nnx.Rngs(22)), 20.0)
     prompt, rows, V = [3, 1, 4, 1, 5], 3000, TINY.vocab_size
-    out, _, st = SpeculativeDecoder(tgt, draft, prompt_multiple=1).run([prompt] * rows, k=2, sampling=sampling,
-                                                                       max_new_tokens=3)
+    out, _, st = SpeculativeDecoder(tgt, draft, prompt_multiple=1, draft_vocab=draft_vocab).run(
+        [prompt] * rows, k=2, sampling=sampling, max_new_tokens=3)
     assert st.accepted_hist[0] > 0 and st.accepted_hist[1] + st.accepted_hist[2] > 0
 
     spec = _spec(sampling, V)
@@ -469,7 +515,8 @@ def test_sampling_preserves_target_distribution(sampling):
     assert _chi2_ok(np.bincount(out[:, 0], minlength=V), p1)
     assert _chi2_ok(np.bincount(out[:, 1], minlength=V), marg2)
     assert _chi2_ok(np.bincount(out[:, 2], minlength=V), marg3)
-    assert not _chi2_ok(np.bincount(out[:, 1], minlength=V), p1 @ q2)  # the draft's own marginal is rejected
+    if draft_vocab is None:
+        assert not _chi2_ok(np.bincount(out[:, 1], minlength=V), p1 @ q2)  # the draft's own marginal is rejected
 
 
 # ------------------------------------------------------------------------------------------------------ errors
