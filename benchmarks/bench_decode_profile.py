@@ -16,7 +16,8 @@ A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N out
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
 (MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False),
-`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program, `amk` / `amx` = the splits
+`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program,
+`adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`), `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
@@ -169,6 +170,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_block"] = int(m.group(1))
         elif m := re.fullmatch(r"aw(\d+)", tok):
             tiling["attn_warps"] = int(m.group(1))
+        elif tok in ("adot", "aew"):
+            tiling["attn_dot"] = tok == "adot"
         elif tok in ("amk", "amx"):
             tiling["attn_merge"] = {"amk": "kernel", "amx": "xla"}[tok]
         elif tok in ("mx", "mk", "mc"):
@@ -177,7 +180,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, fdN, bnN, bnNwM, cN, sN, abN, awN, amk, amx, mx, mk, mc, gN)")
+                             "(default, xla, uv, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, mk, mc, "
+                             "gN)")
     return tiling, env
 
 
@@ -190,7 +194,8 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     from pallas_kernels import fused_decode as fd
 
     tiling, env = parse_variant(variant)
-    attn = {k: tiling.pop(f"attn_{k}", d) for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""))}
+    attn = {k: tiling.pop(f"attn_{k}", d)
+            for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None))}
     jax.clear_caches()
     try:
         with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):

@@ -20,6 +20,16 @@ every program of it repeats the merge — measured slower); `decode_attention` m
 epilogue.
 
 Warps (`planned_warps`): one per 16 slots of a block, 1 to 4 — a 16-slot block is one warp's worth of work.
+
+Two ways to compute a block (`planned_dot`): elementwise on the CUDA cores (the g heads one by one: products summed
+across the head dimension for the scores, across the block's slots for the values — the measured default), or
+tensor-core dots: the g heads stacked as the rows of a (G, d) tile (G = 16, a dot's smallest M; the rows past g
+are zero), scores = q·Kᵀ (G, block) and values = p·V (G, d), the online softmax per row. Why: at batch 64 the
+elementwise kernel took 14 µs a layer for ~0.4 MB of K/V a program (~0.9 TB/s, decode_attn_b64.md) and slowed
+down with fewer warps (2 warps: 26 µs), the sign of a compute-bound loop; the dots do that work in a few MMA
+instructions. With bf16 (fp16) caches p enters p·V as two bf16 (fp16) dots, p's rounding and its remainder, so
+p is carried to ~16 bits, not 8 (the reference multiplies fp32 p with the values); fp32 caches use fp32 dots at
+full precision.
 """
 
 from __future__ import annotations
@@ -61,26 +71,35 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
-# `override_plan` sets the split count, block, warps and merge for a while (the decode-step benchmark's variants);
-# 0 / "" = `plan` / `planned_warps` / the default decides.
-_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": ""}
+# `override_plan` sets the split count, block, warps, merge and dot form for a while (the decode-step benchmark's
+# variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` decides.
+_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None}
+
+# The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH; 0 = never by default (not yet measured
+# on the device: `override_plan(dot=True)`, the profile's `adot` variant, turns it on).
+DOT_MIN_BATCH = 0
+DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
 
 
 @contextlib.contextmanager
-def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "") -> Iterator[None]:
+def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
+                  dot: bool | None = None) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
-    runs `warps` warps a program, and `decode_attention_pallas` merges its splits with `merge` ("xla":
-    `merge_partials`, the default; "kernel": `merge_partials_pallas`), for steps traced anew. Clear jax's caches
-    (`jax.clear_caches`) so that nothing traced before is reused."""
+    runs `warps` warps a program, `decode_attention_pallas` merges its splits with `merge` ("xla":
+    `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks the tensor-core form
+    (True) or the elementwise one (False), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so
+    that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
                               f"got {v}")
     if merge not in ("", "xla", "kernel"):
         raise KernelError(f"decode_attention: override_plan merge must be 'xla' or 'kernel', got {merge!r}")
+    if dot not in (None, True, False):
+        raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
     old = dict(_PLAN_OVERRIDE)
-    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge)
+    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot)
     try:
         yield
     finally:
@@ -96,6 +115,16 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
     8: 6.1 / 5.8), 32-slot blocks 6.3 with 2 warps vs 6.8 with 4; at batch 64 (128-slot blocks,
     decode_attn_b64.md) 4 warps beat 2 and 8 (14.0 vs 25.9 / 21.3 µs)."""
     return num_warps or _PLAN_OVERRIDE["warps"] or max(1, min(4, block // 16))
+
+
+def planned_dot(batch: int, dot: bool | None = None) -> bool:
+    """Whether a step at this batch computes its blocks with tensor-core dots: `dot` if given, else the
+    override's (`override_plan`), else batch >= DOT_MIN_BATCH (> 0)."""
+    if dot is not None:
+        return dot
+    if _PLAN_OVERRIDE["dot"] is not None:
+        return _PLAN_OVERRIDE["dot"]
+    return 0 < DOT_MIN_BATCH <= batch
 
 
 def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int, int]:
@@ -128,7 +157,8 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
-            *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any):
+            *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
+            dot: bool):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -155,6 +185,11 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     per = -(-nblocks // splits)
     lo = si * per
     hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
+
+    if dot:
+        _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
+                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials)
+        return
 
     def body(i, carry):
         rows = pl.ds(i * block, block)
@@ -189,6 +224,71 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             o_ref[bi, si, pl.ds(head * d, d)] = acc
             m_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), m, F32)
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l, F32)
+
+
+def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (M, K) · b (N, K)ᵀ -> (M, N) fp32; fp32 operands at full precision (not TF32)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=F32)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (M, K) · b (K, N) -> (M, N) fp32; fp32 operands at full precision (not TF32)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=F32)
+
+
+def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
+                block: int, index, lo, hi, scale: float, partials: bool) -> None:
+    """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
+    rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row, each row's results extracted at the end
+    (Triton has no slicing of register tiles: a masked sum over the rows picks one)."""
+    half = d // 2
+    cdt = kc_ref.dtype
+    rows_g = max(DOT_ROWS, 1 << (g - 1).bit_length())
+    row = jax.lax.broadcasted_iota(jnp.int32, (rows_g, half), 0)
+    q1 = jnp.zeros((rows_g, half), F32)
+    q2 = jnp.zeros((rows_g, half), F32)
+    for j, (a1, a2) in enumerate(qs):
+        q1 = jnp.where(row == j, a1[None, :], q1)
+        q2 = jnp.where(row == j, a2[None, :], q2)
+    q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
+
+    def body(i, carry):
+        m, l, acc = carry
+        rows = pl.ds(i * block, block)
+        slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        new = (slot == index)[:, None]
+        kb1 = jnp.where(new, k1c[None, :], kc_ref[bi, rows, ki, pl.ds(0, half)])
+        kb2 = jnp.where(new, k2c[None, :], kc_ref[bi, rows, ki, pl.ds(half, half)])
+        vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :])
+        ok = ((valid_ref[bi, rows] != 0) & (slot <= index))[None, :]
+        sc = jnp.where(ok, (_dot_t(q1, kb1) + _dot_t(q2, kb2)) * scale, NEG_INF)  # (G, block)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
+        if cdt == F32:
+            pv = _dot(p, vb)
+        else:  # p to ~16 bits as two rounded parts
+            p_hi = p.astype(cdt)
+            pv = _dot(p_hi, vb) + _dot((p - p_hi.astype(F32)).astype(cdt), vb)
+        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
+
+    init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
+    m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+    row1 = jax.lax.broadcasted_iota(jnp.int32, (rows_g,), 0)
+    row2 = jax.lax.broadcasted_iota(jnp.int32, (rows_g, d), 0)
+    for j in range(g):
+        acc_j = jnp.sum(jnp.where(row2 == j, acc, 0.0), axis=0)
+        l_j = jnp.sum(jnp.where(row1 == j, l, 0.0))
+        head = ki * g + j
+        if not partials:
+            o_ref[bi, pl.ds(head * d, d)] = (acc_j / jnp.maximum(l_j, 1e-30)).astype(o_ref.dtype)
+        else:
+            m_j = jnp.sum(jnp.where(row1 == j, m, 0.0))
+            o_ref[bi, si, pl.ds(head * d, d)] = acc_j
+            m_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), m_j, F32)
+            l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l_j, F32)
 
 
 def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
@@ -237,13 +337,13 @@ def merge_partials_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: 
 
 def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
             index: jax.Array, valid: jax.Array, *, num_heads: int, window: int, block: int, splits: int,
-            partials: bool, interpret: bool, num_warps: int) -> tuple[jax.Array, ...]:
+            partials: bool, interpret: bool, num_warps: int, dot: bool | None) -> tuple[jax.Array, ...]:
     b, slots, kv, d = k_cache.shape
     h = num_heads
     nblocks = window // block
     splits = max(1, min(splits, nblocks))
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
-                             partials=partials, dtype=qkv.dtype)
+                             partials=partials, dtype=qkv.dtype, dot=planned_dot(b, dot))
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), qkv.dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
@@ -268,13 +368,15 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
-                                             "interpret", "num_warps"))
+                                             "interpret", "num_warps", "dot"))
 def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                             sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                             num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
-                            interpret: bool = False, num_warps: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`. With splits > 1 the
-    partials are merged by `merge_partials` in XLA (or `merge_partials_pallas`: `override_plan(merge="kernel")`)."""
+                            interpret: bool = False, num_warps: int = 0,
+                            dot: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`, `dot` None = `planned_dot`.
+    With splits > 1 the partials are merged by `merge_partials` in XLA (or `merge_partials_pallas`:
+    `override_plan(merge="kernel")`)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True)
     b, slots, kv, _ = k_cache.shape
@@ -284,7 +386,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     splits = max(1, min(splits or p_splits, window // block))
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
                               block=block, splits=splits, partials=splits > 1, interpret=interpret,
-                              num_warps=num_warps)
+                              num_warps=num_warps, dot=dot)
     if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
         o = merge_partials_pallas(o, m, l, qkv.dtype, interpret=interpret)
     elif splits > 1:
@@ -293,11 +395,12 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
-                                             "interpret", "num_warps"))
+                                             "interpret", "num_warps", "dot"))
 def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                                      sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                                      num_kv_heads: int, window: int = 0, block: int, splits: int,
-                                     interpret: bool = False, num_warps: int = 0) -> tuple[jax.Array, ...]:
+                                     interpret: bool = False, num_warps: int = 0,
+                                     dot: bool | None = None) -> tuple[jax.Array, ...]:
     """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) with
     S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -305,7 +408,7 @@ def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache
     check_split_args(k_cache, window, block, splits)
     return _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads,
                    window=window or k_cache.shape[1], block=block, splits=splits, partials=True,
-                   interpret=interpret, num_warps=num_warps)
+                   interpret=interpret, num_warps=num_warps, dot=dot)
 
 
 def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,

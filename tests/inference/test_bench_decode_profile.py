@@ -68,6 +68,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("s1+ab64+aw8")[0] == {"attn_splits": 1, "attn_block": 64, "attn_warps": 8}
     assert bdp.parse_variant("amk+s4")[0] == {"attn_merge": "kernel", "attn_splits": 4}
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
+    assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
+    assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
@@ -76,13 +78,14 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     def fake_profile(model, batch, *args):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
-                    splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode())
+                    splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64))
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
                 da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
-    bdp.profile_variant("bn2w2+c16+fd4+s2+mx", None, 1)
-    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla"}
+    bdp.profile_variant("bn2w2+c16+fd4+s2+mx+adot", None, 1)
+    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": True}
+    assert da.planned_dot(64) is False
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults
@@ -93,10 +96,10 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
 
 
 def test_tiny_run_with_variants(bdp, tmp_path):
-    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants", "default,bn1w1+c16,xla,s2+mk",
-                     "--stem", "decode_variants", "--out", str(tmp_path)]) == 0
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants",
+                     "default,bn1w1+c16,xla,s2+mk+adot", "--stem", "decode_variants", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "decode_variants_tiny.json").read_text())
-    assert [row["variant"] for row in r["rows"]] == ["default", "bn1w1+c16", "xla", "s2+mk"]
+    assert [row["variant"] for row in r["rows"]] == ["default", "bn1w1+c16", "xla", "s2+mk+adot"]
     assert all("error" not in row and row["busy_ms"] > 0 for row in r["rows"])
     text = (tmp_path / "decode_variants_tiny.md").read_text()
     assert "| teacher | 1 | bn1w1+c16 |" in text

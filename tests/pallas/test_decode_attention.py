@@ -73,6 +73,41 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
     assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
 
 
+@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
+    (2, 48, 4, 2, 16, 37, 0, 1, jnp.float32),     # g = 2, several blocks
+    (1, 64, 3, 3, 16, 63, 0, 4, jnp.float32),     # MHA (g = 1), split, last slot
+    (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # SmolLM2's grouping, a split with no valid slot
+    (1, 64, 6, 2, 16, 50, 48, 1, jnp.float32),    # window shorter than the cache
+    (2, 64, 9, 3, 32, 40, 0, 2, jnp.bfloat16),    # bf16: p as two rounded parts
+])
+def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype):
+    """The tensor-core form (q heads as tile rows, dots for q·Kᵀ and p·V): the same output and caches."""
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index, dtype=dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
+    if splits > 1:
+        assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
+
+
+def test_dot_form_is_planned_by_batch_and_override(monkeypatch):
+    assert da.planned_dot(64) is False  # DOT_MIN_BATCH = 0: off by default
+    monkeypatch.setattr(da, "DOT_MIN_BATCH", 16)
+    assert [da.planned_dot(b) for b in (1, 15, 16, 64)] == [False, False, True, True]
+    with da.override_plan(dot=False):
+        assert da.planned_dot(64) is False and da.planned_dot(64, dot=True) is True
+    with da.override_plan(dot=True):
+        assert da.planned_dot(1) is True
+    with pytest.raises(KernelError, match="dot must be"):
+        with da.override_plan(dot="yes"):
+            pass
+    args = make_inputs(2, 48, 4, 2, 16, 37, seed=1)
+    fn = lambda dot: lambda *a: decode_attention_pallas(*a, num_heads=4, num_kv_heads=2, block=16, interpret=True,
+                                                        dot=dot)
+    # the traced kernels differ (the dot form holds dot_general ops), so the flag reaches the kernel
+    assert "dot_general" in str(jax.make_jaxpr(fn(True))(*args))
+    assert "dot_general" not in str(jax.make_jaxpr(fn(False))(*args))
+
+
 def test_unfused_merge_by_the_merge_kernel_interpret():
     """override_plan(merge="kernel"): the split kernel's partials merged by merge_partials_pallas, same result."""
     args = make_inputs(3, 64, 9, 3, 32, 40, pad=[0, 5, 17], seed=3)
@@ -109,9 +144,9 @@ def test_dispatch_cpu_uses_reference_and_bad_args_raise(monkeypatch):
         decode_attention_choice(*args[:5], args[6], num_heads=4, num_kv_heads=3)
 
 
-def assert_partials_equal(args, h, kv, *, block, splits, window=0, tol=1e-5, interpret=True):
+def assert_partials_equal(args, h, kv, *, block, splits, window=0, tol=1e-5, interpret=True, dot=None):
     kw = dict(num_heads=h, num_kv_heads=kv, window=window, block=block, splits=splits)
-    fn = lambda *a: decode_attention_partials_pallas(*a, interpret=interpret, **kw)
+    fn = lambda *a: decode_attention_partials_pallas(*a, interpret=interpret, dot=dot, **kw)
     assert "pallas_call" in str(jax.make_jaxpr(fn)(*args))
     got = jax.jit(fn)(*args)
     want = decode_attention_partials_reference(*args, **kw)
@@ -226,10 +261,11 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     h, kv, d = 9, 3, 64
     avals = (S((b, (h + 2 * kv) * d), bf), S((b, slots, kv, d), bf), S((b, slots, kv, d), bf), S((b, d // 2), f32),
              S((b, d // 2), f32), S((), jnp.int32), S((b, slots), bool))
-    lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv), *avals)
     block, splits = plan(b, kv, slots, max_splits=16)
-    lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv, block=block,
-                                      splits=splits), *avals)
+    for dot in (False, True):  # the elementwise and the tensor-core form
+        lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=dot), *avals)
+        lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                          block=block, splits=splits, dot=dot), *avals)
     if splits > 1:
         lowers_for_h100(functools.partial(merge_partials_pallas, dtype=bf), S((b, splits, h * d), f32),
                         S((b, splits, h), f32), S((b, splits, h), f32))
@@ -258,3 +294,17 @@ def test_partials_kernel_equals_reference_gpu(b, slots, index):
                                                     splits=splits)[:3]
     got = merge_partials_pallas(o_part, m, l, jnp.bfloat16)
     assert rel(got.astype(jnp.float32), merge_partials(o_part, m, l, jnp.bfloat16).astype(jnp.float32)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("b,slots,index,dtype", [
+    (64, 384, 300, jnp.bfloat16), (1, 384, 200, jnp.bfloat16), (4, 256, 130, jnp.float32),
+])
+def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
+    """The tensor-core form compiled through Triton, merged and unmerged, at SmolLM2's head shapes."""
+    args = make_inputs(b, slots, 9, 3, 64, index, dtype=dtype, pad=[0, 7, 100, 3] * (b // 4) or [11])
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
+    assert_equal_to_reference(args, 9, 3, tol=tol, interpret=False, dot=True)
+    block, splits = plan(b, 3, slots, max_splits=16)
+    assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=tol, interpret=False, dot=True)
