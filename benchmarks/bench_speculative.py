@@ -304,9 +304,9 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     if deadline.over():
                         results["skipped"].append(f"{name} b={b} {impl} k={k}")
                         continue
-                    runs = [dec.run(g, k=k, max_new_tokens=args.new_tokens) for g in groups]
-                    t_spec = timed_groups(lambda g: dec.run(g, k=k, max_new_tokens=args.new_tokens), groups,
-                                          args.reps)
+                    runs = [dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop) for g in groups]
+                    t_spec = timed_groups(lambda g: dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop),
+                                          groups, args.reps)
                     pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
                     same = float(np.mean([(o == p).all() for o, p in pairs]))
                     firsts = [first_divergence(o, p) for o, p in pairs]
@@ -322,6 +322,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                                spec_tok_s=len(groups) * b * args.new_tokens / t_spec,
                                measured_acceptance=float(np.mean([st.acceptance_rate for st in stats])),
                                tokens_per_round=float(np.mean([st.tokens_per_round for st in stats])),
+                               drafts_per_round=float(np.mean([st.drafts_per_round for st in stats])),
                                rounds=int(sum(st.rounds for st in stats)),
                                compactions=int(sum(st.compactions for st in stats)), identical_share=same,
                                first_divergence=diverged, divergence_margins=sorted(margins),
@@ -331,7 +332,8 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     if args.profile:  # one more run of the first group, traced (compiled already)
                         g0 = groups[0]
                         row["profile"] = dict(
-                            round=profile_run(lambda: dec.run(g0, k=k, max_new_tokens=args.new_tokens),
+                            round=profile_run(lambda: dec.run(g0, k=k, max_new_tokens=args.new_tokens,
+                                                              stop=args.stop),
                                               lambda res: res[2].rounds),
                             plain_step=profile_run(lambda: gen.run(g0, sampling), lambda res: res.steps))
                     results["runs"].append(row)
@@ -369,18 +371,24 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "rounding may flip). t_verify "
              "includes the commit (the second verify call that rebuilds the kept state). `loop@a` is the speedup at "
              "acceptance a implied by the end-to-end loops alone (`loop_projected`: a round's measured time against "
-             "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right)."
+             "the plain loop's step; loop@1.0 = the ceiling, a draft that is always right). `drafts` = drafts "
+             "proposed per round and row."
              + (f" The draft scores a reduced vocabulary (`--draft-vocab {args.draft_vocab}`: the first "
                 f"{args.draft_vocab} ids and the end-of-turn ids, `speculative.draft_vocabulary`)."
-                if getattr(args, "draft_vocab", 0) else ""), "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | same | diverge | margin | "
-             "t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
+                if getattr(args, "draft_vocab", 0) else "")
+             + (f" Rows stop drafting once the draft's top probability is below {args.stop} (`--stop`): `acc` is "
+                "per proposed draft, and loop@a (which assumes every round drafts k) does not apply."
+                if getattr(args, "stop", 0) else ""),
+             "",
+             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | drafts | same | diverge | "
+             "margin | t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
              + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
-             "|" + "---|" * (14 + len(ALPHAS) + len(LOOP_ALPHAS))]
+             "|" + "---|" * (15 + len(ALPHAS) + len(LOOP_ALPHAS))]
     for r in results["runs"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
                      f"{r['plain_tok_s']:.0f} | "
-                     f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | {r['identical_share']:.2f} | "
+                     f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | "
+                     f"{r.get('drafts_per_round', r['k']):.2f} | {r['identical_share']:.2f} | "
                      f"{_median_or_dash(r.get('first_divergence'))} | {_margin(r.get('divergence_margins'))} | "
                      f"{1e3 * r['t_plain_step']:.2f} | "
                      f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
@@ -424,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="the draft scores only the first N ids and the end-of-turn ids "
                     "(speculative.draft_vocabulary); 0: every id")
+    ap.add_argument("--stop", type=float, default=0.0, metavar="P",
+                    help="rows stop drafting once the draft's top probability is below P (draft_round's `stop`)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")

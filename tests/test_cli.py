@@ -119,6 +119,11 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert capsys.readouterr().out == plain  # a draft restricted to 20 ids: the same greedy answer
     assert main(["speculate", *args, "--draft", str(draft), "--draft-vocab", "10000000"]) == 2
     assert "--draft-vocab must be in 1.." in capsys.readouterr().err
+    assert main(["speculate", *args, "--draft", str(draft), "--k", "4", "--draft-stop", "0.5"]) == 0
+    res = capsys.readouterr()
+    assert res.out == plain and "drafts" in res.err
+    assert main(["speculate", *args, "--draft", str(draft), "--draft-stop", "1.5"]) == 2
+    assert "--draft-stop must be in [0, 1)" in capsys.readouterr().err
 
 
 TIED = TINY.parent / "tiny_llama_tied"

@@ -145,24 +145,37 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, s
     return jnp.full_like(flat, -jnp.inf).at[rows, idx].set(vals).reshape(shape)
 
 
-def accept_greedy(target_logits: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """target_logits (b, k+1, V), drafts (b, k) -> (accepted count n (b,), the target's token after them (b,))."""
+def _proposed(drafts: jax.Array, drafted: jax.Array | None) -> jax.Array:
+    """(b, k) whether column j is one of the row's proposed drafts (j < drafted; all when drafted is None)."""
+    if drafted is None:
+        return jnp.ones(drafts.shape, bool)
+    return jnp.arange(drafts.shape[1])[None, :] < drafted[:, None]
+
+
+def accept_greedy(target_logits: jax.Array, drafts: jax.Array,
+                  drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """target_logits (b, k+1, V), drafts (b, k) of which each row proposed its first drafted[r] (None: all k) ->
+    (accepted count n (b,), the target's token after them (b,))."""
     best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
-    n = jnp.sum(jnp.cumprod(drafts == best[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    ok = (drafts == best[:, :-1]) & _proposed(drafts, drafted)
+    n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
     return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
 
 
-def accept_sampling(p: jax.Array, q: jax.Array, drafts: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def accept_sampling(p: jax.Array, q: jax.Array, drafts: jax.Array, key: jax.Array,
+                    drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Speculative-sampling acceptance. p (b, k+1, V) target probabilities, q (b, k, V) the draft's (drafts were
-    sampled from q). Returns (accepted count n, the correction — or bonus when n = k — token)."""
+    sampled from q; rows proposed their first drafted[r], None: all k, and q is 0 past them). Returns (accepted
+    count n, the correction — or bonus when n = the proposed count — token)."""
     b, k = drafts.shape
     ku, kc = jax.random.split(key)
     pd = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
     qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(ku, (b, k), jnp.float32)
-    ok = u * qd < pd  # u < p/q without dividing; qd > 0 for a token q sampled
+    ok = (u * qd < pd) & _proposed(drafts, drafted)  # u < p/q without dividing; qd > 0 for a token q sampled
     n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
-    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # at n = k the residual is p itself: the bonus
+    # past the proposed drafts (n = their count) q is 0, so the residual is p itself: the bonus token
+    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
     pick = lambda a: jnp.take_along_axis(a, n[:, None, None], axis=1)[:, 0]
     pn = pick(p)
     resid = jnp.maximum(pn - pick(q_pad), 0.0)
@@ -197,45 +210,79 @@ def draft_logits(model: DecoderLM, h: jax.Array, head: DraftHead | None) -> jax.
 
 
 def _draft_pick(model: DecoderLM, h: jax.Array, head: DraftHead | None, key: jax.Array, temperature: jax.Array,
-                top_p: jax.Array, spec: _Spec) -> tuple[jax.Array, jax.Array | None]:
-    """The draft's token (b,) and filtered probabilities over the whole vocabulary (b, V) (None when greedy) from
-    final-norm hidden states (b, D): over every id, or over `head`'s ids only."""
+                top_p: jax.Array, spec: _Spec,
+                confidence: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The draft's token (b,), filtered probabilities over the whole vocabulary (b, V) (None when greedy) and, with
+    `confidence`, its top probability (b,) (else None), from final-norm hidden states (b, D): over every id, or
+    over `head`'s ids only."""
     logits = draft_logits(model, h, head)
+    if head is not None and spec.top_k > head[0].shape[0]:
+        spec = dataclasses.replace(spec, top_k=head[0].shape[0])
+    tok, q = _pick(logits, key, temperature, top_p, spec)
+    conf = None
+    if confidence:  # greedy: the softmax's largest entry, 1 / sum(exp(l - max l)); sampling: the largest of q
+        conf = (1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1) if q is None
+                else jnp.max(q, axis=-1))
     if head is None:
-        return _pick(logits, key, temperature, top_p, spec)
+        return tok, q, conf
     ids = head[0]
-    if spec.top_k > ids.shape[0]:
-        spec = dataclasses.replace(spec, top_k=ids.shape[0])
-    i, q = _pick(logits, key, temperature, top_p, spec)
     if q is not None:
         q = jnp.zeros(q.shape[:-1] + (model.cfg.vocab_size,), q.dtype).at[..., ids].set(q)
-    return ids[i], q
+    return ids[tok], q, conf
 
 
 def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax.Array, key: jax.Array,
-                temperature: jax.Array, top_p: jax.Array, *, k: int, spec: _Spec,
-                head: DraftHead | None = None) -> tuple[jax.Array, jax.Array | None, Pending]:
-    """k draft tokens (b, k), their filtered draft probabilities (b, k, V) (None when greedy), and the draft's
-    pending state over the k+1 fed tokens [x_prev, x0, d1..d_{k-1}] (see the module docstring). `head`: a reduced
-    draft vocabulary (`SpeculativeDecoder`'s `draft_vocab`), None for every id."""
+                temperature: jax.Array, top_p: jax.Array, *, k: int, spec: _Spec, head: DraftHead | None = None,
+                stop: float = 0.0) -> tuple[jax.Array, jax.Array | None, Pending, jax.Array]:
+    """Up to k draft tokens: (drafts (b, k), their filtered draft probabilities (b, k, V) (None when greedy; 0 past
+    a row's count), the draft's pending state over the fed tokens [x_prev, x0, d1..] (see the module docstring),
+    and how many of the k each row proposes (b,) (1..k)). `head`: a reduced draft vocabulary (`SpeculativeDecoder`'s
+    `draft_vocab`), None for every id.
+
+    `stop` (static; 0 = always k): a row stops proposing at the first token after d1 to which its draft gives a top
+    probability below `stop`, and the draft steps stop when every row has stopped (the k-token verify is one call
+    whatever the count, while each draft step is a launch-bound pass: at low acceptance most of k steps are
+    wasted). Columns past a row's count hold filler tokens that acceptance never takes; the stopping rule depends
+    on the draft alone, so greedy output and the sampling rule stay exact."""
     h, st = model.hidden(jnp.stack([x_prev, x0], axis=1), cache=cache, verify=True)
     first = Pending(st, cache.index, cache.positions)
-    d1, q1 = _draft_pick(model, h[:, 1], head, jax.random.fold_in(key, 0), temperature, top_p, spec)
+    d1, q1, _ = _draft_pick(model, h[:, 1], head, jax.random.fold_in(key, 0), temperature, top_p, spec)
+    b = x0.shape[0]
     if k == 1:
-        return d1[:, None], None if q1 is None else q1[:, None], first
+        return d1[:, None], None if q1 is None else q1[:, None], first, jnp.ones((b,), jnp.int32)
 
     # Mamba layers take the 1-token steps as verify chunks: they also return the step's inputs, all that commit
     # needs of it. A draft without Mamba layers keeps the plain decode step (and its fused kernels).
     mamba = any(isinstance(c, MambaChunk) for c in first.state.layers)
+    early = stop > 0
 
-    def step(carry: tuple[jax.Array, DecodeState], i: jax.Array) -> tuple[Any, Any]:
-        tok, st = carry
+    def step(tok: jax.Array, st: DecodeState, i: jax.Array) -> tuple[Any, ...]:
+        """Feeds d_i, proposes d_{i+1}."""
         h, st = model.hidden(tok[:, None], cache=st, verify=mamba)
-        nxt, q = _draft_pick(model, h[:, 0], head, jax.random.fold_in(key, i), temperature, top_p, spec)
+        nxt, q, conf = _draft_pick(model, h[:, 0], head, jax.random.fold_in(key, i), temperature, top_p, spec,
+                                   confidence=early)
         inputs = tuple(c.inputs() if isinstance(c, MambaChunk) else None for c in st.layers)
-        return (nxt, _latest(st)), (nxt, q, inputs)
+        return nxt, q, conf, _latest(st), inputs
 
-    (_, last), (ds, qs, inputs) = jax.lax.scan(step, (d1, _latest(first.state)), jnp.arange(1, k))
+    # Step 1 outside the loop: its outputs give the buffers' shapes (steps 1..k-1 fill rows 0..k-2).
+    d2, q2, conf, st1, in1 = step(d1, _latest(first.state), jnp.int32(1))
+    alive = jnp.ones((b,), bool) if conf is None else conf >= stop
+    buf = lambda a: None if a is None else jnp.zeros((k - 1,) + a.shape, a.dtype).at[0].set(a)
+    carry = (jnp.int32(2), d2, st1, alive, 1 + alive.astype(jnp.int32), buf(d2), buf(q2),
+             jax.tree.map(buf, in1, is_leaf=lambda a: a is None))
+
+    def body(c: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, tok, st, alive, count, ds, qs, ins = c
+        nxt, q, conf, st, inputs = step(tok, st, i)
+        if conf is not None:
+            alive = alive & (conf >= stop)
+        put = lambda buf, a: None if a is None else jax.lax.dynamic_update_index_in_dim(buf, a, i - 1, 0)
+        return (i + 1, nxt, st, alive, count + alive.astype(jnp.int32), put(ds, nxt),
+                None if qs is None else put(qs, q),
+                jax.tree.map(put, ins, inputs, is_leaf=lambda a: a is None))
+
+    cond = (lambda c: (c[0] < k) & jnp.any(c[3])) if early else (lambda c: c[0] < k)
+    _, _, last, _, count, ds, qs, inputs = jax.lax.while_loop(cond, body, carry)
     layers = []
     for i, c in enumerate(last.layers):
         pend = first.state.layers[i]
@@ -246,19 +293,22 @@ def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax
             layers.append(c)
     pending = Pending(dataclasses.replace(last, layers=tuple(layers)), first.start, first.start_positions)
     drafts = jnp.concatenate([d1[:, None], jnp.moveaxis(ds, 0, 1)], axis=1)
-    probs = None if q1 is None else jnp.concatenate([q1[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
-    return drafts, probs, pending
+    probs = None
+    if q1 is not None:
+        probs = jnp.concatenate([q1[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
+        probs = jnp.where(jnp.arange(k)[None, :, None] < count[:, None, None], probs, 0.0)
+    return drafts, probs, pending, count
 
 
 # ------------------------------------------------------------------------------------------ the jitted loop
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "k", "spec", "n_new", "eos", "pad_id",
-                                             "slots"))
+                                             "slots", "stop"))
 def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx.GraphDef, draft_state: nnx.State,
                draft_head: DraftHead | None, tokens: jax.Array, mask: jax.Array, key: jax.Array,
                temperature: jax.Array, top_p: jax.Array, *, k: int, spec: _Spec, n_new: int, eos: tuple[int, ...],
-               pad_id: int, slots: int) -> dict[str, Any]:
+               pad_id: int, slots: int, stop: float = 0.0) -> dict[str, Any]:
     """Prefill both models, then draft-verify-accept rounds in one `while_loop` until every row is done."""
     target = nnx.merge(target_def, target_state)
     draft = nnx.merge(draft_def, draft_state)
@@ -280,7 +330,7 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
     ntok = jnp.ones((b,), jnp.int32)
     done = is_eos(first) | (n_new <= 1)
     hist = jnp.zeros((k + 1,), jnp.int32)
-    carry = (jnp.int32(0), tokens[:, -1], first, tc, dc, out, ntok, done, hist, jnp.int32(0))
+    carry = (jnp.int32(0), tokens[:, -1], first, tc, dc, out, ntok, done, hist, jnp.int32(0), jnp.int32(0))
     j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
 
     def fit(st: DecodeState) -> tuple[DecodeState, jax.Array]:
@@ -290,20 +340,21 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
         return jax.lax.cond(full, compact, lambda s: s, st), full.astype(jnp.int32)
 
     def body(c: Any) -> Any:
-        r, x_prev, x0, tc, dc, out, ntok, done, hist, compactions = c
+        r, x_prev, x0, tc, dc, out, ntok, done, hist, compactions, proposed = c
         (tc, ct), (dc, cd) = fit(tc), fit(dc)
         compactions = compactions + ct + cd
         rk = jax.random.fold_in(key, r + 1)
         kd, ka = jax.random.split(rk)
-        drafts, q, dpend = draft_round(draft, dc, x_prev, x0, kd, temperature, top_p, k=k, spec=spec,
-                                       head=draft_head)
+        drafts, q, dpend, drafted = draft_round(draft, dc, x_prev, x0, kd, temperature, top_p, k=k, spec=spec,
+                                                head=draft_head, stop=stop)
         logits, tpend = verify(target, jnp.concatenate([x0[:, None], drafts], axis=1), tc)
         if spec.greedy:
-            n, corr = accept_greedy(logits, drafts)
+            n, corr = accept_greedy(logits, drafts, drafted)
         else:
             p = jax.nn.softmax(filter_logits(logits, temperature, top_p, spec), axis=-1)
-            n, corr = accept_sampling(p, q, drafts, ka)
+            n, corr = accept_sampling(p, q, drafts, ka, drafted)
         active = ~done
+        proposed = proposed + jnp.sum(jnp.where(active, drafted, 0))
         keep = jnp.where(active, n + 1, 0)
         tc, dc = tpend.commit(keep), dpend.commit(keep)
 
@@ -321,10 +372,10 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
         x_prev = jnp.where(active, jnp.where(n > 0, jnp.take_along_axis(pad, jnp.maximum(n - 1, 0)[:, None],
                                                                         axis=1)[:, 0], x0), x_prev)
         x0 = jnp.where(active, corr, x0)
-        return r + 1, x_prev, x0, tc, dc, out, ntok, done, hist, compactions
+        return r + 1, x_prev, x0, tc, dc, out, ntok, done, hist, compactions, proposed
 
-    r, *_, out, ntok, done, hist, compactions = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, carry)
-    return dict(tokens=out[:, :n_new], rounds=r, accepted_hist=hist, compactions=compactions)
+    r, *_, out, ntok, done, hist, compactions, proposed = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, carry)
+    return dict(tokens=out[:, :n_new], rounds=r, accepted_hist=hist, compactions=compactions, proposed=proposed)
 
 
 # ------------------------------------------------------------------------------------------------- front end
@@ -332,9 +383,10 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
 
 @dataclasses.dataclass
 class SpecStats:
-    """acceptance_rate: accepted draft tokens / drafted tokens, over rows still running in each round.
+    """acceptance_rate: accepted draft tokens / proposed draft tokens, over rows still running in each round.
     rounds: draft-verify rounds run (each is one target forward). accepted_hist[n]: (row, round) pairs in which
-    exactly n of the k drafts were accepted. tokens_per_round: mean tokens a running row gains per round.
+    exactly n drafts were accepted. tokens_per_round: mean tokens a running row gains per round.
+    drafts_per_round: mean drafts a running row proposes per round (k unless `stop` ends drafting early).
     compactions: KV-cache compactions (target + draft) forced by per-row holes; always 0 at batch 1."""
 
     acceptance_rate: float
@@ -344,6 +396,7 @@ class SpecStats:
     tokens_per_round: float
     compactions: int
     seconds: float
+    drafts_per_round: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -411,14 +464,18 @@ class SpeculativeDecoder:
         return left_pad(rows, self.prompt_multiple, self.pad_id)
 
     def run(self, prompt_ids: Sequence[Sequence[int]], *, k: int = 4, sampling: SamplingConfig | None = None,
-            max_new_tokens: int | None = None, eos_ids: Sequence[int] = (),
-            slots: int | None = None) -> tuple[np.ndarray, list[int], SpecStats]:
+            max_new_tokens: int | None = None, eos_ids: Sequence[int] = (), slots: int | None = None,
+            stop: float = 0.0) -> tuple[np.ndarray, list[int], SpecStats]:
         """(tokens (b, max_new_tokens) with `pad_id` after EOS, new tokens per row excluding EOS, stats).
 
-        `slots` overrides the KV-cache length (tests use it to force compaction); by default it fits every round.
+        `stop` in [0, 1): a row proposes fewer than k drafts in a round once its draft's top probability for the
+        next one falls below `stop` (`draft_round`; 0 = always k). `slots` overrides the KV-cache length (tests
+        use it to force compaction); by default it fits every round.
         """
         if not isinstance(k, int) or k < 1:
             raise GenerationError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+        if not isinstance(stop, (int, float)) or not 0.0 <= stop < 1.0:
+            raise GenerationError(f"stop (the draft's confidence threshold) must be in [0, 1), got {stop!r}")
         sampling = sampling or SamplingConfig()
         n_new = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(n_new, int) or n_new <= 0:
@@ -436,7 +493,7 @@ class SpeculativeDecoder:
                          jnp.asarray(tokens),
                          jnp.asarray(mask), jax.random.key(sampling.seed),
                          jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), k=k, spec=spec,
-                         n_new=n_new, eos=eos, pad_id=self.pad_id, slots=slots)
+                         n_new=n_new, eos=eos, pad_id=self.pad_id, slots=slots, stop=float(stop))
         res = jax.device_get(res)
         seconds = time.perf_counter() - t0
         out = np.asarray(res["tokens"])
@@ -447,16 +504,19 @@ class SpeculativeDecoder:
         hist = [int(x) for x in res["accepted_hist"]]
         row_rounds = sum(hist)
         accepted = sum(n * c for n, c in enumerate(hist))
-        stats = SpecStats(acceptance_rate=accepted / max(1, k * row_rounds), rounds=int(res["rounds"]), k=k,
+        proposed = int(res["proposed"])
+        stats = SpecStats(acceptance_rate=accepted / max(1, proposed), rounds=int(res["rounds"]), k=k,
                           accepted_hist=hist, tokens_per_round=(accepted + row_rounds) / max(1, row_rounds),
-                          compactions=int(res["compactions"]), seconds=seconds)
+                          compactions=int(res["compactions"]), seconds=seconds,
+                          drafts_per_round=proposed / max(1, row_rounds))
         return out, lengths, stats
 
 
 def speculative_generate(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], *, k: int = 4,
                          sampling: SamplingConfig | None = None, max_new_tokens: int | None = None,
                          eos_ids: Sequence[int] = (), pad_id: int = 0,
-                         draft_vocab: Sequence[int] | np.ndarray | None = None) -> tuple[list[list[int]], SpecStats]:
+                         draft_vocab: Sequence[int] | np.ndarray | None = None,
+                         stop: float = 0.0) -> tuple[list[list[int]], SpecStats]:
     """New token ids per prompt (EOS excluded) from speculative decoding of `target` with `draft`, and stats.
 
     Same distribution as `generate.generate_ids(target, ...)` with the same sampling options (identical tokens
@@ -464,5 +524,6 @@ def speculative_generate(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequen
     keep one for repeated use.
     """
     dec = SpeculativeDecoder(target, draft, pad_id=pad_id, draft_vocab=draft_vocab)
-    out, lengths, stats = dec.run(prompt_ids, k=k, sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    out, lengths, stats = dec.run(prompt_ids, k=k, sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                  stop=stop)
     return [out[r, :n].tolist() for r, n in enumerate(lengths)], stats

@@ -281,21 +281,67 @@ def test_draft_round_rolls_back_to_the_kept_prefix():
     def run(state):
         m = nnx.merge(graphdef, state)
         _, c = m(prompt[:, :-2], cache=m.init_cache(3, 24), prefill=True)
-        d, _, pend = draft_round(m, c, prompt[:, -2], prompt[:, -1], jax.random.key(0), one, one, k=k, spec=spec)
+        d, _, pend, count = draft_round(m, c, prompt[:, -2], prompt[:, -1], jax.random.key(0), one, one, k=k,
+                                        spec=spec)
         c = pend.commit(keep)
         fed = jnp.concatenate([prompt[:, -2:], d[:, :-1]], axis=1)  # x_prev, x0, d1..d_{k-1}
         n = keep - 1
         pad = jnp.concatenate([d, jnp.zeros((3, 1), jnp.int32)], axis=1)
         x_prev = jnp.where(n > 0, jnp.take_along_axis(pad, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0], prompt[:, -1])
         x0 = jnp.asarray([7, 8, 9], jnp.int32)  # any correction token
-        d2, _, _ = draft_round(m, c, x_prev, x0, jax.random.key(1), one, one, k=k, spec=spec)
-        return d, fed, d2, x_prev, x0
+        d2, _, _, _ = draft_round(m, c, x_prev, x0, jax.random.key(1), one, one, k=k, spec=spec)
+        return d, fed, d2, x_prev, x0, count
 
-    d, fed, d2, x_prev, x0 = run(state)
+    d, fed, d2, x_prev, x0, count = run(state)
+    assert count.tolist() == [k] * 3
     for r in range(3):
         consumed = list(prompt[r, :-2]) + list(fed[r, :int(keep[r])])
         seq = [int(t) for t in consumed] + [int(x_prev[r]), int(x0[r])]
         assert reference_greedy(draft, seq, k) == d2[r].tolist()
+
+
+def test_draft_round_stops_where_the_draft_is_unsure():
+    """With `stop`, a row proposes d1 and then each next draft while its draft's top probability is >= stop: the
+    count and the drafts match the draft's own greedy decoding and its softmax (near-uniform here: ~1/61)."""
+    draft, k, stop = random_draft("hybrid"), 5, 0.0205
+    graphdef, state = nnx.split(draft)
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, 61, (4, 6)), jnp.int32)
+    spec = _spec(SamplingConfig(), 61)
+    one = jnp.float32(1.0)
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        _, c = m(prompt[:, :-2], cache=m.init_cache(4, 24), prefill=True)
+        d, _, _, count = draft_round(m, c, prompt[:, -2], prompt[:, -1], jax.random.key(0), one, one, k=k, spec=spec,
+                                     stop=stop)
+        return d, count
+
+    d, count = run(state)
+    fwd = _fwd(draft)
+    for r in range(4):
+        seq = [int(t) for t in prompt[r]]
+        want = 1
+        while want < k:
+            conf = float(jax.nn.softmax(fwd([seq + d[r, :want].tolist()])[0, -1]).max())
+            if conf < stop:
+                break
+            want += 1
+        assert int(count[r]) == want
+        assert d[r, :want].tolist() == reference_greedy(draft, seq, want)
+    assert len(set(count.tolist())) > 1  # rows stopped at different counts
+
+
+def test_early_stop_keeps_greedy_exact_and_drafts_fewer():
+    tgt, draft, k = target(0.25), noisy_copy(0.25), 5
+    ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
+    got, st = speculative_generate(tgt, draft, PROMPTS, k=k, max_new_tokens=N, stop=0.0215)
+    assert got == ref
+    assert 1 < st.drafts_per_round < k
+    got0, st0 = speculative_generate(tgt, draft, PROMPTS, k=k, max_new_tokens=N)
+    assert got0 == ref and st0.drafts_per_round == k
+    with pytest.raises(GenerationError, match="stop"):
+        SpeculativeDecoder(tgt, draft).run(PROMPTS, k=2, stop=1.0)
 
 
 # Head size 16: the smallest the multistep-verify kernel tiles (the configs above have 8 and take the reference).
@@ -486,22 +532,27 @@ def _peaky(model, scale):
     return model
 
 
-@pytest.mark.parametrize("sampling,draft_vocab", [(SamplingConfig(temperature=1.0, seed=3), None),
-                                                  (SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4), None),
-                                                  (SamplingConfig(temperature=1.0, top_k=6, seed=5), [1, 4, 6, 7])],
-                         ids=["plain", "topk-topp", "draft-vocab"])
-def test_sampling_preserves_target_distribution(sampling, draft_vocab):
+@pytest.mark.parametrize("sampling,draft_vocab,stop", [
+    (SamplingConfig(temperature=1.0, seed=3), None, 0.0),
+    (SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4), None, 0.0),
+    (SamplingConfig(temperature=1.0, top_k=6, seed=5), [1, 4, 6, 7], 0.0),
+    (SamplingConfig(temperature=1.0, seed=6), None, 0.6),
+], ids=["plain", "topk-topp", "draft-vocab", "early-stop"])
+def test_sampling_preserves_target_distribution(sampling, draft_vocab, stop):
     """Many rows of one prompt in one call: the 2nd and 3rd new tokens (decided by speculation, k = 2) follow
     the target's own sampling distribution (exact, by enumerating the earlier tokens) — also when the draft may
-    propose only 4 of the 8 ids (its q is 0 elsewhere; top-k 6 > 4 is clipped for the draft only)."""
+    propose only 4 of the 8 ids (its q is 0 elsewhere; top-k 6 > 4 is clipped for the draft only), and when rows
+    whose draft is unsure of d2 propose d1 only (`stop`)."""
     teacher_t = LlamaLM(TINY, rngs=nnx.Rngs(20))
     tgt = _peaky(build_hybrid(teacher_t, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(chunk_size=4)),
                               rngs=nnx.Rngs(21)), 20.0)
     draft = _peaky(LlamaLM(TINY, rngs=nnx.Rngs(22)), 20.0)
     prompt, rows, V = [3, 1, 4, 1, 5], 3000, TINY.vocab_size
     out, _, st = SpeculativeDecoder(tgt, draft, prompt_multiple=1, draft_vocab=draft_vocab).run(
-        [prompt] * rows, k=2, sampling=sampling, max_new_tokens=3)
+        [prompt] * rows, k=2, sampling=sampling, max_new_tokens=3, stop=stop)
     assert st.accepted_hist[0] > 0 and st.accepted_hist[1] + st.accepted_hist[2] > 0
+    if stop:
+        assert 1 < st.drafts_per_round < 2  # some rows proposed one draft, some two
 
     spec = _spec(sampling, V)
     temp, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
