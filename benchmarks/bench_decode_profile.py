@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -218,7 +219,8 @@ def _models(tiny: bool) -> dict[str, Any]:
 def render_md(r: dict[str, Any]) -> str:
     m = r["meta"]
     lines = [f"# Decode step profile ({m['device']}, {m['date']})", "",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Command: `{m['command']}`.",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Command: `{m['command']}`."
+             + (f" XLA_FLAGS `{m['xla_flags']}`." if m.get("xla_flags") else ""),
              "Random weights of the SmolLM2-135M shape (bf16), greedy, EOS ignored. Per decode step: wall = median"
              " host time of the whole loop / steps (profiled runs; unprofiled in brackets); busy = union of the"
              " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels).", "",
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiny:
         a.prompt_len, a.new_tokens, a.runs, a.profiled_runs = 8, 6, 2, 1
     r: dict[str, Any] = {"meta": {"date": now(), "device": device(), "versions": versions(),
-                                  "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])},
+                                  "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
                          "rows": [], "skipped": []}
     stem = (a.stem or "decode_profile") + ("_tiny" if a.tiny else "")  # a smoke run never replaces device figures
 
