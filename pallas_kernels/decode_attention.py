@@ -79,6 +79,7 @@ _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": 
 # on the device: `override_plan(dot=True)`, the profile's `adot` variant, turns it on).
 DOT_MIN_BATCH = 0
 DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
+DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 
 
 @contextlib.contextmanager
@@ -119,7 +120,8 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
     """Whether a step at this batch computes its blocks with tensor-core dots: `dot` if given, else the
-    override's (`override_plan`), else batch >= DOT_MIN_BATCH (> 0)."""
+    override's (`override_plan`), else batch >= DOT_MIN_BATCH (> 0). Heads smaller than 2·DOT_MIN_K never do
+    (a planned dot form falls back; an explicit dot=True is an error)."""
     if dot is not None:
         return dot
     if _PLAN_OVERRIDE["dot"] is not None:
@@ -342,8 +344,13 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     h = num_heads
     nblocks = window // block
     splits = max(1, min(splits, nblocks))
+    use_dot = planned_dot(b, dot)
+    if use_dot and d < 2 * DOT_MIN_K:  # q·Kᵀ contracts over half a head (the two RoPE halves)
+        if dot:
+            raise KernelError(f"decode_attention: the dot form needs head_dim >= {2 * DOT_MIN_K}, got {d}")
+        use_dot = False
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
-                             partials=partials, dtype=qkv.dtype, dot=planned_dot(b, dot))
+                             partials=partials, dtype=qkv.dtype, dot=use_dot)
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), qkv.dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused

@@ -74,10 +74,10 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
-    (2, 48, 4, 2, 16, 37, 0, 1, jnp.float32),     # g = 2, several blocks
-    (1, 64, 3, 3, 16, 63, 0, 4, jnp.float32),     # MHA (g = 1), split, last slot
+    (2, 48, 4, 2, 32, 37, 0, 1, jnp.float32),     # g = 2, several blocks
+    (1, 64, 3, 3, 32, 63, 0, 4, jnp.float32),     # MHA (g = 1), split, last slot
     (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # SmolLM2's grouping, a split with no valid slot
-    (1, 64, 6, 2, 16, 50, 48, 1, jnp.float32),    # window shorter than the cache
+    (1, 64, 6, 2, 32, 50, 48, 1, jnp.float32),    # window shorter than the cache
     (2, 64, 9, 3, 32, 40, 0, 2, jnp.bfloat16),    # bf16: p as two rounded parts
 ])
 def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype):
@@ -100,12 +100,17 @@ def test_dot_form_is_planned_by_batch_and_override(monkeypatch):
     with pytest.raises(KernelError, match="dot must be"):
         with da.override_plan(dot="yes"):
             pass
-    args = make_inputs(2, 48, 4, 2, 16, 37, seed=1)
+    args = make_inputs(2, 48, 4, 2, 32, 37, seed=1)
     fn = lambda dot: lambda *a: decode_attention_pallas(*a, num_heads=4, num_kv_heads=2, block=16, interpret=True,
                                                         dot=dot)
     # the traced kernels differ (the dot form holds dot_general ops), so the flag reaches the kernel
     assert "dot_general" in str(jax.make_jaxpr(fn(True))(*args))
     assert "dot_general" not in str(jax.make_jaxpr(fn(False))(*args))
+    small = make_inputs(2, 48, 4, 2, 16, 37, seed=1)  # head 16: half a head is below a dot's smallest K
+    with pytest.raises(KernelError, match="head_dim >= 32"):
+        jax.make_jaxpr(fn(True))(*small)
+    with da.override_plan(dot=True):  # planned, not asked for: the elementwise form
+        assert "dot_general" not in str(jax.make_jaxpr(fn(None))(*small))
 
 
 def test_unfused_merge_by_the_merge_kernel_interpret():
