@@ -228,13 +228,13 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l, F32)
 
 
-def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (M, K) · b (N, K)ᵀ -> (M, N) fp32; fp32 operands at full precision (not TF32)."""
     prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=F32)
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (M, K) · b (K, N) -> (M, N) fp32; fp32 operands at full precision (not TF32)."""
     prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=F32)
@@ -265,15 +265,15 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         kb2 = jnp.where(new, k2c[None, :], kc_ref[bi, rows, ki, pl.ds(half, half)])
         vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :])
         ok = ((valid_ref[bi, rows] != 0) & (slot <= index))[None, :]
-        sc = jnp.where(ok, (_dot_t(q1, kb1) + _dot_t(q2, kb2)) * scale, NEG_INF)  # (G, block)
+        sc = jnp.where(ok, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, NEG_INF)  # (G, block)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
         if cdt == F32:
-            pv = _dot(p, vb)
+            pv = dot_nn(p, vb)
         else:  # p to ~16 bits as two rounded parts
             p_hi = p.astype(cdt)
-            pv = _dot(p_hi, vb) + _dot((p - p_hi.astype(F32)).astype(cdt), vb)
+            pv = dot_nn(p_hi, vb) + dot_nn((p - p_hi.astype(F32)).astype(cdt), vb)
         return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))

@@ -37,7 +37,7 @@ from flax import nnx
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
-    MLP, Attention, Context, DecoderLM, apply_rope, attend, cache_mask, chunk_mask,
+    MLP, Attention, Context, DecoderLM, apply_rope, attend, chunk_mask,
 )
 from mamba_llama_jax.models.mamba import Mamba2
 from mamba_llama_jax.ops.attention import attend_one
@@ -48,6 +48,7 @@ from pallas_kernels.decode_attention import (
 )
 from pallas_kernels.mamba_decode import kernel_would_run as mamba_decode_would_run
 from pallas_kernels.mamba_decode import mamba2_decode
+from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
     attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, merge_mode,
     norm_gate_up, norm_matmul, swiglu,
@@ -230,24 +231,26 @@ class FusedAttention(nnx.Module):
 
     def _attend(self, qkv: jax.Array, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         """Attention of a chunk from its q·k·v (b, t, (h + 2·kv)·d): RoPE, the cache write, attention over cache +
-        chunk (or the chunk alone at prefill / without a cache). Returns (b, t, h·d) and the cache."""
+        chunk (or the chunk alone at prefill / without a cache). Returns (b, t, h·d) and the cache. A chunk
+        appended to a filled cache (a speculative verify) goes through `pallas_kernels.verify_attention`: one
+        launch on GPU where its kernel runs, and fp32 probabilities either way, as a decode step has them."""
         from mamba_llama_jax.models.cache import KVCache
 
         b, t, _ = qkv.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if cache is not None and not ctx.prefill:
+            out, kc, vc = verify_attention(qkv, cache.k, cache.v, ctx.cos, ctx.sin, ctx.index, ctx.valid,
+                                           num_heads=h, num_kv_heads=kv)
+            return out, KVCache(kc, vc)
         q = qkv[..., : h * d].reshape(b, t, h, d)
         k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
         v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if cache is not None:
+        if cache is not None:  # prefill: the chunk attends to itself and fills the (empty) cache
             start = (0, ctx.index, 0, 0)
             cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
                             jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
-        if cache is None or ctx.prefill:
-            out = attend(q, k, v, chunk_mask(ctx))
-        else:
-            out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask(ctx, cache.k.shape[1]))
-        return out.reshape(b, t, h * d), cache
+        return attend(q, k, v, chunk_mask(ctx)).reshape(b, t, h * d), cache
 
 
 def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, window: int) -> jax.Array:

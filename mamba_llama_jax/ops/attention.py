@@ -1,4 +1,5 @@
-"""Pure-JAX decode attention: the reference that `pallas_kernels.decode_attention` must equal.
+"""Pure-JAX decode and verify attention: the references that `pallas_kernels.decode_attention` and
+`pallas_kernels.verify_attention` must equal.
 
 One decode step of one attention layer after its fused q/k/v projection: RoPE on q and k, the new k/v written
 into the cache at slot `index`, and grouped-query attention of the one query per row over the valid slots
@@ -82,3 +83,34 @@ def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
     mask = valid & (slot <= index)
     out = attend_one(q, k_cache, v_cache, mask, window)
     return out.reshape(b, h * d), k_cache, v_cache
+
+
+def verify_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
+                               sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
+                               num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A speculative verify chunk's attention, the decode step's maths for t tokens at once: the chunk's q·k·v
+    (b, t, (h + 2·kv)·d) rotated with per-token tables cos / sin (b, t, d/2), its k / v written at slots
+    [index, index + t), and token j's query attending to the valid slots <= index + j. Softmax and the
+    probabilities · values in fp32 (as `decode_attention_reference`, unlike `models.llama.attend`, which rounds the
+    probabilities to the compute dtype first), so a verified token sees the numbers a decode step would.
+    `valid` (b, S): slots holding real tokens with the chunk written (a verify chunk is all real tokens).
+    Returns (out (b, t, h·d) in qkv.dtype, k_cache, v_cache)."""
+    b, t, _ = qkv.shape
+    h, kv = num_heads, num_kv_heads
+    d = k_cache.shape[-1]
+    q = qkv[..., : h * d].reshape(b, t, h, d)
+    k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
+    v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    q, k = rope_halves(q, c, s), rope_halves(k, c, s)
+    start = (0, index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    slot = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, None, :]
+    mask = valid[:, None, :] & (slot <= index + jnp.arange(t, dtype=jnp.int32)[None, :, None])  # (b, t, S)
+    qg = q.reshape(b, t, kv, h // kv, d).astype(F32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(F32), precision="highest") / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(F32), precision="highest")
+    return out.reshape(b, t, h * d).astype(qkv.dtype), k_cache, v_cache

@@ -13,7 +13,7 @@ from scipy import stats as sps
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.errors import GenerationError
-from mamba_llama_jax.inference.generate import SamplingConfig, _spec
+from mamba_llama_jax.inference.generate import SamplingConfig, _spec, prepare_for_inference
 from mamba_llama_jax.inference.speculative import (
     SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, draft_vocabulary, filter_logits,
     speculative_generate, verify,
@@ -461,6 +461,42 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
             spec._speculate.clear_cache()  # programs traced with interpret-mode kernels stay out of other tests
         assert out[0, :lengths[0]].tolist() == want_ids, k
         assert sum(st.accepted_hist[1:]) > 0, (k, st)
+
+
+def test_verify_attention_kernel_in_the_loop(monkeypatch):
+    """An inference copy's verify chunks take the verify-attention kernel (interpret mode; head size 32, the
+    smallest it tiles): the chunk's logits and caches equal the unfused model's verify, and the loop = plain
+    greedy."""
+    from pallas_kernels import dispatch
+    from mamba_llama_jax.inference import speculative as spec
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=2,
+                      num_kv_heads=1, dtype="float32", max_position_embeddings=256)
+    tgt = build_hybrid(LlamaLM(cfg, rngs=nnx.Rngs(50)), HybridConfig(attn_fraction=0.5, mamba=MambaConfig(
+        chunk_size=4)), rngs=nnx.Rngs(51))
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    jax.clear_caches()
+    graphdef, state, _ = prepare_for_inference(tgt)
+
+    def verified(model):
+        cache = model.init_cache(1, 32)
+        _, cache = model.hidden(jnp.asarray([[5, 17, 3, 8, 41, 9]]), cache=cache, prefill=True)
+        return verify(model, jnp.asarray([[60, 2, 33, 12, 7]]), cache)
+
+    dispatch.record_choice("verify_attention", "none")
+    got_logits, got = verified(nnx.merge(graphdef, state))
+    assert dispatch.last_choice("verify_attention") == "pallas_triton"
+    want_logits, want = verified(tgt)  # the model's own attention: XLA's chunk path
+    np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
+    for g, w in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state)):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    try:
+        out, lengths, st = SpeculativeDecoder(tgt, noisy_copy_of(tgt)).run([PROMPTS[0]], k=4, max_new_tokens=10)
+    finally:
+        spec._speculate.clear_cache()  # programs traced with interpret-mode kernels stay out of other tests
+    assert out[0, :lengths[0]].tolist() == reference_greedy(tgt, PROMPTS[0], 10)
+    assert sum(st.accepted_hist[1:]) > 0, st
 
 
 # ------------------------------------------------------------------------------------------------- acceptance

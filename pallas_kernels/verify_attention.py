@@ -1,0 +1,230 @@
+"""A speculative verify chunk's attention in one Pallas launch: RoPE on its t queries and keys, the cache write of
+its t keys and values, and causal GQA of the t tokens over cache + chunk.
+
+Reference: `mamba_llama_jax.ops.attention.verify_attention_reference` (same signature and maths; this adds
+`interpret`, `block` and `num_warps`).
+
+Why: a verify chunk's attention in XLA is RoPE, two cache updates, scores, mask, softmax and values, ~5-7 kernels
+per attention layer where a decode step's is one (`decode_attention`), and at batch 1 a speculative round is
+launch-bound (results/speculative_selfdraft.md: a round cost 2.5 plain steps). Here it is one launch per layer.
+The probabilities also stay fp32 (the decode kernel's dot form: two bf16 parts in p·V), as in a decode step,
+where XLA's chunk attention rounds them to the compute dtype first: verified tokens see a decode step's numbers.
+
+Layout: grid (batch, kv_heads). A program owns one KV head of one row. It rotates the chunk's t keys and its g·t
+queries (g = heads per KV head), the queries as rows r = j·g + i of a pair of (R, d/2) tiles (R >= 16, a power of
+two: a tensor-core dot's M; rows past t·g are zero), writes the t keys / values into the cache (slots
+[index, index + t), which no program reads), and runs one online softmax per row: over the cached slots
+[0, index) in blocks (q·Kᵀ and p·V as tensor-core dots), then over the chunk's own keys from registers, causally
+(key j' <= the row's token j). No sequence splits: a chunk has t·g rows of work per block, not one, and verify runs
+at small batch and short contexts; at long contexts the b·kv programs would want splits as the decode kernel has.
+
+Kernel shapes: head_dim a power of two >= 32 (half a head is q·Kᵀ's contraction: a dot's K >= 16), slots a multiple
+of 16, t·g <= MAX_ROWS. `verify_attention` falls back to the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mamba_llama_jax.errors import KernelError
+from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
+from pallas_kernels import dispatch
+from pallas_kernels.decode_attention import dot_nn, dot_t, pick_block
+from pallas_kernels.dispatch import is_pow2
+
+F32 = jnp.float32
+PALLAS_TRITON = dispatch.PALLAS_TRITON
+REFERENCE = "reference_xla"
+MAX_ROWS = 64  # query rows (t tokens x g heads) a program holds: (MAX_ROWS, head_dim) fp32 accumulators
+MIN_ROWS = 16  # a tensor-core dot's smallest M (and N: the chunk's key tile)
+
+# Written and tested in interpret mode and lowered for an H100 on the CPU; not yet run on a GPU, so off there
+# (MAMBA_LLAMA_UNVERIFIED_KERNELS=1 turns it on) until its `-m gpu` tests pass on the device.
+GPU_VERIFIED = False
+
+
+def _pow2_at_least(v: int, least: int) -> int:
+    p = least
+    while p < v:
+        p *= 2
+    return p
+
+
+def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
+            o_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
+            *, h: int, kv: int, d: int, t: int, block: int, dtype: Any):
+    del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
+    bi, ki = pl.program_id(0), pl.program_id(1)
+    g, half = h // kv, d // 2
+    rows_q = _pow2_at_least(t * g, MIN_ROWS)
+    rows_k = _pow2_at_least(t, MIN_ROWS)
+    index = idx_ref[0]
+    cdt = kc_ref.dtype
+
+    def rope(j: int, off: int) -> tuple[jax.Array, jax.Array]:  # token j's head at column `off`, rounded as the ref
+        c, s = cos_ref[bi, j, :], sin_ref[bi, j, :]
+        x1 = qkv_ref[bi, j, pl.ds(off, half)].astype(F32)
+        x2 = qkv_ref[bi, j, pl.ds(off + half, half)].astype(F32)
+        return ((x1 * c - x2 * s).astype(dtype).astype(F32), (x2 * c + x1 * s).astype(dtype).astype(F32))
+
+    rq = jax.lax.broadcasted_iota(jnp.int32, (rows_q, half), 0)
+    rk = jax.lax.broadcasted_iota(jnp.int32, (rows_k, half), 0)
+    rv = jax.lax.broadcasted_iota(jnp.int32, (rows_k, d), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (rows_k,), 0)
+    q1 = jnp.zeros((rows_q, half), F32)
+    q2 = jnp.zeros((rows_q, half), F32)
+    k1 = jnp.zeros((rows_k, half), F32)
+    k2 = jnp.zeros((rows_k, half), F32)
+    vt = jnp.zeros((rows_k, d), F32)
+    chunk_ok = jnp.zeros((rows_k,), bool)
+    for j in range(t):
+        for i in range(g):
+            a1, a2 = rope(j, (ki * g + i) * d)
+            q1 = jnp.where(rq == j * g + i, a1[None, :], q1)
+            q2 = jnp.where(rq == j * g + i, a2[None, :], q2)
+        b1, b2 = rope(j, (h + ki) * d)
+        v = qkv_ref[bi, j, pl.ds((h + kv + ki) * d, d)]
+        kc_ref[bi, index + j, ki, pl.ds(0, half)] = b1.astype(cdt)
+        kc_ref[bi, index + j, ki, pl.ds(half, half)] = b2.astype(cdt)
+        vc_ref[bi, index + j, ki, :] = v.astype(cdt)
+        k1 = jnp.where(rk == j, b1[None, :], k1)
+        k2 = jnp.where(rk == j, b2[None, :], k2)
+        vt = jnp.where(rv == j, v.astype(F32)[None, :], vt)
+        chunk_ok = chunk_ok | ((col == j) & (valid_ref[bi, index + j] != 0))
+    q1, q2 = q1.astype(cdt), q2.astype(cdt)
+    scale = 1.0 / math.sqrt(d)
+
+    def pv(p: jax.Array, vals: jax.Array) -> jax.Array:
+        if cdt == F32:
+            return dot_nn(p, vals)
+        p_hi = p.astype(cdt)  # p to ~16 bits as two rounded parts (see the decode kernel's dot form)
+        return dot_nn(p_hi, vals) + dot_nn((p - p_hi.astype(F32)).astype(cdt), vals)
+
+    def update(carry: tuple[jax.Array, ...], sc: jax.Array, ok: jax.Array, vals: jax.Array) -> tuple[jax.Array, ...]:
+        m, l, acc = carry
+        sc = jnp.where(ok, sc, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
+        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv(p, vals)
+
+    def body(i: Any, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:  # cached slots [0, index)
+        rows = pl.ds(i * block, block)
+        slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        kb1 = kc_ref[bi, rows, ki, pl.ds(0, half)]
+        kb2 = kc_ref[bi, rows, ki, pl.ds(half, half)]
+        ok = ((valid_ref[bi, rows] != 0) & (slot < index))[None, :]
+        return update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vc_ref[bi, rows, ki, :])
+
+    init = (jnp.full((rows_q,), NEG_INF, F32), jnp.zeros((rows_q,), F32), jnp.zeros((rows_q, d), F32))
+    carry = jax.lax.fori_loop(0, (index + block - 1) // block, body, init)
+    # the chunk's own keys: causal within the chunk (row r is token r // g; padding rows see every key)
+    sc = (dot_t(q1, k1.astype(cdt)) + dot_t(q2, k2.astype(cdt))) * scale  # (rows_q, rows_k)
+    tok = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 0) // g
+    key = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 1)
+    ok = (key <= tok) & chunk_ok[None, :]
+    m, l, acc = update(carry, sc, ok, vt.astype(cdt))
+
+    r1 = jax.lax.broadcasted_iota(jnp.int32, (rows_q,), 0)
+    r2 = jax.lax.broadcasted_iota(jnp.int32, (rows_q, d), 0)
+    for j in range(t):
+        for i in range(g):  # Triton has no slicing of register tiles: a masked sum over the rows picks one
+            r = j * g + i
+            out = jnp.sum(jnp.where(r2 == r, acc, 0.0), axis=0) / jnp.maximum(jnp.sum(jnp.where(r1 == r, l, 0.0)),
+                                                                                1e-30)
+            o_ref[bi, j, pl.ds((ki * g + i) * d, d)] = out.astype(o_ref.dtype)
+
+
+def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *, num_heads: int,
+               num_kv_heads: int, kernel: bool = True) -> None:
+    """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
+    def bad(msg: str) -> KernelError:
+        return KernelError(f"verify_attention: {msg}")
+
+    if getattr(k_cache, "ndim", None) != 4 or v_cache.shape != k_cache.shape:
+        raise bad(f"k_cache and v_cache must both be (batch, slots, kv_heads, head_dim), got "
+                  f"{getattr(k_cache, 'shape', None)} and {getattr(v_cache, 'shape', None)}")
+    b, slots, kv, d = k_cache.shape
+    h = num_heads
+    if kv != num_kv_heads or h % kv:
+        raise bad(f"num_kv_heads ({num_kv_heads}) must equal the cache's {kv} and divide num_heads ({h})")
+    if getattr(qkv, "ndim", None) != 3 or qkv.shape[0] != b or qkv.shape[2] != (h + 2 * kv) * d:
+        raise bad(f"qkv must be (batch, t, (heads + 2·kv_heads)·head_dim) = ({b}, t, {(h + 2 * kv) * d}), got "
+                  f"{getattr(qkv, 'shape', None)}")
+    t = qkv.shape[1]
+    if t > slots:
+        raise bad(f"a chunk of {t} tokens does not fit a cache of {slots} slots")
+    if cos.shape != (b, t, d // 2) or sin.shape != cos.shape:
+        raise bad(f"cos and sin must be (batch, t, head_dim/2) = {(b, t, d // 2)}, got {cos.shape} and {sin.shape}")
+    if valid.shape != (b, slots):
+        raise bad(f"valid must be (batch, slots) = {(b, slots)}, got {valid.shape}")
+    if not kernel:
+        return
+    if not (is_pow2(d) and d >= 32):
+        raise bad(f"head_dim ({d}) must be a power of two >= 32 for the Pallas kernel")
+    if slots % 16:
+        raise bad(f"the cache's slots ({slots}) must be a multiple of 16 for the Pallas kernel")
+    if t * (h // kv) > MAX_ROWS:
+        raise bad(f"t·(heads/kv_heads) = {t * (h // kv)} query rows exceed the kernel's {MAX_ROWS}")
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "block", "interpret", "num_warps"))
+def verify_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
+                            index: jax.Array, valid: jax.Array, *, num_heads: int, num_kv_heads: int,
+                            block: int = 0, interpret: bool = False,
+                            num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel (module docstring); `block` 0 = the largest power of two <= 128 dividing the slots."""
+    check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    b, t, _ = qkv.shape
+    _, slots, kv, d = k_cache.shape
+    block = block or pick_block(slots)
+    if not (is_pow2(block) and block >= 16 and slots % block == 0):
+        raise KernelError(f"verify_attention: block must be a power of two >= 16 dividing the slots ({slots}), "
+                          f"got {block}")
+    kern = functools.partial(_kernel, h=num_heads, kv=kv, d=d, t=t, block=block, dtype=qkv.dtype)
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+    return pl.pallas_call(
+        kern, grid=(b, kv),
+        out_shape=(jax.ShapeDtypeStruct((b, t, num_heads * d), qkv.dtype),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={1: 1, 2: 2}, compiler_params=params, interpret=interpret, name="verify_attention",
+    )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
+      valid.astype(jnp.int32))
+
+
+def verify_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *,
+                            num_heads: int, num_kv_heads: int) -> str:
+    """Which implementation `verify_attention` would use (raises KernelError for bad arguments)."""
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads)
+    check_args(qkv, k_cache, v_cache, cos, sin, valid, kernel=False, **kw)
+    if not dispatch.kernel_allowed(GPU_VERIFIED):
+        return REFERENCE
+    try:
+        check_args(qkv, k_cache, v_cache, cos, sin, valid, kernel=True, **kw)
+    except KernelError:
+        return REFERENCE
+    return PALLAS_TRITON
+
+
+def verify_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
+                     index: jax.Array, valid: jax.Array, *, num_heads: int,
+                     num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel where allowed (GPU once verified, interpret mode in tests) and shapes fit, the reference
+    elsewhere; records the choice (`pallas_kernels.dispatch.last_choice("verify_attention")`)."""
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads)
+    choice = verify_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, **kw)
+    dispatch.record_choice("verify_attention", choice)
+    if choice == PALLAS_TRITON:
+        return verify_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid,
+                                       interpret=not dispatch._on_gpu(), **kw)
+    return verify_attention_reference(qkv, k_cache, v_cache, cos, sin, index, valid, **kw)
