@@ -47,6 +47,7 @@ from pallas_kernels.decode_attention import (
     merge_partials, merge_splits, plan,
 )
 from pallas_kernels.mamba_decode import kernel_would_run as mamba_decode_would_run
+from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
@@ -318,6 +319,11 @@ class FusedMamba2(Mamba2):
     def _out_proj(self, y: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
         return matmul_t(y.astype(dt), self.out_t[...].astype(dt))
+
+    def _chunk_steps(self, *args: Any, **kw: Any) -> tuple[jax.Array, ...]:
+        """A verify chunk's steps between the projections as one launch where `pallas_kernels.mamba_chunk` runs
+        (the reference, `Mamba2`'s own, elsewhere)."""
+        return mamba2_chunk(*args, **kw)
 
     def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         """x + mixer(norm(x)) for one decode token per row (x: (b, 1, D)): three launches on GPU (see the class);

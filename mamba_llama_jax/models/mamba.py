@@ -281,6 +281,33 @@ def mamba2_decode_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, 
     return out[:, 0].astype(zxbcdt.dtype), window, state
 
 
+def mamba2_chunk_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, conv_w: jax.Array,
+                           conv_b: jax.Array | None, dt_bias: jax.Array, A: jax.Array, D: jax.Array,
+                           norm_w: jax.Array, *, d_inner: int, d_xb: int, eps: float) -> tuple[jax.Array, ...]:
+    """A verify chunk's t Mamba2 steps between in_proj and out_proj, exactly `Mamba2.multistep_gated`'s (the
+    reference of `pallas_kernels.mamba_chunk`; the SSD steps through `dispatch.verify`, pure JAX when the
+    references are forced): zxbcdt (b, t, d_inner + channels + heads) in_proj's output for t real tokens (columns
+    past those ignored); conv, ssm, conv_w, conv_b, dt_bias, A, D, norm_w as `mamba2_decode_reference`.
+    Returns (the gated-normed y (b, t, d_inner) in zxbcdt's dtype, and what `MambaChunk` keeps: the conv inputs
+    (b, t, channels) in conv's dtype, x and B after conv + SiLU repeated to the heads (b, t, h, n), dt' (b, t, h)
+    fp32, the conv window after the chunk, the state after it (b, h, n, n) fp32)."""
+    b, t, _ = zxbcdt.shape
+    n = ssm.shape[-1]
+    conv_dim = d_inner + 2 * d_xb
+    z, xbc, dt = mamba_project(zxbcdt, jnp.ones((b, t), bool), d_inner, conv_dim, dt_bias)
+    act = jax.nn.silu(causal_conv(xbc, conv_w, conv_b, conv, None)).astype(xbc.dtype)
+    heads, rep = d_inner // n, d_inner // d_xb
+    x = repeat_groups(act[..., :d_xb], n, rep).reshape(b, t, heads, n)
+    B = repeat_groups(act[..., d_xb:2 * d_xb], n, rep).reshape(b, t, heads, n)
+    C = act[..., 2 * d_xb:].reshape(b, t, heads, n)
+    y, final = dispatch.verify(ssm, x, dt, A.astype(F32), B, C, D=D.astype(F32), dt_softplus=False,
+                               accepted=jnp.full((b,), t, jnp.int32))
+    out = gated_rmsnorm(y.reshape(b, t, d_inner), z, norm_w, n, eps).astype(zxbcdt.dtype)
+    conv_in = xbc.astype(conv.dtype)
+    window = jnp.concatenate([conv, jnp.swapaxes(conv_in, 1, 2)], axis=2)[:, :, -conv.shape[2]:]
+    return out, conv_in, x, dt, B, window, final
+
+
 class Mamba2(nnx.Module):
     """MambaInLlama's Mamba2 mixer: heads = groups = num_heads, head size = d_state = head_dim, expand 1."""
 
@@ -377,16 +404,20 @@ class Mamba2(nnx.Module):
     def multistep_gated(self, zxbcdt: jax.Array, ctx: Context,
                         cache: MambaCache) -> tuple[jax.Array, MambaChunk]:
         """`multistep` between the projections: from in_proj's output to the gated-normed y (b, k, d_inner), so
-        that inference copies can run the projections as their own (fused) kernels."""
-        z, xbc, dt = self._split(zxbcdt, ctx)
-        conv = causal_conv(xbc, self.conv1d.weight[...], None if self.conv1d.bias is None else self.conv1d.bias[...],
-                           cache.conv, None)
-        xs, B, C = self._heads(jax.nn.silu(conv).astype(xbc.dtype))
+        that inference copies can run the projections as their own (fused) kernels. The chunk's tokens are real
+        (verification), so `ctx`'s token mask is not read."""
+        del ctx
         A = -jnp.exp(self.A_log[...].astype(F32))
-        b, k = zxbcdt.shape[:2]
-        y, final = dispatch.verify(cache.ssm, xs, dt, A, B, C, D=self.D[...].astype(F32), dt_softplus=False,
-                                   accepted=jnp.full((b,), k, jnp.int32))
-        return self._gate(y, z), _chunk(cache, xbc, xs, dt, B, A, final, "mamba2")
+        y, conv_in, xs, dt, B, window, final = self._chunk_steps(
+            zxbcdt, cache.conv, cache.ssm, self.conv1d.weight[...],
+            None if self.conv1d.bias is None else self.conv1d.bias[...], self.dt_bias[...], A, self.D[...],
+            self.norm.weight[...], d_inner=self.d_inner, d_xb=self.d_xb, eps=self.mcfg.norm_eps)
+        return y.astype(jnp.dtype(self.dtype)), MambaChunk(cache, MambaCache(window, final), conv_in, xs, dt, B, A,
+                                                          "mamba2")
+
+    def _chunk_steps(self, *args: Any, **kw: Any) -> tuple[jax.Array, ...]:
+        """`mamba2_chunk_reference`; inference copies put the one-launch kernel here."""
+        return mamba2_chunk_reference(*args, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------ Mamba1

@@ -409,7 +409,8 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
     """An inference copy verifies a chunk with the plain decode step's kernels, its b·(k+1) tokens taken as rows
     (interpret mode on the CPU; compiled on a GPU, where `VERIFY_ROWS_GPU_VERIFIED` waits for this test): logits
     and every layer's pending state equal the unfused model's verify, and the whole loop at batch 1 (k+1 <= 4 rows:
-    the fused GEMVs run) equals plain greedy (fp32)."""
+    the fused GEMVs run) equals plain greedy (fp32). The Mamba layers' steps between the projections run the
+    one-launch chunk kernel (`pallas_kernels.mamba_chunk`)."""
     from pallas_kernels import dispatch
     from mamba_llama_jax.inference import speculative as spec
     from pallas_kernels import fused_decode as fd
@@ -442,8 +443,10 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
 
     monkeypatch.setattr(gen, "norm_matmul", norm_matmul)
     dispatch.record_choice("fused_decode", "none")
+    dispatch.record_choice("mamba2_chunk", "none")
     got_logits, got = verified(copy)
     assert rows == [4, 4] and dispatch.last_choice("fused_decode") == "pallas_triton"
+    assert dispatch.last_choice("mamba2_chunk") == "pallas_triton"  # the Mamba layer's steps: one launch
     want_logits, want = verified(tgt)
     np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
     assert {type(c) for c in got.state.layers} == {KVCache, MambaChunk}
