@@ -31,6 +31,7 @@ from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.models.mamba import mamba2_chunk_reference
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.mamba_decode import check_layer_args, softplus
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -40,10 +41,6 @@ MAX_TOKENS = 16  # the token loop is unrolled: a verify chunk (k + 1) or a draft
 # Written and tested in interpret mode and lowered for an H100 on the CPU; not yet run on a GPU, so off there
 # (MAMBA_LLAMA_UNVERIFIED_KERNELS=1 turns it on) until its `-m gpu` tests pass on the device.
 GPU_VERIFIED = False
-
-
-def _softplus(v: jax.Array) -> jax.Array:
-    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
 def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_ref,  # inputs
@@ -91,7 +88,7 @@ def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_
     nw = nw_ref[pl.ds(hh * n, n)].astype(F32)
     S = ssm_ref[bi, hh, :, :]
     for j in range(t):
-        dt = _softplus(zx_ref[bi, j, pl.ds(d_inner + conv_dim + hh, 1)].astype(F32) + dtb)  # (1,)
+        dt = softplus(zx_ref[bi, j, pl.ds(d_inner + conv_dim + hh, 1)].astype(F32) + dtb)  # (1,)
         x, Bv, Cv = xs[j], Bs[j], Cs[j]
         S = jnp.exp(dt * a)[:, None] * S + (dt * x)[:, None] * Bv[None, :]
         y = jnp.sum(S * Cv[None, :], axis=1) + dskip * x
@@ -109,34 +106,15 @@ def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_
 def check_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bias: Any, A: Any, D: Any,
                norm_w: Any, *, d_inner: int, d_xb: int, kernel: bool = True) -> None:
     """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
-    def bad(msg: str) -> KernelError:
-        return KernelError(f"mamba_chunk: {msg}")
-
-    if getattr(ssm, "ndim", None) != 4:
-        raise bad(f"ssm must be (batch, heads, head_dim, d_state), got {getattr(ssm, 'shape', None)}")
-    b, h, p, n = ssm.shape
-    if p != n or d_inner != h * n or d_xb <= 0 or d_inner % d_xb or d_xb % n:
-        raise bad(f"a MambaInLlama Mamba2 step needs head_dim = d_state and d_inner = heads·d_state with d_xb a "
-                  f"multiple of d_state dividing d_inner; got ssm {ssm.shape}, d_inner {d_inner}, d_xb {d_xb}")
-    conv_dim = d_inner + 2 * d_xb
-    if getattr(zxbcdt, "ndim", None) != 3 or zxbcdt.shape[0] != b or zxbcdt.shape[2] < d_inner + conv_dim + h:
-        raise bad(f"zxbcdt must be (batch, t, >= d_inner + conv channels + heads) = ({b}, t, >= "
-                  f"{d_inner + conv_dim + h}), got {getattr(zxbcdt, 'shape', None)}")
-    if getattr(conv, "ndim", None) != 3 or conv.shape[:2] != (b, conv_dim):
-        raise bad(f"conv must be (batch, {conv_dim}, d_conv), got {getattr(conv, 'shape', None)}")
-    width = conv.shape[2]
-    if conv_w.shape != (conv_dim, width) or (conv_b is not None and conv_b.shape != (conv_dim,)):
-        raise bad(f"conv_w must be ({conv_dim}, {width}) and conv_b ({conv_dim},) or None, got {conv_w.shape} and "
-                  f"{None if conv_b is None else conv_b.shape}")
-    for name, a, shape in (("dt_bias", dt_bias, (h,)), ("A", A, (h,)), ("D", D, (h,)), ("norm_w", norm_w, (d_inner,))):
-        if a.shape != shape:
-            raise bad(f"{name} must be {shape}, got {a.shape}")
+    check_layer_args(zxbcdt, conv, ssm, conv_w, conv_b, dt_bias, A, D, norm_w, d_inner=d_inner, d_xb=d_xb,
+                     op="mamba_chunk", tokens=True)
     if not kernel:
         return
+    n = ssm.shape[-1]
     if not (is_pow2(n) and n >= 16):
-        raise bad(f"d_state ({n}) must be a power of two >= 16 for the Pallas kernel")
+        raise KernelError(f"mamba_chunk: d_state ({n}) must be a power of two >= 16 for the Pallas kernel")
     if not 1 <= zxbcdt.shape[1] <= MAX_TOKENS:
-        raise bad(f"the kernel unrolls 1..{MAX_TOKENS} tokens, got {zxbcdt.shape[1]}")
+        raise KernelError(f"mamba_chunk: the kernel unrolls 1..{MAX_TOKENS} tokens, got {zxbcdt.shape[1]}")
 
 
 @functools.partial(jax.jit, static_argnames=("d_inner", "d_xb", "eps", "interpret", "num_warps"))

@@ -41,7 +41,8 @@ REFERENCE = "reference_xla"
 GPU_VERIFIED = False
 
 
-def _softplus(v: jax.Array) -> jax.Array:
+def softplus(v: jax.Array) -> jax.Array:
+    """softplus as the kernels take it, max(v, 0) + log1p(exp(-|v|)): no overflow for large v."""
     return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
@@ -79,7 +80,7 @@ def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_
     Bv = segment(d_xb + g * n, first)
     Cv = segment(2 * d_xb + hh * n, hh >= 0)
     dtv = zx_ref[bi, pl.ds(d_inner + conv_dim + hh, 1)].astype(F32) + dtb_ref[pl.ds(hh, 1)].astype(F32)
-    dt = jnp.where(real, _softplus(dtv), 0.0)  # (1,)
+    dt = jnp.where(real, softplus(dtv), 0.0)  # (1,)
     S = jnp.exp(dt * a_ref[pl.ds(hh, 1)])[:, None] * ssm_ref[bi, hh, :, :] + (dt * x)[:, None] * Bv[None, :]
     ssm_out_ref[bi, hh, :, :] = S
     y = jnp.sum(S * Cv[None, :], axis=1) + d_ref[pl.ds(hh, 1)] * x
@@ -90,11 +91,13 @@ def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_
     y_ref[bi, pl.ds(hh * n, n)] = gz.astype(dtype)
 
 
-def check_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bias: Any, A: Any, D: Any,
-               norm_w: Any, mask: Any, *, d_inner: int, d_xb: int, kernel: bool = True) -> None:
-    """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
+def check_layer_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bias: Any, A: Any, D: Any,
+                     norm_w: Any, *, d_inner: int, d_xb: int, op: str, tokens: bool) -> int:
+    """The shape checks a Mamba2 step between the projections needs (this kernel's and `mamba_chunk`'s): raises
+    KernelError (prefixed with `op`) naming the first bad argument; returns the batch size. zxbcdt is (batch, width)
+    or, with `tokens`, (batch, t, width)."""
     def bad(msg: str) -> KernelError:
-        return KernelError(f"mamba_decode: {msg}")
+        return KernelError(f"{op}: {msg}")
 
     if getattr(ssm, "ndim", None) != 4:
         raise bad(f"ssm must be (batch, heads, head_dim, d_state), got {getattr(ssm, 'shape', None)}")
@@ -103,22 +106,35 @@ def check_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bi
         raise bad(f"a MambaInLlama Mamba2 step needs head_dim = d_state and d_inner = heads·d_state with d_xb a "
                   f"multiple of d_state dividing d_inner; got ssm {ssm.shape}, d_inner {d_inner}, d_xb {d_xb}")
     conv_dim = d_inner + 2 * d_xb
-    if getattr(zxbcdt, "ndim", None) != 2 or zxbcdt.shape[0] != b or zxbcdt.shape[1] < d_inner + conv_dim + h:
-        raise bad(f"zxbcdt must be (batch, >= d_inner + conv channels + heads) = ({b}, >= {d_inner + conv_dim + h}) "
-                  f"(columns past the heads' dt are ignored), got {getattr(zxbcdt, 'shape', None)}")
+    need = d_inner + conv_dim + h
+    shape = getattr(zxbcdt, "shape", None)
+    if getattr(zxbcdt, "ndim", None) != 2 + tokens or shape[0] != b or shape[-1] < need:
+        rows = f"({b}, t, >= {need})" if tokens else f"({b}, >= {need})"
+        raise bad(f"zxbcdt must be (batch, {'t, ' if tokens else ''}>= d_inner + conv channels + heads) = {rows} "
+                  f"(columns past the heads' dt are ignored), got {shape}")
     if getattr(conv, "ndim", None) != 3 or conv.shape[:2] != (b, conv_dim):
         raise bad(f"conv must be (batch, {conv_dim}, d_conv), got {getattr(conv, 'shape', None)}")
     width = conv.shape[2]
     if conv_w.shape != (conv_dim, width) or (conv_b is not None and conv_b.shape != (conv_dim,)):
         raise bad(f"conv_w must be ({conv_dim}, {width}) and conv_b ({conv_dim},) or None, got {conv_w.shape} and "
                   f"{None if conv_b is None else conv_b.shape}")
-    for name, a, shape in (("dt_bias", dt_bias, (h,)), ("A", A, (h,)), ("D", D, (h,)),
-                           ("norm_w", norm_w, (d_inner,)), ("mask", mask, (b,))):
-        if a.shape != shape:
-            raise bad(f"{name} must be {shape}, got {a.shape}")
+    for name, a, want in (("dt_bias", dt_bias, (h,)), ("A", A, (h,)), ("D", D, (h,)), ("norm_w", norm_w, (d_inner,))):
+        if a.shape != want:
+            raise bad(f"{name} must be {want}, got {a.shape}")
+    return b
+
+
+def check_args(zxbcdt: Any, conv: Any, ssm: Any, conv_w: Any, conv_b: Any, dt_bias: Any, A: Any, D: Any,
+               norm_w: Any, mask: Any, *, d_inner: int, d_xb: int, kernel: bool = True) -> None:
+    """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
+    b = check_layer_args(zxbcdt, conv, ssm, conv_w, conv_b, dt_bias, A, D, norm_w, d_inner=d_inner, d_xb=d_xb,
+                         op="mamba_decode", tokens=False)
+    if mask.shape != (b,):
+        raise KernelError(f"mamba_decode: mask must be {(b,)}, got {mask.shape}")
+    n = ssm.shape[-1]
     if kernel and not (is_pow2(n) and n >= 16):
-        raise bad(f"d_state ({n}) must be a power of two >= 16 for the Pallas kernel; use "
-                  "mamba_llama_jax.models.mamba.mamba2_decode_reference for other sizes")
+        raise KernelError(f"mamba_decode: d_state ({n}) must be a power of two >= 16 for the Pallas kernel; use "
+                          "mamba_llama_jax.models.mamba.mamba2_decode_reference for other sizes")
 
 
 @functools.partial(jax.jit, static_argnames=("d_inner", "d_xb", "eps", "interpret", "num_warps"))

@@ -24,26 +24,18 @@ from pallas_kernels import mamba_chunk as mc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_helpers import has_pallas_call, lower_for_h100, needs_gpu, rel  # noqa: E402
+from test_mamba_decode import make_args as decode_args  # noqa: E402
 
 NAMES = ("y", "conv_in", "x", "dt", "B", "conv", "ssm")
 
 
 def make_args(b, t, h, n, groups, *, width=4, dtype=jnp.float32, bias=True, seed=0, pad_cols=0):
-    """Random chunk arguments: t tokens, h heads of size n, x/B in `groups` groups; `pad_cols` zero columns after
-    the heads' dt (inference copies pad in_proj's output)."""
-    d_inner, d_xb = h * n, groups * n
-    conv_dim = d_inner + 2 * d_xb
-    k = jax.random.split(jax.random.key(seed), 10)
-    zx = jax.random.normal(k[0], (b, t, d_inner + conv_dim + h + pad_cols)).astype(dtype)
-    conv = jax.random.normal(k[1], (b, conv_dim, width)).astype(dtype)
-    ssm = jax.random.normal(k[2], (b, h, n, n))
-    conv_w = jax.random.normal(k[3], (conv_dim, width)) * 0.5
-    conv_b = jax.random.normal(k[4], (conv_dim,)) * 0.1 if bias else None
-    dt_bias = jax.random.normal(k[5], (h,)) - 1.0
-    A = -jnp.exp(jax.random.normal(k[6], (h,)))
-    D = jax.random.normal(k[7], (h,))
-    norm_w = 1.0 + 0.1 * jax.random.normal(k[8], (d_inner,))
-    return (zx, conv, ssm, conv_w, conv_b, dt_bias, A, D, norm_w), dict(d_inner=d_inner, d_xb=d_xb, eps=1e-5)
+    """A decode step's random arguments (test_mamba_decode) with in_proj's output for t tokens instead of one;
+    `pad_cols` zero columns after the heads' dt (inference copies pad in_proj's output)."""
+    args, kw = decode_args(b, h, n, groups, width=width, dtype=dtype, bias=bias, seed=seed)
+    zx = jax.random.normal(jax.random.key(seed + 100), (b, t, args[0].shape[1])).astype(dtype)
+    zx = jnp.pad(zx, ((0, 0), (0, 0), (0, pad_cols)))
+    return (zx,) + args[1:-1], kw  # no mask: a verify chunk's tokens are real
 
 
 def assert_kernel_equals_reference(args, kw, *, tol, interpret=True):
