@@ -90,9 +90,11 @@ def verify_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
                                num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A speculative verify chunk's attention, the decode step's maths for t tokens at once: the chunk's q·k·v
     (b, t, (h + 2·kv)·d) rotated with per-token tables cos / sin (b, t, d/2), its k / v written at slots
-    [index, index + t), and token j's query attending to the valid slots <= index + j. Softmax and the
-    probabilities · values in fp32 (as `decode_attention_reference`, unlike `models.llama.attend`, which rounds the
-    probabilities to the compute dtype first), so a verified token sees the numbers a decode step would.
+    [index, index + t), and token j's query attending to the valid slots <= index + j. The matmuls take the
+    cache in its own dtype with fp32 accumulation (no fp32 copy of the cache; q is already rounded to it, so the
+    scores are exact products); the softmax is fp32 and its probabilities enter p·V with ~16 bits (in two parts
+    of the cache's dtype; fp32 caches: fp32), not rounded to the compute dtype as `models.llama.attend` rounds
+    them, so a verified token sees about the numbers a decode step would (`decode_attention_reference`).
     `valid` (b, S): slots holding real tokens with the chunk written (a verify chunk is all real tokens).
     Returns (out (b, t, h·d) in qkv.dtype, k_cache, v_cache)."""
     b, t, _ = qkv.shape
@@ -108,9 +110,17 @@ def verify_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
     slot = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, None, :]
     mask = valid[:, None, :] & (slot <= index + jnp.arange(t, dtype=jnp.int32)[None, :, None])  # (b, t, S)
-    qg = q.reshape(b, t, kv, h // kv, d).astype(F32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(F32), precision="highest") / math.sqrt(d)
+    cdt = k_cache.dtype
+    prec = "highest" if cdt == F32 else None  # fp32 operands at full precision (a GPU would take TF32)
+    mm = lambda spec, a, c: jnp.einsum(spec, a, c, precision=prec, preferred_element_type=F32)
+    qg = q.reshape(b, t, kv, h // kv, d).astype(cdt)
+    scores = mm("btkgd,bskd->bkgts", qg, k_cache) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(F32), precision="highest")
+    if cdt == F32:
+        out = mm("bkgts,bskd->btkgd", probs, v_cache)
+    else:
+        hi = probs.astype(cdt)
+        out = mm("bkgts,bskd->btkgd", hi, v_cache) + mm("bkgts,bskd->btkgd", (probs - hi.astype(F32)).astype(cdt),
+                                                          v_cache)
     return out.reshape(b, t, h * d).astype(qkv.dtype), k_cache, v_cache
