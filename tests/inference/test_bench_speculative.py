@@ -145,11 +145,14 @@ def test_tiny_run_with_profile(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_speculative as bs
 
-    bs.main(["--tiny", "--impls", "kernel", "--profile", "--out", str(tmp_path)])
+    bs.main(["--tiny", "--impls", "kernel", "--profile", "--draft-vocab", "100", "--stop", "0.5",
+             "--out", str(tmp_path)])
     runs = json.loads((tmp_path / "speculative.json").read_text())["runs"]
     assert runs and all(set(r["profile"]) == {"round", "plain_step"} for r in runs)
     assert all("error" not in pr and pr["units"] >= 1 for r in runs for pr in r["profile"].values())
-    assert "Where a round and a plain step go" in (tmp_path / "speculative.md").read_text()
+    assert all(1 <= r["drafts_per_round"] <= r["k"] for r in runs)
+    md = (tmp_path / "speculative.md").read_text()
+    assert "Where a round and a plain step go" in md and "--draft-vocab 100" in md and "below 0.5" in md
     sys.modules.pop("bench_speculative", None)
 
 
