@@ -293,11 +293,12 @@ class FusedMamba2(Mamba2):
     """`Mamba2` with output-major projections and a three-launch decode step; built from one by
     `prepare_for_inference` where `pallas_kernels.mamba_decode` would run its kernel.
 
-    Same maths, parameters and cache as `models.mamba.Mamba2` (prefill, verify chunks and `multistep` run its own
-    code through the projections `_in` / `_out_proj` below). A single-token decode step is RMSNorm + in_proj
+    Same maths, parameters and cache as `models.mamba.Mamba2` (prefill and `multistep` run its own code through
+    the projections `_in` / `_out_proj` below). A single-token decode step is RMSNorm + in_proj
     (`fused_decode.norm_matmul`), the whole step between the projections (`mamba_decode.mamba2_decode`: conv,
     SiLU, state update, D skip, gated norm) and out_proj + residual (`fused_decode.matmul_residual`), where XLA
-    runs ~12 kernels (`pallas_kernels/mamba_decode.py` says why that matters at decode)."""
+    runs ~12 kernels (`pallas_kernels/mamba_decode.py` says why that matters at decode). A verify chunk's steps
+    between the projections are one launch too (`_chunk_steps`: `pallas_kernels.mamba_chunk`)."""
 
     def __init__(self, m: Mamba2):  # noqa: D107 - no super().__init__: the parameters are m's, not fresh ones
         self.d_inner, self.d_xb, self.d_state = m.d_inner, m.d_xb, m.d_state
