@@ -66,6 +66,9 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     rows_k = _pow2_at_least(t, MIN_ROWS)
     index = idx_ref[0]
     cdt = kc_ref.dtype
+    # Where the chunk is written: at index, clamped as dynamic_update_slice clamps it (the reference's write), so
+    # that a chunk past the cache's end — a caller's bug — never writes out of bounds.
+    start = jnp.minimum(index, kc_ref.shape[1] - t)
 
     def rope(j: int, off: int) -> tuple[jax.Array, jax.Array]:  # token j's head at column `off`, rounded as the ref
         c, s = cos_ref[bi, j, :], sin_ref[bi, j, :]
@@ -90,13 +93,13 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             q2 = jnp.where(rq == j * g + i, a2[None, :], q2)
         b1, b2 = rope(j, (h + ki) * d)
         v = qkv_ref[bi, j, pl.ds((h + kv + ki) * d, d)]
-        kc_ref[bi, index + j, ki, pl.ds(0, half)] = b1.astype(cdt)
-        kc_ref[bi, index + j, ki, pl.ds(half, half)] = b2.astype(cdt)
-        vc_ref[bi, index + j, ki, :] = v.astype(cdt)
+        kc_ref[bi, start + j, ki, pl.ds(0, half)] = b1.astype(cdt)
+        kc_ref[bi, start + j, ki, pl.ds(half, half)] = b2.astype(cdt)
+        vc_ref[bi, start + j, ki, :] = v.astype(cdt)
         k1 = jnp.where(rk == j, b1[None, :], k1)
         k2 = jnp.where(rk == j, b2[None, :], k2)
         vt = jnp.where(rv == j, v.astype(F32)[None, :], vt)
-        chunk_ok = chunk_ok | ((col == j) & (valid_ref[bi, index + j] != 0))
+        chunk_ok = chunk_ok | ((col == j) & (valid_ref[bi, start + j] != 0))
     q1, q2 = q1.astype(cdt), q2.astype(cdt)
     scale = 1.0 / math.sqrt(d)
 

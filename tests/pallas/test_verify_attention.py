@@ -65,6 +65,15 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, t, index, block, 
     assert_equal_to_reference(args, h, kv, block=block, tol=1e-5 if dtype == jnp.float32 else 1e-2)
 
 
+def test_a_chunk_past_the_end_writes_where_the_reference_writes():
+    """index + t > slots (a caller's bug): the kernel's writes are clamped as dynamic_update_slice clamps the
+    reference's, never out of bounds; both caches equal the reference's."""
+    args = make_inputs(1, 32, 4, 2, 32, 4, 30, seed=7)
+    got = verify_attention_pallas(*args, num_heads=4, num_kv_heads=2, interpret=True)
+    want = verify_attention_reference(*args, num_heads=4, num_kv_heads=2)
+    assert rel(got[1], want[1]) < 1e-6 and rel(got[2], want[2]) < 1e-6
+
+
 def test_reference_is_decode_steps_one_token_at_a_time():
     """Verifying t tokens = t decode steps (each writes its token, then attends to the valid slots up to it)."""
     b, slots, h, kv, d, t, index = 2, 32, 4, 2, 16, 4, 11
