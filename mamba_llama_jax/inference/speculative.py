@@ -95,10 +95,17 @@ class Pending:
         return DecodeState(layers, self.start + jnp.max(keep), valid, self.start_positions + keep)
 
 
-def verify(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:
-    """One forward over t real tokens per row from `cache`: fp32 logits (b, t, V) and the pending state."""
+def verify_hidden(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:
+    """One forward over t real tokens per row from `cache`: final-norm hidden states (b, t, D) and the pending
+    state (a caller that needs logits at some positions only takes the LM head there)."""
     h, state = model.hidden(tokens, cache=cache, verify=True)
-    return model.logits(h), Pending(state, cache.index, cache.positions)
+    return h, Pending(state, cache.index, cache.positions)
+
+
+def verify(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:
+    """`verify_hidden` with fp32 logits (b, t, V) for every position."""
+    h, pending = verify_hidden(model, tokens, cache)
+    return model.logits(h), pending
 
 
 def _latest(state: DecodeState) -> DecodeState:
@@ -244,8 +251,7 @@ def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax
     whatever the count, while each draft step is a launch-bound pass: at low acceptance most of k steps are
     wasted). Columns past a row's count hold filler tokens that acceptance never takes; the stopping rule depends
     on the draft alone, so greedy output and the sampling rule stay exact."""
-    h, st = model.hidden(jnp.stack([x_prev, x0], axis=1), cache=cache, verify=True)
-    first = Pending(st, cache.index, cache.positions)
+    h, first = verify_hidden(model, jnp.stack([x_prev, x0], axis=1), cache)
     d1, q1, _ = _draft_pick(model, h[:, 1], head, jax.random.fold_in(key, 0), temperature, top_p, spec)
     b = x0.shape[0]
     if k == 1:

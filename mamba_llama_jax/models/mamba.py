@@ -304,8 +304,7 @@ def mamba2_chunk_reference(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, c
                                accepted=jnp.full((b,), t, jnp.int32))
     out = gated_rmsnorm(y.reshape(b, t, d_inner), z, norm_w, n, eps).astype(zxbcdt.dtype)
     conv_in = xbc.astype(conv.dtype)
-    window = jnp.concatenate([conv, jnp.swapaxes(conv_in, 1, 2)], axis=2)[:, :, -conv.shape[2]:]
-    return out, conv_in, x, dt, B, window, final
+    return out, conv_in, x, dt, B, chunk_window(conv, conv_in), final
 
 
 class Mamba2(nnx.Module):
@@ -345,10 +344,7 @@ class Mamba2(nnx.Module):
 
     def _project(self, x: jax.Array, ctx: Context):
         """in_proj, masked: (z, xBC, dt') with dt' = softplus(dt + dt_bias) fp32, zero at padding."""
-        return self._split(self._in(x), ctx)
-
-    def _split(self, zxbcdt: jax.Array, ctx: Context):
-        return mamba_project(zxbcdt, ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
+        return mamba_project(self._in(x), ctx.token_mask, self.d_inner, self.conv_dim, self.dt_bias[...])
 
     def _heads(self, xbc_act: jax.Array):
         """Split the conv output into per-head x, B (GQA-repeated) and C: (b,t,H,P), (b,t,H,N), (b,t,H,N)."""
@@ -359,15 +355,11 @@ class Mamba2(nnx.Module):
         C = xbc_act[..., 2 * self.d_xb:].reshape(b, t, self.nheads, self.d_state)
         return x, B, C
 
-    def _gate(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        """The gated RMSNorm before out_proj: (b, t, d_inner) in the compute dtype."""
+    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
         b, t = y.shape[:2]
         y = gated_rmsnorm(y.reshape(b, t, self.d_inner), z, self.norm.weight[...], self.headdim,
                           self.mcfg.norm_eps)
-        return y.astype(jnp.dtype(self.dtype))
-
-    def _out(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        return self._out_proj(self._gate(y, z))
+        return self._out_proj(y.astype(jnp.dtype(self.dtype)))
 
     def __call__(self, x: jax.Array, ctx: Context, cache: MambaCache | None) -> tuple[jax.Array, MambaCache | None]:
         z, xbc, dt = self._project(x, ctx)
@@ -505,13 +497,17 @@ class Mamba1(nnx.Module):
         return self.out_proj(y), _chunk(cache, xi, u, dt, B, A, final, "mamba1")
 
 
+def chunk_window(conv: jax.Array, conv_in: jax.Array) -> jax.Array:
+    """The conv window (b, channels, d_conv) after a chunk of inputs conv_in (b, t, channels) in conv's dtype: the
+    tail of old window ++ inputs."""
+    return jnp.concatenate([conv, jnp.swapaxes(conv_in, 1, 2)], axis=2)[:, :, -conv.shape[2]:]
+
+
 def _chunk(cache: MambaCache, conv_in: jax.Array, x: jax.Array, dt: jax.Array, B: jax.Array, A: jax.Array,
            final: jax.Array, variant: str) -> MambaChunk:
-    """The pending chunk of a verify call: the conv window after all of it is the tail of old window ++ inputs."""
+    """The pending chunk of a verify call, its cache after all of it (`chunk_window`, the final state)."""
     conv_in = conv_in.astype(cache.conv.dtype)
-    width = cache.conv.shape[2]
-    win = jnp.concatenate([cache.conv, jnp.swapaxes(conv_in, 1, 2)], axis=2)[:, :, -width:]
-    return MambaChunk(cache, MambaCache(win, final), conv_in, x, dt, B, A, variant)
+    return MambaChunk(cache, MambaCache(chunk_window(cache.conv, conv_in), final), conv_in, x, dt, B, A, variant)
 
 
 def make_mixer(cfg: LlamaConfig, mcfg: MambaConfig, *, rngs: nnx.Rngs | None) -> nnx.Module:
