@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.dispatch import is_pow2, pow2_at_least
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -247,7 +247,7 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
     (Triton has no slicing of register tiles: a masked sum over the rows picks one)."""
     half = d // 2
     cdt = kc_ref.dtype
-    rows_g = max(DOT_ROWS, 1 << (g - 1).bit_length())
+    rows_g = pow2_at_least(g, DOT_ROWS)
     row = jax.lax.broadcasted_iota(jnp.int32, (rows_g, half), 0)
     q1 = jnp.zeros((rows_g, half), F32)
     q2 = jnp.zeros((rows_g, half), F32)
@@ -467,25 +467,36 @@ def check_split_args(k_cache: Any, window: int, block: int, splits: int) -> None
                           f"got {splits}")
 
 
+def check_cache_args(k_cache: Any, v_cache: Any, valid: Any, *, num_heads: int, num_kv_heads: int,
+                     op: str) -> tuple[int, int, int, int]:
+    """The checks an attention step over a KV cache needs whatever its queries (this kernel's and
+    `verify_attention`'s): raises KernelError (prefixed with `op`) naming the first bad argument; returns
+    (batch, slots, kv_heads, head_dim)."""
+    if getattr(k_cache, "ndim", None) != 4 or v_cache.shape != k_cache.shape:
+        raise KernelError(f"{op}: k_cache and v_cache must both be (batch, slots, kv_heads, head_dim), got "
+                          f"{getattr(k_cache, 'shape', None)} and {getattr(v_cache, 'shape', None)}")
+    b, slots, kv, d = k_cache.shape
+    if kv != num_kv_heads or num_heads % kv:
+        raise KernelError(f"{op}: num_kv_heads ({num_kv_heads}) must equal the cache's {kv} and divide num_heads "
+                          f"({num_heads})")
+    if valid.shape != (b, slots):
+        raise KernelError(f"{op}: valid must be (batch, slots) = {(b, slots)}, got {valid.shape}")
+    return b, slots, kv, d
+
+
 def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *, num_heads: int,
                num_kv_heads: int, window: int = 0, kernel: bool = True) -> None:
     """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
     def bad(msg: str) -> KernelError:
         return KernelError(f"decode_attention: {msg}")
 
-    if getattr(k_cache, "ndim", None) != 4 or v_cache.shape != k_cache.shape:
-        raise bad(f"k_cache and v_cache must both be (batch, slots, kv_heads, head_dim), got "
-                  f"{getattr(k_cache, 'shape', None)} and {getattr(v_cache, 'shape', None)}")
-    b, slots, kv, d = k_cache.shape
+    b, slots, kv, d = check_cache_args(k_cache, v_cache, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       op="decode_attention")
     h = num_heads
-    if kv != num_kv_heads or h % kv:
-        raise bad(f"num_kv_heads ({num_kv_heads}) must equal the cache's {kv} and divide num_heads ({h})")
     if qkv.shape != (b, (h + 2 * kv) * d):
         raise bad(f"qkv must be (batch, (heads + 2·kv_heads)·head_dim) = {(b, (h + 2 * kv) * d)}, got {qkv.shape}")
     if cos.shape != (b, d // 2) or sin.shape != cos.shape:
         raise bad(f"cos and sin must be (batch, head_dim/2) = {(b, d // 2)}, got {cos.shape} and {sin.shape}")
-    if valid.shape != (b, slots):
-        raise bad(f"valid must be (batch, slots) = {(b, slots)}, got {valid.shape}")
     if window < 0 or window > slots:
         raise bad(f"window must be in [0, slots={slots}], got {window}")
     if not kernel:

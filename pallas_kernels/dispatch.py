@@ -83,6 +83,14 @@ def is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
+def pow2_at_least(v: int, least: int) -> int:
+    """The smallest power of two >= v and >= `least` (a power of two): a Triton tile that holds v rows."""
+    p = least
+    while p < v:
+        p *= 2
+    return p
+
+
 def check_ssd_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
                    D: jax.Array | None = None, dt_bias: jax.Array | None = None,
                    initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,

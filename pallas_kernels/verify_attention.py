@@ -35,8 +35,8 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import dot_nn, dot_t, pick_block
-from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.decode_attention import check_cache_args, dot_nn, dot_t, pick_block
+from pallas_kernels.dispatch import is_pow2, pow2_at_least
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -49,21 +49,14 @@ MIN_ROWS = 16  # a tensor-core dot's smallest M (and N: the chunk's key tile)
 GPU_VERIFIED = False
 
 
-def _pow2_at_least(v: int, least: int) -> int:
-    p = least
-    while p < v:
-        p *= 2
-    return p
-
-
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
             o_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, t: int, block: int, dtype: Any):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki = pl.program_id(0), pl.program_id(1)
     g, half = h // kv, d // 2
-    rows_q = _pow2_at_least(t * g, MIN_ROWS)
-    rows_k = _pow2_at_least(t, MIN_ROWS)
+    rows_q = pow2_at_least(t * g, MIN_ROWS)
+    rows_k = pow2_at_least(t, MIN_ROWS)
     index = idx_ref[0]
     cdt = kc_ref.dtype
     # Where the chunk is written: at index, clamped as dynamic_update_slice clamps it (the reference's write), so
@@ -150,13 +143,9 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
     def bad(msg: str) -> KernelError:
         return KernelError(f"verify_attention: {msg}")
 
-    if getattr(k_cache, "ndim", None) != 4 or v_cache.shape != k_cache.shape:
-        raise bad(f"k_cache and v_cache must both be (batch, slots, kv_heads, head_dim), got "
-                  f"{getattr(k_cache, 'shape', None)} and {getattr(v_cache, 'shape', None)}")
-    b, slots, kv, d = k_cache.shape
+    b, slots, kv, d = check_cache_args(k_cache, v_cache, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       op="verify_attention")
     h = num_heads
-    if kv != num_kv_heads or h % kv:
-        raise bad(f"num_kv_heads ({num_kv_heads}) must equal the cache's {kv} and divide num_heads ({h})")
     if getattr(qkv, "ndim", None) != 3 or qkv.shape[0] != b or qkv.shape[2] != (h + 2 * kv) * d:
         raise bad(f"qkv must be (batch, t, (heads + 2·kv_heads)·head_dim) = ({b}, t, {(h + 2 * kv) * d}), got "
                   f"{getattr(qkv, 'shape', None)}")
@@ -165,8 +154,6 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
         raise bad(f"a chunk of {t} tokens does not fit a cache of {slots} slots")
     if cos.shape != (b, t, d // 2) or sin.shape != cos.shape:
         raise bad(f"cos and sin must be (batch, t, head_dim/2) = {(b, t, d // 2)}, got {cos.shape} and {sin.shape}")
-    if valid.shape != (b, slots):
-        raise bad(f"valid must be (batch, slots) = {(b, slots)}, got {valid.shape}")
     if not kernel:
         return
     if not (is_pow2(d) and d >= 32):

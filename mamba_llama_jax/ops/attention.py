@@ -56,19 +56,23 @@ def attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, wind
 def rope_and_write(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                    index: jax.Array, *, num_heads: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step's prologue: split the fused q·k·v row, rotate q and k, write k and v at slot `index`.
-    Returns q (b, heads, d) and the updated caches."""
-    b = qkv.shape[0]
+    Returns q (b, heads, d) and the updated caches. For a chunk of t tokens (qkv (b, t, ·), cos / sin (b, t, d/2))
+    the t keys / values go to slots [index, index + t) and q is (b, t, heads, d)."""
+    one = qkv.ndim == 2
+    if one:
+        qkv, cos, sin = qkv[:, None], cos[:, None], sin[:, None]
+    b, t, _ = qkv.shape
     h, kv = num_heads, num_kv_heads
     d = k_cache.shape[-1]
-    q = qkv[:, : h * d].reshape(b, h, d)
-    k = qkv[:, h * d: (h + kv) * d].reshape(b, kv, d)
-    v = qkv[:, (h + kv) * d:].reshape(b, kv, d)
-    c, s = cos[:, None, :], sin[:, None, :]
+    q = qkv[..., : h * d].reshape(b, t, h, d)
+    k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
+    v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
     q, k = rope_halves(q, c, s), rope_halves(k, c, s)
     start = (0, index, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None].astype(v_cache.dtype), start)
-    return q, k_cache, v_cache
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    return (q[:, 0] if one else q), k_cache, v_cache
 
 
 def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
@@ -100,14 +104,7 @@ def verify_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
     b, t, _ = qkv.shape
     h, kv = num_heads, num_kv_heads
     d = k_cache.shape[-1]
-    q = qkv[..., : h * d].reshape(b, t, h, d)
-    k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
-    v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    q, k = rope_halves(q, c, s), rope_halves(k, c, s)
-    start = (0, index, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    q, k_cache, v_cache = rope_and_write(qkv, k_cache, v_cache, cos, sin, index, num_heads=h, num_kv_heads=kv)
     slot = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, None, :]
     mask = valid[:, None, :] & (slot <= index + jnp.arange(t, dtype=jnp.int32)[None, :, None])  # (b, t, S)
     cdt = k_cache.dtype
