@@ -240,11 +240,35 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=F32)
 
 
+def online_update(carry: tuple[jax.Array, jax.Array, jax.Array], sc: jax.Array, ok: jax.Array,
+                  vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One block of an online softmax per row, in dots: carry (m (R,), l (R,), acc (R, d)) fp32, scores sc (R, N)
+    fp32, ok (R, N) or (1, N) the keys that count, vals (N, d) in the cache's dtype. p enters p·V as two rounded
+    parts of that dtype (~16 bits), fp32 as it is."""
+    m, l, acc = carry
+    sc = jnp.where(ok, sc, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
+    if vals.dtype == F32:
+        pv = dot_nn(p, vals)
+    else:
+        p_hi = p.astype(vals.dtype)
+        pv = dot_nn(p_hi, vals) + dot_nn((p - p_hi.astype(F32)).astype(vals.dtype), vals)
+    return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
+
+
+def pick_row(tile: jax.Array, r: int) -> jax.Array:
+    """Row r of a register tile (R,) or (R, d): Triton has no slicing of register tiles, a masked sum picks one."""
+    row = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+    return jnp.sum(jnp.where(row == r, tile, 0.0), axis=0)
+
+
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
                 block: int, index, lo, hi, scale: float, partials: bool) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
-    rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row, each row's results extracted at the end
-    (Triton has no slicing of register tiles: a masked sum over the rows picks one)."""
+    rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
+    extracted at the end (`pick_row`)."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -257,7 +281,6 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
     def body(i, carry):
-        m, l, acc = carry
         rows = pl.ds(i * block, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         new = (slot == index)[:, None]
@@ -265,29 +288,17 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         kb2 = jnp.where(new, k2c[None, :], kc_ref[bi, rows, ki, pl.ds(half, half)])
         vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :])
         ok = ((valid_ref[bi, rows] != 0) & (slot <= index))[None, :]
-        sc = jnp.where(ok, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, NEG_INF)  # (G, block)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
-        if cdt == F32:
-            pv = dot_nn(p, vb)
-        else:  # p to ~16 bits as two rounded parts
-            p_hi = p.astype(cdt)
-            pv = dot_nn(p_hi, vb) + dot_nn((p - p_hi.astype(F32)).astype(cdt), vb)
-        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
+        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
     m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
-    row1 = jax.lax.broadcasted_iota(jnp.int32, (rows_g,), 0)
-    row2 = jax.lax.broadcasted_iota(jnp.int32, (rows_g, d), 0)
     for j in range(g):
-        acc_j = jnp.sum(jnp.where(row2 == j, acc, 0.0), axis=0)
-        l_j = jnp.sum(jnp.where(row1 == j, l, 0.0))
+        acc_j, l_j = pick_row(acc, j), pick_row(l, j)
         head = ki * g + j
         if not partials:
             o_ref[bi, pl.ds(head * d, d)] = (acc_j / jnp.maximum(l_j, 1e-30)).astype(o_ref.dtype)
         else:
-            m_j = jnp.sum(jnp.where(row1 == j, m, 0.0))
+            m_j = pick_row(m, j)
             o_ref[bi, si, pl.ds(head * d, d)] = acc_j
             m_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), m_j, F32)
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l_j, F32)

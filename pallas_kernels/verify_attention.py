@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import check_cache_args, dot_nn, dot_t, pick_block
+from pallas_kernels.decode_attention import check_cache_args, dot_t, online_update, pick_block, pick_row
 from pallas_kernels.dispatch import is_pow2, pow2_at_least
 
 F32 = jnp.float32
@@ -96,27 +96,13 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     q1, q2 = q1.astype(cdt), q2.astype(cdt)
     scale = 1.0 / math.sqrt(d)
 
-    def pv(p: jax.Array, vals: jax.Array) -> jax.Array:
-        if cdt == F32:
-            return dot_nn(p, vals)
-        p_hi = p.astype(cdt)  # p to ~16 bits as two rounded parts (see the decode kernel's dot form)
-        return dot_nn(p_hi, vals) + dot_nn((p - p_hi.astype(F32)).astype(cdt), vals)
-
-    def update(carry: tuple[jax.Array, ...], sc: jax.Array, ok: jax.Array, vals: jax.Array) -> tuple[jax.Array, ...]:
-        m, l, acc = carry
-        sc = jnp.where(ok, sc, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
-        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv(p, vals)
-
     def body(i: Any, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:  # cached slots [0, index)
         rows = pl.ds(i * block, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         kb1 = kc_ref[bi, rows, ki, pl.ds(0, half)]
         kb2 = kc_ref[bi, rows, ki, pl.ds(half, half)]
         ok = ((valid_ref[bi, rows] != 0) & (slot < index))[None, :]
-        return update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vc_ref[bi, rows, ki, :])
+        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vc_ref[bi, rows, ki, :])
 
     init = (jnp.full((rows_q,), NEG_INF, F32), jnp.zeros((rows_q,), F32), jnp.zeros((rows_q, d), F32))
     carry = jax.lax.fori_loop(0, (index + block - 1) // block, body, init)
@@ -125,15 +111,10 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     tok = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 0) // g
     key = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 1)
     ok = (key <= tok) & chunk_ok[None, :]
-    m, l, acc = update(carry, sc, ok, vt.astype(cdt))
-
-    r1 = jax.lax.broadcasted_iota(jnp.int32, (rows_q,), 0)
-    r2 = jax.lax.broadcasted_iota(jnp.int32, (rows_q, d), 0)
+    _, l, acc = online_update(carry, sc, ok, vt.astype(cdt))
     for j in range(t):
-        for i in range(g):  # Triton has no slicing of register tiles: a masked sum over the rows picks one
-            r = j * g + i
-            out = jnp.sum(jnp.where(r2 == r, acc, 0.0), axis=0) / jnp.maximum(jnp.sum(jnp.where(r1 == r, l, 0.0)),
-                                                                                1e-30)
+        for i in range(g):
+            out = pick_row(acc, j * g + i) / jnp.maximum(pick_row(l, j * g + i), 1e-30)
             o_ref[bi, j, pl.ds((ki * g + i) * d, d)] = out.astype(o_ref.dtype)
 
 
