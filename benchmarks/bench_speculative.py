@@ -304,9 +304,9 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     if deadline.over():
                         results["skipped"].append(f"{name} b={b} {impl} k={k}")
                         continue
-                    runs = [dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop) for g in groups]
-                    t_spec = timed_groups(lambda g: dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop),
-                                          groups, args.reps)
+                    spec = lambda g, k=k: dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop)
+                    runs = [spec(g) for g in groups]
+                    t_spec = timed_groups(spec, groups, args.reps)
                     pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
                     same = float(np.mean([(o == p).all() for o, p in pairs]))
                     firsts = [first_divergence(o, p) for o, p in pairs]
@@ -332,9 +332,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     if args.profile:  # one more run of the first group, traced (compiled already)
                         g0 = groups[0]
                         row["profile"] = dict(
-                            round=profile_run(lambda: dec.run(g0, k=k, max_new_tokens=args.new_tokens,
-                                                              stop=args.stop),
-                                              lambda res: res[2].rounds),
+                            round=profile_run(lambda: spec(g0), lambda res: res[2].rounds),
                             plain_step=profile_run(lambda: gen.run(g0, sampling), lambda res: res.steps))
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
@@ -375,10 +373,10 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              "proposed per round and row."
              + (f" The draft scores a reduced vocabulary (`--draft-vocab {args.draft_vocab}`: the first "
                 f"{args.draft_vocab} ids and the end-of-turn ids, `speculative.draft_vocabulary`)."
-                if getattr(args, "draft_vocab", 0) else "")
+                if args.draft_vocab else "")
              + (f" Rows stop drafting once the draft's top probability is below {args.stop} (`--stop`): `acc` is "
                 "per proposed draft, and loop@a (which assumes every round drafts k) does not apply."
-                if getattr(args, "stop", 0) else ""),
+                if args.stop else ""),
              "",
              "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | drafts | same | diverge | "
              "margin | t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
