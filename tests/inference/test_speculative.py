@@ -403,6 +403,13 @@ def test_verify_rows_gate(monkeypatch):
     assert not gen.verify_rows_fused()
 
 
+def _verified_chunk(model, chunk):
+    """(logits, pending) of verifying `chunk` after a 6-token prompt prefilled into a 32-slot cache, batch 1."""
+    cache = model.init_cache(1, 32)
+    _, cache = model.hidden(jnp.asarray([[5, 17, 3, 8, 41, 9]]), cache=cache, prefill=True)
+    return verify(model, jnp.asarray([chunk]), cache)
+
+
 @pytest.mark.parametrize("mode", ["interpret", pytest.param("gpu", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")])])
 def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode, monkeypatch):
@@ -428,10 +435,7 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
     copy = nnx.merge(graphdef, state)
     assert {type(layer.mixer) for layer in copy.layers} == {FusedAttention, FusedMamba2}
 
-    def verified(model):
-        cache = model.init_cache(1, 32)
-        _, cache = model.hidden(jnp.asarray([[5, 17, 3, 8, 41, 9]]), cache=cache, prefill=True)
-        return verify(model, jnp.asarray([[60, 2, 33, 12]]), cache)
+    verified = functools.partial(_verified_chunk, chunk=[60, 2, 33, 12])
 
     rows = []  # the row counts the mixers' RMSNorm + input projection take (attention's q·k·v, Mamba's in_proj)
 
@@ -482,10 +486,7 @@ def test_verify_attention_kernel_in_the_loop(monkeypatch):
     jax.clear_caches()
     graphdef, state, _ = prepare_for_inference(tgt)
 
-    def verified(model):
-        cache = model.init_cache(1, 32)
-        _, cache = model.hidden(jnp.asarray([[5, 17, 3, 8, 41, 9]]), cache=cache, prefill=True)
-        return verify(model, jnp.asarray([[60, 2, 33, 12, 7]]), cache)
+    verified = functools.partial(_verified_chunk, chunk=[60, 2, 33, 12, 7])
 
     dispatch.record_choice("verify_attention", "none")
     got_logits, got = verified(nnx.merge(graphdef, state))
