@@ -47,6 +47,7 @@ from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2, pow2_at_least
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -337,13 +338,9 @@ def merge_partials_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: 
     if not (is_pow2(splits) and is_pow2(d) and d >= 16) or m.shape != (b, splits, h) or l.shape != m.shape:
         raise KernelError(f"decode_attention: merge_partials_pallas needs o_part (b, S, H·d) and m, l (b, S, H) "
                           f"with S and d powers of two (d >= 16), got {o_part.shape}, {m.shape}, {l.shape}")
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=1, num_stages=1)
-    return pl.pallas_call(
+    return triton_call(
         functools.partial(_merge_kernel, d=d, splits=splits), grid=(b, h),
-        out_shape=jax.ShapeDtypeStruct((b, hd), dtype), compiler_params=params, interpret=interpret,
+        out_shape=jax.ShapeDtypeStruct((b, hd), dtype), interpret=interpret, num_warps=1, num_stages=1,
         name="decode_attention_merge",
     )(o_part.astype(F32), m.astype(F32), l.astype(F32))
 
@@ -368,18 +365,13 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     else:
         o_shape = jax.ShapeDtypeStruct((b, splits, h * d), F32)
         ml_shape = jax.ShapeDtypeStruct((b, splits, h), F32)
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=planned_warps(num_warps, block), num_stages=2)
-    return pl.pallas_call(
+    return triton_call(
         kern,
         grid=(b, kv, splits),
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={1: 3, 2: 4},
-        compiler_params=params,
-        interpret=interpret,
+        interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=2,
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32))

@@ -52,6 +52,7 @@ from mamba_llama_jax.errors import KernelError
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
 from pallas_kernels.decode_attention import merge_partials
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -435,13 +436,6 @@ def pick_warps(rows: int) -> int:
     return DOT_WARPS if rows in DOT_ROWS else _TILING["row_warps"]
 
 
-def _compiler_params(interpret: bool, num_warps: int, num_stages: int) -> Any:
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _check_kernel_shape(rows: int, *widths: int) -> None:
     if not kernel_shape_ok(rows, *widths):
         raise _bad(f"the Pallas kernels need 1..8 or {DOT_ROWS} rows and widths that are multiples of 16, got "
@@ -452,10 +446,8 @@ def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, nu
           *args: Any) -> jax.Array:
     rows = out.shape[0]
     grids = (grid, rows // dot_group(rows)) if rows in DOT_ROWS else (grid,)
-    return pl.pallas_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
-                          compiler_params=_compiler_params(interpret, num_warps or pick_warps(rows),
-                                                           3 if rows in DOT_ROWS else 1),
-                          )(*args)
+    return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
+                       num_warps=num_warps or pick_warps(rows), num_stages=3 if rows in DOT_ROWS else 1)(*args)
 
 
 def _block_k(k: int) -> int:

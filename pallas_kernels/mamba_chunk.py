@@ -32,6 +32,7 @@ from mamba_llama_jax.models.mamba import mamba2_chunk_reference
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
 from pallas_kernels.mamba_decode import check_layer_args, softplus
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -129,17 +130,13 @@ def mamba2_chunk_pallas(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, conv
     conv_dim = d_inner + 2 * d_xb
     kern = functools.partial(_kernel, d_inner=d_inner, d_xb=d_xb, n=n, width=conv.shape[2], rep=d_inner // d_xb,
                              t=t, eps=float(eps))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     S = jax.ShapeDtypeStruct
     dt = zxbcdt.dtype
-    return pl.pallas_call(
+    return triton_call(
         kern, grid=(b, h),
         out_shape=(S((b, t, d_inner), dt), S((b, t, conv_dim), conv.dtype), S((b, t, h, n), dt), S((b, t, h), F32),
                    S((b, t, h, n), dt), S(conv.shape, conv.dtype), S(ssm.shape, F32)),
-        compiler_params=params, interpret=interpret, name="mamba2_chunk",
+        interpret=interpret, num_warps=num_warps, num_stages=1, name="mamba2_chunk",
     )(zxbcdt, conv, ssm.astype(F32), conv_w, jnp.zeros((conv_dim,), F32) if conv_b is None else conv_b,
       dt_bias, A.astype(F32), D.astype(F32), norm_w)
 

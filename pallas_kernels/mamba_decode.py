@@ -29,6 +29,7 @@ from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.models.mamba import mamba2_decode_reference
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -149,15 +150,11 @@ def mamba2_decode_pallas(zxbcdt: jax.Array, conv: jax.Array, ssm: jax.Array, con
     conv_dim = d_inner + 2 * d_xb
     kern = functools.partial(_kernel, d_inner=d_inner, d_xb=d_xb, n=n, width=conv.shape[2], rep=d_inner // d_xb,
                              eps=float(eps))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    return pl.pallas_call(
+    return triton_call(
         kern, grid=(b, h),
         out_shape=(jax.ShapeDtypeStruct((b, d_inner), zxbcdt.dtype), jax.ShapeDtypeStruct(conv.shape, conv.dtype),
                    jax.ShapeDtypeStruct(ssm.shape, F32)),
-        compiler_params=params, interpret=interpret, name="mamba2_decode",
+        interpret=interpret, num_warps=num_warps, num_stages=1, name="mamba2_decode",
     )(zxbcdt, conv, ssm.astype(F32), conv_w, jnp.zeros((conv_dim,), F32) if conv_b is None else conv_b,
       dt_bias, A.astype(F32), D.astype(F32), norm_w, mask.astype(jnp.int32))
 

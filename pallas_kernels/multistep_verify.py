@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
 from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = "pallas_triton"
@@ -161,13 +162,6 @@ def _loop(k: int, body: Any, carry: Any) -> Any:
     return carry
 
 
-def _compiler_params(num_warps: int, interpret: bool) -> Any:
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def multistep_verify(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
                      D: jax.Array | None = None, dt_bias: jax.Array | None = None, dt_softplus: bool = True,
                      accepted: jax.Array | None = None, interpret: bool = False, block_p: int | None = None,
@@ -185,12 +179,11 @@ def multistep_verify(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array
     acc = jnp.zeros((b,), jnp.int32) if all_states else accepted.astype(jnp.int32)
     st_shape = (b, k, h, p, n) if all_states else (b, h, p, n)
     kern = functools.partial(_kernel, k=k, P=P, rep=h // g, softplus=bool(dt_softplus), all_states=all_states)
-    return pl.pallas_call(
+    return triton_call(
         kern,
         grid=(b, h, p // P),
         out_shape=(jax.ShapeDtypeStruct((b, k, h, p), x.dtype), jax.ShapeDtypeStruct(st_shape, F32)),
-        compiler_params=_compiler_params(warps, interpret),
-        interpret=interpret,
+        interpret=interpret, num_warps=warps, num_stages=1,
         name="multistep_verify",
     )(state.astype(F32), x, dt, A.astype(F32),
       jnp.zeros((h,), F32) if dt_bias is None else dt_bias.astype(F32),

@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.ssd import segment_starts
 from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 # True since `pytest -m gpu tests/pallas/test_selective_scan.py` passed on the H100 (4/4, gradients included;
@@ -162,13 +163,6 @@ class _Cfg(NamedTuple):
     num_stages: int
     prefetch: int
     bwd_prefetch: int
-
-
-def _compiler_params(num_warps: int, num_stages: int, interpret: bool) -> Any:
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------- kernel bodies
@@ -324,13 +318,12 @@ def _fwd_call(u, dt, z, keep, A, bias, D, B, C, h0, cfg: _Cfg, *, save: bool):
     nc = lp // cfg.T
     G, R, warps = cfg.fwd
     kern = functools.partial(_fwd_kernel, cfg=cfg, nc=nc, save=save)
-    y, st = pl.pallas_call(
+    y, st = triton_call(
         kern,
         grid=(b, g // G, rep // R),
         out_shape=(jax.ShapeDtypeStruct((b, lp, g, rep), u.dtype),
                    jax.ShapeDtypeStruct((b, nc + 1 if save else 1, g, rep, n), F32)),
-        compiler_params=_compiler_params(warps, cfg.num_stages, cfg.interpret),
-        interpret=cfg.interpret,
+        interpret=cfg.interpret, num_warps=warps, num_stages=cfg.num_stages,
         name="selective_scan_fwd",
     )(u, dt, z, keep, A, bias, D, B, C, h0)
     return y, st
@@ -357,7 +350,7 @@ def _scan_core_bwd(cfg: _Cfg, res, cts):
     nrb = rep // R
     kern = functools.partial(_bwd_kernel, cfg=cfg, nc=nc)
     zshape = z.shape if cfg.has_z else (1, 1, 1, 1)  # z is a placeholder without gating: nothing to write
-    du, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0 = pl.pallas_call(
+    du, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0 = triton_call(
         kern,
         grid=(b, g // G, nrb),
         out_shape=(
@@ -371,8 +364,7 @@ def _scan_core_bwd(cfg: _Cfg, res, cts):
             jax.ShapeDtypeStruct((b, g, rep), F32),  # d delta_bias per batch row
             jax.ShapeDtypeStruct((b, g, rep, n), F32),  # d initial state
         ),
-        compiler_params=_compiler_params(warps, cfg.num_stages, cfg.interpret),
-        interpret=cfg.interpret,
+        interpret=cfg.interpret, num_warps=warps, num_stages=cfg.num_stages,
         name="selective_scan_bwd",
     )(u, dt, z, keep, A, bias, D, B, C, st, dy, dfin.astype(F32))
     if not cfg.has_z:

@@ -23,13 +23,13 @@ chunk size except through round-off, so `chunk_size` is a tiling choice here (64
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import check_ssd_args, doc_index, ssd_kernel_operands
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 
@@ -42,13 +42,6 @@ def _softplus(v: jax.Array) -> jax.Array:
 def _dot(a: jax.Array, b: jax.Array, ca: int = 1, cb: int = 0) -> jax.Array:
     """a·b contracting a's dim `ca` with b's dim `cb`, fp32 accumulation (tensor cores for bf16 operands)."""
     return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=F32)
-
-
-def _compiler_params(num_warps: int, num_stages: int, interpret: bool) -> Any:
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 # ------------------------------------------------------------------------------------------------------ forward
@@ -244,12 +237,11 @@ def _ssd_fwd_impl(x, dt, A, B, C, D, bias, init, doc, cfg, *, save: bool):
     ns = nc + 1 if save else 1
     kern = functools.partial(_fwd_kernel, Q=Q, P=P, l=l, nc=nc, rep=h // g, softplus=softplus, has_seg=has_seg,
                              save=save)
-    y, st = pl.pallas_call(
+    y, st = triton_call(
         kern,
         grid=(b, h, p // P),
         out_shape=(jax.ShapeDtypeStruct((b, lp, h, p), x.dtype), jax.ShapeDtypeStruct((b, ns, h, p, n), F32)),
-        compiler_params=_compiler_params(_defaults(num_warps, Q), num_stages, interpret),
-        interpret=interpret,
+        interpret=interpret, num_warps=_defaults(num_warps, Q), num_stages=num_stages,
         name="ssd_chunk_scan_fwd",
     )(xs, dts, A, bias, D, Bs, Cs, docs, init)
     y = y[:, :l] if lp != l else y
@@ -275,7 +267,7 @@ def _ssd_core_bwd(cfg, res, cts):
     docs = _pad_l(doc, lp, "edge")
     npb = p // P
     kern = functools.partial(_bwd_kernel, Q=Q, P=P, l=l, nc=nc, rep=h // g, softplus=softplus, has_seg=has_seg)
-    outs = pl.pallas_call(
+    outs = triton_call(
         kern,
         grid=(b, h, npb),
         out_shape=(
@@ -287,8 +279,7 @@ def _ssd_core_bwd(cfg, res, cts):
             jax.ShapeDtypeStruct((b, lp, h, npb), F32),  # dy·x (summed: dD)
             jax.ShapeDtypeStruct((b, h, p, n), F32),  # d initial state
         ),
-        compiler_params=_compiler_params(_defaults(bwd_warps, Q), num_stages, interpret),
-        interpret=interpret,
+        interpret=interpret, num_warps=_defaults(bwd_warps, Q), num_stages=num_stages,
         name="ssd_chunk_scan_bwd",
     )(xs, dts, A, bias, D, Bs, Cs, docs, st, dys, dfin.astype(F32))
     dx, dBh, dCh, ddt, dadt, dDp, dinit = outs

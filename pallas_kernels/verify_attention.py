@@ -37,6 +37,7 @@ from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import check_cache_args, dot_t, online_update, pick_block, pick_row
 from pallas_kernels.dispatch import is_pow2, pow2_at_least
+from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
@@ -159,16 +160,13 @@ def verify_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
         raise KernelError(f"verify_attention: block must be a power of two >= 16 dividing the slots ({slots}), "
                           f"got {block}")
     kern = functools.partial(_kernel, h=num_heads, kv=kv, d=d, t=t, block=block, dtype=qkv.dtype)
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
-    return pl.pallas_call(
+    return triton_call(
         kern, grid=(b, kv),
         out_shape=(jax.ShapeDtypeStruct((b, t, num_heads * d), qkv.dtype),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        input_output_aliases={1: 1, 2: 2}, compiler_params=params, interpret=interpret, name="verify_attention",
+        input_output_aliases={1: 1, 2: 2}, interpret=interpret, num_warps=num_warps, num_stages=2,
+        name="verify_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32))
 
