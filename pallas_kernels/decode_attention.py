@@ -165,7 +165,9 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
-    index = idx_ref[0]
+    # clamped as the reference's dynamic_update_slice clamps its write: an index past the cache (a caller's bug)
+    # then gives the reference's answer instead of a write out of bounds
+    index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
     c, s = cos_ref[bi, :], sin_ref[bi, :]
 
     def rope(off: int):  # rounded to the compute dtype, as the reference does

@@ -89,6 +89,20 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
         assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
+def test_an_index_past_the_cache_writes_where_the_reference_writes(dot):
+    """index >= slots (a caller's bug): the kernel clamps its write as dynamic_update_slice clamps the reference's
+    (to the last slot), so output and caches equal the reference's; unclamped, the bounds-checked interpreter
+    raises (an out-of-bounds store, which on a GPU corrupts memory)."""
+    b, slots, h, kv, d = 2, 32, 4, 2, 32
+    args = make_inputs(b, slots, h, kv, d, slots - 1, seed=3)
+    args = args[:5] + (jnp.int32(slots + 2),) + args[6:]
+    got = decode_attention_pallas(*args, num_heads=h, num_kv_heads=kv, block=16, splits=2, interpret=True, dot=dot)
+    want = decode_attention_reference(*args, num_heads=h, num_kv_heads=kv)
+    for g, w, name in zip(got, want, ("out", "k_cache", "v_cache")):
+        assert rel(g, w) < 1e-5, (name, rel(g, w))
+
+
 def test_dot_form_is_planned_by_batch_and_override(monkeypatch):
     assert da.planned_dot(64) is False  # DOT_MIN_BATCH = 0: off by default
     monkeypatch.setattr(da, "DOT_MIN_BATCH", 16)
