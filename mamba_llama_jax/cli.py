@@ -254,30 +254,42 @@ def _load_draft(path: str, dtype: str) -> Any:
     return load_teacher(p, dtype=dtype).model
 
 
-def cmd_speculate(args: argparse.Namespace) -> int:
+def _target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(target teacher bundle, draft model, reduced draft vocabulary or None) for speculate / acceptance."""
     from mamba_llama_jax.errors import ConfigError
-    from mamba_llama_jax.inference.speculative import draft_vocabulary, speculative_generate
+    from mamba_llama_jax.inference.speculative import draft_vocabulary
 
-    sampling = _sampling(args)
-    if args.k < 1:
-        raise ConfigError(f"--k must be >= 1, got {args.k}")
-    if not 0.0 <= args.draft_stop < 1.0:
-        raise ConfigError(f"--draft-stop must be in [0, 1), got {args.draft_stop}")
     target = _load(args)
     dtype = _default_dtype() if args.dtype == "auto" else args.dtype
     draft = _load_draft(args.draft, dtype)
     if draft.cfg.vocab_size != target.config.vocab_size:
         raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                           f"({target.config.vocab_size}): they must share a tokenizer")
-    tok = target.tokenizer
     subset = None
     if args.draft_vocab:
         if not 0 < args.draft_vocab <= draft.cfg.vocab_size:
             raise ConfigError(f"--draft-vocab must be in 1..{draft.cfg.vocab_size} (the vocabulary), "
                               f"got {args.draft_vocab}")
-        subset = draft_vocabulary(draft.cfg.vocab_size, args.draft_vocab, keep=tok.eos_token_ids)
-    ids = [tok.encode_chat([{"role": "user", "content": p}]) if not args.no_chat else tok.encode(p)
-           for p in args.prompt]
+        subset = draft_vocabulary(draft.cfg.vocab_size, args.draft_vocab, keep=target.tokenizer.eos_token_ids)
+    return target, draft, subset
+
+
+def _prompt_ids(tok: Any, prompts: list[str], chat: bool) -> list[list[int]]:
+    return [tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p) for p in prompts]
+
+
+def cmd_speculate(args: argparse.Namespace) -> int:
+    from mamba_llama_jax.errors import ConfigError
+    from mamba_llama_jax.inference.speculative import speculative_generate
+
+    sampling = _sampling(args)
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if not 0.0 <= args.draft_stop < 1.0:
+        raise ConfigError(f"--draft-stop must be in [0, 1), got {args.draft_stop}")
+    target, draft, subset = _target_and_draft(args)
+    tok = target.tokenizer
+    ids = _prompt_ids(tok, args.prompt, not args.no_chat)
     out, stats = speculative_generate(target.model, draft, ids, k=args.k, sampling=sampling,
                                       eos_ids=tok.eos_token_ids, pad_id=tok.pad_token_id, draft_vocab=subset,
                                       stop=args.draft_stop)
@@ -287,6 +299,51 @@ def cmd_speculate(args: argparse.Namespace) -> int:
         print(tok.decode(answer).strip())
     print(f"k={stats.k}: {stats.rounds} rounds, {stats.drafts_per_round:.2f} drafts and {stats.tokens_per_round:.2f} "
           f"tokens per round, acceptance {stats.acceptance_rate:.2f}, {stats.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_acceptance(args: argparse.Namespace) -> int:
+    import json
+
+    from mamba_llama_jax.data.sources import heldout_prompts
+    from mamba_llama_jax.errors import ConfigError
+    from mamba_llama_jax.eval.acceptance import predict_acceptance
+
+    if not args.k or min(args.k) < 1:
+        raise ConfigError(f"--k must be integers >= 1, got {args.k}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ConfigError(f"--max-new-tokens and --batch-size must be >= 1, got {args.max_new_tokens} and "
+                          f"{args.batch_size}")
+    prompts = list(args.prompt) + (heldout_prompts(args.heldout_prompts) if args.heldout_prompts else [])
+    if not prompts:
+        raise ConfigError("give prompts: --prompt TEXT (repeatable) and/or --heldout-prompts N")
+    target, draft, subset = _target_and_draft(args)
+    tok = target.tokenizer
+    ids = _prompt_ids(tok, prompts, not args.no_chat)
+    t0 = time.perf_counter()
+    preds = []
+    for i in range(0, len(ids), args.batch_size):
+        preds.append(predict_acceptance(target.model, draft, ids[i:i + args.batch_size], ks=args.k,
+                                        max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_token_ids,
+                                        draft_vocab=subset, pad_id=tok.pad_token_id))
+    rows = []
+    for j, k in enumerate(args.k):  # pooled over the batches: counts add up
+        hist = [sum(b[j].accepted_hist[n] for b in preds) for n in range(k + 1)]
+        rounds = sum(hist)
+        accepted = sum(n * c for n, c in enumerate(hist))
+        rows.append(dict(k=k, acceptance_rate=accepted / max(1, k * rounds),
+                         tokens_per_round=(accepted + rounds) / max(1, rounds), accepted_hist=hist))
+    sizes = [len(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
+    agreement = sum(b[0].agreement * n for b, n in zip(preds, sizes)) / len(ids)  # each row scores as many tokens
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy; the draft predicts {agreement:.3f} of "
+          f"the target's tokens when fed the target's text ({time.perf_counter() - t0:.1f} s)")
+    print(f"{'k':>3} {'acceptance':>10} {'tokens/round':>12}  accepted per round (0..k)")
+    for r in rows:
+        print(f"{r['k']:>3} {r['acceptance_rate']:>10.3f} {r['tokens_per_round']:>12.2f}  {r['accepted_hist']}")
+    if args.json:
+        from pathlib import Path
+        Path(args.json).write_text(json.dumps(dict(prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                                                   agreement=agreement, rows=rows), indent=1))
     return 0
 
 
@@ -537,6 +594,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sp)
     _add_sampling(sp, 128)
     sp.set_defaults(func=cmd_speculate)
+
+    ac = sub.add_parser("acceptance", help="predict greedy speculative acceptance of a draft for each k, from one "
+                        "greedy run of the target and one forward of the draft (no speculative loop)")
+    ac.add_argument("--draft", required=True, metavar="PATH",
+                    help="draft model: a saved hybrid directory, a GGUF file or an HF directory")
+    ac.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft tokens per round (several at once)")
+    ac.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    ac.add_argument("--heldout-prompts", type=int, default=0, metavar="N",
+                    help="add N prompts of the held-out families (never in the training data)")
+    ac.add_argument("--max-new-tokens", type=int, default=128)
+    ac.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    ac.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="as `speculate --draft-vocab`: the draft proposes only the first N ids and end-of-turn ids")
+    ac.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    ac.add_argument("--no-chat", action="store_true")
+    _add_model(ac)
+    ac.set_defaults(func=cmd_acceptance)
 
     helps = {"pipeline": "run every stage of a training recipe (configs/recipes/*.yaml)",
              "distill": "run a one-stage recipe whose stage distils (objective distill, hidden or orient)",

@@ -1,5 +1,7 @@
 """CLI: user errors exit 2 with one clean line on stderr, never a traceback."""
 
+import json
+
 import pytest
 
 from mamba_llama_jax.cli import build_parser, main
@@ -23,7 +25,7 @@ def test_subcommands():
                 ["gen-labels", "--out", "d"], ["pipeline", "--config", "c.yaml"],
                 ["distill", "--config", "c.yaml"], ["sft", "--config", "c.yaml", "--model", "m"],
                 ["dpo", "--config", "c.yaml", "stages.0.steps=2"],
-                ["speculate", "--prompt", "x", "--draft", "d"]):
+                ["speculate", "--prompt", "x", "--draft", "d"], ["acceptance", "--draft", "d"]):
         assert parser.parse_args(cmd).command == cmd[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["distill"])  # --config is required
@@ -74,8 +76,6 @@ def test_bad_hybrid_options(tmp_path, capsys):
 
 
 def test_gen_labels_offline_and_from_a_dataset(tmp_path, capsys):
-    import json
-
     import pyarrow.parquet as pq
 
     out = tmp_path / "labels"
@@ -124,6 +124,17 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert res.out == plain and "drafts" in res.err
     assert main(["speculate", *args, "--draft", str(draft), "--draft-stop", "1.5"]) == 2
     assert "--draft-stop must be in [0, 1)" in capsys.readouterr().err
+
+    # `acceptance` predicts the loop's acceptance from two forwards: the same figure speculate printed (fp32)
+    assert main(["speculate", *args, "--draft", str(draft), "--k", "2"]) == 0
+    loop = float(capsys.readouterr().err.split("acceptance ")[1].split(",")[0])
+    out = tmp_path / "acc.json"
+    assert main(["acceptance", *args, "--draft", str(draft), "--k", "2", "3", "--json", str(out)]) == 0
+    assert "tokens/round" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["k"] for r in rows] == [2, 3] and round(rows[0]["acceptance_rate"], 2) == loop
+    assert main(["acceptance", *args, "--draft", str(draft), "--k", "0"]) == 2
+    assert "--k must be" in capsys.readouterr().err
 
 
 TIED = TINY.parent / "tiny_llama_tied"

@@ -1,0 +1,150 @@
+"""Greedy speculative acceptance predicted from two ordinary forward passes, without running the speculative loop.
+
+In greedy speculative decoding (`inference/speculative.py`) a round starts after the target's own greedy tokens:
+every kept token equals plain greedy decoding's. The round's first draft d1 is the draft's argmax after that
+prefix; d_{j+1} is its argmax after the prefix and d1..dj, and it is only ever accepted if d1..dj were, i.e. if they
+equal the target's next greedy tokens. So whether draft j of a round is accepted depends only on whether the draft,
+fed the target's greedy text, predicts its next token there: `agree[t] = argmax draft(prompt + y[:t]) == y[t]`
+along the target's greedy continuation y. One plain greedy run of the target and one teacher-forced forward of the
+draft over prompt + y give every `agree[t]`; replaying the rounds on it (`predict_greedy`) gives the accepted count
+of every round, hence the acceptance rate, tokens per round and round count, for every k at once. They equal the
+speculative decoder's own statistics exactly when both passes round as the loop does (fp32; tested); in bf16 the
+loop's verify and the plain step may round a near-tie differently, so it is then an estimate.
+
+Why: acceptance is what decides whether a draft pays (`benchmarks/bench_speculative.py`: a round costs about the
+same whatever it accepts), and measuring it by running the loop costs a compile and a round per ~1.5 tokens per
+k. This costs two forwards and no compile of the loop, so a draft can be scored while it trains or against many
+prompts. Not covered: sampling (acceptance then depends on p/q ratios, not argmaxes) and adaptive k (`stop`: how
+many drafts a round proposes after a rejection depends on drafts fed the draft's own wrong tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.inference.generate import Generator, SamplingConfig, check_prompts
+from mamba_llama_jax.models.llama import DecoderLM
+
+
+@dataclasses.dataclass
+class AcceptancePrediction:
+    """What `SpeculativeDecoder.run` would report for greedy decoding with this k (`SpecStats`'s fields of the same
+    names), plus `agreement`: the share of the target's greedy tokens (after each row's first) that the draft
+    predicts when fed the target's text — the per-token acceptance probability the i.i.d. model assumes."""
+
+    k: int
+    acceptance_rate: float
+    tokens_per_round: float
+    rounds: int
+    accepted_hist: list[int]
+    agreement: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _argmax_at(draft: DecoderLM, tokens: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+               ids: np.ndarray | None) -> np.ndarray:
+    """The draft's argmax (over `ids` if given) after each of the positions pos (b, m), one forward of tokens."""
+    graphdef, state = nnx.split(draft)
+    sub = None if ids is None else jnp.asarray(ids, jnp.int32)
+    return np.asarray(_argmax_fn(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos), sub))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _argmax_fn(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, pos: jax.Array,
+               sub: jax.Array | None) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    h, _ = model.hidden(tokens, token_mask=mask)
+    h = jnp.take_along_axis(h, pos[..., None], axis=1)  # only the scored positions reach the head
+    logits = model.logits(h)
+    if sub is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sub[jnp.argmax(logits[..., sub], axis=-1)]
+
+
+def greedy_agreement(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], n_tokens: int, *,
+                     draft_vocab: Sequence[int] | np.ndarray | None = None,
+                     pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(y, agree), both (b, n_tokens): the target's plain greedy continuation of each prompt (EOS not treated
+    specially), and agree[r, t] = whether the draft's argmax after prompt + y[r, :t] is y[r, t] (over `draft_vocab`
+    if given, as `SpeculativeDecoder(draft_vocab=)` restricts it). agree[:, 0] is the draft's guess of the
+    target's first token, which speculative decoding never asks for."""
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise GenerationError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                              f"({target.cfg.vocab_size}): they must share a tokenizer")
+    rows = check_prompts(prompt_ids, vocab_size=draft.cfg.vocab_size, context=draft.cfg.max_position_embeddings,
+                         max_new_tokens=n_tokens)
+    y = Generator(target, pad_id=pad_id).run(rows, SamplingConfig(max_new_tokens=n_tokens)).tokens
+    lens = np.asarray([len(r) for r in rows])
+    width = int(lens.max()) + n_tokens
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for r, p in enumerate(rows):  # right-padded: causal, so padding after a position does not change it
+        seq = list(p) + [int(t) for t in y[r]]
+        tokens[r, :len(seq)], mask[r, :len(seq)] = seq, True
+    pos = lens[:, None] - 1 + np.arange(n_tokens)[None, :]  # the position whose output predicts y[:, t]
+    ids = None if draft_vocab is None else np.asarray(draft_vocab, np.int32)
+    guess = _argmax_at(draft, tokens, mask, pos, ids)
+    return np.asarray(y, np.int32), guess == y
+
+
+def predict_greedy(y: np.ndarray, agree: np.ndarray, *, k: int, max_new_tokens: int,
+                   eos_ids: Sequence[int] = ()) -> AcceptancePrediction:
+    """Replays greedy speculative decoding's rounds (`speculative._speculate`) on `greedy_agreement`'s output:
+    a row starts with the target's first token; each round accepts the drafts while they agree (at most k), emits
+    those and the target's next token, and the row ends at EOS or max_new_tokens. Needs y / agree of at least
+    max_new_tokens + k tokens (a last round may accept drafts past the end)."""
+    if not isinstance(k, int) or k < 1:
+        raise GenerationError(f"k must be an integer >= 1, got {k!r}")
+    y, agree = np.asarray(y), np.asarray(agree, bool)
+    if y.shape != agree.shape or y.ndim != 2 or y.shape[1] < max_new_tokens + k:
+        raise GenerationError(f"y and agree must both be (rows, >= max_new_tokens + k = {max_new_tokens + k}), "
+                              f"got {y.shape} and {agree.shape}")
+    eos = set(int(e) for e in eos_ids)
+    hist = [0] * (k + 1)
+    rounds = 0
+    for r in range(y.shape[0]):
+        ntok, row_rounds = 1, 0
+        done = int(y[r, 0]) in eos or max_new_tokens <= 1
+        while not done:
+            n = 0
+            while n < k and agree[r, ntok + n]:
+                n += 1
+            hist[n] += 1
+            row_rounds += 1
+            emitted = [int(t) for t in y[r, ntok:ntok + n + 1]]
+            done = any(t in eos for t in emitted)
+            ntok += n + 1
+            done = done or ntok >= max_new_tokens
+        rounds = max(rounds, row_rounds)
+    row_rounds = sum(hist)
+    accepted = sum(n * c for n, c in enumerate(hist))
+    scored = agree[:, 1:max_new_tokens]
+    return AcceptancePrediction(k=k, acceptance_rate=accepted / max(1, k * row_rounds),
+                                tokens_per_round=(accepted + row_rounds) / max(1, row_rounds), rounds=rounds,
+                                accepted_hist=hist, agreement=float(scored.mean()) if scored.size else 0.0)
+
+
+def predict_acceptance(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], *,
+                       ks: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
+                       draft_vocab: Sequence[int] | np.ndarray | None = None,
+                       pad_id: int = 0) -> list[AcceptancePrediction]:
+    """Greedy speculative decoding's statistics for each k in `ks`, from one `greedy_agreement` (module
+    docstring)."""
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise GenerationError(f"ks must be integers >= 1, got {ks}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    y, agree = greedy_agreement(target, draft, prompt_ids, max_new_tokens + max(ks), draft_vocab=draft_vocab,
+                                pad_id=pad_id)
+    return [predict_greedy(y, agree, k=k, max_new_tokens=max_new_tokens, eos_ids=eos_ids) for k in ks]

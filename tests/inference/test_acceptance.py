@@ -1,0 +1,86 @@
+"""`eval.acceptance`: greedy speculative statistics predicted from a plain greedy run and one teacher-forced draft
+forward equal what the speculative loop itself reports (fp32), for every k, with EOS and a reduced draft
+vocabulary; the round replay on hand-made agreement patterns; bad input."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.eval.acceptance import greedy_agreement, predict_acceptance, predict_greedy
+from mamba_llama_jax.inference.speculative import SpeculativeDecoder, draft_vocabulary
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_speculative import N, PROMPTS, noisy_copy, random_draft, target  # noqa: E402
+
+
+def assert_matches_the_loop(tgt, drf, prompts, ks, *, eos=(), vocab=None):
+    preds = predict_acceptance(tgt, drf, prompts, ks=ks, max_new_tokens=N, eos_ids=eos, draft_vocab=vocab)
+    dec = SpeculativeDecoder(tgt, drf, draft_vocab=vocab)
+    for p in preds:
+        _, _, st = dec.run(prompts, k=p.k, max_new_tokens=N, eos_ids=eos)
+        assert (p.accepted_hist, p.rounds) == (st.accepted_hist, st.rounds), p.k
+        assert p.acceptance_rate == pytest.approx(st.acceptance_rate, abs=1e-12), p.k
+        assert p.tokens_per_round == pytest.approx(st.tokens_per_round, abs=1e-12), p.k
+    return preds
+
+
+def test_prediction_equals_the_loops_statistics():
+    """A noisy copy of the target (rows accept different counts, 0 to k) at batch 3, k = 1, 2, 4."""
+    preds = assert_matches_the_loop(target(0.5), noisy_copy(0.5), PROMPTS, [1, 2, 4])
+    hist = np.asarray(preds[-1].accepted_hist)
+    assert hist[0] > 0 and hist[1:].sum() > 0  # the case exercises both rejections and acceptances
+    assert 0.0 < preds[0].agreement < 1.0
+
+
+def test_prediction_with_eos_and_a_reduced_draft_vocabulary():
+    tgt, drf = target(0.25), noisy_copy(0.25)
+    y, _ = greedy_agreement(tgt, drf, PROMPTS, N)
+    eos = (int(y[0, N // 2]),)  # a token the first row emits mid-answer: that row ends early
+    assert_matches_the_loop(tgt, drf, PROMPTS, [3], eos=eos)
+    vocab = draft_vocabulary(tgt.cfg.vocab_size, 40, keep=eos)
+    assert_matches_the_loop(tgt, drf, PROMPTS, [3], eos=eos, vocab=vocab)
+
+
+def test_an_unrelated_draft_is_predicted_near_zero():
+    preds = assert_matches_the_loop(target(0.0), random_draft("mamba"), PROMPTS[:1], [2])
+    assert preds[0].acceptance_rate < 0.3
+
+
+def test_replay_of_hand_made_agreement():
+    # one row, k = 2: the target's first token, then rounds at t = 1 (agree 1, 1 -> n = 2, emits 3 tokens),
+    # t = 4 (agree 0 -> n = 0), t = 5 (agree 1, 0 -> n = 1), t = 7 (n = 2, reaches max_new_tokens = 8)
+    agree = np.array([[0, 1, 1, 1, 0, 1, 0, 1, 1, 0]], bool)
+    y = np.arange(10)[None, :] + 100
+    p = predict_greedy(y, agree, k=2, max_new_tokens=8)
+    assert p.accepted_hist == [1, 1, 2] and p.rounds == 4
+    assert p.acceptance_rate == pytest.approx(5 / 8) and p.tokens_per_round == pytest.approx(9 / 4)
+    # EOS at y[5] (= 105) ends the row in the round that emits it (t = 5: emits y[5], y[6])
+    p = predict_greedy(y, agree, k=2, max_new_tokens=8, eos_ids=[105])
+    assert p.accepted_hist == [1, 1, 1] and p.rounds == 3
+    # the first token already EOS: no round at all
+    assert predict_greedy(y, agree, k=2, max_new_tokens=8, eos_ids=[100]).rounds == 0
+
+
+def test_bad_input():
+    y = np.zeros((1, 6), np.int32)
+    with pytest.raises(GenerationError, match="k must be"):
+        predict_greedy(y, y.astype(bool), k=0, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="max_new_tokens \\+ k"):
+        predict_greedy(y, y.astype(bool), k=3, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="ks must be"):
+        predict_acceptance(target(0.5), noisy_copy(0.5), PROMPTS, ks=[], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="vocabulary"):
+        greedy_agreement(target(0.5), _other_vocab(), PROMPTS, 4)
+
+
+def _other_vocab():
+    from flax import nnx
+
+    from mamba_llama_jax.config import LlamaConfig
+    from mamba_llama_jax.models.llama import LlamaLM
+    cfg = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      dtype="float32", max_position_embeddings=64)
+    return LlamaLM(cfg, rngs=nnx.Rngs(0))
