@@ -73,6 +73,14 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def top1_agreement(teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """The share of unmasked tokens where the student's argmax is the teacher's (a metric, no gradient). When the
+    teacher is a speculative target and the text its own greedy output, this is the draft's per-token agreement
+    that `eval.acceptance` turns into acceptance."""
+    same = (jnp.argmax(teacher_logits, axis=-1) == jnp.argmax(student_logits, axis=-1)).astype(F32)
+    return jax.lax.stop_gradient(reduce_masked(same, mask, "token_mean"))
+
+
 def ce_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
             normalization: str = "token_mean") -> jax.Array:
     """Masked next-token cross-entropy of aligned logits (B, L, V) and targets (B, L)."""
@@ -145,7 +153,7 @@ def _fused_chunks(h_s: jax.Array, w_s: jax.Array, h_t: jax.Array, w_t: jax.Array
                   wk: jax.Array, wc: jax.Array, valid: jax.Array, temperature: float, chunk: int,
                   need_dh: bool, need_dw: bool):
     """The chunk loop. h_*: (B, L, D) compute dtype, L a multiple of `chunk`; w_*: (D, V); targets, wk, wc, valid:
-    (B, L). Returns (loss, sums (Σkl_T, Σce, Σkl_1) over `valid`, dh or None, dw or None)."""
+    (B, L). Returns (loss, sums (Σkl_T, Σce, Σkl_1, Σ[argmax agrees]) over `valid`, dh or None, dw or None)."""
     b, l, d = h_s.shape
     n = l // chunk
     t = float(temperature)
@@ -170,7 +178,8 @@ def _fused_chunks(h_s: jax.Array, w_s: jax.Array, h_t: jax.Array, w_t: jax.Array
         hot = jax.nn.one_hot(tg, ls.shape[-1], dtype=F32)
         ce = -jnp.sum(hot * logq1, axis=-1)
         loss = jnp.sum(k * kl + c * ce)
-        sums = jnp.stack([jnp.sum(v * kl), jnp.sum(v * ce), jnp.sum(v * kl1)])
+        agree = (jnp.argmax(ls, axis=-1) == jnp.argmax(lt, axis=-1)).astype(F32)
+        sums = jnp.stack([jnp.sum(v * kl), jnp.sum(v * ce), jnp.sum(v * kl1), jnp.sum(v * agree)])
         dh = None
         if need_dh or need_dw:
             # d loss / d student logits: T·(q_T − p_T) per KL unit, softmax − onehot per CE unit.
@@ -220,12 +229,13 @@ def fused_distill_loss(h_student: jax.Array, w_student: jax.Array, h_teacher: ja
                        temperature: float = 1.0, ce_normalization: str = "token_mean",
                        kl_normalization: str = "token_mean",
                        chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`distill_loss` on logits = h @ w that are never materialised whole; returns (loss, {'ce', 'kl', 'kl_token'}).
+    """`distill_loss` on logits = h @ w that are never materialised whole; returns (loss, {'ce', 'kl', 'kl_token',
+    'agree'}).
 
     h_*: (B, L, D) final hidden states in the compute dtype; w_*: (D, V) LM-head matrices in the compute dtype
     (a tied embedding passes its transpose); targets, mask: (B, L) aligned with h (the position that predicts
     nothing, e.g. the last, is masked). 'kl_token' is the per-token KL at T = 1 whatever the weights, as the
-    unfused objective reports it. Gradients flow to h_student and w_student only (the teacher's side is
+    unfused objective reports it; 'agree' the share of tokens whose argmax the student shares (`top1_agreement`). Gradients flow to h_student and w_student only (the teacher's side is
     constant), in the compute dtype: the student-logit gradient is rounded to it for the two gradient matmuls,
     as the unfused backward's matmuls do with their bf16 operands.
     """
@@ -249,4 +259,4 @@ def fused_distill_loss(h_student: jax.Array, w_student: jax.Array, h_teacher: ja
                         jax.lax.stop_gradient(w_teacher), padl(targets.astype(jnp.int32)), padl(wk), padl(wc),
                         padl(m), float(temperature), int(chunk))
     sums = jax.lax.stop_gradient(sums)
-    return loss, {"kl": sums[0] / dk, "ce": sums[1] / dc, "kl_token": sums[2] / count}
+    return loss, {"kl": sums[0] / dk, "ce": sums[1] / dc, "kl_token": sums[2] / count, "agree": sums[3] / count}

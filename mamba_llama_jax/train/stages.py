@@ -131,6 +131,7 @@ def distill_loss_full(student: DecoderLM, batch: Batch, ref: jax.Array,
                                       kl_normalization=cfg.kl_normalization)
     # Per-token KL at T = 1 whatever the weights, so that runs with different recipes compare.
     parts["kl_token"] = losses.kl_loss(ref, logits, tmask, normalization="token_mean")
+    parts["agree"] = losses.top1_agreement(ref, logits, tmask)
     return loss, parts
 
 

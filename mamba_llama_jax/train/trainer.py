@@ -593,7 +593,8 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
             metrics_log.write(rec)
             if tb is not None:
                 tb.write(rec)
-        bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{rate:,.0f}")
+        extra = {"agree": f"{m['agree']:.3f}"} if "agree" in m else {}  # distillation: top-1 agreement
+        bar.set_postfix(loss=f"{m['loss']:.4g}", **extra, tok_s=f"{rate:,.0f}")
 
     sigterm = _SigtermFlag()
     last_step, stopped_early = start, False

@@ -57,6 +57,14 @@ def test_ce_and_weighted_sum():
     np.testing.assert_allclose(parts["kl"], 0.0, atol=1e-7)
 
 
+def test_top1_agreement_counts_unmasked_tokens():
+    t = jnp.asarray([[[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]]])
+    s = jnp.asarray([[[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 0.0, 4.0], [0.0, 9.0, 0.0]]])  # agree, no, agree, no
+    assert float(losses.top1_agreement(t, s, jnp.ones((1, 4), bool))) == pytest.approx(0.5)
+    assert float(losses.top1_agreement(t, s, jnp.asarray([[True, False, True, False]]))) == pytest.approx(1.0)
+    assert jax.grad(lambda x: losses.top1_agreement(t, x, jnp.ones((1, 4), bool)))(s).sum() == 0  # a metric
+
+
 def test_shift_targets_respects_documents():
     tokens = jnp.array([[5, 6, 7, 8, 9, 0]])
     loss_mask = jnp.array([[0, 1, 1, 0, 1, 0]])
