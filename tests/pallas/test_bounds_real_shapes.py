@@ -38,6 +38,7 @@ def test_plain_and_speculative_decoding_stay_in_bounds(monkeypatch):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 512, 29).tolist(), rng.integers(0, 512, 21).tolist()]  # left padding in row 2
     plain = Generator(target).run(prompts, SamplingConfig(max_new_tokens=6)).tokens
+    assert plain.shape == (2, 6)
     assert {op: dispatch.last_choice(op) for op in ("decode_attention", "mamba2_decode")} == \
         {"decode_attention": "pallas_triton", "mamba2_decode": "pallas_triton"}
     # a 48-slot cache for the 32-slot prompt (the kernels want slots in 16s): a random draft's rounds keep about
