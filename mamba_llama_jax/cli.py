@@ -307,7 +307,7 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
 
     from mamba_llama_jax.data.sources import heldout_prompts
     from mamba_llama_jax.errors import ConfigError
-    from mamba_llama_jax.eval.acceptance import predict_acceptance
+    from mamba_llama_jax.eval.acceptance import pool, predict_acceptance
 
     if not args.k or min(args.k) < 1:
         raise ConfigError(f"--k must be integers >= 1, got {args.k}")
@@ -326,24 +326,20 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
         preds.append(predict_acceptance(target.model, draft, ids[i:i + args.batch_size], ks=args.k,
                                         max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_token_ids,
                                         draft_vocab=subset, pad_id=tok.pad_token_id))
-    rows = []
-    for j, k in enumerate(args.k):  # pooled over the batches: counts add up
-        hist = [sum(b[j].accepted_hist[n] for b in preds) for n in range(k + 1)]
-        rounds = sum(hist)
-        accepted = sum(n * c for n, c in enumerate(hist))
-        rows.append(dict(k=k, acceptance_rate=accepted / max(1, k * rounds),
-                         tokens_per_round=(accepted + rounds) / max(1, rounds), accepted_hist=hist))
     sizes = [len(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
-    agreement = sum(b[0].agreement * n for b, n in zip(preds, sizes)) / len(ids)  # each row scores as many tokens
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy; the draft predicts {agreement:.3f} of "
-          f"the target's tokens when fed the target's text ({time.perf_counter() - t0:.1f} s)")
+    rows = [pool([b[j] for b in preds], sizes) for j in range(len(args.k))]
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy; the draft predicts "
+          f"{rows[0].agreement:.3f} of the target's tokens when fed the target's text "
+          f"({time.perf_counter() - t0:.1f} s)")
     print(f"{'k':>3} {'acceptance':>10} {'tokens/round':>12}  accepted per round (0..k)")
     for r in rows:
-        print(f"{r['k']:>3} {r['acceptance_rate']:>10.3f} {r['tokens_per_round']:>12.2f}  {r['accepted_hist']}")
+        print(f"{r.k:>3} {r.acceptance_rate:>10.3f} {r.tokens_per_round:>12.2f}  {r.accepted_hist}")
     if args.json:
         from pathlib import Path
-        Path(args.json).write_text(json.dumps(dict(prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                                                   agreement=agreement, rows=rows), indent=1))
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                                       rows=[r.as_dict() for r in rows]), indent=1))
     return 0
 
 

@@ -126,12 +126,28 @@ def predict_greedy(y: np.ndarray, agree: np.ndarray, *, k: int, max_new_tokens: 
             ntok += n + 1
             done = done or ntok >= max_new_tokens
         rounds = max(rounds, row_rounds)
+    scored = agree[:, 1:max_new_tokens]
+    return _from_hist(k, hist, rounds, float(scored.mean()) if scored.size else 0.0)
+
+
+def _from_hist(k: int, hist: list[int], rounds: int, agreement: float) -> AcceptancePrediction:
+    """The statistics `SpeculativeDecoder.run` derives from its accepted-count histogram (row-rounds per count)."""
     row_rounds = sum(hist)
     accepted = sum(n * c for n, c in enumerate(hist))
-    scored = agree[:, 1:max_new_tokens]
     return AcceptancePrediction(k=k, acceptance_rate=accepted / max(1, k * row_rounds),
                                 tokens_per_round=(accepted + row_rounds) / max(1, row_rounds), rounds=rounds,
-                                accepted_hist=hist, agreement=float(scored.mean()) if scored.size else 0.0)
+                                accepted_hist=list(hist), agreement=agreement)
+
+
+def pool(parts: Sequence[AcceptancePrediction], rows: Sequence[int]) -> AcceptancePrediction:
+    """Predictions for batches of prompts (same k; `rows` prompts each) as one: counts add up, rounds is the
+    longest batch's, agreement the mean over all rows (each scores as many tokens)."""
+    if not parts or len(parts) != len(rows) or len({p.k for p in parts}) != 1:
+        raise GenerationError("pool: give one prediction per batch, all for the same k")
+    k = parts[0].k
+    hist = [sum(p.accepted_hist[n] for p in parts) for n in range(k + 1)]
+    agreement = sum(p.agreement * r for p, r in zip(parts, rows)) / max(1, sum(rows))
+    return _from_hist(k, hist, max(p.rounds for p in parts), agreement)
 
 
 def predict_acceptance(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], *,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mamba_llama_jax.errors import GenerationError
-from mamba_llama_jax.eval.acceptance import greedy_agreement, predict_acceptance, predict_greedy
+from mamba_llama_jax.eval.acceptance import greedy_agreement, pool, predict_acceptance, predict_greedy
 from mamba_llama_jax.inference.speculative import SpeculativeDecoder, draft_vocabulary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +62,19 @@ def test_replay_of_hand_made_agreement():
     assert p.accepted_hist == [1, 1, 1] and p.rounds == 3
     # the first token already EOS: no round at all
     assert predict_greedy(y, agree, k=2, max_new_tokens=8, eos_ids=[100]).rounds == 0
+
+
+def test_pooling_batches_equals_one_batch():
+    rng = np.random.default_rng(0)
+    agree, y = rng.random((5, 20)) < 0.6, rng.integers(0, 50, (5, 20))
+    kw = dict(k=3, max_new_tokens=12, eos_ids=[7])
+    whole = predict_greedy(y, agree, **kw)
+    pooled = pool([predict_greedy(y[:2], agree[:2], **kw), predict_greedy(y[2:], agree[2:], **kw)], [2, 3])
+    assert (pooled.accepted_hist, pooled.rounds) == (whole.accepted_hist, whole.rounds)
+    for f in ("acceptance_rate", "tokens_per_round", "agreement"):
+        assert getattr(pooled, f) == pytest.approx(getattr(whole, f)), f
+    with pytest.raises(GenerationError, match="same k"):
+        pool([whole, predict_greedy(y, agree, k=2, max_new_tokens=12)], [5, 5])
 
 
 def test_bad_input():
