@@ -30,10 +30,8 @@ def check_bounds() -> bool:
     return os.environ.get(CHECK_BOUNDS_ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
-def compiler_params(interpret: bool, num_warps: int, num_stages: int) -> Any:
-    """Triton's compile parameters (None in interpret mode, where there is nothing to compile)."""
-    if interpret:
-        return None
+def compiler_params(num_warps: int, num_stages: int) -> Any:
+    """Triton's compile parameters for a GPU launch."""
     from jax.experimental.pallas import triton as plgpu
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -47,7 +45,7 @@ def triton_call(kernel: Callable[..., None], *, grid: tuple[int, ...], out_shape
     aliases = dict(input_output_aliases or {})
     common = dict(grid=grid, out_shape=out_shape, name=name, input_output_aliases=aliases)
     if not interpret:
-        return pl.pallas_call(kernel, compiler_params=compiler_params(False, num_warps, num_stages),
+        return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps, num_stages),
                               interpret=False, **common)
     if not check_bounds():
         return pl.pallas_call(kernel, interpret=True, **common)

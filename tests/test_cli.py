@@ -135,6 +135,8 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert [r["k"] for r in rows] == [2, 3] and round(rows[0]["acceptance_rate"], 2) == loop
     assert main(["acceptance", *args, "--draft", str(draft), "--k", "0"]) == 2
     assert "--k must be" in capsys.readouterr().err
+    assert main(["acceptance", *args, "--draft", str(draft), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 TIED = TINY.parent / "tiny_llama_tied"

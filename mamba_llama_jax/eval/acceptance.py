@@ -122,9 +122,8 @@ def predict_greedy(y: np.ndarray, agree: np.ndarray, *, k: int, max_new_tokens: 
             hist[n] += 1
             row_rounds += 1
             emitted = [int(t) for t in y[r, ntok:ntok + n + 1]]
-            done = any(t in eos for t in emitted)
             ntok += n + 1
-            done = done or ntok >= max_new_tokens
+            done = any(t in eos for t in emitted) or ntok >= max_new_tokens
         rounds = max(rounds, row_rounds)
     scored = agree[:, 1:max_new_tokens]
     return _from_hist(k, hist, rounds, float(scored.mean()) if scored.size else 0.0)

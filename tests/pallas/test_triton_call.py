@@ -77,7 +77,6 @@ def test_aliased_array_written_through_its_input_ref(monkeypatch, check):
     np.testing.assert_allclose(np.asarray(sums), want.sum(axis=(1, 2)))
 
 
-def test_compiler_params_only_when_compiling():
-    assert tc.compiler_params(True, 4, 2) is None
-    params = tc.compiler_params(False, 4, 2)
+def test_compiler_params():
+    params = tc.compiler_params(4, 2)
     assert (params.num_warps, params.num_stages) == (4, 2)
