@@ -15,7 +15,8 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
 the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
-(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False),
+(MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False), `cublas` = the decode program's
+GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`),
 `fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program,
 `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`), `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
@@ -157,6 +158,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_FUSED_DECODE"] = "0"
         elif tok == "uv":
             env["MAMBA_LLAMA_UNVERIFIED_KERNELS"] = "1"
+        elif tok == "cublas":
+            env["MAMBA_LLAMA_DECODE_GEMM"] = "cublas"
         elif m := re.fullmatch(r"fd(\d+)", tok):
             env["MAMBA_LLAMA_FUSED_DECODE"] = m.group(1)
         elif m := re.fullmatch(r"bn(\d+)(?:w(\d+))?", tok):
@@ -181,8 +184,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_rows"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, mk, mc, "
-                             "gN)")
+                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, "
+                             "mk, mc, gN)")
     return tiling, env
 
 

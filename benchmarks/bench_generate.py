@@ -43,6 +43,7 @@ from bench_env import device, now, versions  # noqa: E402
 CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 FORCE_REF = "MAMBA_LLAMA_FORCE_REFERENCE"  # pallas_kernels.dispatch.FORCE_REFERENCE_ENV (no jax import here)
 FUSED_ENV = "MAMBA_LLAMA_FUSED_DECODE"  # pallas_kernels.fused_decode.FUSED_DECODE_ENV
+DECODE_GEMM_ENV = "MAMBA_LLAMA_DECODE_GEMM"  # inference.generate.DECODE_GEMM_ENV
 SPLITK1 = " --xla_gpu_experimental_force_split_k=1"  # the live split-K flag in jax 0.11's DebugOptions
 NO_TRITON_GEMM = " --xla_gpu_enable_triton_gemm=false"
 # name: (XLA_FLAGS, fused projections, window block, environment). Kernels are chosen at trace time from the
@@ -54,6 +55,7 @@ VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
     "attn+splitk1": (CMDBUF + SPLITK1, True, 128, {FUSED_ENV: "0"}),
     "attn+no_triton_gemm": (CMDBUF + NO_TRITON_GEMM, True, 128, {FUSED_ENV: "0"}),
     "fused+no_triton_gemm": (CMDBUF + NO_TRITON_GEMM, True, 128, {}),
+    "fused+decode_cublas": (CMDBUF, True, 128, {DECODE_GEMM_ENV: "cublas"}),  # the same, decode programs alone
     "fused_nocmdbuf": ("", True, 128, {}),
     "plain+cmdbuf_while": (CMDBUF, False, 0, {FUSED_ENV: "0"}),
 }

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Iterator, Sequence
 
@@ -65,6 +66,60 @@ VERIFY_ROWS_GPU_VERIFIED = False
 def verify_rows_fused() -> bool:
     """Whether verify chunks take the decode step's kernels (`VERIFY_ROWS_GPU_VERIFIED`)."""
     return dispatch.kernel_allowed(VERIFY_ROWS_GPU_VERIFIED)
+
+
+# XLA's GEMMs inside the decode programs on GPUs (the plain loop, the streaming step, the speculative loop):
+# "triton" = XLA's default, its autotuned Triton GEMM fusions; "cublas" = `xla_gpu_enable_triton_gemm` off for
+# those programs alone (prefill and training keep XLA's choice). At batch 64 the step's GEMMs are latency-bound
+# M = 64 tiles (benchmarks/results/generate_s10.md: ~18 µs a layer for 7 MB of weights), where cuBLAS's own
+# split-K heuristics may do better; not yet measured, so the default stays XLA's.
+DECODE_GEMM = "triton"
+DECODE_GEMM_ENV = "MAMBA_LLAMA_DECODE_GEMM"
+_GEMM_OPTIONS: dict[str, dict[str, Any]] = {"triton": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}
+
+
+def decode_gemm() -> str:
+    """The decode programs' GEMM backend: `MAMBA_LLAMA_DECODE_GEMM` if set, else `DECODE_GEMM`."""
+    v = os.environ.get(DECODE_GEMM_ENV, "").strip().lower() or DECODE_GEMM
+    if v not in _GEMM_OPTIONS:
+        raise GenerationError(f"{DECODE_GEMM_ENV} must be one of {', '.join(sorted(_GEMM_OPTIONS))}, got {v!r}")
+    return v
+
+
+def decode_compiler_options() -> dict[str, Any]:
+    """XLA options for a decode program compiled now (`decode_gemm` on GPUs; none elsewhere)."""
+    return dict(_GEMM_OPTIONS[decode_gemm()]) if dispatch._on_gpu() else {}
+
+
+class _DecodeJit:
+    """`jax.jit(fn, **jit_kw)` compiled with `decode_compiler_options()`, read at each call (compiler options are
+    fixed per jitted function, so each set gets its own)."""
+
+    def __init__(self, fn: Any, **jit_kw: Any) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn, self._kw, self._jits = fn, jit_kw, {}
+
+    def jitted(self) -> Any:
+        opts = decode_compiler_options()
+        key = tuple(sorted(opts.items()))
+        if key not in self._jits:
+            self._jits[key] = jax.jit(self._fn, compiler_options=opts or None, **self._kw)
+        return self._jits[key]
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.jitted()(*args, **kw)
+
+    def lower(self, *args: Any, **kw: Any) -> Any:
+        return self.jitted().lower(*args, **kw)
+
+    def clear_cache(self) -> None:
+        for f in self._jits.values():
+            f.clear_cache()
+
+
+def decode_jit(**jit_kw: Any) -> Any:
+    """Decorator: `jax.jit` for decode programs, with the GEMM backend of `decode_gemm()` (see above)."""
+    return lambda fn: _DecodeJit(fn, **jit_kw)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -437,8 +492,7 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: 
     return sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_p, spec), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "n_new", "eos", "pad_id", "phases"),
-                   donate_argnames=("cache",))
+@decode_jit(static_argnames=("graphdef", "spec", "n_new", "eos", "pad_id", "phases"), donate_argnames=("cache",))
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, first: jax.Array, key: jax.Array,
                  temperature: jax.Array, top_p: jax.Array, *, spec: _Spec, n_new: int, eos: tuple[int, ...],
                  pad_id: int, phases: tuple[tuple[int, int], ...]) -> tuple[jax.Array, jax.Array, DecodeState]:
@@ -470,7 +524,7 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, f
     return carry[4], carry[0], carry[2]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
+@decode_jit(static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
 def _single_step(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, tok: jax.Array, key: jax.Array,
                  i: jax.Array, temperature: jax.Array, top_p: jax.Array, *, spec: _Spec
                  ) -> tuple[jax.Array, DecodeState]:

@@ -52,7 +52,6 @@ the target's argmax plus the target's argmax after it, so it reproduces plain gr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Sequence
 
@@ -62,8 +61,8 @@ import numpy as np
 from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
-from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, left_pad,
-                                                 prepare_for_inference)
+from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, decode_jit,
+                                                 left_pad, prepare_for_inference)
 from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk
 from mamba_llama_jax.models.llama import DecoderLM
 
@@ -309,8 +308,7 @@ def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax
 # ------------------------------------------------------------------------------------------ the jitted loop
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "k", "spec", "n_new", "eos", "pad_id",
-                                             "slots", "stop"))
+@decode_jit(static_argnames=("target_def", "draft_def", "k", "spec", "n_new", "eos", "pad_id", "slots", "stop"))
 def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx.GraphDef, draft_state: nnx.State,
                draft_head: DraftHead | None, tokens: jax.Array, mask: jax.Array, key: jax.Array,
                temperature: jax.Array, top_p: jax.Array, *, k: int, spec: _Spec, n_new: int, eos: tuple[int, ...],

@@ -224,3 +224,24 @@ def test_hybrid_fast_path_equals_unfused_decode():
     prompts = [[5, 17, 3, 8, 41, 9, 60], [12, 7, 30]]
     got = gen.run(prompts, SamplingConfig(max_new_tokens=8)).ids()
     assert got == unfused_greedy(hybrid, prompts, 8)
+
+
+def test_decode_gemm_choice(gen, greedy_batch, monkeypatch):
+    """The decode programs' GEMM backend: XLA's options only on GPUs, one compiled program per choice, a bad
+    MAMBA_LLAMA_DECODE_GEMM a clear error."""
+    from mamba_llama_jax.inference import generate as G
+    from pallas_kernels import dispatch
+
+    monkeypatch.setenv(G.DECODE_GEMM_ENV, "cublas")
+    assert G.decode_gemm() == "cublas" and G.decode_compiler_options() == {}  # a CPU: nothing to switch
+    np.testing.assert_array_equal(gen.run(PROMPTS, SamplingConfig(max_new_tokens=N)).tokens, greedy_batch.tokens)
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    assert G.decode_compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+    triple = G.decode_jit()(lambda x: 3 * x)
+    cublas = triple.jitted()
+    assert int(triple(jnp.int32(2))) == 6 and triple.jitted() is cublas  # (the CPU compiler takes the GPU option)
+    monkeypatch.delenv(G.DECODE_GEMM_ENV)
+    assert G.decode_gemm() == G.DECODE_GEMM == "triton" and triple.jitted() is not cublas
+    monkeypatch.setenv(G.DECODE_GEMM_ENV, "cuda")
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GEMM must be one of cublas, triton"):
+        gen.run(PROMPTS, SamplingConfig(max_new_tokens=N))
