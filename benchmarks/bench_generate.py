@@ -346,7 +346,7 @@ def _save_weights(gen: Any, cfg: Any, path: str) -> None:
 
     m = nnx.merge(gen.graphdef, gen.state)
     f = lambda a: np.asarray(a[...], dtype=np.float32)
-    d, h, kv, hd, inter = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    h, kv, hd, inter = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     t = {"model.embed_tokens.weight": f(m.embed_tokens.embedding), "model.norm.weight": f(m.norm.weight)}
     if m.lm_head is not None:
         t["lm_head.weight"] = f(m.lm_head.kernel).T
