@@ -166,9 +166,11 @@ def main() -> int:
             line = next((ln for ln in reversed(err.splitlines()) if ln.startswith("error: ")), err[-300:])
             # a fault can also land in the final export, after the last checkpoint: that run reports the export
             # and that the checkpoints are intact (rerunning the command exports again)
+            # (a fault in the first save leaves nothing complete, and the message must say so)
             ok = p.returncode == 2 and (
                 ("writing a checkpoint failed" in line and "is intact" in line
                  and any(f"step {s} in" in line for s in done))
+                or ("writing a checkpoint failed" in line and not done and "no complete checkpoint exists" in line)
                 or ("exporting the trained model" in line and "are intact" in line and bool(done)))
             stats["write_faults_ok"] += bool(ok)
             outcome = f"rc {p.returncode}: {line[:160]}"

@@ -69,7 +69,13 @@ class Tokenizer:
         """The chat template applied to `messages`, as text."""
         if not self.hf.chat_template:
             raise TokenizerError("this tokenizer has no chat template; pass plain text prompts instead")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        import jinja2
+
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # the template's own error (bad syntax, or its raise_exception(...))
+            raise TokenizerError(f"the tokenizer's chat template failed on these messages: {type(e).__name__}: "
+                                 f"{e}") from e
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the templated chat (the template itself places any BOS)."""

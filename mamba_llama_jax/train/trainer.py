@@ -332,7 +332,8 @@ class Checkpointer:
                   if done else f"no complete checkpoint exists in {self.dir} yet")
         # async saves report a failed write at the next save or at close, so the failing step may be an earlier one
         when = f" (reported while saving step {step})" if step is not None else ""
-        return CheckpointError(f"writing a checkpoint failed{when}: {type(e).__name__}: {str(e)[:300]}; {intact}. "
+        detail = " ".join(str(e).split())[:300]  # one line: tensorstore's messages span several
+        return CheckpointError(f"writing a checkpoint failed{when}: {type(e).__name__}: {detail}; {intact}. "
                                "Free disk space or fix the output directory, then rerun to resume")
 
     def restore(self, step: int, abstract_state: dict[str, Any], data_iter: Any) -> tuple[dict[str, Any], dict]:

@@ -101,6 +101,16 @@ def test_sp_chat_template(sp: Tokenizer) -> None:
     assert ids[0] == 1 and ids.count(1) == 1 and 2 in ids
 
 
+def test_failing_chat_template_is_a_tokenizer_error(sp: Tokenizer, monkeypatch) -> None:
+    msgs = [{"role": "user", "content": "hello"}]
+    monkeypatch.setattr(sp.hf, "chat_template", "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(TokenizerError, match="chat template failed.*roles must alternate"):
+        sp.render_chat(msgs)
+    monkeypatch.setattr(sp.hf, "chat_template", "{% for m in messages %}{{ m.content }")
+    with pytest.raises(TokenizerError, match="chat template failed.*TemplateSyntaxError"):
+        sp.encode_chat(msgs)
+
+
 def test_sp_without_space_prefix_and_bos(tmp_path: Path) -> None:
     kv = sp_metadata(**{"tokenizer.ggml.add_space_prefix": (False, V.BOOL, None),
                         "tokenizer.ggml.add_bos_token": (False, V.BOOL, None)})
