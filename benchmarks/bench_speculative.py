@@ -55,7 +55,8 @@ from bench_verify import CMDBUF, Deadline, device_flags, touch, verify_impl  # n
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noqa: E402
 from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
 from mamba_llama_jax.inference import speculative as spec_mod  # noqa: E402
-from mamba_llama_jax.inference.generate import Generator, SamplingConfig, prepare_for_inference  # noqa: E402
+from mamba_llama_jax.inference.generate import (Generator, SamplingConfig, decode_gemm,  # noqa: E402
+                                                prepare_for_inference)
 from mamba_llama_jax.inference.speculative import (SpeculativeDecoder, _latest, draft_logits,  # noqa: E402
                                                     draft_vocabulary, verify)
 from mamba_llama_jax.models.llama import DecoderLM, LlamaLM  # noqa: E402
@@ -358,7 +359,9 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
              f"{args.new_tokens} new tokens, {results['date']})", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
              + f". XLA_FLAGS `{results['xla_flags']}`. Command: `{results['command']}`. Wall "
-             f"{results['wall_s']:.0f} s.", "",
+             f"{results['wall_s']:.0f} s." + (f" Decode GEMMs: {results['decode_gemm']}; kernels not yet verified on a "
+                                           f"GPU {'allowed' if results['unverified_kernels'] else 'off'}."
+                                           if "decode_gemm" in results else ""), "",
              ("Real checkpoints: measured acceptance is the real one. " if results["real_models"] else
               "Random-init targets and drafts: measured acceptance is ~0 (worst case). ")
              + "`impl` = the Mamba multistep verify (kernel: the Pallas kernel, reference: `ops.ssd.ssd_verify`); "
@@ -482,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         date=now(), device=device(),
         backend=jax.default_backend(), versions=versions(), dtype=args.dtype, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        real_models=bool(args.target), xla_flags=os.environ.get("XLA_FLAGS", ""), runs=[], skipped=[])
+        real_models=bool(args.target), xla_flags=os.environ.get("XLA_FLAGS", ""),
+        decode_gemm=decode_gemm(), unverified_kernels=dispatch.unverified_allowed(), runs=[], skipped=[])
     if args.heldout_prompts:
         from mamba_llama_jax.data.sources import heldout_prompts
 
