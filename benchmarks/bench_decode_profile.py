@@ -22,7 +22,8 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`),
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
-(`fused_decode.tiling(merge=...)`), `gN` = N rows per program on the fused dot path (`fused_decode.dot_group`).
+(`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path (`fused_decode.dot_group` /
+`fused_decode.pick_block_n`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
@@ -182,10 +183,12 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
         elif m := re.fullmatch(r"g(\d+)", tok):
             tiling["dot_rows"] = int(m.group(1))
+        elif m := re.fullmatch(r"db(\d+)", tok):
+            tiling["dot_block"] = int(m.group(1))
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, "
-                             "mk, mc, gN)")
+                             "mk, mc, gN, dbN)")
     return tiling, env
 
 

@@ -375,7 +375,8 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
-_TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16}
+_TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
+                           "dot_block": 16}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 
@@ -383,17 +384,20 @@ MERGES = ("combine", "xla", "kernel")
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
-           dot_rows: int | None = None) -> Iterator[None]:
+           dot_rows: int | None = None, dot_block: int | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
-    attention's partials are merged in the decode step (`merge_mode`); `dot_rows` the dot path's rows per program
-    (`dot_group`: 16..64). Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
+    attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
+    rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program. Clear jax's caches
+    (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
+    if dot_block is not None and dot_block not in (16, 32, 64, 128):
+        raise _bad(f"tiling dot_block must be one of 16, 32, 64, 128, got {dot_block}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows}
+           "dot_rows": dot_rows, "dot_block": dot_block}
     for k, v in new.items():
         if k != "merge" and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
@@ -407,14 +411,15 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
 
 
 def pick_block_n(n: int, rows: int, *, combine: bool = False) -> int:
-    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N). 1-D path: 1, with one warp (SmolLM2 at
+    """Outputs per program. Dot path: 16 (a tensor-core dot's smallest N; `tiling(dot_block=...)` for more: fewer
+    programs, each with larger dots). 1-D path: 1, with one warp (SmolLM2 at
     batch 1: 960 programs for q·k·v, 576 for o and down, 1536 for gate·up), so that every SM streams its share of
     the weights, one K-long contiguous row per program. Measured in the decode loop on the H200
     (benchmarks/results/decode_variants.md): the four GEMVs' step total 0.440 ms at 1 output / 1 warp, 0.495 at
     2 / 1, 0.649 at 4 / 1, 0.722 at 4 / 2 (the previous default). The combine kernel may take its own (`tiling`):
     each of its programs also merges every split of every head, work that grows with the number of programs."""
     if rows in DOT_ROWS:
-        return _block(n, 16)
+        return _block(n, _TILING["dot_block"])
     cap = (_TILING["combine_block"] if combine else 0) or _TILING["row_block"]
     return _block(n, cap)
 

@@ -70,6 +70,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
+    assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
+    assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)

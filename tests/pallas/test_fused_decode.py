@@ -87,6 +87,28 @@ def test_dot_path_row_groups_interpret(dot_rows):
             pass
 
 
+def test_dot_path_output_blocks_interpret():
+    """64 outputs per program on the dot path (`tiling(dot_block=64)`): one program's (16, 64) dots over the whole
+    width equal the reference, the combine kernel's too; a block the dots cannot take is an error."""
+    assert fd.pick_block_n(64, 16) == 16
+    jax.clear_caches()
+    try:
+        with fd.tiling(dot_block=64):
+            assert fd.pick_block_n(64, 16) == 64 and fd.pick_block_n(48, 16) == 16 and fd.pick_block_n(64, 3) == 1
+            check_all(16, 64, 64, dtype=jnp.float32, tol=1e-5, interpret=True)
+            h, kv, d, n = 4, 2, 16, 64
+            (o_part, m, l), attn = split_attention(16, 64, h, kv, d, 40, 2, 16, dtype=jnp.float32, seed=3)
+            w = jax.random.normal(jax.random.key(7), (n, h * d)) / 8.0
+            res = jax.random.normal(jax.random.key(8), (16, n))
+            got = fd.attn_combine_residual_pallas(o_part, m, l, w, res, interpret=True)
+            assert rel(got, fd.matmul_residual_reference(attn, w, res)) < 1e-5
+    finally:
+        jax.clear_caches()
+    with pytest.raises(KernelError, match="dot_block"):
+        with fd.tiling(dot_block=8):
+            pass
+
+
 def test_gemv_kernels_bf16_interpret():
     check_all(2, 64, 32, dtype=jnp.bfloat16, tol=2e-2, interpret=True)
 
