@@ -248,7 +248,12 @@ def _load_draft(path: str, dtype: str) -> Any:
     from mamba_llama_jax.convert import load_teacher
     from mamba_llama_jax.convert.mambainllama import import_mambainllama
 
+    from mamba_llama_jax.errors import ModelFormatError
+
     p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(f"draft not found: {p} (expected a saved hybrid directory, a .gguf file or an HF "
+                               "model directory)")
     if (p / "mamba_config.json").is_file():
         return import_mambainllama(p, dtype=dtype)[2]
     return load_teacher(p, dtype=dtype).model
