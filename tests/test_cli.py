@@ -136,9 +136,9 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert main(["acceptance", *args, "--draft", str(draft), "--k", "0"]) == 2
     assert "--k must be" in capsys.readouterr().err
     assert main(["acceptance", *args, "--draft", str(draft), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert main(["acceptance", *args, "--draft", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "draft not found" in capsys.readouterr().err
-    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 TIED = TINY.parent / "tiny_llama_tied"
