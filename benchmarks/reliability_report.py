@@ -65,8 +65,8 @@ def render(doc: dict[str, Any]) -> str:
                   f"| SIGKILLs survived | {sk['kills_survived']} (during a save: {sk['kills_during_save']}, "
                   f"at start-up: {sk['kills_at_startup']}, at a random step: {sk['kills_random']}) |",
                   f"| SIGTERMs (final checkpoint + exit 143) | {sk['sigterms_ok']} of {sk['sigterms_sent']} |",
-                  f"| write faults injected (EFBIG while saving) | {sk['write_faults_injected']} (intact previous "
-                  f"checkpoint named: {sk['write_faults_ok']}) |",
+                  f"| write faults injected (EFBIG while saving) | {sk['write_faults_injected']} (the error named the "
+                  f"intact previous checkpoint, or said none was complete yet: {sk['write_faults_ok']}) |",
                   f"| complete checkpoints tracked | {sk['checkpoints_tracked']} |",
                   f"| checkpoints lost or changed | {sk['checkpoints_lost']} |",
                   f"| bytes lost | {sk['bytes_lost']} |",
