@@ -455,11 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def render_saved(path: Path) -> Path:
     """Rewrites the markdown of a saved speculative.json from its figures (the report's derived columns change
-    with the script; the measurements do not), with the arguments its recorded command had."""
+    with the script; the measurements do not), with the arguments its recorded command had. A hand-written
+    reading already in the markdown (from its first `## ` heading on) is kept after the new tables."""
     results = json.loads(path.read_text())
     args = build_parser().parse_args(shlex.split(results["command"])[1:])
     md = path.with_suffix(".md")
-    md.write_text(render_md(results, args))
+    text = render_md(results, args)
+    old = md.read_text() if md.is_file() else ""
+    at = old.find("\n## ")
+    if at >= 0:
+        text = text.rstrip("\n") + "\n" + old[at:]
+    md.write_text(text)
     return md
 
 

@@ -63,6 +63,11 @@ def test_render_saved_rewrites_the_markdown_from_the_json(monkeypatch, tmp_path)
     assert header.count("|") == row.count("|") and "loop@1.0" in header
     assert row.rstrip(" |").endswith("1.60")  # the ceiling, last column
     assert "(--deadline-s 60): skipped target b=4" in md  # the deadline from the recorded command
+    # a hand-written reading under the tables survives a re-render; the tables are the new ones
+    (tmp_path / "speculative.md").write_text("# old\n\n| stale |\n\n## Reading (by hand)\n\nThe figures say x.\n")
+    again = bs.render_saved(path).read_text()
+    assert again.startswith(md.rstrip("\n")) and again.endswith("\n## Reading (by hand)\n\nThe figures say x.\n")
+    assert "| stale |" not in again
     sys.modules.pop("bench_speculative", None)
 
 
