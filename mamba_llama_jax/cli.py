@@ -308,11 +308,12 @@ def cmd_speculate(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from mamba_llama_jax.data.sources import heldout_prompts
     from mamba_llama_jax.errors import ConfigError
-    from mamba_llama_jax.eval.acceptance import pool, predict_acceptance
+    from mamba_llama_jax.eval.acceptance import iid_prediction, pool, predict_acceptance, sampling_alpha
 
     if not args.k or min(args.k) < 1:
         raise ConfigError(f"--k must be integers >= 1, got {args.k}")
@@ -326,24 +327,38 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     tok = target.tokenizer
     ids = _prompt_ids(tok, prompts, not args.no_chat)
     t0 = time.perf_counter()
-    preds = []
-    for i in range(0, len(ids), args.batch_size):
-        preds.append(predict_acceptance(target.model, draft, ids[i:i + args.batch_size], ks=args.k,
-                                        max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_token_ids,
-                                        draft_vocab=subset, pad_id=tok.pad_token_id))
-    sizes = [len(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
-    rows = [pool([b[j] for b in preds], sizes) for j in range(len(args.k))]
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy; the draft predicts "
-          f"{rows[0].agreement:.3f} of the target's tokens when fed the target's text "
-          f"({time.perf_counter() - t0:.1f} s)")
-    print(f"{'k':>3} {'acceptance':>10} {'tokens/round':>12}  accepted per round (0..k)")
-    for r in rows:
-        print(f"{r.k:>3} {r.acceptance_rate:>10.3f} {r.tokens_per_round:>12.2f}  {r.accepted_hist}")
+    batches = [ids[i:i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
+    sampling = _sampling(args)
+    if sampling.temperature > 0:
+        parts = [sampling_alpha(target.model, draft, b, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                eos_ids=tok.eos_token_ids, draft_vocab=subset, pad_id=tok.pad_token_id)
+                 for b in batches]
+        alpha = sum(a * n for a, n in parts) / max(1, sum(n for _, n in parts))
+        rows = [iid_prediction(k, alpha) for k in args.k]
+        print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, sampling at temperature "
+              f"{sampling.temperature:g}; a draft token is accepted with probability {alpha:.3f} on average along "
+              f"the target's sampled text (an estimate: each draft of a round taken as accepted with that "
+              f"probability) ({time.perf_counter() - t0:.1f} s)")
+        print(f"{'k':>3} {'acceptance':>10} {'tokens/round':>12}")
+        for r in rows:
+            print(f"{r.k:>3} {r.acceptance_rate:>10.3f} {r.tokens_per_round:>12.2f}")
+    else:
+        preds = [predict_acceptance(target.model, draft, b, ks=args.k, max_new_tokens=args.max_new_tokens,
+                                    eos_ids=tok.eos_token_ids, draft_vocab=subset, pad_id=tok.pad_token_id)
+                 for b in batches]
+        rows = [pool([b[j] for b in preds], [len(b) for b in batches]) for j in range(len(args.k))]
+        print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy; the draft predicts "
+              f"{rows[0].agreement:.3f} of the target's tokens when fed the target's text "
+              f"({time.perf_counter() - t0:.1f} s)")
+        print(f"{'k':>3} {'acceptance':>10} {'tokens/round':>12}  accepted per round (0..k)")
+        for r in rows:
+            print(f"{r.k:>3} {r.acceptance_rate:>10.3f} {r.tokens_per_round:>12.2f}  {r.accepted_hist}")
     if args.json:
         from pathlib import Path
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                                       sampling=dataclasses.asdict(sampling), estimate=sampling.temperature > 0,
                                        rows=[r.as_dict() for r in rows]), indent=1))
     return 0
 
@@ -596,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(sp, 128)
     sp.set_defaults(func=cmd_speculate)
 
-    ac = sub.add_parser("acceptance", help="predict greedy speculative acceptance of a draft for each k, from one "
-                        "greedy run of the target and one forward of the draft (no speculative loop)")
+    ac = sub.add_parser("acceptance", help="predict speculative acceptance of a draft for each k, from one run of "
+                        "the target and one forward of each model (no speculative loop): exact for greedy decoding, "
+                        "an estimate for sampling")
     ac.add_argument("--draft", required=True, metavar="PATH",
                     help="draft model: a saved hybrid directory, a GGUF file or an HF directory")
     ac.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft tokens per round (several at once)")
@@ -608,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     ac.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="as `speculate --draft-vocab`: the draft proposes only the first N ids and end-of-turn ids")
+    ac.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (exact prediction, default); > 0: speculative sampling's acceptance, estimated")
+    ac.add_argument("--top-k", type=int, default=0, help="0 = off")
+    ac.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ac.add_argument("--seed", type=int, default=0)
     ac.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     ac.add_argument("--no-chat", action="store_true")
     _add_model(ac)

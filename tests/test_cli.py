@@ -139,6 +139,12 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert main(["acceptance", *args, "--draft", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "draft not found" in capsys.readouterr().err
+    # sampling: an estimate from the overlap of the two models' distributions along the target's sampled text
+    assert main(["acceptance", *args, "--draft", str(draft), "--k", "2", "--temperature", "0.8", "--json",
+                 str(out)]) == 0
+    assert "sampling at temperature 0.8" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["estimate"] and doc["sampling"]["temperature"] == 0.8 and 0.0 < doc["rows"][0]["acceptance_rate"] <= 1
 
 
 TIED = TINY.parent / "tiny_llama_tied"

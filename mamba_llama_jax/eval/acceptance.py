@@ -14,8 +14,16 @@ loop's verify and the plain step may round a near-tie differently, so it is then
 Why: acceptance is what decides whether a draft pays (`benchmarks/bench_speculative.py`: a round costs about the
 same whatever it accepts), and measuring it by running the loop costs a compile and a round per ~1.5 tokens per
 k. This costs two forwards and no compile of the loop, so a draft can be scored while it trains or against many
-prompts. Not covered: sampling (acceptance then depends on p/q ratios, not argmaxes) and adaptive k (`stop`: how
-many drafts a round proposes after a rejection depends on drafts fed the draft's own wrong tokens).
+prompts. Not covered: adaptive k (`stop`: how many drafts a round proposes after a rejection depends on drafts fed
+the draft's own wrong tokens).
+
+Sampling (`sampling_overlap`, `predict_sampling`) is an estimate, not a replay: speculative sampling accepts a
+draft x ~ q with probability min(1, p(x)/q(x)), i.e. with probability beta = sum_x min(p(x), q(x)) at a prefix
+(Leviathan et al. 2023). One sampled run of the target (whose text has the distribution speculative sampling
+outputs) and one teacher-forced forward of each model give beta at every position; its mean alpha, taken as the
+same for every draft of a round (the i.i.d. model: in fact a round's later drafts sit after accepted draft tokens,
+whose distribution is min(p, q) / beta rather than p), gives acceptance sum_{j<=k} alpha^j / k and
+(1 - alpha^(k+1)) / (1 - alpha) tokens per round. A draft equal to the target gives alpha = 1 exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
-from mamba_llama_jax.inference.generate import Generator, SamplingConfig, check_prompts
+from mamba_llama_jax.inference.generate import Generator, SamplingConfig, _spec, _Spec, check_prompts
+from mamba_llama_jax.inference.speculative import filter_logits
 from mamba_llama_jax.models.llama import DecoderLM
 
 
@@ -78,24 +87,114 @@ def greedy_agreement(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[S
     specially), and agree[r, t] = whether the draft's argmax after prompt + y[r, :t] is y[r, t] (over `draft_vocab`
     if given, as `SpeculativeDecoder(draft_vocab=)` restricts it). agree[:, 0] is the draft's guess of the
     target's first token, which speculative decoding never asks for."""
-    if draft.cfg.vocab_size != target.cfg.vocab_size:
-        raise GenerationError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
-                              f"({target.cfg.vocab_size}): they must share a tokenizer")
-    rows = check_prompts(prompt_ids, vocab_size=draft.cfg.vocab_size, context=draft.cfg.max_position_embeddings,
-                         max_new_tokens=n_tokens)
+    rows = _checked_rows(target, draft, prompt_ids, n_tokens)
     y = Generator(target, pad_id=pad_id).run(rows, SamplingConfig(max_new_tokens=n_tokens)).tokens
-    lens = np.asarray([len(r) for r in rows])
-    width = int(lens.max()) + n_tokens
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for r, p in enumerate(rows):  # right-padded: causal, so padding after a position does not change it
-        seq = list(p) + [int(t) for t in y[r]]
-        tokens[r, :len(seq)], mask[r, :len(seq)] = seq, True
-    pos = lens[:, None] - 1 + np.arange(n_tokens)[None, :]  # the position whose output predicts y[:, t]
+    tokens, mask, pos = _teacher_forced(rows, y, pad_id)
     ids = None if draft_vocab is None else np.asarray(draft_vocab, np.int32)
     guess = _argmax_at(draft, tokens, mask, pos, ids)
     return np.asarray(y, np.int32), guess == y
 
+
+def _checked_rows(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]],
+                  n_tokens: int) -> list[list[int]]:
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise GenerationError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                              f"({target.cfg.vocab_size}): they must share a tokenizer")
+    return check_prompts(prompt_ids, vocab_size=draft.cfg.vocab_size, context=draft.cfg.max_position_embeddings,
+                         max_new_tokens=n_tokens)
+
+
+def _teacher_forced(rows: list[list[int]], y: np.ndarray,
+                    pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, mask, pos) of prompt + y per row, right-padded (causal: padding after a position does not change
+    it); pos[r, t] is the position whose output predicts y[r, t]."""
+    n_tokens = y.shape[1]
+    lens = np.asarray([len(r) for r in rows])
+    width = int(lens.max()) + n_tokens
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for r, p in enumerate(rows):
+        seq = list(p) + [int(t) for t in y[r]]
+        tokens[r, :len(seq)], mask[r, :len(seq)] = seq, True
+    return tokens, mask, lens[:, None] - 1 + np.arange(n_tokens)[None, :]
+
+
+@functools.partial(jax.jit, static_argnames=("tdef", "ddef", "spec"))
+def _overlap_fn(tdef: nnx.GraphDef, tstate: nnx.State, ddef: nnx.GraphDef, dstate: nnx.State, tokens: jax.Array,
+                mask: jax.Array, pos: jax.Array, sub: jax.Array | None, temperature: jax.Array, top_p: jax.Array,
+                spec: _Spec) -> jax.Array:
+    def filtered(model: DecoderLM, ids: jax.Array | None) -> jax.Array:
+        h, _ = model.hidden(tokens, token_mask=mask)
+        logits = model.logits(jnp.take_along_axis(h, pos[..., None], axis=1))
+        if ids is None:
+            return jax.nn.softmax(filter_logits(logits, temperature, top_p, spec), axis=-1)
+        sp = dataclasses.replace(spec, top_k=min(spec.top_k, ids.shape[0]))  # as the loop's reduced draft head
+        q = jax.nn.softmax(filter_logits(logits[..., ids], temperature, top_p, sp), axis=-1)
+        return jnp.zeros(logits.shape, q.dtype).at[..., ids].set(q)
+
+    p = filtered(nnx.merge(tdef, tstate), None)
+    q = filtered(nnx.merge(ddef, dstate), sub)
+    return jnp.sum(jnp.minimum(p, q), axis=-1)
+
+
+def sampling_overlap(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], n_tokens: int,
+                     sampling: SamplingConfig, *, draft_vocab: Sequence[int] | np.ndarray | None = None,
+                     pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(y, beta), both (b, n_tokens): the target's sampled continuation of each prompt (`sampling`, with its seed;
+    EOS not treated specially) and beta[r, t] = sum_x min(p(x), q(x)) of the target's and the draft's distributions
+    after prompt + y[r, :t], as the speculative loop filters them (temperature, top-k, top-p; the draft over
+    `draft_vocab` if given): the probability that speculative sampling accepts a draft token there."""
+    if sampling.temperature <= 0:
+        raise GenerationError("sampling_overlap needs a temperature > 0; greedy acceptance is `greedy_agreement`")
+    rows = _checked_rows(target, draft, prompt_ids, n_tokens)
+    run = dataclasses.replace(sampling, max_new_tokens=n_tokens)
+    y = np.asarray(Generator(target, pad_id=pad_id).run(rows, run).tokens, np.int32)
+    tokens, mask, pos = _teacher_forced(rows, y, pad_id)
+    tdef, tstate = nnx.split(target)
+    ddef, dstate = nnx.split(draft)
+    sub = None if draft_vocab is None else jnp.asarray(np.asarray(draft_vocab, np.int32))
+    beta = _overlap_fn(tdef, tstate, ddef, dstate, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos), sub,
+                       jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+                       _spec(sampling, target.cfg.vocab_size))
+    return y, np.asarray(beta, np.float64)
+
+
+def iid_prediction(k: int, alpha: float) -> AcceptancePrediction:
+    """The i.i.d. model's statistics for per-draft acceptance probability `alpha` (module docstring): expectations,
+    so no histogram and no round count (0)."""
+    if not isinstance(k, int) or k < 1 or not 0.0 <= alpha <= 1.0:
+        raise GenerationError(f"k must be an integer >= 1 and alpha in [0, 1], got {k!r} and {alpha!r}")
+    accepted = sum(alpha ** j for j in range(1, k + 1))  # expected accepted drafts per round
+    return AcceptancePrediction(k=k, acceptance_rate=accepted / k, tokens_per_round=1.0 + accepted, rounds=0,
+                                accepted_hist=[], agreement=alpha)
+
+
+def scored_mean(y: np.ndarray, values: np.ndarray, *, max_new_tokens: int,
+                eos_ids: Sequence[int] = ()) -> tuple[float, int]:
+    """(mean, count) of values[r, t] over the positions a speculative run scores: t = 1 .. max_new_tokens - 1 (the
+    first token comes from prefill), up to and including each row's first EOS."""
+    eos = set(int(e) for e in eos_ids)
+    total, count = 0.0, 0
+    for r in range(y.shape[0]):
+        hits = [t for t in range(max_new_tokens) if int(y[r, t]) in eos]
+        end = hits[0] + 1 if hits else max_new_tokens
+        total += float(np.sum(values[r, 1:end]))
+        count += max(0, end - 1)
+    return (total / count if count else 0.0), count
+
+
+def sampling_alpha(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Sequence[int]], *,
+                   max_new_tokens: int, sampling: SamplingConfig, eos_ids: Sequence[int] = (),
+                   draft_vocab: Sequence[int] | np.ndarray | None = None, pad_id: int = 0) -> tuple[float, int]:
+    """(alpha, positions): speculative sampling's mean per-draft acceptance probability over these prompts'
+    scored positions (`sampling_overlap`, `scored_mean`), for `iid_prediction`; batches pool by weighting each
+    alpha with its positions."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    y, beta = sampling_overlap(target, draft, prompt_ids, max_new_tokens, sampling, draft_vocab=draft_vocab,
+                               pad_id=pad_id)
+    alpha, n = scored_mean(y, beta, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    return min(1.0, alpha), n
 
 def predict_greedy(y: np.ndarray, agree: np.ndarray, *, k: int, max_new_tokens: int,
                    eos_ids: Sequence[int] = ()) -> AcceptancePrediction:
