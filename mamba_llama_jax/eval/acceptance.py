@@ -17,7 +17,7 @@ k. This costs two forwards and no compile of the loop, so a draft can be scored 
 prompts. Not covered: adaptive k (`stop`: how many drafts a round proposes after a rejection depends on drafts fed
 the draft's own wrong tokens).
 
-Sampling (`sampling_overlap`, `predict_sampling`) is an estimate, not a replay: speculative sampling accepts a
+Sampling (`sampling_overlap`, `sampling_alpha`, `iid_prediction`) is an estimate, not a replay: speculative sampling accepts a
 draft x ~ q with probability min(1, p(x)/q(x)), i.e. with probability beta = sum_x min(p(x), q(x)) at a prefix
 (Leviathan et al. 2023). One sampled run of the target (whose text has the distribution speculative sampling
 outputs) and one teacher-forced forward of each model give beta at every position; its mean alpha, taken as the
@@ -47,7 +47,8 @@ from mamba_llama_jax.models.llama import DecoderLM
 class AcceptancePrediction:
     """What `SpeculativeDecoder.run` would report for greedy decoding with this k (`SpecStats`'s fields of the same
     names), plus `agreement`: the share of the target's greedy tokens (after each row's first) that the draft
-    predicts when fed the target's text — the per-token acceptance probability the i.i.d. model assumes."""
+    predicts when fed the target's text — the per-token acceptance probability the i.i.d. model assumes (for
+    sampling, `iid_prediction`: that probability, alpha, itself)."""
 
     k: int
     acceptance_rate: float
