@@ -147,8 +147,8 @@ def sampling_overlap(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[S
     `draft_vocab` if given): the probability that speculative sampling accepts a draft token there."""
     if sampling.temperature <= 0:
         raise GenerationError("sampling_overlap needs a temperature > 0; greedy acceptance is `greedy_agreement`")
+    run = dataclasses.replace(sampling, max_new_tokens=n_tokens)  # SamplingConfig validates n_tokens
     rows = _checked_rows(target, draft, prompt_ids, n_tokens)
-    run = dataclasses.replace(sampling, max_new_tokens=n_tokens)
     y = np.asarray(Generator(target, pad_id=pad_id).run(rows, run).tokens, np.int32)
     tokens, mask, pos = _teacher_forced(rows, y, pad_id)
     tdef, tstate = nnx.split(target)
@@ -190,8 +190,6 @@ def sampling_alpha(target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[Seq
     """(alpha, positions): speculative sampling's mean per-draft acceptance probability over these prompts'
     scored positions (`sampling_overlap`, `scored_mean`), for `iid_prediction`; batches pool by weighting each
     alpha with its positions."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     y, beta = sampling_overlap(target, draft, prompt_ids, max_new_tokens, sampling, draft_vocab=draft_vocab,
                                pad_id=pad_id)
     alpha, n = scored_mean(y, beta, max_new_tokens=max_new_tokens, eos_ids=eos_ids)

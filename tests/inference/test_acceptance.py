@@ -121,6 +121,8 @@ def test_sampling_estimate_against_the_loop():
     assert hot > alpha + 0.3
     with pytest.raises(GenerationError, match="temperature > 0"):
         sampling_alpha(tgt, drf, PROMPTS, max_new_tokens=N, sampling=SamplingConfig())
+    with pytest.raises(GenerationError, match="max_new_tokens must be a positive integer"):
+        sampling_alpha(tgt, drf, PROMPTS, max_new_tokens=0, sampling=SamplingConfig(temperature=1.0))
 
 
 def test_iid_prediction_and_scored_positions():
