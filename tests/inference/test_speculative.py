@@ -368,6 +368,9 @@ def test_greedy_through_the_verify_kernel_equals_plain_greedy(monkeypatch):
     want = [reference_greedy(tgt, p, n) for p in PROMPTS]
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    # Unchecked interpret mode: the checker's host callbacks took 19 of this test's 34 s; the kernel runs checked
+    # in its own tests (rows accepting different counts included) and in test_bounds_real_shapes.py's loop.
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
     try:
         out, lengths, st = SpeculativeDecoder(tgt, draft).run(PROMPTS, k=3, max_new_tokens=n)
         assert dispatch.last_choice("verify") == "pallas_triton"
@@ -431,6 +434,11 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
         chunk_size=4)), rngs=nnx.Rngs(41))
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
     monkeypatch.setenv(dispatch.INTERPRET_ENV if mode == "interpret" else dispatch.UNVERIFIED_ENV, "1")
+    # Unchecked interpret mode: the fused GEMVs' one-program-per-output grids make the checker's host callbacks
+    # most of this test's time (38 of 71 s for the chunk alone; minutes for the loop). Bounds are checked where
+    # the kernels are: the GEMVs at 1, 3 and 16 rows (test_fused_decode.py), the chunk kernel in its tests, and
+    # whole loops at real widths in test_bounds_real_shapes.py.
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
     jax.clear_caches()  # the kernel choice is made at trace time
     graphdef, state, _ = prepare_for_inference(tgt)
     copy = nnx.merge(graphdef, state)
@@ -461,9 +469,6 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
     n = 10
     want_ids = reference_greedy(tgt, PROMPTS[0], n)
     decoder = SpeculativeDecoder(tgt, noisy_copy_of(tgt))
-    # the loop in plain interpret mode: bounds-checked, the fused GEMVs' one-program-per-output grids take minutes
-    # (the chunk above ran checked; tests/pallas/test_bounds_real_shapes.py checks whole loops)
-    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
     for k in (3,) if mode == "interpret" else (1, 2, 3):
         try:
             out, lengths, st = decoder.run([PROMPTS[0]], k=k, max_new_tokens=n)
@@ -499,6 +504,8 @@ def test_verify_attention_kernel_in_the_loop(monkeypatch):
     np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
     for g, w in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state)):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the chunk above ran checked; the loop's callbacks cost ~11 s
+    jax.clear_caches()
     try:
         out, lengths, st = SpeculativeDecoder(tgt, noisy_copy_of(tgt)).run([PROMPTS[0]], k=4, max_new_tokens=10)
     finally:
