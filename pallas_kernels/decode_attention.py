@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import is_pow2, pow2_at_least
+from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most
 from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
@@ -55,13 +55,6 @@ REFERENCE = "reference_xla"
 SMS = 132  # H100 / H200 SXM streaming multiprocessors
 MIN_SPLIT_SLOTS = 16  # the shortest sequence piece `plan` gives a program
 MAX_PROGRAMS = 8 * SMS  # `plan` stops splitting here
-
-
-def _pow2_floor(v: int) -> int:
-    p = 1
-    while p * 2 <= v:
-        p *= 2
-    return p
 
 
 def pick_block(slots: int, cap: int = 128) -> int:
@@ -144,17 +137,17 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
     one tensor) and at most `max_splits` (what the consumer merges cheaply).
     """
     if forced := _PLAN_OVERRIDE["splits"]:
-        splits = _pow2_floor(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
+        splits = pow2_at_most(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
-        splits = _pow2_floor(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
+        splits = pow2_at_most(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
     else:
-        splits = _pow2_floor(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
+        splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     if forced_block := _PLAN_OVERRIDE["block"]:
         block = pick_block(window, forced_block)
-        splits = _pow2_floor(max(1, min(splits, window // block)))
+        splits = pow2_at_most(max(1, min(splits, window // block)))
     return block, splits
 
 

@@ -91,6 +91,14 @@ def pow2_at_least(v: int, least: int) -> int:
     return p
 
 
+def pow2_at_most(v: int) -> int:
+    """The largest power of two <= v (v >= 1): a split count or block that a power-of-two tiling needs."""
+    p = 1
+    while p * 2 <= v:
+        p *= 2
+    return p
+
+
 def check_ssd_args(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
                    D: jax.Array | None = None, dt_bias: jax.Array | None = None,
                    initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,

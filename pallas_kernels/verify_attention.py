@@ -2,7 +2,7 @@
 its t keys and values, and causal GQA of the t tokens over cache + chunk.
 
 Reference: `mamba_llama_jax.ops.attention.verify_attention_reference` (same signature and maths; this adds
-`interpret`, `block` and `num_warps`).
+`interpret`, `block`, `splits` and `num_warps`).
 
 Why: a verify chunk's attention in XLA is RoPE, two cache updates, scores, mask, softmax and values, ~5-7 kernels
 per attention layer where a decode step's is one (`decode_attention`), and at batch 1 a speculative round is
@@ -15,8 +15,17 @@ queries (g = heads per KV head), the queries as rows r = j·g + i of a pair of (
 two: a tensor-core dot's M; rows past t·g are zero), writes the t keys / values into the cache (slots
 [index, index + t), which no program reads), and runs one online softmax per row: over the cached slots
 [0, index) in blocks (q·Kᵀ and p·V as tensor-core dots), then over the chunk's own keys from registers, causally
-(key j' <= the row's token j). No sequence splits: a chunk has t·g rows of work per block, not one, and verify runs
-at small batch and short contexts; at long contexts the b·kv programs would want splits as the decode kernel has.
+(key j' <= the row's token j).
+
+Sequence splits (`plan_splits`), for long caches only: grid (batch, kv_heads, splits). The filled blocks
+[0, ceil(index / block)) are shared out among the splits at run time (one compiled program serves every fill), each
+split writes an unnormalised partial (output, running max, running sum) per query row, and split 0 also writes the
+chunk into the cache and adds the chunk's own keys; `decode_attention.merge_partials` merges them (one small XLA
+fusion). Why: at batch 1 the b·kv programs (3 for SmolLM2) each walk the whole cache, a serial chain of
+index / block blocks; at 4 k slots that is 32 blocks a program. Below LONG_SLOTS (the speculative benchmarks' caches
+of a few hundred slots: 1-3 blocks a program) the kernel stays unsplit, as first measured. The split kernel's
+programs read the cached slots [0, index) while split 0 writes [index, index + t): disjoint, so no program depends
+on another's store (a chunk past the cache's end, clamped into it, is a caller's bug; see `_kernel`).
 
 Kernel shapes: head_dim a power of two >= 32 (half a head is q·Kᵀ's contraction: a dot's K >= 16), slots a multiple
 of 16, t·g <= MAX_ROWS. `verify_attention` falls back to the reference elsewhere.
@@ -35,8 +44,9 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import check_cache_args, dot_t, online_update, pick_block, pick_row
-from pallas_kernels.dispatch import is_pow2, pow2_at_least
+from pallas_kernels.decode_attention import (MAX_PROGRAMS, SMS, check_cache_args, dot_t, merge_partials,
+                                             online_update, pick_block, pick_row)
+from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most
 from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
@@ -44,6 +54,8 @@ PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 MAX_ROWS = 64  # query rows (t tokens x g heads) a program holds: (MAX_ROWS, head_dim) fp32 accumulators
 MIN_ROWS = 16  # a tensor-core dot's smallest M (and N: the chunk's key tile)
+LONG_SLOTS = 1024  # caches from this many slots up are split (`plan_splits`)
+MAX_SPLITS = 16  # at most this many splits (each a partial of t·h rows for the merge to read)
 
 # Written and tested in interpret mode and lowered for an H100 on the CPU; not yet run on a GPU, so off there
 # (MAMBA_LLAMA_UNVERIFIED_KERNELS=1 turns it on) until its `-m gpu` tests pass on the device.
@@ -51,17 +63,20 @@ GPU_VERIFIED = False
 
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
-            o_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
-            *, h: int, kv: int, d: int, t: int, block: int, dtype: Any):
-    del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
+            *out_refs,  # o (unsplit) or o, m, l (the splits' partials); then kco, vco (aliasing kc, vc)
+            h: int, kv: int, d: int, t: int, block: int, splits: int, dtype: Any):
+    # kco / vco are aliased: written through kc_ref / vc_ref's buffers below
+    o_ref, m_ref, l_ref = (out_refs[0], None, None) if splits == 1 else out_refs[:3]
     bi, ki = pl.program_id(0), pl.program_id(1)
+    si = pl.program_id(2) if splits > 1 else 0
     g, half = h // kv, d // 2
     rows_q = pow2_at_least(t * g, MIN_ROWS)
     rows_k = pow2_at_least(t, MIN_ROWS)
     index = idx_ref[0]
     cdt = kc_ref.dtype
     # Where the chunk is written: at index, clamped as dynamic_update_slice clamps it (the reference's write), so
-    # that a chunk past the cache's end — a caller's bug — never writes out of bounds.
+    # that a chunk past the cache's end — a caller's bug — never writes out of bounds (split, the other splits may
+    # then read those slots before or after the write: the output is unspecified, the caches are the reference's).
     start = jnp.minimum(index, kc_ref.shape[1] - t)
 
     def rope(j: int, off: int) -> tuple[jax.Array, jax.Array]:  # token j's head at column `off`, rounded as the ref
@@ -80,6 +95,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     k2 = jnp.zeros((rows_k, half), F32)
     vt = jnp.zeros((rows_k, d), F32)
     chunk_ok = jnp.zeros((rows_k,), bool)
+    news = []
     for j in range(t):
         for i in range(g):
             a1, a2 = rope(j, (ki * g + i) * d)
@@ -87,13 +103,22 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             q2 = jnp.where(rq == j * g + i, a2[None, :], q2)
         b1, b2 = rope(j, (h + ki) * d)
         v = qkv_ref[bi, j, pl.ds((h + kv + ki) * d, d)]
-        kc_ref[bi, start + j, ki, pl.ds(0, half)] = b1.astype(cdt)
-        kc_ref[bi, start + j, ki, pl.ds(half, half)] = b2.astype(cdt)
-        vc_ref[bi, start + j, ki, :] = v.astype(cdt)
+        news.append((b1, b2, v))
         k1 = jnp.where(rk == j, b1[None, :], k1)
         k2 = jnp.where(rk == j, b2[None, :], k2)
         vt = jnp.where(rv == j, v.astype(F32)[None, :], vt)
         chunk_ok = chunk_ok | ((col == j) & (valid_ref[bi, start + j] != 0))
+
+    def write() -> None:
+        for j, (b1, b2, v) in enumerate(news):
+            kc_ref[bi, start + j, ki, pl.ds(0, half)] = b1.astype(cdt)
+            kc_ref[bi, start + j, ki, pl.ds(half, half)] = b2.astype(cdt)
+            vc_ref[bi, start + j, ki, :] = v.astype(cdt)
+
+    if splits == 1:
+        write()
+    else:
+        pl.when(si == 0)(write)
     q1, q2 = q1.astype(cdt), q2.astype(cdt)
     scale = 1.0 / math.sqrt(d)
 
@@ -106,17 +131,31 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vc_ref[bi, rows, ki, :])
 
     init = (jnp.full((rows_q,), NEG_INF, F32), jnp.zeros((rows_q,), F32), jnp.zeros((rows_q, d), F32))
-    carry = jax.lax.fori_loop(0, (index + block - 1) // block, body, init)
-    # the chunk's own keys: causal within the chunk (row r is token r // g; padding rows see every key)
+    filled = (index + block - 1) // block
+    if splits == 1:
+        lo, hi = 0, filled
+    else:  # this split's share of the filled blocks, decided at run time
+        per = (filled + splits - 1) // splits
+        lo = jnp.minimum(si * per, filled)
+        hi = jnp.minimum(lo + per, filled)
+    carry = jax.lax.fori_loop(lo, hi, body, init)
+    # the chunk's own keys: causal within the chunk (row r is token r // g; padding rows see every key); split,
+    # split 0 adds them
     sc = (dot_t(q1, k1.astype(cdt)) + dot_t(q2, k2.astype(cdt))) * scale  # (rows_q, rows_k)
     tok = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 0) // g
     key = jax.lax.broadcasted_iota(jnp.int32, (rows_q, rows_k), 1)
-    ok = (key <= tok) & chunk_ok[None, :]
-    _, l, acc = online_update(carry, sc, ok, vt.astype(cdt))
+    ok = (key <= tok) & chunk_ok[None, :] & (si == 0)
+    m, l, acc = online_update(carry, sc, ok, vt.astype(cdt))
     for j in range(t):
         for i in range(g):
-            out = pick_row(acc, j * g + i) / jnp.maximum(pick_row(l, j * g + i), 1e-30)
-            o_ref[bi, j, pl.ds((ki * g + i) * d, d)] = out.astype(o_ref.dtype)
+            r, head = j * g + i, ki * g + i
+            if splits == 1:
+                out = pick_row(acc, r) / jnp.maximum(pick_row(l, r), 1e-30)
+                o_ref[bi, j, pl.ds(head * d, d)] = out.astype(o_ref.dtype)
+            else:
+                o_ref[bi, si, j, pl.ds(head * d, d)] = pick_row(acc, r)
+                m_ref[bi, si, j, pl.ds(head, 1)] = jnp.full((1,), pick_row(m, r), F32)
+                l_ref[bi, si, j, pl.ds(head, 1)] = jnp.full((1,), pick_row(l, r), F32)
 
 
 def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *, num_heads: int,
@@ -146,29 +185,56 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
         raise bad(f"t·(heads/kv_heads) = {t * (h // kv)} query rows exceed the kernel's {MAX_ROWS}")
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "block", "interpret", "num_warps"))
+def plan_splits(batch: int, kv: int, slots: int, block: int) -> int:
+    """How many splits a verify over a `slots`-slot cache in `block`-slot blocks runs (module docstring): none
+    (1) below LONG_SLOTS or when batch·kv programs already cover the SMs; else as many as keep within MAX_SPLITS,
+    one block each at a full cache, and about MAX_PROGRAMS programs (decode attention's bound). A power of two.
+    Not yet measured on a GPU (the decode kernel's splits were: benchmarks/results/decode_attention.md)."""
+    if slots < LONG_SLOTS or batch * kv >= SMS:
+        return 1
+    return pow2_at_most(max(1, min(MAX_SPLITS, slots // block, MAX_PROGRAMS // (batch * kv))))
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "block", "splits", "interpret",
+                                             "num_warps"))
 def verify_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                             index: jax.Array, valid: jax.Array, *, num_heads: int, num_kv_heads: int,
-                            block: int = 0, interpret: bool = False,
+                            block: int = 0, splits: int = 0, interpret: bool = False,
                             num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel (module docstring); `block` 0 = the largest power of two <= 128 dividing the slots."""
+    """The kernel (module docstring); `block` 0 = the largest power of two <= 128 dividing the slots, `splits`
+    0 = `plan_splits`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads)
     b, t, _ = qkv.shape
     _, slots, kv, d = k_cache.shape
+    h = num_heads
     block = block or pick_block(slots)
     if not (is_pow2(block) and block >= 16 and slots % block == 0):
         raise KernelError(f"verify_attention: block must be a power of two >= 16 dividing the slots ({slots}), "
                           f"got {block}")
-    kern = functools.partial(_kernel, h=num_heads, kv=kv, d=d, t=t, block=block, dtype=qkv.dtype)
-    return triton_call(
-        kern, grid=(b, kv),
-        out_shape=(jax.ShapeDtypeStruct((b, t, num_heads * d), qkv.dtype),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        input_output_aliases={1: 1, 2: 2}, interpret=interpret, num_warps=num_warps, num_stages=2,
-        name="verify_attention",
+    splits = splits or plan_splits(b, kv, slots, block)
+    if not 1 <= splits <= slots // block:
+        raise KernelError(f"verify_attention: splits must be 1 to the cache's {slots // block} blocks of {block} "
+                          f"slots, got {splits}")
+    kern = functools.partial(_kernel, h=h, kv=kv, d=d, t=t, block=block, splits=splits, dtype=qkv.dtype)
+    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    if splits == 1:
+        outs, grid = (jax.ShapeDtypeStruct((b, t, h * d), qkv.dtype),), (b, kv)
+    else:
+        outs, grid = (jax.ShapeDtypeStruct((b, splits, t, h * d), F32), jax.ShapeDtypeStruct((b, splits, t, h), F32),
+                      jax.ShapeDtypeStruct((b, splits, t, h), F32)), (b, kv, splits)
+    res = triton_call(
+        kern, grid=grid, out_shape=outs + caches,
+        input_output_aliases={1: len(outs), 2: len(outs) + 1}, interpret=interpret, num_warps=num_warps,
+        num_stages=2, name="verify_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32))
+    if splits == 1:
+        return res
+    o_part, m, l, kc, vc = res
+    # the t·h query rows as heads of merge_partials' (b, splits, heads·d) layout
+    out = merge_partials(o_part.reshape(b, splits, t * h * d), m.reshape(b, splits, t * h),
+                         l.reshape(b, splits, t * h), qkv.dtype)
+    return out.reshape(b, t, h * d), kc, vc
 
 
 def verify_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *,

@@ -1,5 +1,5 @@
 """benchmarks/bench_decode_attention.py on the CPU (interpret mode, tiny shapes): the XLA reference and each tiling
-of the kernel timed on donated caches, the tiling `plan` picks marked, and a report."""
+of the kernel timed on donated caches, the tiling `plan` picks marked, and a report; the same for verify chunks."""
 
 import json
 import sys
@@ -28,6 +28,25 @@ def test_tiny_run_times_every_tiling(tmp_path, monkeypatch):
     assert "Best tiling per case" in (tmp_path / "decode_attention_tiny.md").read_text()
 
 
+def test_tiny_verify_run_times_every_split(tmp_path, monkeypatch):
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # timed by profile events (above)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("bench_decode_attention", None)
+    import bench_decode_attention as bda
+
+    assert bda.main(["--tiny", "--verify-tokens", "3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "verify_attention_tiny.json").read_text())
+    assert data["meta"]["verify_tokens"] == 3
+    rows = data["rows"]
+    assert [r["impl"] for r in rows] == ["xla", "b16 s1 w4", "b16 s2 w4", "b32 s1 w4"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["device_us"] > 0 and r["wall_us"] > 0, r
+    assert [r["impl"] for r in rows if r["planned"]] == ["b32 s1 w4"]  # short caches: unsplit, the largest block
+    assert "Verify attention (3-token chunks)" in (tmp_path / "verify_attention_tiny.md").read_text()
+    assert not (tmp_path / "decode_attention_tiny.json").exists()
+
+
 def test_step_carries_its_donated_caches(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import numpy as np
@@ -37,4 +56,9 @@ def test_step_carries_its_donated_caches(monkeypatch):
     step = bda.make_step(1, 32, 5, 16, 2, 4, heads=4, kv=2, d=16, interpret=True)
     a, b = np.asarray(step(), np.float32), np.asarray(step(), np.float32)
     # the second call reads the caches the first one wrote (same token into the same slot: same result)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+    # a verify chunk: the same, its 3 tokens rewritten into the same slots
+    step = bda.make_step(1, 32, 5, 16, 2, 4, heads=4, kv=2, d=32, interpret=True, verify_tokens=3)
+    a, b = np.asarray(step(), np.float32), np.asarray(step(), np.float32)
+    assert a.shape == (1, 3, 4 * 32)
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)

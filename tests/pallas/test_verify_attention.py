@@ -65,6 +65,33 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, t, index, block, 
     assert_equal_to_reference(args, h, kv, block=block, tol=1e-5 if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("b,slots,h,kv,d,t,index,block,splits,dtype", [
+    (1, 64, 9, 3, 32, 3, 37, 16, 4, jnp.float32),    # 3 filled blocks over 4 splits: the last split has none
+    (2, 64, 4, 2, 32, 4, 5, 16, 4, jnp.float32),     # one filled block: split 0 alone sees cached slots
+    (1, 64, 4, 2, 32, 3, 0, 16, 2, jnp.float32),     # an empty cache: split 0's chunk keys are all there is
+    (3, 64, 9, 3, 32, 4, 50, 16, 2, jnp.float32),    # two blocks a split, left padding per row
+    (1, 64, 4, 4, 32, 9, 55, 16, 4, jnp.float32),    # MHA, k = 8, the chunk fills the cache's end
+    (2, 128, 9, 3, 64, 3, 100, 16, 8, jnp.bfloat16),  # bf16
+])
+def test_split_kernel_equals_reference_interpret(b, slots, h, kv, d, t, index, block, splits, dtype):
+    args = make_inputs(b, slots, h, kv, d, t, index, dtype=dtype, pad=[0, 5, 17][:b], seed=index + t + splits)
+    assert_equal_to_reference(args, h, kv, block=block, splits=splits,
+                              tol=1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_plan_splits_and_the_planned_split_at_a_long_cache():
+    assert va.plan_splits(1, 3, va.LONG_SLOTS // 2, 128) == 1  # short caches: unsplit, as measured
+    assert va.plan_splits(1, 3, 4096, 128) == va.MAX_SPLITS
+    assert va.plan_splits(1, 3, 1024, 128) == 8  # one block a split at a full cache
+    assert va.plan_splits(16, 3, 4096, 128) == 16 and va.plan_splits(64, 8, 4096, 128) == 1  # 512 programs
+    assert va.plan_splits(4, 8, 8192, 128) == 16 and va.plan_splits(40, 3, 8192, 128) == 8
+    args = make_inputs(1, va.LONG_SLOTS, 4, 2, 32, 3, 700, seed=9)
+    assert va.plan_splits(1, 2, va.LONG_SLOTS, 128) == 8
+    assert_equal_to_reference(args, 4, 2)  # the planned 8 splits; 700 slots: 6 filled blocks
+    with pytest.raises(KernelError, match="splits"):
+        verify_attention_pallas(*args, num_heads=4, num_kv_heads=2, splits=9, interpret=True)
+
+
 def test_a_chunk_past_the_end_writes_where_the_reference_writes():
     """index + t > slots (a caller's bug): the kernel's writes are clamped as dynamic_update_slice clamps the
     reference's, never out of bounds; both caches equal the reference's."""
@@ -148,6 +175,7 @@ def test_kernel_lowers_to_triton(b, slots, h, kv, t):
 @pytest.mark.parametrize("b,slots,h,kv,t,index,dtype", [
     (1, 384, 9, 3, 3, 200, jnp.bfloat16), (1, 384, 9, 3, 9, 300, jnp.bfloat16), (4, 256, 9, 3, 4, 130, jnp.float32),
     (1, 512, 32, 8, 5, 400, jnp.bfloat16), (2, 384, 9, 3, 4, 0, jnp.bfloat16),
+    (1, 4096, 9, 3, 4, 3000, jnp.bfloat16), (2, 2048, 32, 8, 3, 1500, jnp.bfloat16),  # split (`plan_splits`)
 ])
 def test_kernel_equals_reference_gpu(b, slots, h, kv, t, index, dtype):
     args = make_inputs(b, slots, h, kv, 64, t, index, dtype=dtype, pad=[0, 7, 100, 3][:b])
