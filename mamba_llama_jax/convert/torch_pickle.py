@@ -4,13 +4,21 @@ The pickle inside may only rebuild tensors from storages into (ordered) dicts: a
 exactly the handful of globals torch writes for a state dict and refuses everything else, so a hostile file can
 not call arbitrary functions (the risk `torch.load(weights_only=False)` carries). Tensors come back as numpy
 arrays (bf16 as `ml_dtypes.bfloat16`), bounds-checked against their storage.
+
+Memory is bounded by the file too: before unpickling, `_check_opcodes` walks the stream's opcodes (pickletools
+parses without building anything) and refuses a memo index or a frame larger than the stream could hold. Why: the
+C unpickler sizes its memo table by the largest index it is given and zero-fills it, so one corrupt byte (a
+`LONG_BINPUT` of 2^30) made it touch 16 GB and the kernel killed the process (a test worker was OOM-killed at 21 GB
+this way); lengths of bytes / strings it allocates up front, which the walk has checked are really there.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import math
 import pickle
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -106,6 +114,27 @@ class _Unpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+MAX_PICKLE_BYTES = 256 << 20  # a state dict's data.pkl is metadata: ~100 bytes a tensor
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Raises ModelFormatError unless every opcode parses with its arguments present, every memo index is below
+    the stream's length (a pickler numbers its memo entries 0, 1, ..., each costing bytes of stream) and every
+    frame fits in what is left (module docstring)."""
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg < len(data)):
+                raise ModelFormatError(f"pickle: memo index {arg} at byte {pos} is beyond the stream's "
+                                       f"{len(data)} bytes")
+            if op.name == "FRAME" and not (isinstance(arg, int) and arg <= len(data) - pos):
+                raise ModelFormatError(f"pickle: a frame of {arg} bytes at byte {pos} is longer than the stream")
+    except ModelFormatError:
+        raise
+    except Exception as e:  # pickletools' errors on a malformed stream (ValueError and others)
+        raise ModelFormatError(f"corrupt pickle: {type(e).__name__}: {e}") from e
+
+
 def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A torch zip-format state dict as {name: numpy array}, read without torch and without running code."""
     p = Path(path)
@@ -122,10 +151,15 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ModelFormatError(f"{p}: expected one data.pkl in the archive, found {len(pkls)}")
         prefix = pkls[0][: -len("data.pkl")]
         try:
-            with zf.open(pkls[0]) as f:
-                obj = _Unpickler(f, zf, prefix).load()
-        except ModelFormatError:
-            raise
+            size = zf.getinfo(pkls[0]).file_size
+            if size > MAX_PICKLE_BYTES:
+                raise ModelFormatError(f"its data.pkl is {size} bytes; a state dict's is well under "
+                                       f"{MAX_PICKLE_BYTES >> 20} MiB")
+            data = zf.read(pkls[0])
+            _check_opcodes(data)
+            obj = _Unpickler(io.BytesIO(data), zf, prefix).load()
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{p}: {e}") from e
         except Exception as e:  # any malformed pickle stream
             raise ModelFormatError(f"{p}: corrupt pickle: {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):

@@ -1,5 +1,5 @@
-import io
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -54,6 +54,32 @@ def test_truncated_storage_detected(tmp_path):
     _rewrite(FIX / "tiny.bin", dst, lambda n, d: d[:-4] if "/data/" in n and len(d) > 8 else d)
     with pytest.raises(ModelFormatError, match="bytes, expected"):
         load_torch_state_dict(dst)
+
+
+@pytest.mark.parametrize("stream,match", [
+    # PROTO 2, EMPTY_DICT, LONG_BINPUT 2^30, STOP: the C unpickler would zero-fill a 2^31-entry memo (16 GB)
+    (b"\x80\x02}r" + struct.pack("<I", 2 ** 30) + b".", r"memo index 1073741824 at byte 3"),
+    (b"\x80\x04\x95" + struct.pack("<Q", 2 ** 40) + b"}.", r"frame of 1099511627776 bytes"),
+    # BYTEARRAY8 / BINBYTES8 of 2^40 bytes, two there: allocated up front by the C unpickler
+    (b"\x80\x05\x96" + struct.pack("<Q", 2 ** 40) + b"ab.", r"corrupt pickle: ValueError: expected 1099511627776"),
+    (b"\x80\x04\x8e" + struct.pack("<Q", 2 ** 40) + b"ab.", r"corrupt pickle: ValueError: expected 1099511627776"),
+])
+def test_lengths_and_memo_indices_are_checked_before_unpickling(tmp_path, stream, match):
+    """Sizes a corrupt stream declares are checked against the stream before the C unpickler allocates by them
+    (`torch_pickle._check_opcodes`); the error names the file."""
+    dst = tmp_path / "m.bin"
+    _rewrite(FIX / "tiny.bin", dst, lambda n, d: stream if n.endswith("data.pkl") else d)
+    with pytest.raises(ModelFormatError, match=match) as e:
+        load_torch_state_dict(dst)
+    assert str(dst) in str(e.value)
+
+
+def test_a_huge_data_pkl_is_refused(tmp_path, monkeypatch):
+    from mamba_llama_jax.convert import torch_pickle
+
+    monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", 100)
+    with pytest.raises(ModelFormatError, match=r"data\.pkl is \d+ bytes"):
+        load_torch_state_dict(FIX / "tiny.bin")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
