@@ -3,6 +3,13 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On the CPU, XLA's LLVM back end at optimisation level 0: most of a test's time is compiling small programs, which
+# this makes ~30 % faster (the acceptance-loop test 32 -> 23 s; even the real 135 M teacher's greedy test 14.5 ->
+# 11.9 s: its matmuls are library calls either way); the default run took 10m33s instead of ~16 min (2026-12-05).
+# Set before jax starts a backend, and inherited by the processes tests start (CLI, multi-host, reliability
+# workers). A level XLA_FLAGS already sets is left alone.
+if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
