@@ -47,6 +47,18 @@ def test_tiny_verify_run_times_every_split(tmp_path, monkeypatch):
     assert not (tmp_path / "decode_attention_tiny.json").exists()
 
 
+def test_verify_contexts_must_hold_the_chunk(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_decode_attention as bda
+
+    with pytest.raises(SystemExit) as e:  # the default contexts put the new token in the last slot
+        bda.main(["--verify-tokens", "4", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "4096:4095" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_step_carries_its_donated_caches(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import numpy as np
