@@ -5,7 +5,8 @@ Each fuzzer starts from a valid input (a fixture file or a shipped config), deco
 fields (counts, sizes, offsets, types, strings) and re-encodes it, so inputs get past magic numbers and checksums
 and reach the parser's logic. `run_fuzzer` feeds a parser N inputs and classifies each outcome: accepted, a project
 error (a `MambaLlamaError` with a message), or a crash (anything else, an empty message, a time-out, a
-`MemoryError` under the address-space cap). Every fuzzer is deterministic in its seed.
+`MemoryError` under the address-space cap, also one a parser wrapped in a project error). Every fuzzer is
+deterministic in its seed.
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ def run_fuzzer(fz: Fuzzer, n: int, seed: int = 0, *, time_limit_s: float = 5.0, 
                 outcome, detail = "crash:Timeout", f"no result within {time_limit_s} s"
             except MambaLlamaError as e:
                 outcome = f"error:{type(e).__name__}" if str(e).strip() else "crash:EmptyMessage"
+                if isinstance(e.__cause__, MemoryError):
+                    # a clear message, but the parser tried to allocate by a size the input declared: without the
+                    # address-space cap that allocation can take the machine's memory (torch_pickle's memo did)
+                    outcome = "crash:MemoryErrorBehindProjectError"
                 detail = str(e)[:300]
             except BaseException as e:  # noqa: BLE001 - anything but a project error is what we hunt
                 if isinstance(e, KeyboardInterrupt):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import struct
 import sys
 import zipfile
@@ -189,3 +188,24 @@ def test_numpy_token_rows_still_accepted():
 
     ex = Examples([{"tokens": np.arange(1, 4), "loss_mask": np.array([0, 1, 1])}], "tokens")[0]
     assert ex == {"tokens": [1, 2, 3], "loss_mask": [0, 1, 1]}
+
+
+def test_runner_classifies_outcomes():
+    """A project error is an error unless a MemoryError is behind it (an allocation sized by the input, which the
+    address-space cap turned into an exception); anything else is a crash."""
+    def target(kind: str) -> None:
+        if kind == "error":
+            raise ModelFormatError("bad field")
+        if kind == "memory":
+            try:
+                bytearray(1 << 62)
+            except MemoryError as e:
+                raise ModelFormatError("corrupt: MemoryError") from e
+        if kind == "raw":
+            raise KeyError("x")
+
+    kinds = iter(["ok", "error", "memory", "raw"])
+    fz = fuzz_lib.Fuzzer("fake", (), lambda rng: next(kinds), target)
+    r = fuzz_lib.run_fuzzer(fz, 4)
+    assert (r["accepted"], r["errors"]) == (1, {"ModelFormatError": 1})
+    assert r["crashes"] == {"KeyError": 1, "MemoryErrorBehindProjectError": 1}
