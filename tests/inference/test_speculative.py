@@ -437,7 +437,7 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
     # Unchecked interpret mode: the fused GEMVs' one-program-per-output grids make the checker's host callbacks
     # most of this test's time (38 of 71 s for the chunk alone; minutes for the loop). Bounds are checked where
     # the kernels are: the GEMVs at 1, 3 and 16 rows (test_fused_decode.py), the chunk kernel in its tests, and
-    # whole loops at real widths in test_bounds_real_shapes.py.
+    # whole loops at real widths (the GEMVs off) in test_bounds_real_shapes.py.
     monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
     jax.clear_caches()  # the kernel choice is made at trace time
     graphdef, state, _ = prepare_for_inference(tgt)

@@ -239,9 +239,9 @@ def test_greedy_tokens_through_kernels_equal_reference(kind, merge, monkeypatch)
     from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
     # The default merge runs bounds-checked; the other cases interpret unchecked: the checker's host callbacks
-    # (one per access of every program) took 12-17 s of each case's 20-27 s, and every kernel these cases add (the
-    # combine prologue, the Mamba2 step) runs checked in its own tests and, at real widths, in
-    # test_bounds_real_shapes.py.
+    # (one per access of every program) took 12-17 s of each case's 20-27 s, and every kernel these cases add runs
+    # checked in its own tests (the combine prologue here, the Mamba2 step also at real widths in
+    # test_bounds_real_shapes.py).
     if (kind, merge) != ("teacher", "kernel"):
         monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
     model = LlamaLM(TINY, rngs=nnx.Rngs(0))
