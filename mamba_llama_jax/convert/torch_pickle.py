@@ -8,8 +8,9 @@ arrays (bf16 as `ml_dtypes.bfloat16`), bounds-checked against their storage.
 Memory is bounded by the file too: before unpickling, `_check_opcodes` walks the stream's opcodes (pickletools
 parses without building anything) and refuses a memo index or a frame larger than the stream could hold. Why: the
 C unpickler sizes its memo table by the largest index it is given and zero-fills it, so one corrupt byte (a
-`LONG_BINPUT` of 2^30) made it touch 16 GB and the kernel killed the process (a test worker was OOM-killed at 21 GB
-this way); lengths of bytes / strings it allocates up front, which the walk has checked are really there.
+`LONG_BINPUT` of 2^30) made it touch 16 GB, enough for the kernel to kill the process (most likely how a test
+worker running the mutation test was OOM-killed at 21 GB); lengths of bytes / strings it allocates up front, which
+the walk has checked are really there.
 """
 
 from __future__ import annotations
