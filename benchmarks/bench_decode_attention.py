@@ -190,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     verify = a.verify_tokens
     shape = (TINY_VERIFY if verify else TINY) if a.tiny else dict(heads=HEADS, kv=KV, head_dim=HEAD_DIM)
     contexts = tuple(tuple(map(int, c.split(":"))) for c in a.contexts.split(","))
-    if verify and (bad := [f"{s}:{i}" for s, i in contexts if i + verify > s]):
-        ap.error(f"--verify-tokens {verify}: a chunk written at index must end within the slots (index + "
-                 f"{verify} <= slots); these contexts do not: {', '.join(bad)}")
     batches = tuple(map(int, a.batches.split(",")))
     blocks, splits, warps = (VERIFY_BLOCKS, VERIFY_SPLITS, VERIFY_WARPS) if verify else (BLOCKS, SPLITS, WARPS)
     if a.tiny:
         batches, contexts, blocks, splits, a.reps = (1,), ((32, 20),), (16, 32), (1, 2), 2
         warps = warps if verify else (1,)
+    if verify and (bad := [f"{s}:{i}" for s, i in contexts if i + verify > s]):
+        ap.error(f"--verify-tokens {verify}: a chunk written at index must end within the slots (index + "
+                 f"{verify} <= slots); these contexts do not: {', '.join(bad)}")
     meta = {"date": now(), "device": device(), "versions": versions(), "reps": a.reps, "verify_tokens": verify,
             "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     t0 = time.perf_counter()
