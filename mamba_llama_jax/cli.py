@@ -359,6 +359,7 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                                        sampling=dataclasses.asdict(sampling), estimate=sampling.temperature > 0,
+                                       draft_vocab=None if subset is None else len(subset),
                                        rows=[r.as_dict() for r in rows]), indent=1))
     return 0
 

@@ -145,6 +145,13 @@ def test_speculate_matches_plain_greedy(tmp_path, capsys):
     assert "sampling at temperature 0.8" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["estimate"] and doc["sampling"]["temperature"] == 0.8 and 0.0 < doc["rows"][0]["acceptance_rate"] <= 1
+    assert doc["draft_vocab"] is None
+    # the draft over 20 ids (+ end-of-turn ids) can match the target only where the target puts its mass there
+    assert main(["acceptance", *args, "--draft", str(draft), "--k", "2", "--temperature", "0.8", "--draft-vocab",
+                 "20", "--json", str(out)]) == 0
+    capsys.readouterr()
+    sub = json.loads(out.read_text())
+    assert sub["draft_vocab"] >= 20 and sub["rows"][0]["acceptance_rate"] < doc["rows"][0]["acceptance_rate"]
 
 
 TIED = TINY.parent / "tiny_llama_tied"

@@ -39,7 +39,7 @@ from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference.generate import Generator, SamplingConfig, _spec, _Spec, check_prompts
-from mamba_llama_jax.inference.speculative import filter_logits
+from mamba_llama_jax.inference.speculative import filter_logits, head_spec, on_vocab
 from mamba_llama_jax.models.llama import DecoderLM
 
 
@@ -129,9 +129,9 @@ def _overlap_fn(tdef: nnx.GraphDef, tstate: nnx.State, ddef: nnx.GraphDef, dstat
         logits = model.logits(jnp.take_along_axis(h, pos[..., None], axis=1))
         if ids is None:
             return jax.nn.softmax(filter_logits(logits, temperature, top_p, spec), axis=-1)
-        sp = dataclasses.replace(spec, top_k=min(spec.top_k, ids.shape[0]))  # as the loop's reduced draft head
-        q = jax.nn.softmax(filter_logits(logits[..., ids], temperature, top_p, sp), axis=-1)
-        return jnp.zeros(logits.shape, q.dtype).at[..., ids].set(q)
+        q = jax.nn.softmax(filter_logits(logits[..., ids], temperature, top_p, head_spec(spec, ids.shape[0])),
+                           axis=-1)
+        return on_vocab(q, ids, logits.shape[-1])
 
     p = filtered(nnx.merge(tdef, tstate), None)
     q = filtered(nnx.merge(ddef, dstate), sub)

@@ -215,6 +215,19 @@ def draft_logits(model: DecoderLM, h: jax.Array, head: DraftHead | None) -> jax.
     return jnp.einsum("...d,nd->...n", h.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
 
 
+def head_spec(spec: _Spec, n_ids: int | None) -> _Spec:
+    """The filter of a draft head over `n_ids` ids (None: the whole vocabulary): top-k cannot exceed the head."""
+    if n_ids is None or spec.top_k <= n_ids:
+        return spec
+    return dataclasses.replace(spec, top_k=n_ids)
+
+
+def on_vocab(q: jax.Array, ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Probabilities over a head's `ids` (..., n) as probabilities over the whole vocabulary (..., V), 0 elsewhere:
+    the rejection rule compares them with the target's."""
+    return jnp.zeros(q.shape[:-1] + (vocab_size,), q.dtype).at[..., ids].set(q)
+
+
 def _draft_pick(model: DecoderLM, h: jax.Array, head: DraftHead | None, key: jax.Array, temperature: jax.Array,
                 top_p: jax.Array, spec: _Spec,
                 confidence: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -222,9 +235,7 @@ def _draft_pick(model: DecoderLM, h: jax.Array, head: DraftHead | None, key: jax
     `confidence`, its top probability (b,) (else None), from final-norm hidden states (b, D): over every id, or
     over `head`'s ids only."""
     logits = draft_logits(model, h, head)
-    if head is not None and spec.top_k > head[0].shape[0]:
-        spec = dataclasses.replace(spec, top_k=head[0].shape[0])
-    tok, q = _pick(logits, key, temperature, top_p, spec)
+    tok, q = _pick(logits, key, temperature, top_p, head_spec(spec, None if head is None else head[0].shape[0]))
     conf = None
     if confidence:  # greedy: the softmax's largest entry, 1 / sum(exp(l - max l)); sampling: the largest of q
         conf = (1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1) if q is None
@@ -232,9 +243,7 @@ def _draft_pick(model: DecoderLM, h: jax.Array, head: DraftHead | None, key: jax
     if head is None:
         return tok, q, conf
     ids = head[0]
-    if q is not None:
-        q = jnp.zeros(q.shape[:-1] + (model.cfg.vocab_size,), q.dtype).at[..., ids].set(q)
-    return ids[tok], q, conf
+    return ids[tok], None if q is None else on_vocab(q, ids, model.cfg.vocab_size), conf
 
 
 def draft_round(model: DecoderLM, cache: DecodeState, x_prev: jax.Array, x0: jax.Array, key: jax.Array,

@@ -5,12 +5,14 @@ vocabulary; the round replay on hand-made agreement patterns; bad input."""
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.eval.acceptance import (greedy_agreement, iid_prediction, pool, predict_acceptance,
-                                             predict_greedy, sampling_alpha, scored_mean)
+                                             predict_greedy, sampling_alpha, sampling_overlap, scored_mean)
 from mamba_llama_jax.inference.generate import SamplingConfig
 from mamba_llama_jax.inference.speculative import SpeculativeDecoder, draft_vocabulary
 
@@ -123,6 +125,23 @@ def test_sampling_estimate_against_the_loop():
         sampling_alpha(tgt, drf, PROMPTS, max_new_tokens=N, sampling=SamplingConfig())
     with pytest.raises(GenerationError, match="max_new_tokens must be a positive integer"):
         sampling_alpha(tgt, drf, PROMPTS, max_new_tokens=0, sampling=SamplingConfig(temperature=1.0))
+
+
+def test_sampling_overlap_of_a_reduced_head_is_the_mass_of_its_ids():
+    """The draft = the target over a subset S of ids: q = p restricted to S and renormalised, so q >= p on S and
+    beta = sum_S p = p(S) at every position; p taken here from the target's full-sequence logits. With top-k = the
+    whole vocabulary (no filter on p) the draft head's top-k is clamped to |S| (the loop's rule), so the same holds."""
+    tgt = target(0.5)
+    ids = np.arange(0, tgt.cfg.vocab_size, 3)
+    temp = 0.7
+    for top_k in (0, tgt.cfg.vocab_size):
+        y, beta = sampling_overlap(tgt, tgt, PROMPTS, N, SamplingConfig(temperature=temp, seed=3, top_k=top_k),
+                                   draft_vocab=ids)
+        for r, prompt in enumerate(PROMPTS):
+            h, _ = tgt.hidden(jnp.asarray([list(prompt) + [int(t) for t in y[r]]], jnp.int32))
+            p = jax.nn.softmax(tgt.logits(h)[0, len(prompt) - 1:len(prompt) - 1 + N] / temp, axis=-1)
+            np.testing.assert_allclose(beta[r], np.asarray(jnp.sum(p[:, ids], axis=-1)), atol=2e-5)
+        assert 0.2 < beta.mean() < 0.5  # a third of the ids of a near-flat random model: not a trivial 0 or 1
 
 
 def test_iid_prediction_and_scored_positions():
