@@ -31,6 +31,7 @@ results/decode_dot.md.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -192,10 +193,10 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
     return tiling, env
 
 
-def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[str, Any]:
-    """`profile_decode` with the variant's settings, traced anew (caches cleared before and after)."""
-    import jax
-
+@contextlib.contextmanager
+def applied(variant: str) -> Iterator[None]:
+    """The variant's settings in force for what is traced inside: its environment, `fused_decode.tiling` and
+    `decode_attention.override_plan` (bench_generate's `NAME@VARIANT` variants use this too)."""
     from bench_generate import _Env
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fused_decode as fd
@@ -203,9 +204,17 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None))}
+    with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
+        yield
+
+
+def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[str, Any]:
+    """`profile_decode` with the variant's settings, traced anew (caches cleared before and after)."""
+    import jax
+
     jax.clear_caches()
     try:
-        with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
+        with applied(variant):
             return profile_decode(model, batch, *args)
     finally:
         jax.clear_caches()

@@ -151,6 +151,22 @@ class _Env:
                 os.environ[k] = v
 
 
+def split_variant(name: str) -> tuple[str, str]:
+    """`NAME` or `NAME@SETTINGS` -> (a VARIANTS key, bench_decode_profile settings such as `adot+cublas`, or ''):
+    issue 3's table with a decode profile's variant settings; checked here, before any worker starts."""
+    base, _, settings = name.partition("@")
+    if base not in VARIANTS:
+        raise SystemExit(f"bench_generate: unknown variant {base!r} in {name!r} (one of {', '.join(VARIANTS)}, "
+                         "optionally @SETTINGS)")
+    if "@" in name:
+        if not settings:
+            raise SystemExit(f"bench_generate: {name!r} names no settings after '@'")
+        from bench_decode_profile import parse_variant
+
+        parse_variant(settings)  # an unknown setting exits with the list of known ones
+    return base, settings
+
+
 def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
     """Every variant named in --variant (all with this process's XLA flags) at every batch: prefill and the
     on-device decode loop compiled ahead of time (the compile is timed, and its optimised HLO gives the launch
@@ -162,9 +178,12 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
     model = _jax_model(args.teacher, args.tiny)
     res: dict[str, Any] = {"variants": {}}
     gen = None
+    from bench_decode_profile import applied
+
     for name in args.variant.split(","):
-        _, fuse, block, env = VARIANTS[name]
-        with _Env(env):
+        base, settings = split_variant(name)
+        _, fuse, block, env = VARIANTS[base]
+        with _Env(env), applied(settings or "default"):
             jax.clear_caches()  # kernel choices are made at trace time: nothing traced for another variant
             try:
                 gen, out = _measure_variant(name, model, args, fuse, block, res)
@@ -247,7 +266,8 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
     cfg = gen.cfg
     n_new, plen = args.new_tokens, args.prompt_len
     out: dict[str, Any] = {"variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": gen.fused,
-                           "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[name][3]),
+                           "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[split_variant(name)[0]][3]),
+                           "settings": split_variant(name)[1],
                            "decode_attention": gen.decode_attention_impl()}
     res["variants"][name] = out
     rng = np.random.default_rng(0)
@@ -500,9 +520,10 @@ def orchestrate(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     explore = {}
     names = args.variants.split(",") if args.variants else list(VARIANTS)
+    flags = {name: VARIANTS[split_variant(name)[0]][0] for name in names}
     if len(names) > 1:
         for name in names:
-            r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], VARIANTS[name][0],
+            r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], flags[name],
                        timeout=240)
             if _variant_result(r, name):
                 explore[name] = _variant_result(r, name)
@@ -518,7 +539,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     weights = str(Path(tempfile.gettempdir()) / "bench_generate_weights.npz")
     r = _spawn("jax", args, ["--variant", best, "--batches", ",".join(map(str, args.batches)), "--runs",
                              str(args.runs), "--hlo", "--facts", "--dump-dir", str(out_dir)]
-               + (["--save-weights", weights] if not args.no_hf else []), VARIANTS[best][0])
+               + (["--save-weights", weights] if not args.no_hf else []), flags[best])
     final = _variant_result(r, best)
     if final is not None and (r or {}).get("facts"):
         final["facts"] = r["facts"]
@@ -975,7 +996,7 @@ def orchestrate_device(args: argparse.Namespace) -> None:
     if env_extra and "fused" in names:  # its kernels failed their test: last in its worker, so a crash loses less
         names = [n for n in names if n != "fused"] + ["fused"]
     for name in names:
-        groups.setdefault(VARIANTS[name][0], []).append(name)
+        groups.setdefault(VARIANTS[split_variant(name)[0]][0], []).append(name)
     args.deadline_at = t_end
     var["stages"]["variants"] = {}
     for flags, names in groups.items():
@@ -1102,7 +1123,8 @@ def main() -> None:
     ap.add_argument("--hf-runs", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=560, help="whole-run budget; later stages get what is left")
-    ap.add_argument("--variants", default="", help="teacher suite: comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default="", help="teacher suite: comma-separated subset of " + ",".join(VARIANTS)
+                    + "; NAME@SETTINGS adds bench_decode_profile's variant settings (e.g. fused@adot+cublas)")
     # device suite
     ap.add_argument("--device-variants", default=",".join(DEVICE_VARIANTS))
     ap.add_argument("--variant-batches", default="1,64")

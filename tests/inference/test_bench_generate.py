@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).parents[2]
 
@@ -26,4 +27,49 @@ def test_compiled_generate_equals_the_generator(monkeypatch):
     assert [list(map(int, t)) for t in np.asarray(toks)] == [list(map(int, w)) for w in want]
     first, cache = c.prefill()
     np.testing.assert_array_equal(np.asarray(c.decode(first, cache)), np.asarray(toks))  # deterministic, reusable
+    sys.modules.pop("bench_generate", None)
+
+
+def test_variants_with_profile_settings(monkeypatch, tmp_path):
+    """`NAME@SETTINGS`: a bench_generate variant with bench_decode_profile's settings in force while it is traced
+    (checked before any worker starts); the tiny teacher suite runs one side by side with the plain variant."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate as bg
+
+    assert bg.split_variant("fused") == ("fused", "")
+    assert bg.split_variant("fused@adot+cublas") == ("fused", "adot+cublas")
+    for bad, msg in (("turbo@adot", "unknown variant 'turbo'"), ("fused@", "names no settings"),
+                     ("fused@warp9", "unknown variant setting")):
+        with pytest.raises(SystemExit, match=msg):
+            bg.split_variant(bad)
+    # the worker traces each variant with its settings in force, and restores the defaults after
+    from argparse import Namespace
+
+    from pallas_kernels import decode_attention as da
+
+    seen = {}
+
+    def fake_measure(name, model, args, fuse, block, res):
+        seen[name] = (da.plan(1, 3, 384, max_splits=16)[1], da.planned_dot(64))
+        return None, {"variant": name, "batches": {}}
+    monkeypatch.setattr(bg, "_measure_variant", fake_measure)
+    default = (da.plan(1, 3, 384, max_splits=16)[1], da.planned_dot(64))
+    bg.worker_jax(Namespace(teacher=None, tiny=True, variant="fused@s2+adot,fused", result=str(tmp_path / "w.json"),
+                            facts=False, save_weights=None))
+    assert seen == {"fused@s2+adot": (2, True), "fused": default} and default != (2, True)
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    with pytest.raises(SystemExit, match="unknown variant setting"):  # before a worker is spawned
+        monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--tiny", "--no-hf", "--variants", "fused@nope",
+                                          "--out", str(tmp_path)])
+        bg.main()
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--tiny", "--no-hf", "--batches", "2", "--variants",
+                                      "fused,fused@s2+aew", "--out", str(tmp_path), "--deadline-s", "400"])
+    bg.main()
+    r = json.loads((tmp_path / "generate.json").read_text())
+    assert set(r["explore"]) == {"fused", "fused@s2+aew"}
+    assert r["explore"]["fused@s2+aew"]["settings"] == "s2+aew" and r["explore"]["fused"]["settings"] == ""
+    assert all(v["batches"] for v in r["explore"].values()) and r["jax"]["batches"]["2"]["decode_tokens_per_s"] > 0
     sys.modules.pop("bench_generate", None)
