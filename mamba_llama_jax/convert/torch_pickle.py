@@ -20,6 +20,7 @@ import io
 import math
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,15 @@ def _check_opcodes(data: bytes) -> None:
     the stream's length (a pickler numbers its memo entries 0, 1, ..., each costing bytes of stream) and every
     frame fits in what is left (module docstring)."""
     try:
-        for op, arg, pos in pickletools.genops(data):
-            if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg < len(data)):
-                raise ModelFormatError(f"pickle: memo index {arg} at byte {pos} is beyond the stream's "
-                                       f"{len(data)} bytes")
-            if op.name == "FRAME" and not (isinstance(arg, int) and arg <= len(data) - pos):
-                raise ModelFormatError(f"pickle: a frame of {arg} bytes at byte {pos} is longer than the stream")
+        with warnings.catch_warnings():  # a text-protocol STRING's bad escape warns as it is decoded: structure only
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for op, arg, pos in pickletools.genops(data):
+                if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg < len(data)):
+                    raise ModelFormatError(f"pickle: memo index {arg} at byte {pos} is beyond the stream's "
+                                           f"{len(data)} bytes")
+                if op.name == "FRAME" and not (isinstance(arg, int) and arg <= len(data) - pos):
+                    raise ModelFormatError(f"pickle: a frame of {arg} bytes at byte {pos} is longer than the "
+                                           "stream")
     except ModelFormatError:
         raise
     except Exception as e:  # pickletools' errors on a malformed stream (ValueError and others)

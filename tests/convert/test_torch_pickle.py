@@ -74,6 +74,18 @@ def test_lengths_and_memo_indices_are_checked_before_unpickling(tmp_path, stream
     assert str(dst) in str(e.value)
 
 
+def test_the_opcode_walk_is_silent_on_a_text_strings_bad_escape():
+    """Protocol 0's STRING with an invalid escape: pickletools warns (DeprecationWarning) as it decodes the
+    argument; the walk checks structure only, so it neither warns nor refuses (seen in a CI run's warnings)."""
+    import warnings
+
+    from mamba_llama_jax.convert.torch_pickle import _check_opcodes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_opcodes(b"S'\\g'\n.")
+
+
 def test_a_huge_data_pkl_is_refused(tmp_path, monkeypatch):
     from mamba_llama_jax.convert import torch_pickle
 
