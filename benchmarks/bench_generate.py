@@ -265,9 +265,10 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
     gen = G.Generator(model, fuse=fuse, window_block=block)
     cfg = gen.cfg
     n_new, plen = args.new_tokens, args.prompt_len
+    base, settings = split_variant(name)
     out: dict[str, Any] = {"variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": gen.fused,
-                           "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[split_variant(name)[0]][3]),
-                           "settings": split_variant(name)[1],
+                           "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[base][3]),
+                           "settings": settings,
                            "decode_attention": gen.decode_attention_impl()}
     res["variants"][name] = out
     rng = np.random.default_rng(0)
