@@ -41,6 +41,12 @@ def _fetch(get: GetTensor, name: str, shape: tuple[int, ...], source: str) -> np
         raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if not np.issubdtype(t.dtype, np.floating) and t.dtype != jnp.bfloat16:
         raise ModelFormatError(f"{source}: tensor {name!r} has non-float dtype {t.dtype}")
+    # A NaN or inf weight poisons every forward pass silently; a corrupted file (a quantized block's scale, say)
+    # is the usual cause, never a trained model.
+    bad = int(np.size(t) - np.count_nonzero(np.isfinite(t)))
+    if bad:
+        raise ModelFormatError(f"{source}: tensor {name!r} has {bad} non-finite values (NaN or inf) of "
+                               f"{np.size(t)}; the file is corrupt")
     return t
 
 

@@ -244,6 +244,19 @@ def test_wrong_shape_is_named(tmp_path):
         read_hf_dir(d)
 
 
+def test_non_finite_weights_are_refused(tmp_path):
+    d = copy_main(tmp_path)
+
+    def poison(t):
+        w = t["model.layers.1.self_attn.o_proj.weight"].copy()
+        w[3, :2] = [float("nan"), float("inf")]
+        t["model.layers.1.self_attn.o_proj.weight"] = w
+
+    rewrite_shard(d, "model-00002-of-00002.safetensors", poison)
+    with pytest.raises(ModelFormatError, match=r"o_proj\.weight' has 2 non-finite values"):
+        read_hf_dir(d)
+
+
 def test_missing_shard_is_named(tmp_path):
     d = copy_main(tmp_path)
     (d / "model-00002-of-00002.safetensors").unlink()
