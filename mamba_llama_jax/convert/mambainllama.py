@@ -45,8 +45,8 @@ from flax import nnx
 
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.common import _align, _fetch
-from mamba_llama_jax.convert.hf import (SafetensorsDir, _eos_ids, _read_json, _with_eos, llama_config_from_hf,
-                                        llama_config_to_hf, shard_files)
+from mamba_llama_jax.convert.hf import (SafetensorsDir, _eos_ids, _float, _read_json, _with_eos,
+                                        llama_config_from_hf, llama_config_to_hf, shard_files)
 from mamba_llama_jax.convert.torch_pickle import load_torch_state_dict
 from mamba_llama_jax.data.tokenizer import Tokenizer
 from mamba_llama_jax.errors import CheckpointError, ConfigError, ModelFormatError
@@ -391,8 +391,9 @@ def _mamba_config(raw: dict[str, Any], variant: str, cfg: LlamaConfig, source: s
     try:
         return MambaConfig(variant=variant, d_state=v["d_state"], d_conv=v["d_conv"], d_inner=d_inner,
                            d_xb=raw["d_xb"], conv_bias=v["conv_bias"],
-                           dt_min=_float(v["dt_min"], "dt_min", source), dt_max=_float(v["dt_max"], "dt_max", source),
-                           dt_init_floor=_float(v["dt_init_floor"], "dt_init_floor", source), **extra)
+                           dt_min=_float(v["dt_min"], "ssm_cfg.dt_min", source),
+                           dt_max=_float(v["dt_max"], "ssm_cfg.dt_max", source),
+                           dt_init_floor=_float(v["dt_init_floor"], "ssm_cfg.dt_init_floor", source), **extra)
     except ConfigError as e:
         raise ModelFormatError(f"{source}: {e}") from None
 
@@ -406,18 +407,10 @@ def _same(value: Any, want: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) == float(want)
 
 
-def _float(v: Any, key: str, source: str) -> float:
-    # float() of an integer beyond ~1.8e308 raises OverflowError rather than giving inf
-    if isinstance(v, bool) or not isinstance(v, (int, float)) \
-            or not (abs(v) < 2 ** 1023 if isinstance(v, int) else math.isfinite(v)):
-        raise ModelFormatError(f"{source}: ssm_cfg.{key} must be a finite number, got {str(v)[:60]}")
-    return float(v)
-
-
 def _floats(v: Any, key: str, source: str) -> tuple[float, ...]:
     if not isinstance(v, (list, tuple)):
         raise ModelFormatError(f"{source}: ssm_cfg.{key} must be a list of numbers, got {v!r}")
-    return tuple(_float(x, key, source) for x in v)
+    return tuple(_float(x, f"ssm_cfg.{key}", source) for x in v)
 
 
 def _detect_variant(names: set[str], num_layers: int, attn_layers: tuple[int, ...], ssm_cfg: dict[str, Any],

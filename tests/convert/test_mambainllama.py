@@ -214,6 +214,8 @@ def _ssm(key, value):
     (_ssm("ngroups", 2), r"ssm_cfg.ngroups \(2\) × ssm_cfg.d_state \(8\) must equal d_inner \(32\)"),
     (_ssm("repeat_kv_before_conv", True), r"ssm_cfg.repeat_kv_before_conv = True is not supported"),
     (_ssm("dt_rank", 4), r"mamba2, but ssm_cfg has mamba1-only key\(s\) \['dt_rank'\]; unknown variant"),
+    (_ssm("dt_min", float("nan")), r"ssm_cfg\.dt_min must be a finite number, got nan"),
+    (_ssm("dt_max", 10 ** 400), r"ssm_cfg\.dt_max must be a finite number, got 1000000000"),
     (_set("attn_layers", [3]), r"layer 1 is not in attn_layers, but its tensors match neither"),
     (_set("attn_layers", [1, 2, 3]), r"layer 2 is in attn_layers, but it holds Mamba tensors"),
 ])
