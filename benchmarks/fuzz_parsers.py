@@ -63,9 +63,10 @@ def main() -> int:
         cov.get_data().update(at_import.get_data())
         r["coverage"] = {}
         for m in fz.modules:
-            _, statements, _, missing, _ = cov.analysis2(str(ROOT / m))
+            _, statements, _, missing, missing_text = cov.analysis2(str(ROOT / m))
             r["coverage"][m] = {"statements": len(statements), "missing": len(missing),
-                                "percent": round(100 * (1 - len(missing) / max(len(statements), 1)), 1)}
+                                "percent": round(100 * (1 - len(missing) / max(len(statements), 1)), 1),
+                                "missing_lines": missing_text}
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "crash_examples"}), flush=True)
         for ex in r["crash_examples"]:

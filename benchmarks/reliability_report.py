@@ -54,7 +54,13 @@ def render(doc: dict[str, Any]) -> str:
                          f"{sum(r['crashes'].values())} | {cov or '-'} | {r['slowest_input_s']:.3f} s |")
         lines += ["", f"Total: {fz['total_inputs']:,} inputs, {fz['total_crashes']} crashes. Coverage is of the whole "
                   "module (it also holds code that is not parsing, e.g. tensor dequantization or offline "
-                  "generation).", f"Versions: {_v(fz['versions'])}.", ""]
+                  "generation).", ""]
+        unreached = [f"- {Path(m).name}: {c['missing_lines']}" for r in fz["parsers"]
+                     for m, c in r.get("coverage", {}).items() if c.get("missing_lines")]
+        if unreached:
+            lines += ["Lines no mutated input reached (coverage.py's ranges; where they are parsing code, the unit "
+                      "tests' crafted inputs are what reaches them):", "", *unreached, ""]
+        lines += [f"Versions: {_v(fz['versions'])}.", ""]
     sk = doc.get("soak")
     if sk:
         lines += [f"## Preemption soak ({sk['date']})", "",

@@ -303,7 +303,8 @@ class StageConfig:
     objective: 'distill' (CE/KL against the teacher: layer-wise, end-to-end, SFT), 'dpo' (against a frozen copy
     of the student at the stage's start), 'hidden' (MOHAWK hidden-state alignment: each Mamba mixer matches the
     teacher's attention output on the teacher's own layer input), 'orient' (MOHAWK matrix orientation: each
-    Mamba2 mixer's SSD matrix matches the teacher's attention matrix on that input; short sequences). train: 'mamba' (only Mamba mixers) or 'all'.
+    Mamba2 mixer's SSD matrix matches the teacher's attention matrix on that input; short sequences).
+    train: 'mamba' (only Mamba mixers) or 'all'.
     hybrid: this stage's layout; a stage whose layout has fewer attention layers than the previous one converts
     the new Mamba layers from the previous stage's attention weights (progressive conversion). None: the
     recipe's `hybrid`, or the previous stage's. skip_nonfinite: how many batches whose loss or gradient is NaN/inf

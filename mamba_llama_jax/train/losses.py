@@ -235,7 +235,8 @@ def fused_distill_loss(h_student: jax.Array, w_student: jax.Array, h_teacher: ja
     h_*: (B, L, D) final hidden states in the compute dtype; w_*: (D, V) LM-head matrices in the compute dtype
     (a tied embedding passes its transpose); targets, mask: (B, L) aligned with h (the position that predicts
     nothing, e.g. the last, is masked). 'kl_token' is the per-token KL at T = 1 whatever the weights, as the
-    unfused objective reports it; 'agree' the share of tokens whose argmax the student shares (`top1_agreement`). Gradients flow to h_student and w_student only (the teacher's side is
+    unfused objective reports it; 'agree' the share of tokens whose argmax the student shares (`top1_agreement`).
+    Gradients flow to h_student and w_student only (the teacher's side is
     constant), in the compute dtype: the student-logit gradient is rounded to it for the two gradient matmuls,
     as the unfused backward's matmuls do with their bf16 operands.
     """
