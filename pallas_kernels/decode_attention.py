@@ -69,8 +69,9 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None}
 
-# The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH; 0 = never by default (not yet measured
-# on the device: `override_plan(dot=True)`, the profile's `adot` variant, turns it on).
+# The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH; 0 = never by default: on the H100 it left
+# the kernel's time at batch 64 where the elementwise form has it, 0.30 ms a step (benchmarks/results/
+# decode_profile_s15_b64.md). `override_plan(dot=True)`, the profile's `adot` variant, turns it on.
 DOT_MIN_BATCH = 0
 DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
 DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)

@@ -39,9 +39,8 @@ PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 MAX_TOKENS = 16  # the token loop is unrolled: a verify chunk (k + 1) or a draft step
 
-# Written and tested in interpret mode and lowered for an H100 on the CPU; not yet run on a GPU, so off there
-# (MAMBA_LLAMA_UNVERIFIED_KERNELS=1 turns it on) until its `-m gpu` tests pass on the device.
-GPU_VERIFIED = False
+# Its `-m gpu` tests passed on an H100 (session 16, benchmarks/results/test-gpu.md).
+GPU_VERIFIED = True
 
 
 def _kernel(zx_ref, conv_ref, ssm_ref, w_ref, cb_ref, dtb_ref, a_ref, d_ref, nw_ref,  # inputs

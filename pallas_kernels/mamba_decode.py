@@ -35,11 +35,10 @@ F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 
-# Its `-m gpu` tests passed on an H200 (benchmarks/results/test-gpu-s10.xml) and a hybrid's plain decode ran it
-# (results/decode_mamba_s10.md), but the next device call, the speculative benchmark with this kernel on by
-# default, died of a CUDA launch failure that is not yet explained (test-gpu.md, session 10): off on GPUs (unless
-# MAMBA_LLAMA_UNVERIFIED_KERNELS=1) until that run is repeated and the failure placed.
-GPU_VERIFIED = False
+# Its `-m gpu` tests passed on an H200 (session 10) and again on an H100 (session 16), where the speculative
+# benchmark that had died of a CUDA launch failure in session 10 (then also profiled) ran through with it on
+# (benchmarks/results/test-gpu.md).
+GPU_VERIFIED = True
 
 
 def softplus(v: jax.Array) -> jax.Array:

@@ -57,9 +57,8 @@ MIN_ROWS = 16  # a tensor-core dot's smallest M (and N: the chunk's key tile)
 LONG_SLOTS = 1024  # caches from this many slots up are split (`plan_splits`)
 MAX_SPLITS = 16  # at most this many splits (each a partial of t·h rows for the merge to read)
 
-# Written and tested in interpret mode and lowered for an H100 on the CPU; not yet run on a GPU, so off there
-# (MAMBA_LLAMA_UNVERIFIED_KERNELS=1 turns it on) until its `-m gpu` tests pass on the device.
-GPU_VERIFIED = False
+# Its `-m gpu` tests passed on an H100 (session 16, benchmarks/results/test-gpu.md).
+GPU_VERIFIED = True
 
 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs

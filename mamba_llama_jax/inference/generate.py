@@ -57,10 +57,9 @@ from pallas_kernels.fused_decode import (
 )
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
-# as rows of the fused GEMVs): exercised in interpret mode on the CPU, not yet on a GPU (the session-10 device run
-# that first tried it died of a CUDA launch failure not yet placed: benchmarks/results/test-gpu.md). Until its
-# `-m gpu` test passes there, GPUs verify through XLA's GEMMs unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
-VERIFY_ROWS_GPU_VERIFIED = False
+# as rows of the fused GEMVs): its `-m gpu` test (the chunk through these kernels = the unfused verify) passed on an
+# H100 in session 16, and the speculative loop ran with it (benchmarks/results/test-gpu.md).
+VERIFY_ROWS_GPU_VERIFIED = True
 
 
 def verify_rows_fused() -> bool:
