@@ -523,17 +523,26 @@ def orchestrate(args: argparse.Namespace) -> None:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     flags = {name: VARIANTS[split_variant(name)[0]][0] for name in names}
     if len(names) > 1:
-        for name in names:
+        # The first variant (the baseline) runs again last, kept as its "again": the first process on a fresh
+        # machine can be the slowest (session 16, H100: the defaults 1.136 ms a step at b=64 there, 1.039 in the
+        # profile after), and a challenger has to beat the baseline's better run.
+        for name in names + names[:1]:
             r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], flags[name],
                        timeout=240)
-            if _variant_result(r, name):
-                explore[name] = _variant_result(r, name)
+            res = _variant_result(r, name)
+            if res and name in explore:
+                explore[name]["again"] = res["batches"]
+            elif res:
+                explore[name] = res
 
-        def score(r: dict[str, Any]) -> float:  # distance to the two goals (0.5 ms at b=1, 0.85 ms at b=64)
-            if set(r["batches"]) != {"1", "64"}:
+        def score(batches: dict[str, Any]) -> float:  # distance to the two goals (0.5 ms at b=1, 0.85 at b=64)
+            if set(batches) != {"1", "64"}:
                 return float("inf")
-            return r["batches"]["1"]["decode_ms_per_step"] / 0.5 + r["batches"]["64"]["decode_ms_per_step"] / 0.85
-        best = min(explore, key=lambda k: score(explore[k])) if explore else names[0]
+            return batches["1"]["decode_ms_per_step"] / 0.5 + batches["64"]["decode_ms_per_step"] / 0.85
+
+        def best_score(e: dict[str, Any]) -> float:
+            return min(score(e["batches"]), score(e["again"]) if "again" in e else float("inf"))
+        best = min(explore, key=lambda k: best_score(explore[k])) if explore else names[0]
     else:
         best = names[0]
     print(f"best variant: {best}", flush=True)
@@ -610,10 +619,12 @@ def render_md(r: dict[str, Any]) -> str:
                      + (f"{ro['roofline_ms']:.3f} | {ro['measured_over_roofline']:.1f}x |" if ro else "- | - |"))
         L.append("")
         if r.get("explore"):
-            L += ["Variants tried (5 runs each, decode ms/step):", ""]
+            L += ["Variants tried (5 runs each, in this order, decode ms/step; the first again last):", ""]
             for name, e in r["explore"].items():
                 L.append(f"- {name} (XLA_FLAGS `{e['xla_flags']}`): " + ", ".join(
-                    f"b={b} {row['decode_ms_per_step']:.3f}" for b, row in e["batches"].items()))
+                    f"b={b} {row['decode_ms_per_step']:.3f}" for b, row in e["batches"].items())
+                    + ("; again last: " + ", ".join(f"b={b} {row['decode_ms_per_step']:.3f}"
+                                                    for b, row in e["again"].items()) if "again" in e else ""))
             L.append("")
         f = j.get("facts")
         if f:

@@ -72,4 +72,7 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
     assert set(r["explore"]) == {"fused", "fused@s2+aew"}
     assert r["explore"]["fused@s2+aew"]["settings"] == "s2+aew" and r["explore"]["fused"]["settings"] == ""
     assert all(v["batches"] for v in r["explore"].values()) and r["jax"]["batches"]["2"]["decode_tokens_per_s"] > 0
+    # the baseline (first variant) ran again after the others, and the report shows both of its runs
+    assert set(r["explore"]["fused"]["again"]) == {"1", "64"} and "again" not in r["explore"]["fused@s2+aew"]
+    assert "- fused (" in (md := (tmp_path / "generate.md").read_text()) and "; again last: b=1 " in md
     sys.modules.pop("bench_generate", None)
