@@ -17,19 +17,19 @@ k. This costs two forwards and no compile of the loop, so a draft can be scored 
 prompts. Not covered: adaptive k (`stop`: how many drafts a round proposes after a rejection depends on drafts fed
 the draft's own wrong tokens).
 
-Sampling (`sampling_overlap`, `sampling_alpha`, `iid_prediction`) is an estimate, not a replay: speculative
-sampling accepts a draft x ~ q with probability min(1, p(x)/q(x)), i.e. with probability
-beta = sum_x min(p(x), q(x)) at a prefix (Leviathan et al. 2023). One sampled run of the target (whose text has the distribution speculative sampling
-outputs) and one teacher-forced forward of each model give beta at every position; its mean alpha, taken as the
-same for every draft of a round (the i.i.d. model: in fact a round's later drafts sit after accepted draft tokens,
-whose distribution is min(p, q) / beta rather than p), gives acceptance sum_{j<=k} alpha^j / k and
-(1 - alpha^(k+1)) / (1 - alpha) tokens per round. A draft equal to the target gives alpha = 1 exactly.
-How far off that is past k = 1, measured on the tests' tiny models (a random Mamba draft and a noisy copy of a
-50 % hybrid, 3 prompts x 24 tokens, 4 seeds; estimate / the loop's acceptance): at temperature 0.1, k = 2 0.31 /
-0.38 and 0.71 / 0.75, k = 3 0.23 / 0.29 and 0.64 / 0.68; at 0.5 within 0.02 except the random draft at k = 3
-(0.77 / 0.84). Low: acceptances come in runs (easy stretches), which the i.i.d. model ignores, so read it as
-a floor at low temperature. At k = 1: 0.43 / 0.45 and 0.79 / 0.84 (T = 0.1), within 0.01 at 0.5. The tests
-pin the random draft: within 0.06 at k = 1 (T = 0.1) and at k = 2 and 4 (T = 0.5), and low at k = 4 (T = 0.1).
+Sampling (`sampling_overlap`, `sampling_alpha`, `iid_prediction`) is an estimate, not a replay: speculative sampling
+accepts a draft x ~ q with probability min(1, p(x)/q(x)), i.e. with probability beta = sum_x min(p(x), q(x)) at a
+prefix (Leviathan et al. 2023). One sampled run of the target (whose text has the distribution speculative sampling
+outputs) and one teacher-forced forward of each model give beta at every position; its mean alpha, taken as the same
+for every draft of a round (the i.i.d. model: in fact a round's later drafts sit after accepted draft tokens, whose
+distribution is min(p, q) / beta rather than p), gives acceptance sum_{j<=k} alpha^j / k and
+(1 - alpha^(k+1))/(1 - alpha) tokens per round. A draft equal to the target gives alpha = 1 exactly. How far off
+that is past k = 1, measured on the tests' tiny models (a random Mamba draft and a noisy copy of a 50 % hybrid, 3
+prompts x 24 tokens, 4 seeds; estimate / the loop's acceptance): at temperature 0.1, k = 2 0.31 / 0.38 and 0.71 /
+0.75, k = 3 0.23 / 0.29 and 0.64 / 0.68; at 0.5 within 0.02 except the random draft at k = 3 (0.77 / 0.84). Low:
+acceptances come in runs (easy stretches), which the i.i.d. model ignores, so read it as a floor at low temperature.
+At k = 1: 0.43 / 0.45 and 0.79 / 0.84 (T = 0.1), within 0.01 at 0.5. The tests pin the random draft: within 0.06 at
+k = 1 (T = 0.1) and at k = 2 and 4 (T = 0.5), and low at k = 4 (T = 0.1).
 """
 
 from __future__ import annotations
