@@ -56,7 +56,7 @@ from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noq
 from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
 from mamba_llama_jax.inference import speculative as spec_mod  # noqa: E402
 from mamba_llama_jax.inference.generate import (Generator, SamplingConfig, decode_gemm,  # noqa: E402
-                                                prepare_for_inference)
+                                                prepare_for_inference, verify_rows_fused)
 from mamba_llama_jax.inference.speculative import (SpeculativeDecoder, _latest, draft_logits,  # noqa: E402
                                                     draft_vocabulary, verify)
 from mamba_llama_jax.models.llama import DecoderLM, LlamaLM  # noqa: E402
@@ -319,6 +319,7 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
                     row = dict(shape=name, batch=b, k=k, impl=impl, verify_choice=dispatch.last_choice("verify"),
+                               kernel_choices=kernel_choices(),
                                prompts=len(groups) * b, plain_tok_s=len(groups) * b * args.new_tokens / t_plain_e2e,
                                spec_tok_s=len(groups) * b * args.new_tokens / t_spec,
                                measured_acceptance=float(np.mean([st.acceptance_rate for st in stats])),
@@ -352,6 +353,16 @@ def _margin(margins: list[float] | None) -> str:
     if not margins:
         return "—"
     return f"{float(np.median(margins)):.2f} ({max(margins):.2f})"
+
+
+# the dispatchers a speculative run (and its plain baseline) goes through; `verify` is in `verify_choice`
+CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "verify_attention", "mamba2_chunk")
+
+
+def kernel_choices() -> dict[str, str | None]:
+    """What each dispatcher picked at its latest trace in this process (None: never traced), and whether verify
+    chunks take the decode step's fused kernels (`generate.verify_rows_fused`)."""
+    return {**{op: dispatch.last_choice(op) for op in CHOICE_OPS}, "verify_rows_fused": str(verify_rows_fused())}
 
 
 def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -395,6 +406,12 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{1e3 * r['t_verify']:.2f} | {1e3 * r['t_draft_step']:.2f} | "
                      + " | ".join(f"{r['projected_speedup'][str(a)]:.2f}" for a in ALPHAS) + " | "
                      + " | ".join(f"{loop_projected(r, a):.2f}" for a in LOOP_ALPHAS) + " |")
+    chosen = [r for r in results["runs"] if r.get("kernel_choices")]
+    if chosen:
+        lines += ["", "Kernels the dispatchers chose (latest trace before the row was written; "
+                  "`pallas_kernels.dispatch.last_choice`):", ""]
+        lines += [f"- {r['shape']} b={r['batch']} k={r['k']} {r['impl']}: verify {r['verify_choice']}, "
+                  + ", ".join(f"{op} {c}" for op, c in r["kernel_choices"].items()) for r in chosen]
     profiled = [r for r in results["runs"] if "profile" in r]
     if profiled:
         lines += ["", "Where a round and a plain step go (one profiled run of the first prompt group; ms per round / "

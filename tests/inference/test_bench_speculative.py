@@ -68,6 +68,12 @@ def test_render_saved_rewrites_the_markdown_from_the_json(monkeypatch, tmp_path)
     again = bs.render_saved(path).read_text()
     assert again.startswith(md.rstrip("\n")) and again.endswith("\n## Reading (by hand)\n\nThe figures say x.\n")
     assert "| stale |" not in again
+    assert "Kernels the dispatchers chose" not in md  # rows of older runs carry no record
+    picked = {**_row(), "verify_choice": "pallas_triton",
+              "kernel_choices": {"verify_attention": "pallas_triton", "mamba2_chunk": None, "verify_rows_fused": "True"}}
+    out = bs.render_md({**results, "runs": [picked]}, bs.build_parser().parse_args(["--k", "3"]))
+    assert ("- target b=1 k=3 kernel: verify pallas_triton, verify_attention pallas_triton, mamba2_chunk None, "
+            "verify_rows_fused True") in out
     sys.modules.pop("bench_speculative", None)
 
 
@@ -158,6 +164,11 @@ def test_tiny_run_with_profile(monkeypatch, tmp_path):
     assert all(1 <= r["drafts_per_round"] <= r["k"] for r in runs)
     md = (tmp_path / "speculative.md").read_text()
     assert "Where a round and a plain step go" in md and "--draft-vocab 100" in md and "below 0.5" in md
+    # which implementation each dispatcher picked is recorded: on the CPU the references, no fused verify rows
+    choices = runs[0]["kernel_choices"]
+    assert choices["verify_rows_fused"] == "False" and choices["verify_attention"] == "reference_xla", choices
+    assert choices["decode_attention"] == "reference_xla" and choices["mamba2_chunk"] in (None, "reference_xla")
+    assert "Kernels the dispatchers chose" in md and "verify_attention reference_xla" in md
     sys.modules.pop("bench_speculative", None)
 
 
