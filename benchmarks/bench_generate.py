@@ -618,6 +618,9 @@ def render_md(r: dict[str, Any]) -> str:
                         f"{h['decode_tokens_per_s']:,.0f} | {r['ratio_decode'][b]:.0f}x | " if h else "- | - | - | - | ")
                      + (f"{ro['roofline_ms']:.3f} | {ro['measured_over_roofline']:.1f}x |" if ro else "- | - |"))
         L.append("")
+        if j.get("skipped"):
+            L += [f"**Not in the final run**: {'; '.join(j['skipped'])} (the variants tried below used the time; a "
+                  "longer --deadline-s measures them).", ""]
         if r.get("explore"):
             L += ["Variants tried (5 runs each, in this order, decode ms/step; the first again last):", ""]
             for name, e in r["explore"].items():

@@ -22,14 +22,14 @@ epilogue.
 Warps (`planned_warps`): one per 16 slots of a block, 1 to 4 — a 16-slot block is one warp's worth of work.
 
 Two ways to compute a block (`planned_dot`): elementwise on the CUDA cores (the g heads one by one: products summed
-across the head dimension for the scores, across the block's slots for the values — the measured default), or
-tensor-core dots: the g heads stacked as the rows of a (G, d) tile (G = 16, a dot's smallest M; the rows past g
-are zero), scores = q·Kᵀ (G, block) and values = p·V (G, d), the online softmax per row. Why: at batch 64 the
-elementwise kernel took 14 µs a layer for ~0.4 MB of K/V a program (~0.9 TB/s, decode_attn_b64.md) and slowed
-down with fewer warps (2 warps: 26 µs), the sign of a compute-bound loop; the dots do that work in a few MMA
-instructions. With bf16 (fp16) caches p enters p·V as two bf16 (fp16) dots, p's rounding and its remainder, so
-p is carried to ~16 bits, not 8 (the reference multiplies fp32 p with the values); fp32 caches use fp32 dots at
-full precision.
+across the head dimension for the scores, across the block's slots for the values), or tensor-core dots (the
+default, measured faster in the whole decode loop: `DOT_MIN_BATCH`): the g heads stacked as the rows of a (G, d)
+tile (G = 16, a dot's smallest M; the rows past g are zero), scores = q·Kᵀ (G, block) and values = p·V (G, d), the
+online softmax per row. Why: at batch 64 the elementwise kernel took 14 µs a layer for ~0.4 MB of K/V a program
+(~0.9 TB/s, decode_attn_b64.md) and slowed down with fewer warps (2 warps: 26 µs), the sign of a compute-bound
+loop; the dots do that work in a few MMA instructions. With bf16 (fp16) caches p enters p·V as two bf16 (fp16)
+dots, p's rounding and its remainder, so p is carried to ~16 bits, not 8 (the reference multiplies fp32 p with the
+values); fp32 caches use fp32 dots at full precision.
 """
 
 from __future__ import annotations
@@ -69,10 +69,12 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None}
 
-# The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH; 0 = never by default: on the H100 it left
-# the kernel's time at batch 64 where the elementwise form has it, 0.30 ms a step (benchmarks/results/
-# decode_profile_s15_b64.md). `override_plan(dot=True)`, the profile's `adot` variant, turns it on.
-DOT_MIN_BATCH = 0
+# The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
+# in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
+# generate_s16.md), dot vs elementwise: 0.486-0.494 vs 0.507-0.510 ms a step at batch 1, 1.059-1.068 vs 1.136-1.153
+# at 64; in one process the two are closer at 64 (1.046 vs 1.057, decode_profile_s17_b64.md: the kernel itself
+# 0.306 vs 0.308 ms a step). `override_plan(dot=False)`, the profile's `aew` variant, turns it off.
+DOT_MIN_BATCH = 1
 DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
 DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 
@@ -128,9 +130,11 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
     """(block, splits) for one decode step over a `window`-slot cache.
 
     With batch·kv programs covering the SMs: 128-slot blocks, split in pieces of at least one block up to about
-    4·SMS programs (batch 64 over 256 slots: 2 splits, 384 programs; measured on the H200,
+    4·SMS programs for the elementwise form (batch 64 over 256 slots: 2 splits, 384 programs; measured on the H200,
     benchmarks/results/decode_variants_b64.md: 9.7 vs 14.1 µs a layer unsplit, the step 1.04 vs 1.14 ms with the
-    XLA merge). Below that the sequence is split as finely as pieces of
+    XLA merge), 2·SMS for the tensor-core form (`planned_dot`), which runs as fast unsplit and so saves the merge's
+    launch (batch 64: 1 split; on the H100, decode_profile_s17_b64.md: the kernel 0.309 vs 0.306 ms a step, the step
+    1.005 vs 1.046 ms, 315 kernels instead of 345). Below that the sequence is split as finely as pieces of
     MIN_SPLIT_SLOTS slots allow, up to about MAX_PROGRAMS programs, in blocks of the split's length (16-128
     slots). Measured on the H200 (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were
     b16 s16 at batch 1 and 8 over 256 slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over
@@ -142,7 +146,8 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
-        splits = pow2_at_most(max(1, min(max_splits, window // block, 4 * SMS // (batch * kv))))
+        programs = (2 if planned_dot(batch) else 4) * SMS
+        splits = pow2_at_most(max(1, min(max_splits, window // block, programs // (batch * kv))))
     else:
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))

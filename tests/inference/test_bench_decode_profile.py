@@ -85,9 +85,12 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
                 da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
-    bdp.profile_variant("bn2w2+c16+fd4+s2+mx+adot", None, 1)
-    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": True}
-    assert da.planned_dot(64) is False
+    dot_default = da.planned_dot(64)
+    bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
+    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False}
+    bdp.profile_variant("adot", None, 1)
+    assert seen["dot"] is True
+    assert da.planned_dot(64) is dot_default
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults

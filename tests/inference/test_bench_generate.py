@@ -76,3 +76,21 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
     assert set(r["explore"]["fused"]["again"]) == {"1", "64"} and "again" not in r["explore"]["fused@s2+aew"]
     assert "- fused (" in (md := (tmp_path / "generate.md").read_text()) and "; again last: b=1 " in md
     sys.modules.pop("bench_generate", None)
+
+
+def test_report_says_which_batches_the_final_run_skipped(monkeypatch):
+    """A deadline reached during the variants' exploration leaves the final table empty: the report says so
+    (session 17's first run on the H100 printed an empty table and nothing else)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate as bg
+
+    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
+    r = {"date": "d", "device": "cpu", "versions": {}, "command": "c", "best_variant": "fused", "hf": None,
+         "config": {"model": "m", "prompt_len": 8, "new_tokens": 4, "jax_runs": 21},
+         "jax": {"xla_flags": "", "fused": True, "window_block": 128, "batches": {"1": row},
+                 "skipped": ["batch 64: deadline"]}}
+    md = bg.render_md(r)
+    assert "**Not in the final run**: batch 64: deadline" in md and "| 1 | 10,000 | 0.500 |" in md
+    del r["jax"]["skipped"]
+    assert "Not in the final run" not in bg.render_md(r)
+    sys.modules.pop("bench_generate", None)

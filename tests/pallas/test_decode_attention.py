@@ -104,7 +104,9 @@ def test_an_index_past_the_cache_writes_where_the_reference_writes(dot):
 
 
 def test_dot_form_is_planned_by_batch_and_override(monkeypatch):
-    assert da.planned_dot(64) is False  # DOT_MIN_BATCH = 0: off by default
+    assert da.planned_dot(1) is True and da.planned_dot(64) is True  # DOT_MIN_BATCH = 1: every batch
+    monkeypatch.setattr(da, "DOT_MIN_BATCH", 0)
+    assert da.planned_dot(1) is False and da.planned_dot(64) is False  # 0: never
     monkeypatch.setattr(da, "DOT_MIN_BATCH", 16)
     assert [da.planned_dot(b) for b in (1, 15, 16, 64)] == [False, False, True, True]
     with da.override_plan(dot=False):
@@ -236,7 +238,8 @@ def test_override_plan_sets_the_splits_for_a_while():
             pass
 
 
-def test_override_plan_sets_the_block_and_warps_for_a_while():
+def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
+    monkeypatch.setattr(da, "DOT_MIN_BATCH", 0)  # the elementwise form's plan (2 splits at batch 64)
     assert [da.planned_warps(0, blk) for blk in (16, 32, 64, 128)] == [1, 2, 4, 4]  # a warp per 16 slots, <= 4
     assert da.planned_warps(2, 16) == 2
     with da.override_plan(block=64, warps=8):
@@ -253,9 +256,18 @@ def test_override_plan_sets_the_block_and_warps_for_a_while():
                 pass
 
 
-def test_plan_fills_the_gpu_at_small_batch():
-    assert plan(64, 3, 256) == (128, 2)  # 192 programs already: 128-slot blocks, 2 splits
-    assert plan(64, 3, 384) == (128, 2) and plan(64, 3, 384, max_splits=1) == (128, 1)
+def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
+    # 192 programs already: 128-slot blocks; the tensor-core form (the default) unsplit, the elementwise one in 2
+    assert plan(64, 3, 256) == (128, 1) and plan(64, 3, 384) == (128, 1)
+    with monkeypatch.context() as m:
+        m.setattr(da, "DOT_MIN_BATCH", 0)
+        assert plan(64, 3, 256) == (128, 2)
+        assert plan(64, 3, 384) == (128, 2) and plan(64, 3, 384, max_splits=1) == (128, 1)
+    with da.override_plan(dot=False):
+        assert plan(64, 3, 256) == (128, 2)
+    assert plan(44, 3, 4096) == (128, 2)  # 132 programs: the dot form splits up to 2·SMS programs ...
+    with da.override_plan(dot=False):
+        assert plan(44, 3, 4096) == (128, 4)  # ... the elementwise form up to 4·SMS
     assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit
     for b, window, cap in [(1, 384, 16), (1, 4352, 16), (4, 384, 16), (16, 4352, 4), (1, 64, 64)]:
         block, splits = plan(b, 3, window, max_splits=cap)
