@@ -126,7 +126,7 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     gen = Generator(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
     c = compile_generate(gen, tokens, n_new)
-    chosen = {k: dispatch.last_choice(k) for k in ("decode_attention", "fused_decode", "mamba2_decode")}
+    chosen = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode")
     c.once()  # warm-up
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]

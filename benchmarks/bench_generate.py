@@ -281,9 +281,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         compiled = compile_generate(gen, tokens, n_new)
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
-        traced = {"decode_attention": dispatch.last_choice("decode_attention"),
-                  "fused_decode": dispatch.last_choice("fused_decode"),
-                  "mamba2_decode": dispatch.last_choice("mamba2_decode")}
+        traced = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode")
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -514,21 +512,33 @@ def _variant_result(r: dict[str, Any] | None, name: str) -> dict[str, Any] | Non
     return v
 
 
+# The share of --deadline-s that the variants tried first leave to the final run (session 17: a run whose variants
+# used the whole deadline printed an empty table).
+FINAL_SHARE = 0.4
+MIN_EXPLORE_S = 30.0  # a variant is not started with less than this before the final run's share
+
+
 def orchestrate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     args.deadline_at = time.time() + args.deadline_s
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    explore = {}
+    explore: dict[str, Any] = {}
+    not_tried: list[str] = []
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     flags = {name: VARIANTS[split_variant(name)[0]][0] for name in names}
     if len(names) > 1:
         # The first variant (the baseline) runs again last, kept as its "again": the first process on a fresh
         # machine can be the slowest (session 16, H100: the defaults 1.136 ms a step at b=64 there, 1.039 in the
         # profile after), and a challenger has to beat the baseline's better run.
+        explore_until = args.deadline_at - FINAL_SHARE * args.deadline_s
         for name in names + names[:1]:
+            left = explore_until - time.time()
+            if left < MIN_EXPLORE_S:
+                not_tried.append(f"{name} (again)" if name in explore else name)
+                continue
             r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], flags[name],
-                       timeout=240)
+                       timeout=min(240.0, left))
             res = _variant_result(r, name)
             if res and name in explore:
                 explore[name]["again"] = res["batches"]
@@ -554,15 +564,15 @@ def orchestrate(args: argparse.Namespace) -> None:
     if final is not None and (r or {}).get("facts"):
         final["facts"] = r["facts"]
     hf = None
-    _report(args, out_dir, explore, best, final, None, started)
+    _report(args, out_dir, explore, best, final, None, started, not_tried)
     if not args.no_hf and final is not None:
         hf = _spawn("hf", args, ["--batches", ",".join(map(str, args.batches)), "--hf-runs", str(args.hf_runs),
                                  "--max-seconds-per-batch", "40", "--save-weights", weights], timeout=420)
-    _report(args, out_dir, explore, best, final, hf, started)
+    _report(args, out_dir, explore, best, final, hf, started, not_tried)
 
 
 def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], best: str, final: Any, hf: Any,
-            started: float) -> None:
+            started: float, not_tried: list[str] | None = None) -> None:
     report = {
         "date": now(),
         "device": device(), "versions": versions(),
@@ -570,7 +580,7 @@ def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], be
                    "dtype": "bfloat16", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                    "eos": "ignored (fixed decode length)", "batches": args.batches, "jax_runs": args.runs,
                    "hf_runs": args.hf_runs},
-        "explore": explore, "best_variant": best, "jax": final, "hf": hf,
+        "explore": explore, "explore_not_tried": not_tried or [], "best_variant": best, "jax": final, "hf": hf,
         "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - started,
     }
@@ -629,6 +639,9 @@ def render_md(r: dict[str, Any]) -> str:
                     + ("; again last: " + ", ".join(f"b={b} {row['decode_ms_per_step']:.3f}"
                                                     for b, row in e["again"].items()) if "again" in e else ""))
             L.append("")
+        if r.get("explore_not_tried"):
+            L += [f"Not tried (the time left to the final run, {FINAL_SHARE:.0%} of --deadline-s): "
+                  + ", ".join(r["explore_not_tried"]) + ".", ""]
         f = j.get("facts")
         if f:
             L += [f"Measured copy bandwidth {f['copy_bandwidth_GBps']:,.0f} GB/s (read + write); weights "
@@ -817,8 +830,7 @@ def _hybrid_row(g: Any, name: str, plen: int, b: int, n_new: int, sampling: Any,
             os.environ.update(nxt)
             jax.clear_caches()
     # what the trace chose; a trace reused from jit's cache records nothing: then what the Generator predicts
-    impl = {"decode_attention": dispatch.last_choice("decode_attention"),
-            "fused_decode": dispatch.last_choice("fused_decode")}
+    impl = dispatch.last_choices("decode_attention", "fused_decode")
     if impl["decode_attention"] == "none" and g.has_attention:
         impl["decode_attention"] = g.decode_attention_impl()
     if impl["fused_decode"] == "none":

@@ -363,7 +363,7 @@ def kernel_choices() -> dict[str, str | None]:
     """What each dispatcher picked at its latest trace in this process (None: never traced), and whether verify
     chunks may take the decode step's fused kernels here (`generate.verify_rows_fused`: the GPU flag and the
     environment; the models' fused modules decide where they apply)."""
-    return {**{op: dispatch.last_choice(op) for op in CHOICE_OPS}, "verify_rows_fused": str(verify_rows_fused())}
+    return {**dispatch.last_choices(*CHOICE_OPS), "verify_rows_fused": str(verify_rows_fused())}
 
 
 def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:

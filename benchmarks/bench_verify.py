@@ -294,8 +294,7 @@ def bench_model(args: argparse.Namespace, deadline: Deadline, res: dict[str, Any
                 return jax.lax.fori_loop(0, loops, body, jnp.zeros((b,), jnp.int32))
             dispatch._last.pop("verify", None)
             secs = median_time(lambda: run(state, cache), args.reps) / loops
-            return secs, dict(verify=dispatch.last_choice("verify"),
-                              decode_attention=dispatch.last_choice("decode_attention"))
+            return secs, dispatch.last_choices("verify", "decode_attention")
 
         forwards[b] = timed_forward
     decode: dict[int, float] = {}

@@ -73,6 +73,11 @@ def last_choice(op: str = "ssd") -> str | None:
     return _last.get(op)
 
 
+def last_choices(*ops: str) -> dict[str, str | None]:
+    """`last_choice` of each op, None for an op not traced yet: what a benchmark records beside its figures."""
+    return {op: _last.get(op) for op in ops}
+
+
 def record_choice(op: str, choice: str) -> None:
     """Lets sibling kernels (e.g. `pallas_kernels.decode_attention`) report their pick through `last_choice`."""
     _last[op] = choice

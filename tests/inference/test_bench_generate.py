@@ -1,6 +1,7 @@
 """benchmarks/bench_generate.py's compiled prefill + decode loop (shared with bench_decode_profile): what it runs
 is what `Generator.run` produces for the same prompts, greedy, every step taken."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,6 @@ def test_compiled_generate_equals_the_generator(monkeypatch):
 def test_variants_with_profile_settings(monkeypatch, tmp_path):
     """`NAME@SETTINGS`: a bench_generate variant with bench_decode_profile's settings in force while it is traced
     (checked before any worker starts); the tiny teacher suite runs one side by side with the plain variant."""
-    import json
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_generate as bg
@@ -93,4 +93,40 @@ def test_report_says_which_batches_the_final_run_skipped(monkeypatch):
     assert "**Not in the final run**: batch 64: deadline" in md and "| 1 | 10,000 | 0.500 |" in md
     del r["jax"]["skipped"]
     assert "Not in the final run" not in bg.render_md(r)
+    sys.modules.pop("bench_generate", None)
+
+
+def test_variants_leave_the_final_run_its_share_of_the_deadline(monkeypatch, tmp_path):
+    """The variants tried first stop where FINAL_SHARE of --deadline-s is left: the final table gets measured, and
+    the report names what was not tried."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    import bench_generate as bg
+
+    clock = [1000.0]
+    monkeypatch.setattr(bg, "time", SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
+    calls = []
+
+    def fake_spawn(mode, args, extra, xla_flags="", timeout=600, env_extra=None):
+        name = extra[extra.index("--variant") + 1]
+        batches = extra[extra.index("--batches") + 1].split(",")
+        calls.append((name, batches, timeout))
+        clock[0] += 30.0  # every worker takes 30 s of the 100
+        return {"variants": {name: {"variant": name, "xla_flags": "", "fused": True, "window_block": 128,
+                                    "batches": {b: dict(row) for b in batches}}}}
+    monkeypatch.setattr(bg, "_spawn", fake_spawn)
+    args = Namespace(deadline_s=100.0, out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21,
+                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None)
+    bg.orchestrate(args)
+    # 60 s for the variants: the baseline and the challenger ran, the baseline's second run did not
+    assert [(c[0], c[1]) for c in calls] == [("fused", ["1", "64"]), ("fused@aew", ["1", "64"]),
+                                             ("fused", ["1", "64"])]
+    assert calls[0][2] <= 60 and calls[1][2] <= 30
+    r = json.loads((tmp_path / "generate.json").read_text())
+    assert r["explore_not_tried"] == ["fused (again)"] and set(r["jax"]["batches"]) == {"1", "64"}
+    md = (tmp_path / "generate.md").read_text()
+    assert "Not tried (the time left to the final run, 40% of --deadline-s): fused (again)." in md
     sys.modules.pop("bench_generate", None)

@@ -157,6 +157,9 @@ def test_dispatch_cpu_uses_reference_and_bad_args_raise(monkeypatch):
     assert decode_attention_choice(*args[:5], args[6], **kw) == "reference_xla"
     out = decode_attention(*args, **kw)
     assert dispatch.last_choice("decode_attention") == "reference_xla"
+    monkeypatch.delitem(dispatch._last, "no_such_op", raising=False)
+    assert dispatch.last_choices("decode_attention", "no_such_op") == {"decode_attention": "reference_xla",
+                                                                       "no_such_op": None}
     want = decode_attention_reference(*args, **kw)
     np.testing.assert_allclose(out[0], want[0])
     with pytest.raises(KernelError, match="qkv"):
