@@ -528,9 +528,12 @@ def orchestrate(args: argparse.Namespace) -> None:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     flags = {name: VARIANTS[split_variant(name)[0]][0] for name in names}
     if len(names) > 1:
-        # The first variant (the baseline) runs again last, kept as its "again": the first process on a fresh
-        # machine can be the slowest (session 16, H100: the defaults 1.136 ms a step at b=64 there, 1.039 in the
-        # profile after), and a challenger has to beat the baseline's better run.
+        # The first variant (the baseline) runs again last, kept as its "again", and a challenger has to beat the
+        # baseline's better run: the first process on a fresh machine was suspected of being the slowest
+        # (session 16, H100: the defaults 1.136 ms a step at b=64 there, 1.039 in the profile after). Session 17
+        # found the baseline's second run as slow as its first (1.143 vs 1.153, generate_s17a.md): a variant's
+        # own process can still measure a few % apart from an in-process comparison (bench_decode_profile's
+        # variants), which is the one to read for differences that small.
         explore_until = args.deadline_at - FINAL_SHARE * args.deadline_s
         for name in names + names[:1]:
             left = explore_until - time.time()
