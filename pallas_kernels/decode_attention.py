@@ -126,27 +126,39 @@ def planned_dot(batch: int, dot: bool | None = None) -> bool:
     return 0 < DOT_MIN_BATCH <= batch
 
 
-def plan(batch: int, kv: int, window: int, *, max_splits: int = 64) -> tuple[int, int]:
+def uses_dot(batch: int, head_dim: int, dot: bool | None = None) -> bool:
+    """The form the kernel runs: `planned_dot`, except that heads smaller than 2·DOT_MIN_K take the elementwise
+    form (q·Kᵀ contracts over half a head, the two RoPE halves) — an error where dot=True was asked for."""
+    use = planned_dot(batch, dot)
+    if use and head_dim < 2 * DOT_MIN_K:
+        if dot:
+            raise KernelError(f"decode_attention: the dot form needs head_dim >= {2 * DOT_MIN_K}, got {head_dim}")
+        use = False
+    return use
+
+
+def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | None = None) -> tuple[int, int]:
     """(block, splits) for one decode step over a `window`-slot cache.
 
     With batch·kv programs covering the SMs: 128-slot blocks, split in pieces of at least one block up to about
     4·SMS programs for the elementwise form (batch 64 over 256 slots: 2 splits, 384 programs; measured on the H200,
-    benchmarks/results/decode_variants_b64.md: 9.7 vs 14.1 µs a layer unsplit, the step 1.04 vs 1.14 ms with the
-    XLA merge), 2·SMS for the tensor-core form (`planned_dot`), which runs as fast unsplit and so saves the merge's
-    launch (batch 64: 1 split; on the H100, decode_profile_s17_b64.md: the kernel 0.309 vs 0.306 ms a step, the step
-    1.005 vs 1.046 ms, 315 kernels instead of 345). Below that the sequence is split as finely as pieces of
-    MIN_SPLIT_SLOTS slots allow, up to about MAX_PROGRAMS programs, in blocks of the split's length (16-128
-    slots). Measured on the H200 (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were
-    b16 s16 at batch 1 and 8 over 256 slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over
-    4096: short serial chains and many programs win. Splits are a power of two (the fused combine reads them as
-    one tensor) and at most `max_splits` (what the consumer merges cheaply).
+    benchmarks/results/decode_variants_b64.md: 9.7 vs 14.1 µs a layer unsplit, the step 1.04 vs 1.14 ms with the XLA
+    merge), 2·SMS for the tensor-core form (`dot`; None: `planned_dot`, and the kernel's callers pass `uses_dot`,
+    the form it will run), which runs as fast unsplit and so saves the merge's launch (batch 64: 1 split; on the
+    H100, decode_profile_s17_b64.md: the kernel 0.309 vs 0.306 ms a step, the step 1.005 vs 1.046 ms, 315 kernels
+    instead of 345). Below that the sequence is split as finely as pieces of MIN_SPLIT_SLOTS slots allow, up to
+    about MAX_PROGRAMS programs, in blocks of the split's length (16-128 slots). Measured on the H200
+    (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were b16 s16 at batch 1 and 8 over 256
+    slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over 4096: short serial chains and many programs
+    win. Splits are a power of two (the fused combine reads them as one tensor) and at most `max_splits` (what the
+    consumer merges cheaply).
     """
     if forced := _PLAN_OVERRIDE["splits"]:
         splits = pow2_at_most(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
-        programs = (2 if planned_dot(batch) else 4) * SMS
+        programs = (2 if (planned_dot(batch) if dot is None else dot) else 4) * SMS
         splits = pow2_at_most(max(1, min(max_splits, window // block, programs // (batch * kv))))
     else:
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
@@ -353,11 +365,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     h = num_heads
     nblocks = window // block
     splits = max(1, min(splits, nblocks))
-    use_dot = planned_dot(b, dot)
-    if use_dot and d < 2 * DOT_MIN_K:  # q·Kᵀ contracts over half a head (the two RoPE halves)
-        if dot:
-            raise KernelError(f"decode_attention: the dot form needs head_dim >= {2 * DOT_MIN_K}, got {d}")
-        use_dot = False
+    use_dot = uses_dot(b, d, dot)
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=qkv.dtype, dot=use_dot)
     if not partials:
@@ -392,7 +400,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                window=window, kernel=True)
     b, slots, kv, _ = k_cache.shape
     window = window or slots
-    p_block, p_splits = plan(b, kv, window)
+    p_block, p_splits = plan(b, kv, window, dot=uses_dot(b, k_cache.shape[-1], dot))
     block = block or p_block
     splits = max(1, min(splits or p_splits, window // block))
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,

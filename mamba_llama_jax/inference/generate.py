@@ -45,7 +45,7 @@ from mamba_llama_jax.ops.attention import attend_one
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
-    merge_partials, merge_splits, plan,
+    merge_partials, merge_splits, plan, uses_dot,
 )
 from pallas_kernels.mamba_decode import kernel_would_run as mamba_decode_would_run
 from pallas_kernels.mamba_chunk import mamba2_chunk
@@ -243,7 +243,8 @@ class FusedAttention(nnx.Module):
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
         if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, **kw) == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
-            block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b))
+            block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b),
+                                 dot=uses_dot(b, d))
             if splits > 1:
                 o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw)
                 if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it

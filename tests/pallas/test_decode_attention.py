@@ -271,6 +271,11 @@ def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
     assert plan(44, 3, 4096) == (128, 2)  # 132 programs: the dot form splits up to 2·SMS programs ...
     with da.override_plan(dot=False):
         assert plan(44, 3, 4096) == (128, 4)  # ... the elementwise form up to 4·SMS
+    # the form the kernel will run decides: heads under 32 wide run elementwise, so their plan splits as that form
+    assert plan(64, 3, 256, dot=False) == (128, 2) and plan(64, 3, 256, dot=True) == (128, 1)
+    assert da.uses_dot(64, 64) is True and da.uses_dot(64, 16) is False and da.uses_dot(64, 64, dot=False) is False
+    with pytest.raises(KernelError, match="head_dim >= 32"):
+        da.uses_dot(64, 16, dot=True)
     assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit
     for b, window, cap in [(1, 384, 16), (1, 4352, 16), (4, 384, 16), (16, 4352, 4), (1, 64, 64)]:
         block, splits = plan(b, 3, window, max_splits=cap)
