@@ -183,14 +183,19 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.variant.split(","):
         base, settings = split_variant(name)
         _, fuse, block, env = VARIANTS[base]
+        # a name given again (the explore's baseline, last) is measured under its own key, then kept as the first
+        # run's "again": a kill during the second run leaves the first one in the file
+        key = f"{name} (again)" if name in res["variants"] else name
         with _Env(env), applied(settings or "default"):
             jax.clear_caches()  # kernel choices are made at trace time: nothing traced for another variant
             try:
-                gen, out = _measure_variant(name, model, args, fuse, block, res)
+                gen, out = _measure_variant(name, model, args, fuse, block, res, key=key)
             except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others)
                 out = {"variant": name, "error": repr(e)[:3000], "batches": {}}
                 print(f"[{name}] failed: {e!r}"[:3000], flush=True)
-        res["variants"][name] = out
+        res["variants"][key] = out
+        if key != name:
+            res["variants"][name]["again"] = res["variants"].pop(key)["batches"]
         _write_json(args.result, res)
     if args.facts and gen is not None:
         res["facts"] = _facts(gen, gen.cfg, args)
@@ -255,7 +260,7 @@ def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
 
 
 def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool, block: int,
-                     res: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+                     res: dict[str, Any], key: str | None = None) -> tuple[Any, dict[str, Any]]:
     import jax.numpy as jnp
     import numpy as np
 
@@ -270,7 +275,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
                            "window_block": gen.window_block, "batches": {}, "env": dict(VARIANTS[base][3]),
                            "settings": settings,
                            "decode_attention": gen.decode_attention_impl()}
-    res["variants"][name] = out
+    res["variants"][key or name] = out
     rng = np.random.default_rng(0)
     for b in args.batches:
         if time.time() > args.deadline_at - 10:
@@ -525,28 +530,40 @@ def orchestrate(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     explore: dict[str, Any] = {}
     not_tried: list[str] = []
+    explore_mode = "a process each"
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     flags = {name: VARIANTS[split_variant(name)[0]][0] for name in names}
     if len(names) > 1:
         # The first variant (the baseline) runs again last, kept as its "again", and a challenger has to beat the
-        # baseline's better run: the first process on a fresh machine was suspected of being the slowest
-        # (session 16, H100: the defaults 1.136 ms a step at b=64 there, 1.039 in the profile after). Session 17
-        # found the baseline's second run as slow as its first (1.143 vs 1.153, generate_s17a.md): a variant's
-        # own process can still measure a few % apart from an in-process comparison (bench_decode_profile's
-        # variants), which is the one to read for differences that small.
+        # baseline's better run. Variants that share their XLA flags run in one process, one after the other,
+        # as bench_decode_profile's comparisons do: in a process each, the elementwise decode attention measured
+        # ~1.14 ms a step at b=64 four times out of four on H100s, 1.04-1.06 in one process with the others
+        # (session 17, generate_s17a.md / decode_profile_s17_b64.md), and its second process as slow as its first;
+        # --explore-processes asks for a process each anyway.
         explore_until = args.deadline_at - FINAL_SHARE * args.deadline_s
-        for name in names + names[:1]:
-            left = explore_until - time.time()
-            if left < MIN_EXPLORE_S:
-                not_tried.append(f"{name} (again)" if name in explore else name)
-                continue
-            r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], flags[name],
-                       timeout=min(240.0, left))
-            res = _variant_result(r, name)
-            if res and name in explore:
-                explore[name]["again"] = res["batches"]
-            elif res:
-                explore[name] = res
+        order = names + names[:1]
+        if len(set(flags.values())) == 1 and not args.explore_processes:
+            explore_mode = "one process"
+            r = _spawn("jax", args, ["--variant", ",".join(order), "--batches", "1,64", "--runs", "5"],
+                       flags[names[0]], timeout=max(MIN_EXPLORE_S, explore_until - time.time()))
+            for name in names:
+                if res := _variant_result(r, name):
+                    explore[name] = res
+                else:
+                    not_tried.append(name)
+        else:
+            for name in order:
+                left = explore_until - time.time()
+                if left < MIN_EXPLORE_S:
+                    not_tried.append(f"{name} (again)" if name in explore else name)
+                    continue
+                r = _spawn("jax", args, ["--variant", name, "--batches", "1,64", "--runs", "5"], flags[name],
+                           timeout=min(240.0, left))
+                res = _variant_result(r, name)
+                if res and name in explore:
+                    explore[name]["again"] = res["batches"]
+                elif res:
+                    explore[name] = res
 
         def score(batches: dict[str, Any]) -> float:  # distance to the two goals (0.5 ms at b=1, 0.85 at b=64)
             if set(batches) != {"1", "64"}:
@@ -567,15 +584,15 @@ def orchestrate(args: argparse.Namespace) -> None:
     if final is not None and (r or {}).get("facts"):
         final["facts"] = r["facts"]
     hf = None
-    _report(args, out_dir, explore, best, final, None, started, not_tried)
+    _report(args, out_dir, explore, best, final, None, started, not_tried, explore_mode)
     if not args.no_hf and final is not None:
         hf = _spawn("hf", args, ["--batches", ",".join(map(str, args.batches)), "--hf-runs", str(args.hf_runs),
                                  "--max-seconds-per-batch", "40", "--save-weights", weights], timeout=420)
-    _report(args, out_dir, explore, best, final, hf, started, not_tried)
+    _report(args, out_dir, explore, best, final, hf, started, not_tried, explore_mode)
 
 
 def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], best: str, final: Any, hf: Any,
-            started: float, not_tried: list[str] | None = None) -> None:
+            started: float, not_tried: list[str] | None = None, explore_mode: str = "a process each") -> None:
     report = {
         "date": now(),
         "device": device(), "versions": versions(),
@@ -583,7 +600,8 @@ def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], be
                    "dtype": "bfloat16", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                    "eos": "ignored (fixed decode length)", "batches": args.batches, "jax_runs": args.runs,
                    "hf_runs": args.hf_runs},
-        "explore": explore, "explore_not_tried": not_tried or [], "best_variant": best, "jax": final, "hf": hf,
+        "explore": explore, "explore_mode": explore_mode, "explore_not_tried": not_tried or [], "best_variant": best,
+        "jax": final, "hf": hf,
         "command": "PYTHONPATH=$PWD python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - started,
     }
@@ -635,7 +653,8 @@ def render_md(r: dict[str, Any]) -> str:
             L += [f"**Not in the final run**: {'; '.join(j['skipped'])} (the variants tried below used the time; a "
                   "longer --deadline-s measures them).", ""]
         if r.get("explore"):
-            L += ["Variants tried (5 runs each, in this order, decode ms/step; the first again last):", ""]
+            L += [f"Variants tried (5 runs each, in this order, {r.get('explore_mode', 'a process each')}, decode "
+                  "ms/step; the first again last):", ""]
             for name, e in r["explore"].items():
                 L.append(f"- {name} (XLA_FLAGS `{e['xla_flags']}`): " + ", ".join(
                     f"b={b} {row['decode_ms_per_step']:.3f}" for b, row in e["batches"].items())
@@ -1153,6 +1172,9 @@ def main() -> None:
     ap.add_argument("--hf-runs", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=560, help="whole-run budget; later stages get what is left")
+    ap.add_argument("--explore-processes", action="store_true",
+                    help="teacher suite: each explored variant in a process of its own (what variants with different "
+                    "XLA flags always get; otherwise they share one)")
     ap.add_argument("--variants", default="", help="teacher suite: comma-separated subset of " + ",".join(VARIANTS)
                     + "; NAME@SETTINGS adds bench_decode_profile's variant settings (e.g. fused@adot+cublas)")
     # device suite

@@ -51,14 +51,18 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_measure(name, model, args, fuse, block, res):
+    def fake_measure(name, model, args, fuse, block, res, key=None):
         seen[name] = (da.plan(1, 3, 384, max_splits=16)[1], da.planned_dot(64))
-        return None, {"variant": name, "batches": {}}
+        return None, {"variant": name, "batches": {"run": key}}
     monkeypatch.setattr(bg, "_measure_variant", fake_measure)
     default = (da.plan(1, 3, 384, max_splits=16)[1], da.planned_dot(64))
-    bg.worker_jax(Namespace(teacher=None, tiny=True, variant="fused@s2+adot,fused", result=str(tmp_path / "w.json"),
-                            facts=False, save_weights=None))
+    bg.worker_jax(Namespace(teacher=None, tiny=True, variant="fused@s2+adot,fused,fused@s2+adot",
+                            result=str(tmp_path / "w.json"), facts=False, save_weights=None))
     assert seen == {"fused@s2+adot": (2, True), "fused": default} and default != (2, True)
+    # a name given twice: measured under its own key, kept as the first run's "again"
+    w = json.loads((tmp_path / "w.json").read_text())["variants"]
+    assert set(w) == {"fused@s2+adot", "fused"} and w["fused@s2+adot"]["batches"] == {"run": "fused@s2+adot"}
+    assert w["fused@s2+adot"]["again"] == {"run": "fused@s2+adot (again)"} and "again" not in w["fused"]
     monkeypatch.undo()
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     with pytest.raises(SystemExit, match="unknown variant setting"):  # before a worker is spawned
@@ -119,7 +123,7 @@ def test_variants_leave_the_final_run_its_share_of_the_deadline(monkeypatch, tmp
                                     "batches": {b: dict(row) for b in batches}}}}
     monkeypatch.setattr(bg, "_spawn", fake_spawn)
     args = Namespace(deadline_s=100.0, out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21,
-                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None)
+                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None, explore_processes=True)
     bg.orchestrate(args)
     # 60 s for the variants: the baseline and the challenger ran, the baseline's second run did not
     assert [(c[0], c[1]) for c in calls] == [("fused", ["1", "64"]), ("fused@aew", ["1", "64"]),
@@ -129,4 +133,39 @@ def test_variants_leave_the_final_run_its_share_of_the_deadline(monkeypatch, tmp
     assert r["explore_not_tried"] == ["fused (again)"] and set(r["jax"]["batches"]) == {"1", "64"}
     md = (tmp_path / "generate.md").read_text()
     assert "Not tried (the time left to the final run, 40% of --deadline-s): fused (again)." in md
+    sys.modules.pop("bench_generate", None)
+
+
+def test_variants_sharing_their_xla_flags_are_explored_in_one_process(monkeypatch, tmp_path):
+    """Variants with the same XLA flags go to one worker (the baseline named again last); the report says how they
+    ran. A variant with flags of its own still gets a process of its own."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from argparse import Namespace
+
+    import bench_generate as bg
+
+    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
+    calls = []
+
+    def fake_spawn(mode, args, extra, xla_flags="", timeout=600, env_extra=None):
+        names = extra[extra.index("--variant") + 1].split(",")
+        calls.append(names)
+        out = {n: {"variant": n, "xla_flags": xla_flags, "fused": True, "window_block": 128,
+                   "batches": {"1": dict(row), "64": dict(row)}} for n in names}
+        if len(names) > 1 and names[0] == names[-1]:  # as worker_jax keeps a repeated name
+            out[names[0]]["again"] = {"1": dict(row), "64": dict(row)}
+        return {"variants": out}
+    monkeypatch.setattr(bg, "_spawn", fake_spawn)
+    args = Namespace(deadline_s=300.0, out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21,
+                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None, explore_processes=False)
+    bg.orchestrate(args)
+    assert calls == [["fused", "fused@aew", "fused"], ["fused"]]  # the explore in one worker, then the final run
+    r = json.loads((tmp_path / "generate.json").read_text())
+    assert r["explore_mode"] == "one process" and "again" in r["explore"]["fused"] and not r["explore_not_tried"]
+    assert "in this order, one process, decode ms/step" in (tmp_path / "generate.md").read_text()
+    calls.clear()
+    args.variants, args.out = "fused,attn+splitk1", str(tmp_path / "b")  # another variant's XLA flags
+    bg.orchestrate(args)
+    assert calls == [["fused"], ["attn+splitk1"], ["fused"], ["fused"]]
+    assert json.loads((tmp_path / "b" / "generate.json").read_text())["explore_mode"] == "a process each"
     sys.modules.pop("bench_generate", None)
