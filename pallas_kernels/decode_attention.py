@@ -158,7 +158,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
-        programs = (2 if (planned_dot(batch) if dot is None else dot) else 4) * SMS
+        programs = (2 if planned_dot(batch, dot) else 4) * SMS
         splits = pow2_at_most(max(1, min(max_splits, window // block, programs // (batch * kv))))
     else:
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
@@ -398,9 +398,9 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     `override_plan(merge="kernel")`)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True)
-    b, slots, kv, _ = k_cache.shape
+    b, slots, kv, d = k_cache.shape
     window = window or slots
-    p_block, p_splits = plan(b, kv, window, dot=uses_dot(b, k_cache.shape[-1], dot))
+    p_block, p_splits = plan(b, kv, window, dot=uses_dot(b, d, dot))
     block = block or p_block
     splits = max(1, min(splits or p_splits, window // block))
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
