@@ -82,16 +82,42 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
     sys.modules.pop("bench_generate", None)
 
 
+ROW = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
+
+
+def _fake_spawn(calls: list, each=lambda: None):
+    """A stand-in for bench_generate._spawn's jax workers: records (variants, batches, timeout), calls `each` (e.g.
+    to advance a fake clock) and returns every named variant measured, a repeated name folded into the first's
+    "again" as worker_jax does."""
+    def spawn(mode, args, extra, xla_flags="", timeout=600, env_extra=None):
+        names = extra[extra.index("--variant") + 1].split(",")
+        batches = extra[extra.index("--batches") + 1].split(",")
+        calls.append((names, batches, timeout))
+        each()
+        out = {n: {"variant": n, "xla_flags": xla_flags, "fused": True, "window_block": 128,
+                   "batches": {b: dict(ROW) for b in batches}} for n in names}
+        if len(names) > 1 and names[0] == names[-1]:
+            out[names[0]]["again"] = {b: dict(ROW) for b in batches}
+        return {"variants": out}
+    return spawn
+
+
+def _orchestrate_args(tmp_path, **kw):
+    from argparse import Namespace
+
+    return Namespace(**{**dict(out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21, no_hf=True,
+                               prompt_len=128, new_tokens=256, hf_runs=2, teacher=None), **kw})
+
+
 def test_report_says_which_batches_the_final_run_skipped(monkeypatch):
     """A deadline reached during the variants' exploration leaves the final table empty: the report says so
     (session 17's first run on the H100 printed an empty table and nothing else)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_generate as bg
 
-    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
     r = {"date": "d", "device": "cpu", "versions": {}, "command": "c", "best_variant": "fused", "hf": None,
          "config": {"model": "m", "prompt_len": 8, "new_tokens": 4, "jax_runs": 21},
-         "jax": {"xla_flags": "", "fused": True, "window_block": 128, "batches": {"1": row},
+         "jax": {"xla_flags": "", "fused": True, "window_block": 128, "batches": {"1": ROW},
                  "skipped": ["batch 64: deadline"]}}
     md = bg.render_md(r)
     assert "**Not in the final run**: batch 64: deadline" in md and "| 1 | 10,000 | 0.500 |" in md
@@ -104,30 +130,21 @@ def test_variants_leave_the_final_run_its_share_of_the_deadline(monkeypatch, tmp
     """The variants tried first stop where FINAL_SHARE of --deadline-s is left: the final table gets measured, and
     the report names what was not tried."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from argparse import Namespace
     from types import SimpleNamespace
 
     import bench_generate as bg
 
     clock = [1000.0]
     monkeypatch.setattr(bg, "time", SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
-    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
     calls = []
 
-    def fake_spawn(mode, args, extra, xla_flags="", timeout=600, env_extra=None):
-        name = extra[extra.index("--variant") + 1]
-        batches = extra[extra.index("--batches") + 1].split(",")
-        calls.append((name, batches, timeout))
+    def advance():
         clock[0] += 30.0  # every worker takes 30 s of the 100
-        return {"variants": {name: {"variant": name, "xla_flags": "", "fused": True, "window_block": 128,
-                                    "batches": {b: dict(row) for b in batches}}}}
-    monkeypatch.setattr(bg, "_spawn", fake_spawn)
-    args = Namespace(deadline_s=100.0, out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21,
-                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None, explore_processes=True)
-    bg.orchestrate(args)
+    monkeypatch.setattr(bg, "_spawn", _fake_spawn(calls, advance))
+    bg.orchestrate(_orchestrate_args(tmp_path, deadline_s=100.0, explore_processes=True))
     # 60 s for the variants: the baseline and the challenger ran, the baseline's second run did not
-    assert [(c[0], c[1]) for c in calls] == [("fused", ["1", "64"]), ("fused@aew", ["1", "64"]),
-                                             ("fused", ["1", "64"])]
+    assert [(c[0], c[1]) for c in calls] == [(["fused"], ["1", "64"]), (["fused@aew"], ["1", "64"]),
+                                             (["fused"], ["1", "64"])]
     assert calls[0][2] <= 60 and calls[1][2] <= 30
     r = json.loads((tmp_path / "generate.json").read_text())
     assert r["explore_not_tried"] == ["fused (again)"] and set(r["jax"]["batches"]) == {"1", "64"}
@@ -140,32 +157,20 @@ def test_variants_sharing_their_xla_flags_are_explored_in_one_process(monkeypatc
     """Variants with the same XLA flags go to one worker (the baseline named again last); the report says how they
     ran. A variant with flags of its own still gets a process of its own."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from argparse import Namespace
-
     import bench_generate as bg
 
-    row = {"prefill_tokens_per_s": 1e4, "decode_ms_per_step": 0.5, "decode_tokens_per_s": 2e3}
     calls = []
-
-    def fake_spawn(mode, args, extra, xla_flags="", timeout=600, env_extra=None):
-        names = extra[extra.index("--variant") + 1].split(",")
-        calls.append(names)
-        out = {n: {"variant": n, "xla_flags": xla_flags, "fused": True, "window_block": 128,
-                   "batches": {"1": dict(row), "64": dict(row)}} for n in names}
-        if len(names) > 1 and names[0] == names[-1]:  # as worker_jax keeps a repeated name
-            out[names[0]]["again"] = {"1": dict(row), "64": dict(row)}
-        return {"variants": out}
-    monkeypatch.setattr(bg, "_spawn", fake_spawn)
-    args = Namespace(deadline_s=300.0, out=str(tmp_path), variants="fused,fused@aew", batches=[1, 64], runs=21,
-                     no_hf=True, prompt_len=128, new_tokens=256, hf_runs=2, teacher=None, explore_processes=False)
+    monkeypatch.setattr(bg, "_spawn", _fake_spawn(calls))
+    args = _orchestrate_args(tmp_path, deadline_s=300.0, explore_processes=False)
     bg.orchestrate(args)
-    assert calls == [["fused", "fused@aew", "fused"], ["fused"]]  # the explore in one worker, then the final run
+    # the explore in one worker, then the final run
+    assert [c[0] for c in calls] == [["fused", "fused@aew", "fused"], ["fused"]]
     r = json.loads((tmp_path / "generate.json").read_text())
     assert r["explore_mode"] == "one process" and "again" in r["explore"]["fused"] and not r["explore_not_tried"]
     assert "in this order, one process, decode ms/step" in (tmp_path / "generate.md").read_text()
     calls.clear()
     args.variants, args.out = "fused,attn+splitk1", str(tmp_path / "b")  # another variant's XLA flags
     bg.orchestrate(args)
-    assert calls == [["fused"], ["attn+splitk1"], ["fused"], ["fused"]]
+    assert [c[0] for c in calls] == [["fused"], ["attn+splitk1"], ["fused"], ["fused"]]
     assert json.loads((tmp_path / "b" / "generate.json").read_text())["explore_mode"] == "a process each"
     sys.modules.pop("bench_generate", None)
