@@ -46,6 +46,12 @@ FUSED_ENV = "MAMBA_LLAMA_FUSED_DECODE"  # pallas_kernels.fused_decode.FUSED_DECO
 DECODE_GEMM_ENV = "MAMBA_LLAMA_DECODE_GEMM"  # inference.generate.DECODE_GEMM_ENV
 SPLITK1 = " --xla_gpu_experimental_force_split_k=1"  # the live split-K flag in jax 0.11's DebugOptions
 NO_TRITON_GEMM = " --xla_gpu_enable_triton_gemm=false"
+# Hopper's programmatic dependent launch between XLA's own kernels (each waits for its producer in its prologue;
+# the project's Pallas kernels keep plain dependencies), on and off: jax 0.11's default is not documented
+PDL = " --xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"
+NO_PDL = " --xla_gpu_enable_pdl=false"
+EXHAUSTIVE = " --xla_gpu_exhaustive_tiling_search=true"  # the GEMM autotuner tries every tiling, not a short list
+WARP_SPEC = " --xla_gpu_experimental_enable_triton_warp_specialization=true"
 # name: (XLA_FLAGS, fused projections, window block, environment). Kernels are chosen at trace time from the
 # environment, so variants with the same flags share one worker process.
 VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
@@ -57,6 +63,10 @@ VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
     "fused+no_triton_gemm": (CMDBUF + NO_TRITON_GEMM, True, 128, {}),
     "fused+decode_cublas": (CMDBUF, True, 128, {DECODE_GEMM_ENV: "cublas"}),  # the same, decode programs alone
     "fused_nocmdbuf": ("", True, 128, {}),
+    "fused+pdl": (CMDBUF + PDL, True, 128, {}),
+    "fused+nopdl": (CMDBUF + NO_PDL, True, 128, {}),
+    "fused+exhaustive": (CMDBUF + EXHAUSTIVE, True, 128, {}),
+    "fused+warpspec": (CMDBUF + WARP_SPEC, True, 128, {}),
     "plain+cmdbuf_while": (CMDBUF, False, 0, {FUSED_ENV: "0"}),
 }
 DEVICE_VARIANTS = ("fused", "attn", "ref", "attn+splitk1", "attn+no_triton_gemm")
