@@ -23,7 +23,9 @@ of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
 (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
-(`fused_decode.dot_group` / `fused_decode.pick_block_n`).
+(`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
+split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1
+is XLA's own GEMM and norm).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
@@ -186,10 +188,12 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_rows"] = int(m.group(1))
         elif m := re.fullmatch(r"db(\d+)", tok):
             tiling["dot_block"] = int(m.group(1))
+        elif m := re.fullmatch(r"kq(\d+)", tok):
+            env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, "
-                             "mk, mc, gN, dbN)")
+                             "mk, mc, gN, dbN, kqN)")
     return tiling, env
 
 

@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
+from mamba_llama_jax.ops.partials import project_partials
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most
 from pallas_kernels.triton_call import triton_call
@@ -169,10 +170,10 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     return block, splits
 
 
-def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # inputs
+def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool):
+            dot: bool, parts: int, eps: float):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -180,16 +181,20 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     # then gives the reference's answer instead of a write out of bounds
     index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
     c, s = cos_ref[bi, :], sin_ref[bi, :]
+    heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
+    v_off = (h + kv + ki) * d
+    vals = _projection(qkv_ref, rows_ref, bi, parts, eps, dtype,
+                       [(o, half) for o in heads] + [(o + half, half) for o in heads] + [(v_off, d)])
+    n = len(heads)
 
-    def rope(off: int):  # rounded to the compute dtype, as the reference does
-        x1 = qkv_ref[bi, pl.ds(off, half)].astype(F32)
-        x2 = qkv_ref[bi, pl.ds(off + half, half)].astype(F32)
+    def rope(i: int):  # head i's halves, rotated and rounded to the compute dtype, as the reference does
+        x1, x2 = vals[i], vals[n + i]
         return ((x1 * c - x2 * s).astype(dtype).astype(F32), (x2 * c + x1 * s).astype(dtype).astype(F32))
 
-    qs = [rope((ki * g + j) * d) for j in range(g)]
-    k1, k2 = rope((h + ki) * d)
+    qs = [rope(i) for i in range(g)]
+    k1, k2 = rope(g)
     k1c, k2c = k1.astype(kc_ref.dtype), k2.astype(kc_ref.dtype)
-    v_new = qkv_ref[bi, pl.ds((h + kv + ki) * d, d)].astype(vc_ref.dtype)
+    v_new = vals[-1].astype(vc_ref.dtype)
 
     @pl.when(si == 0)
     def _write():
@@ -240,6 +245,31 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
             o_ref[bi, si, pl.ds(head * d, d)] = acc
             m_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), m, F32)
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l, F32)
+
+
+def _projection(qkv_ref: Any, rows_ref: Any, bi: Any, parts: int, eps: float, dtype: Any,
+                segments: list[tuple[Any, int]]) -> list[jax.Array]:
+    """Row bi's q·k·v values [off, off + n) for each (off, n) segment, fp32 holding `dtype` values: read
+    from the projection, or (parts > 0) summed over its split-K partials and scaled by RMSNorm's factor of the
+    row, computed here from the rows — `ops.partials.project_partials` in the same order of operations. Every
+    load is issued before the arithmetic that waits on them (the row's factor last): one memory latency."""
+    if not parts:
+        return [qkv_ref[bi, pl.ds(off, n)].astype(F32) for off, n in segments]
+    loads = [[qkv_ref[i, bi, pl.ds(off, n)] for i in range(parts)] for off, n in segments]
+    width = rows_ref.shape[1]
+    chunk = pick_block(width)
+    xs = [rows_ref[bi, pl.ds(c0, chunk)].astype(F32) for c0 in range(0, width, chunk)]
+    sums = []
+    for ps in loads:
+        acc = ps[0]
+        for p in ps[1:]:
+            acc = acc + p
+        sums.append(acc)
+    ss = jnp.sum(xs[0] * xs[0])
+    for v in xs[1:]:
+        ss = ss + jnp.sum(v * v)
+    rs = jax.lax.rsqrt(ss / width + eps)
+    return [(acc * rs).astype(dtype).astype(F32) for acc in sums]
 
 
 def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -360,16 +390,19 @@ def merge_partials_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: 
 
 def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
             index: jax.Array, valid: jax.Array, *, num_heads: int, window: int, block: int, splits: int,
-            partials: bool, interpret: bool, num_warps: int, dot: bool | None) -> tuple[jax.Array, ...]:
+            partials: bool, interpret: bool, num_warps: int, dot: bool | None, rows: jax.Array | None,
+            eps: float) -> tuple[jax.Array, ...]:
     b, slots, kv, d = k_cache.shape
     h = num_heads
     nblocks = window // block
     splits = max(1, min(splits, nblocks))
     use_dot = uses_dot(b, d, dot)
+    dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
-                             partials=partials, dtype=qkv.dtype, dot=use_dot)
+                             partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
+                             eps=float(eps))
     if not partials:
-        o_shape = jax.ShapeDtypeStruct((b, h * d), qkv.dtype)
+        o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
     else:
         o_shape = jax.ShapeDtypeStruct((b, splits, h * d), F32)
@@ -383,21 +416,23 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
         interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=2,
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
-      valid.astype(jnp.int32))
+      valid.astype(jnp.int32), jnp.zeros((1, 1), F32) if rows is None else rows)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
-                                             "interpret", "num_warps", "dot"))
+                                             "interpret", "num_warps", "dot", "eps"))
 def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                             sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                             num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
-                            interpret: bool = False, num_warps: int = 0,
-                            dot: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            interpret: bool = False, num_warps: int = 0, dot: bool | None = None,
+                            rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`, `dot` None = `planned_dot`.
     With splits > 1 the partials are merged by `merge_partials` in XLA (or `merge_partials_pallas`:
-    `override_plan(merge="kernel")`)."""
+    `override_plan(merge="kernel")`). `rows` given: qkv holds the projection as split-K partials (S, b, N) fp32
+    of RMSNorm(rows) without its row scale, which the prologue sums and scales (`ops.partials.project_partials`;
+    `inference.split_k` says why)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
-               window=window, kernel=True)
+               window=window, kernel=True, rows=rows)
     b, slots, kv, d = k_cache.shape
     window = window or slots
     p_block, p_splits = plan(b, kv, window, dot=uses_dot(b, d, dot))
@@ -405,41 +440,46 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     splits = max(1, min(splits or p_splits, window // block))
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
                               block=block, splits=splits, partials=splits > 1, interpret=interpret,
-                              num_warps=num_warps, dot=dot)
+                              num_warps=num_warps, dot=dot, rows=rows, eps=eps)
+    dt = qkv.dtype if rows is None else rows.dtype
     if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
-        o = merge_partials_pallas(o, m, l, qkv.dtype, interpret=interpret)
+        o = merge_partials_pallas(o, m, l, dt, interpret=interpret)
     elif splits > 1:
-        o = merge_partials(o, m, l, qkv.dtype)
+        o = merge_partials(o, m, l, dt)
     return o, kc, vc
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
-                                             "interpret", "num_warps", "dot"))
+                                             "interpret", "num_warps", "dot", "eps"))
 def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                                      sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                                      num_kv_heads: int, window: int = 0, block: int, splits: int,
-                                     interpret: bool = False, num_warps: int = 0,
-                                     dot: bool | None = None) -> tuple[jax.Array, ...]:
+                                     interpret: bool = False, num_warps: int = 0, dot: bool | None = None,
+                                     rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) with
-    S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`."""
+    S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`.
+    `rows`, `eps`: as `decode_attention_pallas`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
-               window=window, kernel=True)
+               window=window, kernel=True, rows=rows)
     check_split_args(k_cache, window, block, splits)
     return _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads,
                    window=window or k_cache.shape[1], block=block, splits=splits, partials=True,
-                   interpret=interpret, num_warps=num_warps, dot=dot)
+                   interpret=interpret, num_warps=num_warps, dot=dot, rows=rows, eps=eps)
 
 
 def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                                         sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
-                                        num_kv_heads: int, window: int = 0, block: int,
-                                        splits: int) -> tuple[jax.Array, ...]:
+                                        num_kv_heads: int, window: int = 0, block: int, splits: int,
+                                        rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """Pure-JAX partials: RoPE and the cache write as `decode_attention_reference`, then per slice of the window
     (S = splits slices of ceil(window/block/S)·block slots) the running max m, the sum l of exp(score - m) and
-    the unnormalised output over the valid slots. `merge_partials` of the result is the reference's output."""
+    the unnormalised output over the valid slots. `merge_partials` of the result is the reference's output.
+    `rows` given: qkv is `project_partials(qkv, rows, eps)`'s partials (see `decode_attention_pallas`)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
-               window=window, kernel=False)
+               window=window, kernel=False, rows=rows)
     check_split_args(k_cache, window, block, splits)
+    if rows is not None:
+        qkv = project_partials(qkv, rows, eps)
     b, slots, kv, d = k_cache.shape
     h = num_heads
     g = h // kv
@@ -497,16 +537,24 @@ def check_cache_args(k_cache: Any, v_cache: Any, valid: Any, *, num_heads: int, 
 
 
 def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *, num_heads: int,
-               num_kv_heads: int, window: int = 0, kernel: bool = True) -> None:
-    """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs."""
+               num_kv_heads: int, window: int = 0, kernel: bool = True, rows: Any = None) -> None:
+    """Raises KernelError naming the first bad argument (shapes only). `kernel=False`: what the reference needs.
+    `rows` given: qkv must be the projection's split-K partials (S, batch, N) and rows (batch, width)."""
     def bad(msg: str) -> KernelError:
         return KernelError(f"decode_attention: {msg}")
 
     b, slots, kv, d = check_cache_args(k_cache, v_cache, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                        op="decode_attention")
     h = num_heads
-    if qkv.shape != (b, (h + 2 * kv) * d):
-        raise bad(f"qkv must be (batch, (heads + 2·kv_heads)·head_dim) = {(b, (h + 2 * kv) * d)}, got {qkv.shape}")
+    n = (h + 2 * kv) * d
+    if rows is None and qkv.shape != (b, n):
+        raise bad(f"qkv must be (batch, (heads + 2·kv_heads)·head_dim) = {(b, n)}, got {qkv.shape}")
+    if rows is not None:
+        if getattr(rows, "ndim", None) != 2 or rows.shape[0] != b:
+            raise bad(f"rows must be (batch = {b}, width), got {getattr(rows, 'shape', None)}")
+        if getattr(qkv, "ndim", None) != 3 or qkv.shape[1:] != (b, n) or qkv.shape[0] < 1:
+            raise bad(f"with rows, qkv must be the projection's split-K partials (S, batch, (heads + "
+                      f"2·kv_heads)·head_dim) = (S, {b}, {n}), got {qkv.shape}")
     if cos.shape != (b, d // 2) or sin.shape != cos.shape:
         raise bad(f"cos and sin must be (batch, head_dim/2) = {(b, d // 2)}, got {cos.shape} and {sin.shape}")
     if window < 0 or window > slots:
@@ -518,6 +566,8 @@ def check_args(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: 
                   "mamba_llama_jax.ops.attention.decode_attention_reference for other sizes")
     if pick_block(window or slots) < 16:
         raise bad(f"the attended slots ({window or slots}) must be a multiple of 16 for the Pallas kernel")
+    if rows is not None and pick_block(rows.shape[1]) < 16:
+        raise bad(f"the rows' width ({rows.shape[1]}) must be a multiple of 16 for the Pallas kernel")
 
 
 # Its gpu tests (kernel == reference at real shapes) passed on an H100 (benchmarks/results/test-gpu-decode.xml),
@@ -526,9 +576,9 @@ GPU_VERIFIED = True
 
 
 def decode_attention_choice(qkv: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, valid: Any, *,
-                            num_heads: int, num_kv_heads: int, window: int = 0) -> str:
+                            num_heads: int, num_kv_heads: int, window: int = 0, rows: Any = None) -> str:
     """Which implementation `decode_attention` would use (raises KernelError for bad arguments)."""
-    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window, rows=rows)
     check_args(qkv, k_cache, v_cache, cos, sin, valid, kernel=False, **kw)
     if not dispatch.kernel_allowed(GPU_VERIFIED):
         return REFERENCE
@@ -548,29 +598,35 @@ def kernel_would_run(head_dim: int, slots_multiple: int) -> bool:
 
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                      index: jax.Array, valid: jax.Array, *, num_heads: int, num_kv_heads: int,
-                     window: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     window: int = 0, rows: jax.Array | None = None,
+                     eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Kernel on GPU (see GPU_VERIFIED), the XLA reference elsewhere or with MAMBA_LLAMA_FORCE_REFERENCE=1; records
-    the choice (`pallas_kernels.dispatch.last_choice("decode_attention")`)."""
+    the choice (`pallas_kernels.dispatch.last_choice("decode_attention")`). `rows`, `eps`: qkv as split-K
+    partials (`decode_attention_pallas`)."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
-    choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, **kw)
+    choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, rows=rows, **kw)
     dispatch.record_choice("decode_attention", choice)
     if choice == PALLAS_TRITON:
-        return decode_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid, interpret=_interpret(), **kw)
+        return decode_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid, interpret=_interpret(),
+                                       rows=rows, eps=eps, **kw)
+    if rows is not None:
+        qkv = project_partials(qkv, rows, eps)
     return decode_attention_reference(qkv, k_cache, v_cache, cos, sin, index, valid, **kw)
 
 
 def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                               sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
-                              num_kv_heads: int, window: int = 0, block: int, splits: int) -> tuple[jax.Array, ...]:
+                              num_kv_heads: int, window: int = 0, block: int, splits: int,
+                              rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """Unmerged partials (see `decode_attention_partials_pallas`) for a consumer that merges them itself:
     the kernel where `decode_attention` would use it, the pure-JAX partials elsewhere. Records the choice."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
-    choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, **kw)
+    choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, rows=rows, **kw)
     dispatch.record_choice("decode_attention", choice)
     f = decode_attention_partials_reference
     if choice == PALLAS_TRITON:
         f = functools.partial(decode_attention_partials_pallas, interpret=_interpret())
-    return f(qkv, k_cache, v_cache, cos, sin, index, valid, block=block, splits=splits, **kw)
+    return f(qkv, k_cache, v_cache, cos, sin, index, valid, block=block, splits=splits, rows=rows, eps=eps, **kw)
 
 
 def merge_splits(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:

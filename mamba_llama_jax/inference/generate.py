@@ -15,6 +15,8 @@ Design (the reasons, not the steps):
   (`pallas_kernels/fused_decode.py`: RMSNorm + q·k·v; o-projection + residual, merging attention's sequence
   splits; RMSNorm + gate·up + SiLU·mul; down + residual): `Block` hands the norms and residuals to
   `FusedAttention.decode_residual` / `FusedMLP.norm_residual`, also in hybrids (their attention layers and MLPs).
+  Past those batches (5-64 rows) XLA's q·k·v GEMM gives split-K partials that the decode attention kernel sums
+  and norm-scales, so RMSNorm and the split-K reduction cost no launch (`inference/split_k.py`).
 - Prompts are left-padded, so every row's last prompt token sits at the same position and prefill computes the
   LM head only there.
 - Sampling keys are `fold_in(seed, step)`, so the streaming path (one jitted step per token) samples the same
@@ -36,12 +38,14 @@ import numpy as np
 from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
+from mamba_llama_jax.inference import split_k
 from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, chunk_mask,
 )
 from mamba_llama_jax.models.mamba import Mamba2
 from mamba_llama_jax.ops.attention import attend_one
+from mamba_llama_jax.ops.partials import matmul_t_partials, weigh
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
@@ -237,22 +241,33 @@ class FusedAttention(nnx.Module):
         x2 = x[:, 0].astype(dt)
         b = x2.shape[0]
         wo = self.o[...].astype(dt)
-        qkv = norm_matmul(x2, norm.weight[...], self.qkv[...].astype(dt), eps=norm.eps)
+        qkv, proj = self._norm_qkv(x2, norm)
         cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
         args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
-        if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, **kw) == PALLAS_TRITON
+        if (decode_attention_choice(*args[:5], ctx.valid, rows=proj.get("rows"), **kw) == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
             block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b),
                                  dot=uses_dot(b, d))
             if splits > 1:
-                o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw)
+                o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw, **proj)
                 if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it
                     return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
                 merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
                 return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
-        out, kc, vc = decode_attention(*args, **kw)
+        out, kc, vc = decode_attention(*args, **kw, **proj)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
+
+    def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
+        """RMSNorm + q·k·v of a decode step's rows as (qkv, the decode attention's keywords for it):
+        `fused_decode.norm_matmul`, or past its kernels' batches with `split_k.qkv_splits` > 1 XLA's GEMM as
+        split-K partials of the rows times the norm's weight, which the attention sums and scales (`rows=`)."""
+        wt = self.qkv[...].astype(x2.dtype)
+        rows, width = x2.shape
+        parts = split_k.qkv_splits(rows)
+        if parts > 1 and width % parts == 0 and not kernels_would_run(rows, width, wt.shape[0]):
+            return matmul_t_partials(weigh(x2, norm.weight[...]), wt, parts), dict(rows=x2, eps=norm.eps)
+        return norm_matmul(x2, norm.weight[...], wt, eps=norm.eps), {}
 
     def verify_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         """x + attention(norm(x)) for a verify chunk x (b, t, D): its b·t tokens go through RMSNorm + q·k·v and

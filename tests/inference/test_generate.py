@@ -245,3 +245,55 @@ def test_decode_gemm_choice(gen, greedy_batch, monkeypatch):
     monkeypatch.setenv(G.DECODE_GEMM_ENV, "cuda")
     with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GEMM must be one of cublas, triton"):
         gen.run(PROMPTS, SamplingConfig(max_new_tokens=N))
+
+
+def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch):
+    """MAMBA_LLAMA_DECODE_SPLIT_K: the decode step's q·k·v as split-K partials with RMSNorm folded across
+    (`inference.split_k`) — the path taken at every layer, the same greedy tokens (fp32); its default is XLA's own
+    GEMM off a GPU, `SPLITS` on one up to MAX_ROWS rows; a bad value is a clear error."""
+    from mamba_llama_jax.inference import generate as G
+    from mamba_llama_jax.inference import split_k
+    from pallas_kernels import dispatch
+
+    calls = []
+    orig = G.matmul_t_partials
+    monkeypatch.setattr(G, "matmul_t_partials", lambda a, wt, parts: calls.append(parts) or orig(a, wt, parts))
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
+    jax.clear_caches()  # kernel and form choices are made at trace time
+    try:
+        got = Generator(model, window_block=8).run(PROMPTS, SamplingConfig(max_new_tokens=N))
+    finally:
+        jax.clear_caches()
+    assert calls and set(calls) == {4}
+    np.testing.assert_array_equal(got.tokens, greedy_batch.tokens)
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "four")
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_SPLIT_K must be a partial count"):
+        split_k.qkv_splits(64)
+    monkeypatch.delenv(split_k.SPLIT_K_ENV)
+    assert split_k.qkv_splits(64) == 1
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    assert split_k.qkv_splits(split_k.MAX_ROWS) == split_k.SPLITS > 1
+    assert split_k.qkv_splits(split_k.MAX_ROWS + 1) == 1
+
+
+def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):
+    """At a batch past the fused GEMVs' (6 rows), the decode step hands the q·k·v partials and the rows to the
+    decode attention kernel (interpret mode), which sums and norm-scales them: the same greedy tokens (fp32) as
+    XLA's own GEMM and norm with the reference attention."""
+    from mamba_llama_jax.inference import split_k
+    from pallas_kernels import dispatch
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    prompts = [PROMPTS[i % 2][: 3 + i] for i in range(6)]
+    want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in its own tests
+    jax.clear_caches()
+    try:
+        got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
+        assert dispatch.last_choice("decode_attention") == "pallas_triton"
+        assert dispatch.last_choice("fused_decode") == "reference_xla"  # 6 rows: XLA's GEMMs, the split-K form
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(got, want)

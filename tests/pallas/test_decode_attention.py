@@ -16,6 +16,7 @@ import pytest
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import decode_attention_reference
+from mamba_llama_jax.ops.partials import matmul_t_partials, project_partials, weigh
 from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
@@ -347,3 +348,94 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
     assert_equal_to_reference(args, 9, 3, tol=tol, interpret=False, dot=True)
     block, splits = plan(b, 3, slots, max_splits=16)
     assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=tol, interpret=False, dot=True)
+
+
+# ------------------------------------------------------------ q·k·v as split-K partials (`rows=`, inference.split_k)
+
+
+def make_partial_inputs(b, slots, h, kv, d, index, *, width, parts, dtype=jnp.float32, seed=0, pad=None):
+    """`make_inputs` with the q·k·v row replaced by its split-K partials of RMSNorm(rows) without the row scale:
+    (args, rows, norm weight, wt)."""
+    _, kc, vc, cos, sin, idx, valid = make_inputs(b, slots, h, kv, d, index, dtype=dtype, seed=seed, pad=pad)
+    k = jax.random.split(jax.random.key(seed + 1), 3)
+    rows = (3.0 * jax.random.normal(k[0], (b, width))).astype(dtype)
+    g = (1.0 + 0.2 * jax.random.normal(k[1], (width,))).astype(dtype)
+    wt = (jax.random.normal(k[2], ((h + 2 * kv) * d, width)) / np.sqrt(width)).astype(dtype)
+    p = matmul_t_partials(weigh(rows, g), wt, parts)
+    return (p, kc, vc, cos, sin, idx, valid), rows, g, wt
+
+
+def assert_rows_form_equals_reference(args, rows, h, kv, *, eps=1e-5, tol=1e-5, interpret=True, splits=0,
+                                      dot=None):
+    """The kernel summing the partials and scaling by the rows' norm factor = the reference on
+    `project_partials` (merged, and where split, unmerged)."""
+    kw = dict(num_heads=h, num_kv_heads=kv)
+    qkv = project_partials(args[0], rows, eps)
+    want = decode_attention_reference(qkv, *args[1:], **kw)
+    got = jax.jit(lambda *a: decode_attention_pallas(*a, interpret=interpret, rows=rows, eps=eps, splits=splits,
+                                                     dot=dot, **kw))(*args)
+    for g_, w_, name in zip(got, want, ("out", "k_cache", "v_cache")):
+        assert g_.shape == w_.shape and g_.dtype == w_.dtype, name
+        assert rel(g_, w_) < tol, (name, rel(g_, w_))
+    if splits > 1:
+        block = 16
+        got_p = decode_attention_partials_pallas(*args, block=block, splits=splits, interpret=interpret, rows=rows,
+                                                 eps=eps, dot=dot, **kw)
+        want_p = decode_attention_partials_reference(*args, block=block, splits=splits, rows=rows, eps=eps, **kw)
+        for g_, w_ in zip(got_p, want_p):
+            assert rel(g_, w_) < tol, rel(g_, w_)
+
+
+@pytest.mark.parametrize("dtype,parts,splits,dot", [
+    (jnp.float32, 4, 1, False), (jnp.float32, 3, 2, True), (jnp.bfloat16, 2, 1, True), (jnp.float32, 1, 1, True),
+])
+def test_rows_form_equals_reference_interpret(dtype, parts, splits, dot):
+    args, rows, _, _ = make_partial_inputs(4, 64, 4, 2, 32, 40, width=96, parts=parts, dtype=dtype,
+                                           pad=[0, 7, 20, 3])
+    assert_rows_form_equals_reference(args, rows, 4, 2, tol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
+                                      splits=splits, dot=dot)
+
+
+def test_rows_form_is_the_norm_then_projection():
+    """project_partials(partials of weigh(x, g) @ W) is RMSNorm(x) @ W (fp32), and the dispatcher on the CPU takes
+    that path to the reference."""
+    from pallas_kernels.fused_decode import norm_matmul_reference
+
+    args, rows, g, wt = make_partial_inputs(3, 64, 4, 2, 32, 30, width=96, parts=4)
+    np.testing.assert_allclose(project_partials(args[0], rows, 1e-5), norm_matmul_reference(rows, g, wt, eps=1e-5),
+                               rtol=1e-5, atol=1e-5)
+    got = decode_attention(*args, num_heads=4, num_kv_heads=2, rows=rows, eps=1e-5)
+    want = decode_attention_reference(norm_matmul_reference(rows, g, wt, eps=1e-5), *args[1:], num_heads=4,
+                                      num_kv_heads=2)
+    for g_, w_ in zip(got, want):
+        assert rel(g_, w_) < 1e-5
+
+
+def test_rows_form_bad_shapes_raise():
+    args, rows, _, _ = make_partial_inputs(2, 64, 4, 2, 32, 30, width=96, parts=2)
+    kw = dict(num_heads=4, num_kv_heads=2)
+    with pytest.raises(KernelError, match="rows must be"):
+        decode_attention(*args, rows=rows[:1], eps=1e-5, **kw)
+    with pytest.raises(KernelError, match="split-K partials"):
+        decode_attention(args[0][0], *args[1:], rows=rows, eps=1e-5, **kw)  # a projection, not partials
+    with pytest.raises(KernelError, match="width"):
+        decode_attention_pallas(*args, rows=jnp.zeros((2, 90)), eps=1e-5, interpret=True, **kw)
+
+
+def test_rows_form_lowers_to_triton_at_smollm2_shape():
+    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    h, kv, d, b, slots = 9, 3, 64, 64, 384
+    avals = (S((4, b, (h + 2 * kv) * d), f32), S((b, slots, kv, d), bf), S((b, slots, kv, d), bf), S((b, d // 2), f32),
+             S((b, d // 2), f32), S((), jnp.int32), S((b, slots), bool), S((b, 576), bf))
+    fn = lambda *a: decode_attention_pallas(*a[:7], num_heads=h, num_kv_heads=kv, rows=a[7], eps=1e-5)
+    lowers_for_h100(fn, *avals)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("b,index,parts,splits", [(64, 300, 4, 0), (16, 200, 4, 0), (4, 60, 2, 2)])
+def test_rows_form_equals_reference_gpu(b, index, parts, splits):
+    """SmolLM2's shapes (hidden 576, 9 / 3 heads of 64), bf16, compiled: the split-K form of issue 3's batch 64."""
+    args, rows, _, _ = make_partial_inputs(b, 384, 9, 3, 64, index, width=576, parts=parts, dtype=jnp.bfloat16,
+                                           pad=[0, 7, 100, 3] * (b // 4))
+    assert_rows_form_equals_reference(args, rows, 9, 3, tol=1e-2, interpret=False, splits=splits)
