@@ -17,7 +17,8 @@ the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
 (MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False), `cublas` = the decode program's
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`),
-`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` = N-slot attention blocks / N warps per attention program,
+`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N
+warps / N pipeline stages per attention program,
 `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`), `amk` / `amx` = the splits
 of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
 default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
@@ -178,6 +179,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_block"] = int(m.group(1))
         elif m := re.fullmatch(r"aw(\d+)", tok):
             tiling["attn_warps"] = int(m.group(1))
+        elif m := re.fullmatch(r"as(\d+)", tok):
+            tiling["attn_stages"] = int(m.group(1))
         elif tok in ("adot", "aew"):
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("amk", "amx"):
@@ -192,7 +195,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, adot, aew, amk, amx, mx, "
+                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, amx, mx, "
                              "mk, mc, gN, dbN, kqN)")
     return tiling, env
 
@@ -207,7 +210,7 @@ def applied(variant: str) -> Iterator[None]:
 
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
-            for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None))}
+            for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

@@ -68,7 +68,8 @@ def pick_block(slots: int, cap: int = 128) -> int:
 
 # `override_plan` sets the split count, block, warps, merge and dot form for a while (the decode-step benchmark's
 # variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` decides.
-_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None}
+_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0}
+STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages)
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -82,13 +83,13 @@ DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
-    runs `warps` warps a program, `decode_attention_pallas` merges its splits with `merge` ("xla":
-    `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks the tensor-core form
-    (True) or the elementwise one (False), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so
-    that nothing traced before is reused."""
+    runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
+    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks
+    the tensor-core form (True) or the elementwise one (False), for steps traced anew. Clear jax's caches
+    (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -97,8 +98,10 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan merge must be 'xla' or 'kernel', got {merge!r}")
     if dot not in (None, True, False):
         raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
+    if not 0 <= stages <= 8:
+        raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
     old = dict(_PLAN_OVERRIDE)
-    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot)
+    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages)
     try:
         yield
     finally:
@@ -114,6 +117,11 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
     8: 6.1 / 5.8), 32-slot blocks 6.3 with 2 warps vs 6.8 with 4; at batch 64 (128-slot blocks,
     decode_attn_b64.md) 4 warps beat 2 and 8 (14.0 vs 25.9 / 21.3 µs)."""
     return num_warps or _PLAN_OVERRIDE["warps"] or max(1, min(4, block // 16))
+
+
+def planned_stages() -> int:
+    """Pipeline stages of the K/V block loop: the override's (`override_plan`), else STAGES."""
+    return _PLAN_OVERRIDE["stages"] or STAGES
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -413,7 +421,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={1: 3, 2: 4},
-        interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=2,
+        interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=planned_stages(),
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32), jnp.zeros((1, 1), F32) if rows is None else rows)

@@ -65,6 +65,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("fd64+bn2") == ({"row_block": 2}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("kq4+aew") == ({"attn_dot": False}, {"MAMBA_LLAMA_DECODE_SPLIT_K": "4"})
     assert bdp.parse_variant("kq0") == ({}, {"MAMBA_LLAMA_DECODE_SPLIT_K": "0"})
+    assert bdp.parse_variant("as3+ab64") == ({"attn_stages": 3, "attn_block": 64}, {})
     assert bdp.parse_variant("s4+mk") == ({"attn_splits": 4, "merge": "kernel"}, {})
     assert bdp.parse_variant("mx")[0] == {"merge": "xla"}
     assert bdp.parse_variant("s1+ab64+aw8")[0] == {"attn_splits": 1, "attn_block": 64, "attn_warps": 8}

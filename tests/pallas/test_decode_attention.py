@@ -258,6 +258,12 @@ def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
         with pytest.raises(KernelError, match="power of two"):
             with da.override_plan(**bad):
                 pass
+    with da.override_plan(stages=3):
+        assert da.planned_stages() == 3
+    assert da.planned_stages() == da.STAGES
+    with pytest.raises(KernelError, match="stages must be in 1..8"):
+        with da.override_plan(stages=9):
+            pass
 
 
 def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
