@@ -21,6 +21,11 @@ epilogue.
 
 Warps (`planned_warps`): one per 16 slots of a block, 1 to 4 — a 16-slot block is one warp's worth of work.
 
+The q·k·v row may come as XLA's split-K partials instead (`rows=`: the partials of RMSNorm(rows) without its row
+scale, `mamba_llama_jax.ops.partials`): every program sums its heads' partials and computes the row's RMSNorm
+factor from `rows` in its prologue, which saves the decode step the norm's launch and the GEMM's reduction
+(`mamba_llama_jax.inference.split_k`).
+
 Two ways to compute a block (`planned_dot`): elementwise on the CUDA cores (the g heads one by one: products summed
 across the head dimension for the scores, across the block's slots for the values), or tensor-core dots (the
 default, measured faster in the whole decode loop: `DOT_MIN_BATCH`): the g heads stacked as the rows of a (G, d)
@@ -66,8 +71,9 @@ def pick_block(slots: int, cap: int = 128) -> int:
     return blk
 
 
-# `override_plan` sets the split count, block, warps, merge and dot form for a while (the decode-step benchmark's
-# variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` decides.
+# `override_plan` sets the split count, block, warps, merge, dot form and pipeline stages for a while (the
+# decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
+# STAGES decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0}
 STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages)
 
