@@ -9,6 +9,12 @@ subset would give), with the head's rows as a share of the full head.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_draft_vocab.py --out benchmarks/results               # the teacher
     PYTHONPATH=$PWD python3 benchmarks/bench_draft_vocab.py --target runs/X/model --out /tmp/dv    # a saved hybrid
+    # also in Llama 3's vocabulary: its rank file from PyPI (pip download --no-deps llama-models; unzip it)
+    PYTHONPATH=$PWD python3 benchmarks/bench_draft_vocab.py --retokenize llama_models/llama3/tokenizer.model
+
+`--retokenize FILE` (a tiktoken-format rank file, `rank_bpe.py`) counts the same answers' text again in that
+vocabulary: the first-N coverage a model with that tokenizer would give for text like the target's answers (its own
+answers would differ; no such model runs offline here).
 
 Writes <out>/draft_vocab.json and <out>/draft_vocab.md. Quality, not speed: any backend gives the same figures up
 to the rounding of the greedy answers.
@@ -58,6 +64,28 @@ def coverage(held: list[list[int]], train: list[list[int]], vocab: int, sizes: l
     return rows
 
 
+def retokenized(held: list[list[int]], train: list[list[int]], tok: Any, path: Path, specials: int,
+                sizes: list[int]) -> dict[str, Any]:
+    """The answers decoded to text and encoded with the rank file's BPE: `coverage` over its vocabulary (the rank
+    file's tokens + `specials`), no end-of-turn ids kept (text holds none)."""
+    from rank_bpe import RankBPE
+
+    bpe = RankBPE.from_file(path)
+    again = lambda answers: [bpe.encode(tok.decode(a)) for a in answers]  # noqa: E731
+    h, t = again(held), again(train)
+    vocab = bpe.size + specials
+    return dict(file=str(path), vocab=vocab, heldout_tokens=sum(map(len, h)), train_tokens=sum(map(len, t)),
+                rows=coverage(h, t, vocab, [n for n in sizes if n <= vocab], ()))
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| N | head | first N | top N by frequency |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {100 * r['head_share']:.1f} % | {100 * r['first_n']:.1f} % | "
+                     f"{100 * r['frequency_top_n']:.1f} % |")
+    return lines
+
+
 def render_md(res: dict[str, Any]) -> str:
     lines = [f"# Draft vocabulary coverage ({res['device']}, {res['dtype']}, {res['date']})", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items())
@@ -67,10 +95,11 @@ def render_md(res: dict[str, Any]) -> str:
              f"answers to {res['train_prompts']} training prompts ({res['train_tokens']} tokens). `first N` = the "
              "first N ids and the end-of-turn ids (`speculative.draft_vocabulary`), `top N by frequency` = the N ids "
              "most frequent in the training answers; `head` = the draft head's rows as a share of the full head.",
-             "", "| N | head | first N | top N by frequency |", "|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['size']} | {100 * r['head_share']:.1f} % | {100 * r['first_n']:.1f} % | "
-                     f"{100 * r['frequency_top_n']:.1f} % |")
+             ""] + _table(res["rows"])
+    if rt := res.get("retokenized"):
+        lines += ["", f"The same answers' text in the vocabulary of `{rt['file']}` ({rt['vocab']} ids with its "
+                  f"special tokens): {rt['heldout_tokens']} held-out and {rt['train_tokens']} training tokens; "
+                  "`first N` = ids below N (text holds no end-of-turn ids).", ""] + _table(rt["rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -84,10 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--retokenize", type=Path, metavar="FILE",
+                    help="a tiktoken-format rank file (Llama 3's tokenizer.model): the answers counted in its "
+                    "vocabulary too")
+    ap.add_argument("--retokenize-specials", type=int, default=256,
+                    help="special tokens after the rank file's (Llama 3: 256, so 128,256 ids)")
+    ap.add_argument("--retokenize-sizes", nargs="+", type=int, default=[4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
-    if min(args.heldout_prompts, args.train_prompts, args.new_tokens, args.batch, *args.sizes) < 1:
-        ap.error("prompt counts, --new-tokens, --batch and --sizes must be positive")
+    if min(args.heldout_prompts, args.train_prompts, args.new_tokens, args.batch, *args.sizes,
+           *args.retokenize_sizes) < 1 or args.retokenize_specials < 0:
+        ap.error("prompt counts, --new-tokens, --batch and the sizes must be positive")
+    if args.retokenize and not args.retokenize.is_file():
+        ap.error(f"--retokenize: no file {args.retokenize}")
 
     from mamba_llama_jax.data.sources import heldout_prompts, offline_prompts
     from mamba_llama_jax.errors import MambaLlamaError
@@ -116,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
                heldout_prompts=args.heldout_prompts, train_prompts=args.train_prompts, new_tokens=args.new_tokens,
                heldout_tokens=sum(map(len, held)), train_tokens=sum(map(len, train)),
                rows=coverage(held, train, vocab, args.sizes, tuple(tok.eos_token_ids)))
+    if args.retokenize:
+        try:
+            res["retokenized"] = retokenized(held, train, tok, args.retokenize, args.retokenize_specials,
+                                             args.retokenize_sizes)
+        except ValueError as e:
+            ap.error(f"--retokenize: {e}")
     res["wall_s"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "draft_vocab.json").write_text(json.dumps(res, indent=1) + "\n")
