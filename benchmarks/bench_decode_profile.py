@@ -195,8 +195,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, amx, mx, "
-                             "mk, mc, gN, dbN, kqN)")
+                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
+                             "amx, mx, mk, mc, gN, dbN, kqN)")
     return tiling, env
 
 
