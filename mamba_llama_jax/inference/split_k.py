@@ -6,9 +6,9 @@ SMs) and sums the partials in a launch of its own; before the q·k·v GEMM, RMSN
 norm's weight applied to its input and its row scale left out (`mamba_llama_jax.ops.partials`), and the decode
 attention kernel sums the partials and applies the norm's row scale in its prologue
 (`pallas_kernels.decode_attention`, `rows=`): two launches a layer fewer (60 of 315 a step at batch 64), for a
-prologue ~1 µs longer. Measured on an H100 in one process (benchmarks/results/decode_profile_s18_kq_loads.md):
+prologue ~0.8 µs longer. Measured on an H100 in one process (benchmarks/results/decode_profile_s18_kq_loads.md):
 4 partials, ms a step, 0.800 vs 0.850-0.857 at batch 16, 0.962 vs 1.013-1.017 at batch 64 (8 partials: 0.801 /
-0.986). Batches past MAX_ROWS keep XLA's own GEMM and norm: not measured there.
+0.986); neutral at batch 256 (decode_profile_s18_b256.md), so batches past MAX_ROWS keep XLA's own GEMM and norm.
 (The gate·up GEMM written the same way, its sum and SiLU·mul as elementwise ops, did not fuse into the down GEMM:
 XLA kept the launch, benchmarks/results/decode_profile_s18_splitk.md.)
 
