@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
+from mamba_llama_jax.ops.partials import row_scale
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
 from pallas_kernels.decode_attention import merge_partials
@@ -83,9 +84,7 @@ GPU_VERIFIED = True
 
 def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """`models.llama.RMSNorm` on (b, K) rows: fp32 statistics, rounded to the rows' dtype."""
-    xf = x.astype(F32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight.astype(F32)).astype(x.dtype)
+    return ((x.astype(F32) * row_scale(x, eps)[:, None]) * weight.astype(F32)).astype(x.dtype)
 
 
 def matmul_t(a: jax.Array, wt: jax.Array) -> jax.Array:

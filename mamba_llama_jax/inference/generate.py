@@ -245,7 +245,8 @@ class FusedAttention(nnx.Module):
         cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
         args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
-        if (decode_attention_choice(*args[:5], ctx.valid, rows=proj.get("rows"), **kw) == PALLAS_TRITON
+        if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, rows=proj.get("rows"), **kw)
+                == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
             block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b),
                                  dot=uses_dot(b, d))
