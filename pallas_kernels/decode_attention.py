@@ -74,8 +74,12 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # `override_plan` sets the split count, block, warps, merge, dot form and pipeline stages for a while (the
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES decides.
-_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0}
+_PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
+                                  "prefetch": None}
 STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages)
+# The tensor-core loop reads block i+1's padding mask in iteration i and carries it (`planned_prefetch`), so the
+# mask's load is not waited for in the iteration that uses it.
+PREFETCH_VALID = False
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -89,12 +93,13 @@ DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, prefetch: bool | None = None) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks
-    the tensor-core form (True) or the elementwise one (False), for steps traced anew. Clear jax's caches
+    the tensor-core form (True) or the elementwise one (False), `prefetch` whether the tensor-core loop reads
+    the next block's padding mask ahead (`PREFETCH_VALID`), for steps traced anew. Clear jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
@@ -106,8 +111,11 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
     if not 0 <= stages <= 8:
         raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
+    if prefetch not in (None, True, False):
+        raise KernelError(f"decode_attention: override_plan prefetch must be True, False or None, got {prefetch!r}")
     old = dict(_PLAN_OVERRIDE)
-    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages)
+    _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
+                          prefetch=prefetch)
     try:
         yield
     finally:
@@ -128,6 +136,12 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
 def planned_stages() -> int:
     """Pipeline stages of the K/V block loop: the override's (`override_plan`), else STAGES."""
     return _PLAN_OVERRIDE["stages"] or STAGES
+
+
+def planned_prefetch() -> bool:
+    """Whether the tensor-core loop prefetches the padding mask: the override's (`override_plan`), else
+    PREFETCH_VALID."""
+    return PREFETCH_VALID if _PLAN_OVERRIDE["prefetch"] is None else _PLAN_OVERRIDE["prefetch"]
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -187,7 +201,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float):
+            dot: bool, parts: int, eps: float, prefetch: bool = False):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -223,7 +237,8 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
 
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
-                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials)
+                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
+                    prefetch=prefetch)
         return
 
     def body(i, carry):
@@ -323,10 +338,11 @@ def pick_row(tile: jax.Array, r: int) -> jax.Array:
 
 
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool, prefetch: bool = False) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
-    extracted at the end (`pick_row`)."""
+    extracted at the end (`pick_row`). `prefetch`: block i+1's padding mask is read in iteration i and carried
+    (`PREFETCH_VALID`)."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -338,18 +354,27 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         q2 = jnp.where(row == j, a2[None, :], q2)
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
-    def body(i, carry):
+    last = valid_ref.shape[1] - block  # the last block's first slot: a prefetch past the loop reads in bounds
+
+    def valid_block(i):
+        return valid_ref[bi, pl.ds(jnp.minimum(i * block, last), block)]
+
+    def attend(i, carry, valid):
         rows = pl.ds(i * block, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         new = (slot == index)[:, None]
         kb1 = jnp.where(new, k1c[None, :], kc_ref[bi, rows, ki, pl.ds(0, half)])
         kb2 = jnp.where(new, k2c[None, :], kc_ref[bi, rows, ki, pl.ds(half, half)])
         vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :])
-        ok = ((valid_ref[bi, rows] != 0) & (slot <= index))[None, :]
+        ok = ((valid != 0) & (slot <= index))[None, :]
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
-    m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+    if prefetch:
+        (m, l, acc), _ = jax.lax.fori_loop(
+            lo, hi, lambda i, c: (attend(i, c[0], c[1]), valid_block(i + 1)), (init, valid_block(lo)))
+    else:
+        m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, valid_block(i)), init)
     for j in range(g):
         acc_j, l_j = pick_row(acc, j), pick_row(l, j)
         head = ki * g + j
@@ -414,7 +439,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps))
+                             eps=float(eps), prefetch=planned_prefetch())
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused

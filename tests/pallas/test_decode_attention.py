@@ -90,6 +90,30 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
         assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
 
 
+@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
+    (2, 48, 4, 2, 32, 37, 0, 1, jnp.float32),     # several blocks: the mask of the next block carried
+    (3, 64, 9, 3, 32, 63, 0, 1, jnp.float32),     # the last slot: the prefetch past the last block stays in bounds
+    (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # splits, one with no valid slot (an empty loop)
+    (1, 64, 6, 2, 32, 50, 48, 1, jnp.bfloat16),   # window shorter than the cache
+])
+def test_prefetched_mask_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype):
+    """override_plan(prefetch=True): block i+1's padding mask read in iteration i; the same output and caches
+    (the padding differs per row, so a mask taken from the wrong block shows)."""
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    jax.clear_caches()  # the kernel's traces without the prefetch would be reused
+    with da.override_plan(prefetch=True):
+        assert da.planned_prefetch() is True
+        assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
+        if splits > 1:
+            assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
+    jax.clear_caches()
+    assert da.planned_prefetch() is da.PREFETCH_VALID
+    with pytest.raises(KernelError, match="prefetch must be"):
+        with da.override_plan(prefetch="yes"):
+            pass
+
+
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 def test_an_index_past_the_cache_writes_where_the_reference_writes(dot):
     """index >= slots (a caller's bug): the kernel clamps its write as dynamic_update_slice clamps the reference's
@@ -310,6 +334,12 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     block, splits = plan(b, kv, slots, max_splits=16)
     for dot in (False, True):  # the elementwise and the tensor-core form
         lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=dot), *avals)
+        if dot:
+            jax.clear_caches()
+            with da.override_plan(prefetch=not da.PREFETCH_VALID):  # the form the default does not take
+                lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=True),
+                                *avals)
+            jax.clear_caches()
         lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
                                           block=block, splits=splits, dot=dot), *avals)
     if splits > 1:
