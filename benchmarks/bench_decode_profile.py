@@ -26,8 +26,8 @@ default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits mer
 (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1
-is XLA's own GEMM and norm), `vp1` / `vp0` = the attention loop reads the next block's padding mask ahead / not
-(`decode_attention.planned_prefetch`).
+is XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask,
+2 the mask and the K/V tiles (`decode_attention.PREFETCH`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
@@ -182,8 +182,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
-        elif tok in ("vp0", "vp1"):
-            tiling["attn_prefetch"] = tok == "vp1"
+        elif m := re.fullmatch(r"vp([012])", tok):
+            tiling["attn_prefetch"] = int(m.group(1))
         elif tok in ("adot", "aew"):
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("amk", "amx"):
@@ -199,7 +199,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, mx, mk, mc, gN, dbN, kqN, vp0, vp1)")
+                             "amx, mx, mk, mc, gN, dbN, kqN, vp0, vp1, vp2)")
     return tiling, env
 
 

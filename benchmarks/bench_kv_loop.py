@@ -13,7 +13,8 @@ caches, so the piece that costs shows:
   dot+valid+where   both: the real loop's shape
   dot+valid_pf the mask of block i+1 read in iteration i and carried (prefetched by hand)
   kernel       the real `decode_attention_pallas` (RoPE, cache write, prologue), one split of 128-slot blocks
-  kernel+vp    the same with the padding mask prefetched (`decode_attention.override_plan(prefetch=True)`)
+  kernel+vpN   the same reading a block ahead (`decode_attention.PREFETCH` = N): 1 the padding mask, 2 the mask and
+               the K/V tiles, the first block's before the prologue
 
 each in the project's slot-major cache layout (b, S, kv, d) and head-major (b, kv, S, d) (`@hm`), plus XLA's own
 reduction over the filled slots (`xla_sum`) as the bandwidth it reaches. A call runs the probe over L layers'
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FORMS = ("sum", "dot", "dot+valid", "dot+where", "dot+valid+where", "dot+valid_pf")
+KERNELS = ("kernel", "kernel+vp1", "kernel+vp2")  # index = the prefetch level
 # name: (batch, slots, index (newest filled slot), layers)
 SHAPES = {"b64-384": (64, 384, 255, 30), "b1-4096": (1, 4096, 4095, 30), "b64-4096": (64, 4096, 4095, 4)}
 TINY_SHAPES = {"tiny": (2, 64, 40, 2)}
@@ -158,9 +160,9 @@ def make_case(shape: tuple[int, int, int, int], variant: str, *, heads: int, kv:
                     for kc, vc in zip(ks_, vs_)]
         return (lambda: call_x(ks, vs)), (lambda: float("nan")), nbytes
 
-    if form in ("kernel", "kernel+vp"):
+    if form in KERNELS:
         from pallas_kernels.decode_attention import override_plan
-        prefetch = form == "kernel+vp"
+        prefetch = KERNELS.index(form)
         qkv = jax.random.normal(keys[-2], (b, (heads + 2 * kv) * d), dt)
         ang = jax.random.uniform(keys[-3], (b, d // 2), jnp.float32, 0, 100)
         cos, sin = jnp.cos(ang), jnp.sin(ang)
@@ -273,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes in interpret mode (CPU smoke test)")
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v] or (
-        ["xla_sum"] + [f + lay for f in FORMS for lay in ("", "@hm")] + ["kernel", "kernel+vp"])
-    bad = [v for v in variants if v.partition("@")[0] not in (*FORMS, "xla_sum", "kernel", "kernel+vp")
+        ["xla_sum"] + [f + lay for f in FORMS for lay in ("", "@hm")] + list(KERNELS))
+    bad = [v for v in variants if v.partition("@")[0] not in (*FORMS, "xla_sum", *KERNELS)
            or v.partition("@")[2] not in ("", "hm")]
     if bad:
         p.error(f"unknown variants {bad}")

@@ -77,9 +77,11 @@ def pick_block(slots: int, cap: int = 128) -> int:
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
                                   "prefetch": None}
 STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages)
-# The tensor-core loop reads block i+1's padding mask in iteration i and carries it (`planned_prefetch`), so the
-# mask's load is not waited for in the iteration that uses it.
-PREFETCH_VALID = False
+# What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
+# padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
+# uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then
+# overlaps the projection's).
+PREFETCH = 0
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -93,13 +95,13 @@ DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, prefetch: bool | None = None) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, prefetch: int | None = None) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks
-    the tensor-core form (True) or the elementwise one (False), `prefetch` whether the tensor-core loop reads
-    the next block's padding mask ahead (`PREFETCH_VALID`), for steps traced anew. Clear jax's caches
+    the tensor-core form (True) or the elementwise one (False), `prefetch` what the tensor-core loop reads a
+    block ahead (0-2, `PREFETCH`), for steps traced anew. Clear jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
@@ -111,8 +113,8 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
     if not 0 <= stages <= 8:
         raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
-    if prefetch not in (None, True, False):
-        raise KernelError(f"decode_attention: override_plan prefetch must be True, False or None, got {prefetch!r}")
+    if prefetch is not None and (type(prefetch) is not int or not 0 <= prefetch <= 2):
+        raise KernelError(f"decode_attention: override_plan prefetch must be 0, 1, 2 or None, got {prefetch!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
                           prefetch=prefetch)
@@ -138,10 +140,10 @@ def planned_stages() -> int:
     return _PLAN_OVERRIDE["stages"] or STAGES
 
 
-def planned_prefetch() -> bool:
-    """Whether the tensor-core loop prefetches the padding mask: the override's (`override_plan`), else
-    PREFETCH_VALID."""
-    return PREFETCH_VALID if _PLAN_OVERRIDE["prefetch"] is None else _PLAN_OVERRIDE["prefetch"]
+def planned_prefetch() -> int:
+    """What the tensor-core loop reads a block ahead (0-2, see PREFETCH): the override's (`override_plan`), else
+    PREFETCH."""
+    return PREFETCH if _PLAN_OVERRIDE["prefetch"] is None else _PLAN_OVERRIDE["prefetch"]
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -201,13 +203,18 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, prefetch: bool = False):
+            dot: bool, parts: int, eps: float, prefetch: int = 0):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
     # clamped as the reference's dynamic_update_slice clamps its write: an index past the cache (a caller's bug)
     # then gives the reference's answer instead of a write out of bounds
     index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
+    per = -(-nblocks // splits)
+    lo = si * per
+    hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
+    # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
+    first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block) if dot and prefetch >= 2 else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
     heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
     v_off = (h + kv + ki) * d
@@ -231,14 +238,10 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
         vc_ref[bi, index, ki, :] = v_new
 
     scale = 1.0 / math.sqrt(d)
-    per = -(-nblocks // splits)
-    lo = si * per
-    hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
-
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
                     g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
-                    prefetch=prefetch)
+                    prefetch=prefetch, first=first)
         return
 
     def body(i, carry):
@@ -337,12 +340,23 @@ def pick_row(tile: jax.Array, r: int) -> jax.Array:
     return jnp.sum(jnp.where(row == r, tile, 0.0), axis=0)
 
 
+def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: Any,
+                 block: int) -> tuple[jax.Array, ...]:
+    """Block i of KV head ki of row bi as loaded: (k's first half, k's second half, v, the padding mask). A block
+    past the cache (a prefetch beyond the loop's last) reads the last whole block instead: in bounds, never used."""
+    rows = pl.ds(jnp.minimum(i * block, kc_ref.shape[1] - block), block)
+    half = kc_ref.shape[-1] // 2
+    return (kc_ref[bi, rows, ki, pl.ds(0, half)], kc_ref[bi, rows, ki, pl.ds(half, half)], vc_ref[bi, rows, ki, :],
+            valid_ref[bi, rows])
+
+
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool, prefetch: bool = False) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool, prefetch: int = 0,
+                first: tuple[jax.Array, ...] | None = None) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
-    extracted at the end (`pick_row`). `prefetch`: block i+1's padding mask is read in iteration i and carried
-    (`PREFETCH_VALID`)."""
+    extracted at the end (`pick_row`). `prefetch` (PREFETCH): 1 block i+1's padding mask is read in iteration i
+    and carried; 2 its K/V tiles too, block `lo`'s (`first`) read by the caller before its prologue."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -354,27 +368,29 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         q2 = jnp.where(row == j, a2[None, :], q2)
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
-    last = valid_ref.shape[1] - block  # the last block's first slot: a prefetch past the loop reads in bounds
-
-    def valid_block(i):
-        return valid_ref[bi, pl.ds(jnp.minimum(i * block, last), block)]
-
-    def attend(i, carry, valid):
-        rows = pl.ds(i * block, block)
+    def attend(i, carry, tiles):
+        k1b, k2b, vb, valid = tiles
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         new = (slot == index)[:, None]
-        kb1 = jnp.where(new, k1c[None, :], kc_ref[bi, rows, ki, pl.ds(0, half)])
-        kb2 = jnp.where(new, k2c[None, :], kc_ref[bi, rows, ki, pl.ds(half, half)])
-        vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :])
+        kb1 = jnp.where(new, k1c[None, :], k1b)
+        kb2 = jnp.where(new, k2c[None, :], k2b)
+        vb = jnp.where(new, v_new[None, :], vb)
         ok = ((valid != 0) & (slot <= index))[None, :]
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
+    def block_at(i):
+        return _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block)
+
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
-    if prefetch:
+    if prefetch >= 2:
         (m, l, acc), _ = jax.lax.fori_loop(
-            lo, hi, lambda i, c: (attend(i, c[0], c[1]), valid_block(i + 1)), (init, valid_block(lo)))
+            lo, hi, lambda i, c: (attend(i, c[0], c[1]), block_at(i + 1)), (init, first))
+    elif prefetch == 1:
+        (m, l, acc), _ = jax.lax.fori_loop(
+            lo, hi, lambda i, c: (attend(i, c[0], block_at(i)[:3] + (c[1],)), block_at(i + 1)[3]),
+            (init, block_at(lo)[3]))
     else:
-        m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, valid_block(i)), init)
+        m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, block_at(i)), init)
     for j in range(g):
         acc_j, l_j = pick_row(acc, j), pick_row(l, j)
         head = ki * g + j

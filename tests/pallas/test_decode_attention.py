@@ -96,22 +96,25 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
     (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # splits, one with no valid slot (an empty loop)
     (1, 64, 6, 2, 32, 50, 48, 1, jnp.bfloat16),   # window shorter than the cache
 ])
-def test_prefetched_mask_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype):
-    """override_plan(prefetch=True): block i+1's padding mask read in iteration i; the same output and caches
-    (the padding differs per row, so a mask taken from the wrong block shows)."""
+@pytest.mark.parametrize("level", [1, 2])
+def test_prefetched_blocks_equal_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype, level):
+    """override_plan(prefetch=1): block i+1's padding mask read in iteration i; 2: its K/V tiles too, the first
+    block's before the prologue. The same output and caches (the padding differs per row, so a mask or a tile
+    taken from the wrong block shows)."""
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    jax.clear_caches()  # the kernel's traces without the prefetch would be reused
-    with da.override_plan(prefetch=True):
-        assert da.planned_prefetch() is True
+    jax.clear_caches()  # the kernel's traces at another level would be reused
+    with da.override_plan(prefetch=level):
+        assert da.planned_prefetch() == level
         assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
         if splits > 1:
             assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
     jax.clear_caches()
-    assert da.planned_prefetch() is da.PREFETCH_VALID
-    with pytest.raises(KernelError, match="prefetch must be"):
-        with da.override_plan(prefetch="yes"):
-            pass
+    assert da.planned_prefetch() == da.PREFETCH
+    for bad in ("yes", 3, True):
+        with pytest.raises(KernelError, match="prefetch must be"):
+            with da.override_plan(prefetch=bad):
+                pass
 
 
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
@@ -336,9 +339,10 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
         lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=dot), *avals)
         if dot:
             jax.clear_caches()
-            with da.override_plan(prefetch=not da.PREFETCH_VALID):  # the form the default does not take
-                lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=True),
-                                *avals)
+            for level in {0, 1, 2} - {da.PREFETCH}:  # the forms the default does not take
+                with da.override_plan(prefetch=level):
+                    lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv,
+                                                      dot=True), *avals)
             jax.clear_caches()
         lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
                                           block=block, splits=splits, dot=dot), *avals)
