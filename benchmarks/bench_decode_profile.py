@@ -18,13 +18,12 @@ the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-
 (MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False), `cublas` = the decode program's
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`),
 `fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N
-warps / N pipeline stages per attention program,
-`adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`), `amk` / `amx` = the splits
-of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge kernel / by XLA (the
-default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
-`decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
-(`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
-(`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
+warps / N pipeline stages per attention program, `adot` / `aew` = the attention kernel's tensor-core / elementwise
+form (`decode_attention.planned_dot`), `amk` / `amx` = the splits of the unfused decode path (batches above the
+fused GEMVs') merged by the Pallas merge kernel / by XLA (the default) (`decode_attention.override_plan`),
+`mk` / `mx` / `mc` = the splits merged by `decode_attention.merge_partials_pallas` (the default) / by XLA before the
+o-projection, or in its prologue (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on
+the fused dot path (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1
 is XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask,
 2 the mask and the K/V tiles (`decode_attention.PREFETCH`).
@@ -130,7 +129,7 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     gen = Generator(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
     c = compile_generate(gen, tokens, n_new)
-    chosen = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode")
+    chosen = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection")
     c.once()  # warm-up
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]

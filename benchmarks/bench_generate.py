@@ -296,7 +296,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         compiled = compile_generate(gen, tokens, n_new)
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
-        traced = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode")
+        traced = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection")
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -313,6 +313,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
             "decode_ms_per_step_min": min(dec) / steps * 1e3,
             "first_tokens_row0": np.asarray(toks[0, :16]).tolist(),
             "decode_attention_traced": traced["decode_attention"], "fused_decode_traced": traced["fused_decode"],
+            "qkv_projection_traced": traced["qkv_projection"],
             "fused_decode": gen.fused_decode_impl(b),
         }
         if args.hlo:
@@ -616,10 +617,10 @@ def _report(args: argparse.Namespace, out_dir: Path, explore: dict[str, Any], be
         "wall_s": time.perf_counter() - started,
     }
     if final and hf:
-        report["ratio_decode"] = {b: final["batches"][b]["decode_tokens_per_s"] / hf["batches"][b]["decode_tokens_per_s"]
-                                  for b in final["batches"] if b in hf["batches"]}
-        report["ratio_prefill"] = {b: final["batches"][b]["prefill_tokens_per_s"] / hf["batches"][b]["prefill_tokens_per_s"]
-                                   for b in final["batches"] if b in hf["batches"]}
+        fb, hb = final["batches"], hf["batches"]
+        report["ratio_decode"] = {b: fb[b]["decode_tokens_per_s"] / hb[b]["decode_tokens_per_s"] for b in fb if b in hb}
+        report["ratio_prefill"] = {b: fb[b]["prefill_tokens_per_s"] / hb[b]["prefill_tokens_per_s"]
+                                   for b in fb if b in hb}
     if final and final.get("facts"):
         f = final["facts"]
         roof = {}
@@ -656,7 +657,8 @@ def render_md(r: dict[str, Any]) -> str:
             L.append(f"| {b} | {row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.3f} | "
                      f"{row['decode_tokens_per_s']:,.0f} | "
                      + (f"{h['prefill_tokens_per_s']:,.0f} | {h['decode_ms_per_step']:.2f} | "
-                        f"{h['decode_tokens_per_s']:,.0f} | {r['ratio_decode'][b]:.0f}x | " if h else "- | - | - | - | ")
+                        f"{h['decode_tokens_per_s']:,.0f} | {r['ratio_decode'][b]:.0f}x | "
+                        if h else "- | - | - | - | ")
                      + (f"{ro['roofline_ms']:.3f} | {ro['measured_over_roofline']:.1f}x |" if ro else "- | - |"))
         L.append("")
         if j.get("skipped"):
@@ -1146,19 +1148,24 @@ def render_variants_md(r: dict[str, Any]) -> str:
           f"`{CMDBUF}`. Ops/step: launching ops per decode step in the optimised HLO's while body; tokens: the "
           "first 16 greedy tokens of row 0 compared with `ref`'s.", "",
           "| variant | XLA flags beyond cmdbuf | attention | GEMVs | batch | prefill tok/s | decode ms/step | "
-          "decode tok/s | runs | compile s | ops/step | tokens = ref |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "decode tok/s | runs | compile s | ops/step | tokens = ref |", "|---" * 12 + "|"]
     ref = (v.get("ref") or {}).get("batches", {})
     for name, x in v.items():
         if "batches" not in x or not x["batches"]:
-            L.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | {x.get('skipped') or x.get('error', 'failed')[:200]} |")
+            why = x.get('skipped') or x.get('error', 'failed')[:200]
+            L.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | {why} |")
             continue
         flags = x["xla_flags"].replace(CMDBUF, "").strip() or "-"
         for b, row in x["batches"].items():
             ops = {k: y["launching_ops"] for k, y in (row.get("hlo_while_bodies") or {}).items()}
             rt = ref.get(b, {}).get("first_tokens_row0")
-            same = "-" if rt is None or name == "ref" else ("yes" if rt == row["first_tokens_row0"] else
-                                                             f"first {next((i for i, (p, q) in enumerate(zip(rt, row['first_tokens_row0'])) if p != q), 16)}")
-            L.append(f"| {name} | {flags} | {row.get('decode_attention_traced')} | {row.get('fused_decode_traced')} | "
+            first_diff = next((i for i, (p, q) in enumerate(zip(rt or [], row["first_tokens_row0"])) if p != q), 16)
+            same = "-" if rt is None or name == "ref" else (
+                "yes" if rt == row["first_tokens_row0"] else f"first {first_diff}")
+            gemv = row.get("fused_decode_traced")
+            if row.get("qkv_projection_traced"):  # the q·k·v form (`generate.QKV_OP`), where recorded
+                gemv = f"{gemv} (q·k·v {row['qkv_projection_traced']})"
+            L.append(f"| {name} | {flags} | {row.get('decode_attention_traced')} | {gemv} | "
                      f"{b} | {row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.3f} | "
                      f"{row['decode_tokens_per_s']:,.0f} | {row['runs']} | {row['compile_s']:.1f} | {_fmt_ops(ops)} | "
                      f"{same} |")

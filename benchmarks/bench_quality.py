@@ -560,8 +560,10 @@ def plan_text() -> str:
         "layers initialised from the attention weights, progressive ladder (25 % Mamba → 50 % → … → target).",
         f"Recipe of the table's rows: `{TABLE_RECIPE}` (each newly converted mixer starts quiet: identity conv, gated",
         f"norm ×{QUIET_NORM_SCALE}; learning rates sized to the token budget: layer-wise"
-        f" {LEARNING_RATES['fast-lr']['layerwise']:g}, end-to-end and SFT {LEARNING_RATES['fast-lr']['end_to_end']:g}). The paper's",
-        f"recipe (`main`: learning rates {LEARNING_RATES['paper']['layerwise']:g} / {LEARNING_RATES['paper']['end_to_end']:g},"
+        f" {LEARNING_RATES['fast-lr']['layerwise']:g}, end-to-end and SFT"
+        f" {LEARNING_RATES['fast-lr']['end_to_end']:g}). The paper's",
+        f"recipe (`main`: learning rates {LEARNING_RATES['paper']['layerwise']:g} /"
+        f" {LEARNING_RATES['paper']['end_to_end']:g},"
         " no quiet start) is kept as reference rows.",
         "",
         "## Device limits and how the run fits them",
@@ -579,7 +581,8 @@ def plan_text() -> str:
         f"- {len(rows) + 2} calls in all (corpus, teacher, {len(rows)} rows): at ≤ 10 min each, 3–4 sessions.",
         "",
         "## Budget per hybrid",
-        f"{TOKEN_BUDGET / 1e6:.0f} M distillation tokens (the issue allows ≤ {ISSUE_MAX_TOKENS / 1e6:.0f} M; this is what"
+        f"{TOKEN_BUDGET / 1e6:.0f} M distillation tokens (the issue allows ≤ {ISSUE_MAX_TOKENS / 1e6:.0f} M;"
+        " this is what"
         f" one device call trains and evaluates: see TOKEN_BUDGET) at sequence length {SEQ_LEN}, batch"
         f" {DEVICE.batch_size}"
         f" ({DEVICE.batch_size * SEQ_LEN} tokens/step): layer-wise ladder {steps['layerwise']} steps (split over",
@@ -642,8 +645,9 @@ def goals_text(rows: list[dict[str, Any]]) -> list[str]:
         if ratio is None:
             out.append(f"| {f} % ppl ratio ≤ {goal:.2f} | no row | open |")
         else:
+            verdict = 'met' if ratio <= goal else f'missed by {ratio - goal:.2f} ({ratio / goal:.2f}x the goal)'
             out.append(f"| {f} % ppl ratio ≤ {goal:.2f} | {ratio:.3f} (pydoc {r['ppl_ratio'].get('pydoc', 0):.2f})"
-                       f" | {'met' if ratio <= goal else f'missed by {ratio - goal:.2f} ({ratio / goal:.2f}x the goal)'} |")
+                       f" | {verdict} |")
     r, t = by.get(f"50/{TABLE_RECIPE}"), by.get("teacher")
     if r and t and "niah" in r and "niah" in t:
         eight = r["niah"]["lengths"][-1]
@@ -693,7 +697,8 @@ def table(rows_dir: Path) -> str:
             f" | {' / '.join(fmt(v, '.2f') for v in niah.values()) or '—'}"
             f" | {' / '.join(fmt(v, '.2f') for v in digits.values()) or '—'}"
             f" | {fmt(r.get('chat', {}).get('judge_win_rate'))} | {r.get('tokens', '—')}"
-            f" | {', '.join(r.get('cut_short', [])) or '—'} | {fmt(r.get('export', {}).get('max_abs_logit_diff'), '.2g')} |")
+            f" | {', '.join(r.get('cut_short', [])) or '—'}"
+            f" | {fmt(r.get('export', {}).get('max_abs_logit_diff'), '.2g')} |")
     lines += [""] + goals_text(rows)
     notes = rows_dir / "notes.md"
     if notes.exists():

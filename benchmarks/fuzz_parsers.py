@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-MODULES = ["mamba_llama_jax/convert/gguf.py", "mamba_llama_jax/convert/hf.py", "mamba_llama_jax/convert/torch_pickle.py",
+MODULES = ["mamba_llama_jax/convert/gguf.py", "mamba_llama_jax/convert/hf.py",
+           "mamba_llama_jax/convert/torch_pickle.py",
            "mamba_llama_jax/convert/mambainllama.py", "mamba_llama_jax/config.py", "mamba_llama_jax/data/sources.py",
            "mamba_llama_jax/data/tokenizer.py"]
 

@@ -140,7 +140,8 @@ def main() -> int:
                     p.send_signal(signal.SIGTERM)
                     _, err = p.communicate(timeout=600)
                     last = complete_steps(ckdir)
-                    ok = p.returncode == 143 and last and "preempted:" in err and f"saved checkpoint step {last[-1]}" in err
+                    ok = (p.returncode == 143 and last and "preempted:" in err
+                          and f"saved checkpoint step {last[-1]}" in err)
                     stats["sigterms_ok"] += bool(ok)
                     outcome = f"rc {p.returncode}, newest checkpoint {last[-1] if last else None}"
                 else:

@@ -378,7 +378,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f". Command: `{meta['command']}`. "
         f"Wall {meta.get('wall_s', 0):.0f} s. Environment: "
         + (", ".join(f"{k}={v}" for k, v in meta["env"].items()) or "none set") + ".", "",
-        f"Step: `train.trainer.build_step` over `train.mesh.make_mesh`, {'tiny CPU model' if meta['tiny'] else 'SmolLM2-135M-shaped 50 % hybrid (random weights)'}, "
+        "Step: `train.trainer.build_step` over `train.mesh.make_mesh`, "
+        f"{'tiny CPU model' if meta['tiny'] else 'SmolLM2-135M-shaped 50 % hybrid (random weights)'}, "
         f"sequence {results.get('scale:layerwise:1', {}).get('seq_len', '?')}, bf16 compute, fp32 master weights, "
         "Pallas SSD through the dispatcher (column SSD), fused KL/CE; weak scaling: the per-device batch stays "
         "fixed, the global batch grows with the mesh. Median of ≥ 20 timed steps after warm-up (host clock around "

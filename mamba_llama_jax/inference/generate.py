@@ -66,6 +66,12 @@ from pallas_kernels.fused_decode import (
 VERIFY_ROWS_GPU_VERIFIED = True
 
 
+# The form a decode step's RMSNorm + q·k·v took, recorded at trace time under this op (`dispatch.last_choice`):
+# "split_k:N" (XLA's GEMM as N partials, summed in the attention kernel: `split_k`) or "norm_matmul" (its own
+# choice then recorded under "fused_decode").
+QKV_OP = "qkv_projection"
+
+
 def verify_rows_fused() -> bool:
     """Whether verify chunks take the decode step's kernels (`VERIFY_ROWS_GPU_VERIFIED`)."""
     return dispatch.kernel_allowed(VERIFY_ROWS_GPU_VERIFIED)
@@ -267,7 +273,9 @@ class FusedAttention(nnx.Module):
         rows, width = x2.shape
         parts = split_k.qkv_splits(rows)
         if parts > 1 and width % parts == 0 and not kernels_would_run(rows, width, wt.shape[0]):
+            dispatch.record_choice(QKV_OP, f"split_k:{parts}")
             return matmul_t_partials(weigh(x2, norm.weight[...]), wt, parts), dict(rows=x2, eps=norm.eps)
+        dispatch.record_choice(QKV_OP, "norm_matmul")  # which itself records its choice under "fused_decode"
         return norm_matmul(x2, norm.weight[...], wt, eps=norm.eps), {}
 
     def verify_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:

@@ -265,6 +265,7 @@ def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch
     finally:
         jax.clear_caches()
     assert calls and set(calls) == {4}
+    assert dispatch.last_choice(G.QKV_OP) == "split_k:4"  # what the benchmarks record beside their figures
     np.testing.assert_array_equal(got.tokens, greedy_batch.tokens)
     monkeypatch.setenv(split_k.SPLIT_K_ENV, "four")
     with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_SPLIT_K must be a partial count"):
@@ -294,6 +295,14 @@ def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch)
         got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
         assert dispatch.last_choice("decode_attention") == "pallas_triton"
         assert dispatch.last_choice("fused_decode") == "reference_xla"  # 6 rows: XLA's GEMMs, the split-K form
+        assert dispatch.last_choice("qkv_projection") == "split_k:4"
     finally:
         jax.clear_caches()
     np.testing.assert_array_equal(got, want)
+    monkeypatch.delenv(split_k.SPLIT_K_ENV)
+    jax.clear_caches()
+    try:
+        Generator(model, window_block=8).run(prompts[:2], SamplingConfig(max_new_tokens=2))
+        assert dispatch.last_choice("qkv_projection") == "norm_matmul"
+    finally:
+        jax.clear_caches()
