@@ -12,21 +12,21 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
     # decode-path variants side by side in one run (the teacher, batch 1):
     python benchmarks/bench_decode_profile.py --models teacher --batches 1 --variants default,bn1w1,c16,bn1w1+c16,xla
 
-A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on
-the fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
+A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on the
+fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
 (MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False), `cublas` = the decode program's
-GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`),
-`fdN` = fused GEMVs up to batch N, `sN` = N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N
-warps / N pipeline stages per attention program, `adot` / `aew` = the attention kernel's tensor-core / elementwise
-form (`decode_attention.planned_dot`), `amk` / `amx` = the splits of the unfused decode path (batches above the
-fused GEMVs') merged by the Pallas merge kernel / by XLA (the default) (`decode_attention.override_plan`),
-`mk` / `mx` / `mc` = the splits merged by `decode_attention.merge_partials_pallas` (the default) / by XLA before the
-o-projection, or in its prologue (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on
-the fused dot path (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
-split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1
-is XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask,
-2 the mask and the K/V tiles (`decode_attention.PREFETCH`).
+GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` = fused GEMVs up to batch N, `sN` =
+N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
+program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
+`amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge
+kernel / by XLA (the default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
+`decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
+(`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
+(`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
+split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
+XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
+mask and the K/V tiles (`decode_attention.PREFETCH`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
