@@ -20,6 +20,7 @@ from flax import nnx
 
 from mamba_llama_jax.config import LlamaConfig, RopeScaling
 from mamba_llama_jax.models.cache import DecodeState, KVCache, empty_state
+from mamba_llama_jax.ops.partials import row_scale
 from mamba_llama_jax.train.mesh import constrain_batch
 
 NEG_INF = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
@@ -72,8 +73,7 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        xf = x.astype(jnp.float32) * row_scale(x, self.eps)[..., None]
         return (xf * self.weight[...].astype(jnp.float32)).astype(_dt(self.dtype))
 
 

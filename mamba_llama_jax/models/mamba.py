@@ -58,6 +58,7 @@ from mamba_llama_jax.models.cache import MambaCache, MambaChunk
 from mamba_llama_jax.models.llama import Context, Linear, param
 from mamba_llama_jax.ops import scan as scan_ops
 from mamba_llama_jax.ops import ssd as ssd_ops
+from mamba_llama_jax.ops.partials import row_scale
 from pallas_kernels import dispatch
 
 F32 = jnp.float32
@@ -214,7 +215,7 @@ def gated_rmsnorm(y: jax.Array, z: jax.Array, weight: jax.Array, group: int, eps
     g = y.astype(F32) * jax.nn.silu(z.astype(F32))
     shp = g.shape
     gg = g.reshape(shp[:-1] + (shp[-1] // group, group))
-    gg = gg * jax.lax.rsqrt(jnp.mean(gg * gg, axis=-1, keepdims=True) + eps)
+    gg = gg * row_scale(gg, eps)[..., None]
     return gg.reshape(shp) * weight.astype(F32)
 
 

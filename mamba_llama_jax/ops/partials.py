@@ -38,7 +38,8 @@ def sum_partials(p: jax.Array) -> jax.Array:
 
 
 def row_scale(x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm's per-row factor rsqrt(mean(x²) + eps) of x (rows, K), fp32 (rows,)."""
+    """RMSNorm's per-row factor rsqrt(mean(x²) + eps) of x (..., K) over its last axis, fp32 (...,): the one
+    definition the models' norms (`models.llama.RMSNorm`, `models.mamba.gated_rmsnorm`) and the split-K form share."""
     xf = x.astype(F32)
     return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + eps)
 
