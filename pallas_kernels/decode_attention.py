@@ -214,7 +214,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     lo = si * per
     hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
     # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
-    first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block) if dot and prefetch >= 2 else None
+    first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block, True) if dot and prefetch >= 2 else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
     heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
     v_off = (h + kv + ki) * d
@@ -340,11 +340,13 @@ def pick_row(tile: jax.Array, r: int) -> jax.Array:
     return jnp.sum(jnp.where(row == r, tile, 0.0), axis=0)
 
 
-def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: Any,
-                 block: int) -> tuple[jax.Array, ...]:
-    """Block i of KV head ki of row bi as loaded: (k's first half, k's second half, v, the padding mask). A block
-    past the cache (a prefetch beyond the loop's last) reads the last whole block instead: in bounds, never used."""
-    rows = pl.ds(jnp.minimum(i * block, kc_ref.shape[1] - block), block)
+def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: Any, block: int,
+                 ahead: bool = False) -> tuple[jax.Array, ...]:
+    """Block i of KV head ki of row bi as loaded: (k's first half, k's second half, v, the padding mask). `ahead`
+    (a prefetch, which may go past the loop's last block): a block past the cache reads the last whole block
+    instead, in bounds and never used."""
+    start = jnp.minimum(i * block, kc_ref.shape[1] - block) if ahead else i * block
+    rows = pl.ds(start, block)
     half = kc_ref.shape[-1] // 2
     return (kc_ref[bi, rows, ki, pl.ds(0, half)], kc_ref[bi, rows, ki, pl.ds(half, half)], vc_ref[bi, rows, ki, :],
             valid_ref[bi, rows])
@@ -378,17 +380,17 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         ok = ((valid != 0) & (slot <= index))[None, :]
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
-    def block_at(i):
-        return _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block)
+    def block_at(i, ahead=False):
+        return _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block, ahead)
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
     if prefetch >= 2:
         (m, l, acc), _ = jax.lax.fori_loop(
-            lo, hi, lambda i, c: (attend(i, c[0], c[1]), block_at(i + 1)), (init, first))
+            lo, hi, lambda i, c: (attend(i, c[0], c[1]), block_at(i + 1, True)), (init, first))
     elif prefetch == 1:
         (m, l, acc), _ = jax.lax.fori_loop(
-            lo, hi, lambda i, c: (attend(i, c[0], block_at(i)[:3] + (c[1],)), block_at(i + 1)[3]),
-            (init, block_at(lo)[3]))
+            lo, hi, lambda i, c: (attend(i, c[0], block_at(i)[:3] + (c[1],)), block_at(i + 1, True)[3]),
+            (init, block_at(lo, True)[3]))
     else:
         m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, block_at(i)), init)
     for j in range(g):
