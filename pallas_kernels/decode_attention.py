@@ -383,14 +383,15 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
     def block_at(i, ahead=False):
         return _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block, ahead)
 
+    def ahead(i, c):  # block i+1's loads are issued before block i's arithmetic, which they then overlap
+        nxt = block_at(i + 1, True)
+        if prefetch >= 2:
+            return attend(i, c[0], c[1]), nxt
+        return attend(i, c[0], block_at(i)[:3] + (c[1],)), nxt[3]
+
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
-    if prefetch >= 2:
-        (m, l, acc), _ = jax.lax.fori_loop(
-            lo, hi, lambda i, c: (attend(i, c[0], c[1]), block_at(i + 1, True)), (init, first))
-    elif prefetch == 1:
-        (m, l, acc), _ = jax.lax.fori_loop(
-            lo, hi, lambda i, c: (attend(i, c[0], block_at(i)[:3] + (c[1],)), block_at(i + 1, True)[3]),
-            (init, block_at(lo, True)[3]))
+    if prefetch:
+        (m, l, acc), _ = jax.lax.fori_loop(lo, hi, ahead, (init, first if prefetch >= 2 else block_at(lo, True)[3]))
     else:
         m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, block_at(i)), init)
     for j in range(g):
