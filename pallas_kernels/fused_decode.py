@@ -77,6 +77,10 @@ DOT_ROWS = (16, 32, 64)  # row counts served by tensor-core dots (tl.dot needs >
 # Compiled and compared with the reference on an H100: the gpu tests of this file passed there
 # (benchmarks/results/test-gpu-decode.xml), so the kernels are the default on GPUs at small batch.
 GPU_VERIFIED = True
+# `gate_up_pallas` (the dot path's gate·up + SiLU·mul on normalised rows, what `inference.gate_up_rows` routes
+# batches 16-64 through) has not been compiled on a GPU yet: until its `-m gpu` test passes there, it runs on a GPU
+# only with MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
+GATE_UP_GPU_VERIFIED = False
 
 
 # ------------------------------------------------------------------------------------------------- references
@@ -114,6 +118,11 @@ def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax
     """(c): SiLU(h @ W_gate) * (h @ W_up) with h = RMSNorm(x); wt_gate_up = [W_gate | W_up].T (2·I, K) -> (b, I)."""
     dt = x.dtype
     return swiglu(matmul_t(rms_norm_reference(x, norm_weight, eps), wt_gate_up.astype(dt)), wt_gate_up.shape[0] // 2)
+
+
+def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
+    """(c) without its norm: SiLU(h @ W_gate) * (h @ W_up) of already normalised rows h (b, K) -> (b, I)."""
+    return swiglu(matmul_t(h, wt_gate_up.astype(h.dtype)), wt_gate_up.shape[0] // 2)
 
 
 def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
@@ -314,6 +323,12 @@ def _norm_gate_up_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: i
         o_ref[r, pl.ds(j * bn, bn)] = silu_mul(gs[r], us[r])
 
 
+def _gate_up_kernel(h_ref, wt_ref, o_ref, **kw: Any):
+    """`_norm_gate_up_kernel` on rows already normalised: the dot path's K loop loads them straight into its
+    dots (what Triton pipelines), with no pass over the rows for their norm first."""
+    _norm_gate_up_kernel(h_ref, None, wt_ref, o_ref, eps=0.0, **kw)
+
+
 def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
     j = pl.program_id(0)
     dt = o_ref.dtype
@@ -375,7 +390,7 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16}
+                           "dot_block": 16, "dot_stages": 3}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 
@@ -383,11 +398,13 @@ MERGES = ("combine", "xla", "kernel")
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
-           dot_rows: int | None = None, dot_block: int | None = None) -> Iterator[None]:
+           dot_rows: int | None = None, dot_block: int | None = None,
+           dot_stages: int | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
-    rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program. Clear jax's caches
+    rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
+    stages of its K loop (1..8, Triton's num_stages; default 3). Clear jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
@@ -395,10 +412,12 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
     if dot_block is not None and dot_block not in (16, 32, 64, 128):
         raise _bad(f"tiling dot_block must be one of 16, 32, 64, 128, got {dot_block}")
+    if dot_stages is not None and not 1 <= dot_stages <= 8:
+        raise _bad(f"tiling dot_stages must be in 1..8, got {dot_stages}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows, "dot_block": dot_block}
+           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages}
     for k, v in new.items():
-        if k != "merge" and v is not None and (v < 0 or (v and v & (v - 1))):
+        if k not in ("merge", "dot_stages") and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old = dict(_TILING)
     _TILING.update({k: v for k, v in new.items() if v is not None})
@@ -451,7 +470,8 @@ def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, nu
     rows = out.shape[0]
     grids = (grid, rows // dot_group(rows)) if rows in DOT_ROWS else (grid,)
     return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
-                       num_warps=num_warps or pick_warps(rows), num_stages=3 if rows in DOT_ROWS else 1)(*args)
+                       num_warps=num_warps or pick_warps(rows),
+                       num_stages=_TILING["dot_stages"] if rows in DOT_ROWS else 1)(*args)
 
 
 def _block_k(k: int) -> int:
@@ -483,6 +503,24 @@ def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Ar
     kern = functools.partial(_norm_gate_up_kernel, k=k, bk=_block_k(k), bn=bn, inter=inter, eps=float(eps))
     return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps,
                  "norm_gate_up", x, norm_weight, wt_gate_up.astype(x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
+def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, interpret: bool = False,
+                   num_warps: int = 0) -> jax.Array:
+    """(c) without its norm, one launch on the dot path (16 / 32 / 64 rows); same result as `gate_up_reference`
+    up to summation order."""
+    b, k = _check_rows(h, "h")
+    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
+    inter = n2 // 2
+    if b not in DOT_ROWS or n2 % 2:
+        raise _bad(f"gate_up_pallas needs {DOT_ROWS} rows and [W_gate | W_up].T (an even number of rows), got "
+                   f"{b} rows and {wt_gate_up.shape}")
+    _check_kernel_shape(b, k, inter)
+    bn = block_n or pick_block_n(inter, b)
+    kern = functools.partial(_gate_up_kernel, k=k, bk=_block_k(k), bn=bn, inter=inter)
+    return _call(kern, jax.ShapeDtypeStruct((b, inter), h.dtype), inter // bn, interpret, num_warps, "gate_up",
+                 h, wt_gate_up.astype(h.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
@@ -578,6 +616,24 @@ def norm_gate_up(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *,
     if _record(fused_decode_choice(b, k, n2 // 2)) == PALLAS_TRITON:
         return norm_gate_up_pallas(x, norm_weight, wt_gate_up, eps=eps, interpret=_interpret())
     return norm_gate_up_reference(x, norm_weight, wt_gate_up, eps=eps)
+
+
+def gate_up_choice(rows: int, k: int, inter: int) -> str:
+    """Which implementation `gate_up` uses: the kernel for 16 / 32 / 64 rows it tiles where allowed (on a GPU
+    only with MAMBA_LLAMA_UNVERIFIED_KERNELS=1 until GATE_UP_GPU_VERIFIED), else the reference."""
+    ok = dispatch.kernel_allowed(GATE_UP_GPU_VERIFIED) and rows in DOT_ROWS and kernel_shape_ok(rows, k, inter)
+    return PALLAS_TRITON if ok else REFERENCE
+
+
+def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
+    """(c) without its norm (`gate_up_choice`); records its choice under "gate_up"."""
+    b, k = _check_rows(h, "h")
+    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
+    choice = gate_up_choice(b, k, n2 // 2) if n2 % 2 == 0 else REFERENCE
+    dispatch.record_choice("gate_up", choice)
+    if choice == PALLAS_TRITON:
+        return gate_up_pallas(h, wt_gate_up, interpret=_interpret())
+    return gate_up_reference(h, wt_gate_up)
 
 
 def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:

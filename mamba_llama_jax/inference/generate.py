@@ -39,6 +39,7 @@ from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference import split_k
+from mamba_llama_jax.inference.gate_up_rows import gate_up_rows
 from mamba_llama_jax.models.cache import DecodeState
 from mamba_llama_jax.models.llama import (
     MLP, Attention, Context, DecoderLM, apply_rope, attend, chunk_mask,
@@ -56,8 +57,8 @@ from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, kernels_would_run, matmul_residual, matmul_t, merge_mode,
-    norm_gate_up, norm_matmul, swiglu,
+    attn_combine_residual, combine_max_splits, gate_up, kernels_would_run, matmul_residual, matmul_t, merge_mode,
+    norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
 )
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
@@ -364,7 +365,11 @@ class FusedMLP(nnx.Module):
             return x + self(norm(x))
         dt = jnp.dtype(self.dtype)
         x2 = x.reshape(b * t, width).astype(dt)
-        act = norm_gate_up(x2, norm.weight[...], self.gate_up[...].astype(dt), eps=norm.eps)
+        wt = self.gate_up[...].astype(dt)
+        if gate_up_rows(b * t) and not kernels_would_run(b * t, width, self.inter):
+            act = gate_up(rms_norm_reference(x2, norm.weight[...], norm.eps), wt)  # the norm stays with XLA
+        else:
+            act = norm_gate_up(x2, norm.weight[...], wt, eps=norm.eps)
         return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
 
 

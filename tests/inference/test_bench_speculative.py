@@ -70,7 +70,8 @@ def test_render_saved_rewrites_the_markdown_from_the_json(monkeypatch, tmp_path)
     assert "| stale |" not in again
     assert "Kernels the dispatchers chose" not in md  # rows of older runs carry no record
     picked = {**_row(), "verify_choice": "pallas_triton",
-              "kernel_choices": {"verify_attention": "pallas_triton", "mamba2_chunk": None, "verify_rows_fused": "True"}}
+              "kernel_choices": {"verify_attention": "pallas_triton", "mamba2_chunk": None,
+                                 "verify_rows_fused": "True"}}
     out = bs.render_md({**results, "runs": [picked]}, bs.build_parser().parse_args(["--k", "3"]))
     assert ("- target b=1 k=3 kernel: verify pallas_triton, verify_attention pallas_triton, mamba2_chunk None, "
             "verify_rows_fused True") in out

@@ -277,6 +277,39 @@ def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch
     assert split_k.qkv_splits(split_k.MAX_ROWS + 1) == 1
 
 
+def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
+    """MAMBA_LLAMA_DECODE_GATE_UP=kernel: at 16 rows (past the fused GEMVs' batches) the decode step's MLP runs
+    XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down + residual: the
+    same greedy tokens (fp32) as XLA's own MLP; 8 rows (not a dot-path count) keep XLA's; a bad value is a clear
+    error."""
+    from mamba_llama_jax.inference import gate_up_rows as gu
+    from pallas_kernels import dispatch
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
+    want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
+    monkeypatch.setenv(gu.GATE_UP_ENV, "kernel")
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in its own tests
+    jax.clear_caches()
+    try:
+        dispatch.record_choice("gate_up", "none")
+        got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
+        assert dispatch.last_choice("gate_up") == "pallas_triton"
+        dispatch.record_choice("gate_up", "none")
+        Generator(model, window_block=8).run(prompts[:8], SamplingConfig(max_new_tokens=2))
+        assert dispatch.last_choice("gate_up") == "none"
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(got, want)
+    assert gu.gate_up_rows(64) and not gu.gate_up_rows(8)
+    monkeypatch.setenv(gu.GATE_UP_ENV, "pallas")
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel' or 'xla'"):
+        gu.gate_up_rows(16)
+    monkeypatch.delenv(gu.GATE_UP_ENV)
+    assert not gu.gate_up_rows(16)
+
+
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):
     """At a batch past the fused GEMVs' (6 rows), the decode step hands the q·k·v partials and the rows to the
     decode attention kernel (interpret mode), which sums and norm-scales them: the same greedy tokens (fp32) as

@@ -46,7 +46,8 @@ def test_kernels_run_per_batch_shard_under_a_context_mesh():
     assert rep["no_mesh"] is None
 
 
-@pytest.mark.slow  # 52 s on 2 cores (CI, 2026-12-04): `make test-slow`; the kernels-per-shard test above stays in the default run
+# 52 s on 2 cores (CI, 2026-12-04): `make test-slow`; the kernels-per-shard test above stays in the default run
+@pytest.mark.slow
 def test_train_step_runs_kernels_per_batch_shard():
     """`trainer.build_step` makes its mesh the context while tracing: on a data-parallel mesh (parameters
     replicated) the step with a Mamba1 kernel scan compiles with no all-gather and equals the 1-device step."""

@@ -55,6 +55,9 @@ def check_all(rows, k, n, *, dtype, tol, interpret):
         ("matmul_residual", functools.partial(fd.matmul_residual_pallas, interpret=interpret),
          fd.matmul_residual_reference, (t["a"], t["w"], t["res"])),
     ]
+    if rows in fd.DOT_ROWS:  # gate·up + SiLU·mul on normalised rows: the dot path only
+        cases.append(("gate_up", functools.partial(fd.gate_up_pallas, interpret=interpret), fd.gate_up_reference,
+                      (t["x"], t["w2"])))
     for name, kern, ref, args in cases:
         assert has_pallas_call(kern, *args), name
         got, want = jax.jit(kern)(*args), ref(*args)
@@ -107,6 +110,47 @@ def test_dot_path_output_blocks_interpret():
     with pytest.raises(KernelError, match="dot_block"):
         with fd.tiling(dot_block=8):
             pass
+
+
+@pytest.mark.parametrize("dot_rows,stages", [(16, 3), (64, 1), (64, 6)])
+def test_gate_up_on_normalised_rows_interpret(dot_rows, stages):
+    """gate_up_pallas: SiLU(h·W_gate)·(h·W_up) on already normalised rows, = gate_up_reference (fp32 and bf16), in
+    row groups of 16 or all 64 rows a program, at any pipeline depth of its K loop (`tiling(dot_stages=)`); and
+    norm_gate_up = RMSNorm then gate_up, exactly (the decode path's split of it, `inference.gate_up_rows`)."""
+    jax.clear_caches()
+    try:
+        with fd.tiling(dot_rows=dot_rows, dot_stages=stages):
+            for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+                t = inputs(64, 96, 48, dtype=dtype, seed=stages)
+                got = fd.gate_up_pallas(t["x"], t["w2"], interpret=True)
+                want = fd.gate_up_reference(t["x"], t["w2"])
+                assert got.shape == (64, 48) and got.dtype == dtype
+                assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < tol
+    finally:
+        jax.clear_caches()
+    t = inputs(16, 64, 32, seed=1)
+    np.testing.assert_array_equal(
+        np.asarray(fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)),
+        np.asarray(fd.gate_up_reference(fd.rms_norm_reference(t["x"], t["nw"], 1e-5), t["w2"])))
+
+
+def test_gate_up_bad_args_and_dispatch(monkeypatch):
+    t = inputs(16, 64, 32)
+    with pytest.raises(KernelError, match="16, 32, 64"):
+        fd.gate_up_pallas(t["x"][:8], t["w2"], interpret=True)  # the 1-D path's rows: no gate_up there
+    with pytest.raises(KernelError, match="even number of rows"):
+        fd.gate_up_pallas(t["x"], t["w2"][:-1], interpret=True)
+    with pytest.raises(KernelError, match="dot_stages"):
+        with fd.tiling(dot_stages=9):
+            pass
+    # off a GPU: the reference unless interpret mode is asked for; a GPU needs the unverified-kernels switch
+    assert fd.gate_up_choice(16, 64, 32) == fd.REFERENCE
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    assert fd.gate_up_choice(16, 64, 32) == fd.PALLAS_TRITON and fd.gate_up_choice(8, 64, 32) == fd.REFERENCE
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    assert fd.gate_up_choice(64, 576, 1536) == (fd.PALLAS_TRITON if fd.GATE_UP_GPU_VERIFIED else fd.REFERENCE)
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+    assert fd.gate_up_choice(64, 576, 1536) == fd.PALLAS_TRITON
 
 
 def test_gemv_kernels_bf16_interpret():
@@ -202,6 +246,12 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
     lowers_for_h100(functools.partial(fd.norm_gate_up_pallas, eps=1e-5), S((rows, d), bf), S((d,), f32),
                     S((2 * inter, d), bf))
     lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((d, inter), bf), S((rows, d), bf))
+    if rows in fd.DOT_ROWS:
+        for kw in ({}, {"dot_rows": 64, "dot_stages": 8}):  # 4 row groups, 3 stages; all rows a program, 8 stages
+            jax.clear_caches()
+            with fd.tiling(**kw):
+                lowers_for_h100(fd.gate_up_pallas, S((rows, d), bf), S((2 * inter, d), bf))
+        jax.clear_caches()
     sp = fd.combine_max_splits(rows)
     lowers_for_h100(fd.attn_combine_residual_pallas, S((rows, sp, h * hd), f32), S((rows, sp, h), f32),
                     S((rows, sp, h), f32), S((d, h * hd), bf), S((rows, d), bf))
