@@ -296,7 +296,8 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         compiled = compile_generate(gen, tokens, n_new)
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
-        traced = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection")
+        traced = dispatch.last_choices("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection",
+                                       "gate_up")
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -313,7 +314,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
             "decode_ms_per_step_min": min(dec) / steps * 1e3,
             "first_tokens_row0": np.asarray(toks[0, :16]).tolist(),
             "decode_attention_traced": traced["decode_attention"], "fused_decode_traced": traced["fused_decode"],
-            "qkv_projection_traced": traced["qkv_projection"],
+            "qkv_projection_traced": traced["qkv_projection"], "gate_up_traced": traced["gate_up"],
             "fused_decode": gen.fused_decode_impl(b),
         }
         if args.hlo:

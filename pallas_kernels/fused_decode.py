@@ -8,6 +8,8 @@ decode-attention kernels a Llama layer is six launches:
   (b) `matmul_residual`        o-projection + residual add
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
+Past these batches, at 16-64 rows, (c) may run without its norm on rows XLA normalised (`gate_up`,
+`inference.gate_up_rows`).
 `attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
 every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
@@ -629,7 +631,9 @@ def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     """(c) without its norm (`gate_up_choice`); records its choice under "gate_up"."""
     b, k = _check_rows(h, "h")
     n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
-    choice = gate_up_choice(b, k, n2 // 2) if n2 % 2 == 0 else REFERENCE
+    if n2 % 2:
+        raise _bad(f"wt_gate_up must hold [W_gate | W_up].T (an even number of rows), got {wt_gate_up.shape}")
+    choice = gate_up_choice(b, k, n2 // 2)
     dispatch.record_choice("gate_up", choice)
     if choice == PALLAS_TRITON:
         return gate_up_pallas(h, wt_gate_up, interpret=_interpret())

@@ -140,6 +140,8 @@ def test_gate_up_bad_args_and_dispatch(monkeypatch):
         fd.gate_up_pallas(t["x"][:8], t["w2"], interpret=True)  # the 1-D path's rows: no gate_up there
     with pytest.raises(KernelError, match="even number of rows"):
         fd.gate_up_pallas(t["x"], t["w2"][:-1], interpret=True)
+    with pytest.raises(KernelError, match="even number of rows"):
+        fd.gate_up(t["x"], t["w2"][:-1])  # the dispatcher too, whichever implementation it would pick
     with pytest.raises(KernelError, match="dot_stages"):
         with fd.tiling(dot_stages=9):
             pass
