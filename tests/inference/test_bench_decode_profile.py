@@ -75,6 +75,12 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
+    assert bdp.parse_variant("vp2+gu+uv+g64+ds8") == (
+        {"attn_prefetch": 2, "dot_rows": 64, "dot_stages": 8},
+        {"MAMBA_LLAMA_DECODE_GATE_UP": "kernel", "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"})
+    assert bdp.parse_variant("vp0")[0] == {"attn_prefetch": 0}
+    with pytest.raises(SystemExit, match="unknown variant setting"):
+        bdp.parse_variant("vp3")
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
@@ -111,6 +117,16 @@ def test_tiny_run_with_variants(bdp, tmp_path):
     assert all("error" not in row and row["busy_ms"] > 0 for row in r["rows"])
     text = (tmp_path / "decode_variants_tiny.md").read_text()
     assert "| teacher | 1 | bn1w1+c16 |" in text
+
+
+def test_each_variant_records_its_own_choices(bdp, tmp_path):
+    """A variant whose trace does not reach an op shows "none" for it, not the previous variant's choice (16 rows:
+    `gu` routes the MLP through `fused_decode.gate_up`, the reference on the CPU; the default does not call it)."""
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "16", "--new-tokens", "4", "--variants",
+                     "gu,default", "--stem", "choices", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "choices_tiny.json").read_text())["rows"]
+    assert [r["chosen"]["gate_up"] for r in rows] == ["reference_xla", "none"]
+    assert all(r["chosen"]["qkv_projection"] == "norm_matmul" for r in rows)
 
 
 def test_bad_model_name_and_deadline(bdp, tmp_path):
