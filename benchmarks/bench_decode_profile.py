@@ -124,17 +124,14 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     import jax.numpy as jnp
     import numpy as np
 
-    from bench_generate import compile_generate
+    from bench_generate import DECODE_CHOICE_OPS, compile_generate
     from mamba_llama_jax.inference.generate import Generator
     from pallas_kernels import dispatch
 
     gen = Generator(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
-    ops = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
-    for op in ops:  # an op this trace does not reach must not show an earlier variant's choice
-        dispatch.record_choice(op, "none")
-    c = compile_generate(gen, tokens, n_new)
-    chosen = dispatch.last_choices(*ops)
+    c = compile_generate(gen, tokens, n_new)  # clears the decode choices before tracing the loop
+    chosen = dispatch.last_choices(*DECODE_CHOICE_OPS)
     c.once()  # warm-up
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]

@@ -247,11 +247,22 @@ class CompiledGenerate:
         return t1 - t0, time.perf_counter() - t1, toks
 
 
+# The dispatchers a decode loop's trace records (`dispatch.last_choices`): cleared just before each decode loop is
+# traced, so an op that trace does not reach reads "none", not an earlier trace's choice.
+DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
+
+
+def clear_decode_choices() -> None:
+    from pallas_kernels import dispatch
+
+    for op in DECODE_CHOICE_OPS:
+        dispatch.record_choice(op, "none")
+
+
 def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
     import jax.numpy as jnp
 
     from mamba_llama_jax.inference import generate as G
-    from pallas_kernels import dispatch
 
     b, plen = tokens.shape
     sampling = G.SamplingConfig(max_new_tokens=n_new)
@@ -263,7 +274,7 @@ def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
     pcomp = G._prefill.lower(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots,
                              spec=spec).compile()
     first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
-    dispatch.record_choice("fused_decode", "none")
+    clear_decode_choices()
     dcomp = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
                                  n_new=n_new, eos=(), pad_id=0, phases=phases).compile()
     return CompiledGenerate(pcomp, dcomp, (gen.state, tokens, mask, key, temp, top_p), n_new)
@@ -293,13 +304,10 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
             continue
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, plen)), jnp.int32)
         tc = time.perf_counter()
-        ops = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
-        for op in ops:  # an op this trace does not reach must not show an earlier row's choice
-            dispatch.record_choice(op, "none")
         compiled = compile_generate(gen, tokens, n_new)
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
-        traced = dispatch.last_choices(*ops)
+        traced = dispatch.last_choices(*DECODE_CHOICE_OPS)
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -844,8 +852,7 @@ def _hybrid_row(g: Any, name: str, plen: int, b: int, n_new: int, sampling: Any,
     abstract = jax.eval_shape(lambda: nnx.merge(g.graphdef, g.state).init_cache(b, slots))
 
     def compile_loop() -> tuple[Any, float]:
-        dispatch.record_choice("decode_attention", "none")
-        dispatch.record_choice("fused_decode", "none")
+        clear_decode_choices()
         t0 = time.perf_counter()
         comp = G._decode_loop.lower(g.graphdef, g.state, abstract, first, key, temp, top_p, spec=spec, n_new=n_new,
                                     eos=(), pad_id=0, phases=g.phases(plen, n_new, slots)).compile()
