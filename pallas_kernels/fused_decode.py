@@ -118,8 +118,7 @@ def swiglu(gu: jax.Array, inter: int) -> jax.Array:
 def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *,
                            eps: float) -> jax.Array:
     """(c): SiLU(h @ W_gate) * (h @ W_up) with h = RMSNorm(x); wt_gate_up = [W_gate | W_up].T (2·I, K) -> (b, I)."""
-    dt = x.dtype
-    return swiglu(matmul_t(rms_norm_reference(x, norm_weight, eps), wt_gate_up.astype(dt)), wt_gate_up.shape[0] // 2)
+    return gate_up_reference(rms_norm_reference(x, norm_weight, eps), wt_gate_up)
 
 
 def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
