@@ -387,6 +387,8 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         nxt = block_at(i + 1, True)
         if prefetch >= 2:
             return attend(i, c[0], c[1]), nxt
+        # block i's mask is carried in c[1]; the unused loads (block i's mask, block i+1's K/V) are dropped by
+        # Triton (its H100 lowering at level 1 keeps the three K/V copies and one mask load a block)
         return attend(i, c[0], block_at(i)[:3] + (c[1],)), nxt[3]
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
