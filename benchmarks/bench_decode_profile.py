@@ -26,9 +26,10 @@ kernel / by XLA (the default) (`decode_attention.override_plan`), `mk` / `mx` / 
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
-mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` = past the fused GEMVs' batches, gate·up + SiLU·mul in
-one kernel on XLA's normalised rows (`inference.gate_up_rows`; on a GPU with `uv` until verified), `dsN` = N
-pipeline stages of the fused dot path's K loop (`fused_decode.tiling(dot_stages=)`).
+mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
+SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
+`dsN` = N pipeline stages of the fused dot path's K loop (`fused_decode.tiling(dot_stages=)`; `gN` / `dsN` apply to
+the gate·up kernel too, whose own default is all rows a program and 8 stages: `fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
@@ -183,8 +184,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
-        elif tok == "gu":
-            env["MAMBA_LLAMA_DECODE_GATE_UP"] = "kernel"
+        elif tok in ("gu", "gux"):
+            env["MAMBA_LLAMA_DECODE_GATE_UP"] = "kernel" if tok == "gu" else "xla"
         elif m := re.fullmatch(r"ds(\d+)", tok):
             tiling["dot_stages"] = int(m.group(1))
         elif m := re.fullmatch(r"vp([012])", tok):
@@ -204,7 +205,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, mx, mk, mc, gN, dbN, dsN, kqN, vp0, vp1, vp2, gu)")
+                             "amx, mx, mk, mc, gN, dbN, dsN, kqN, vp0, vp1, vp2, gu, gux)")
     return tiling, env
 
 

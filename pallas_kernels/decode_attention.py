@@ -80,7 +80,8 @@ STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages
 # What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
 # padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
 # uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then
-# overlaps the projection's).
+# overlaps the projection's). Level 2 measured slower in the H100's decode loop (the kernel +1.3 µs a layer at batch
+# 64, +0.2 at 16; benchmarks/results/decode_profile_s20_vp_gu.md), level 1 not yet measured there: 0 stays.
 PREFETCH = 0
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s

@@ -278,15 +278,16 @@ def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch
 
 
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
-    """MAMBA_LLAMA_DECODE_GATE_UP=kernel: at 16 rows (past the fused GEMVs' batches) the decode step's MLP runs
-    XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down + residual: the
-    same greedy tokens (fp32) as XLA's own MLP; 8 rows (not a dot-path count) keep XLA's; a bad value is a clear
-    error."""
+    """MAMBA_LLAMA_DECODE_GATE_UP=kernel (the default): at 16 rows (past the fused GEMVs' batches) the decode
+    step's MLP runs XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down +
+    residual: the same greedy tokens (fp32) as XLA's own MLP (=xla); 8 rows (not a dot-path count) keep XLA's; a
+    bad value is a clear error."""
     from mamba_llama_jax.inference import gate_up_rows as gu
     from pallas_kernels import dispatch
     from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
     prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
+    monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
     want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
     monkeypatch.setenv(gu.GATE_UP_ENV, "kernel")
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
@@ -307,6 +308,8 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel' or 'xla'"):
         gu.gate_up_rows(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
+    assert gu.gate_up_rows(16) and gu.gate_up_rows(32) and not gu.gate_up_rows(4)  # the default
+    monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
     assert not gu.gate_up_rows(16)
 
 

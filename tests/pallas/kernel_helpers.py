@@ -1,6 +1,6 @@
-"""Helpers shared by the kernel tests: relative error, the `pallas_call`-in-the-jaxpr check, the GPU marker, the
-chunked-SSD inputs, a fixed weighting of (y, final state) to differentiate, and Triton lowering for an H100
-without a GPU (imported by path, like tests/train/tiny.py: the tests are not a package)."""
+"""Helpers shared by the kernel tests: relative error, the `pallas_call`-in-the-jaxpr check (and its launch), the
+GPU marker, the chunked-SSD inputs, a fixed weighting of (y, final state) to differentiate, and Triton lowering
+for an H100 without a GPU (imported by path, like tests/train/tiny.py: the tests are not a package)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ def rel(a, r) -> float:
 def has_pallas_call(fn, *args) -> bool:
     """Whether `fn` really traces a kernel: a dispatcher that fell back to the reference would not."""
     return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def pallas_call_launch(fn, *args) -> tuple[tuple[int, ...], int]:
+    """The grid and pipeline stages of the first `pallas_call` `fn` traces (nested jaxprs searched too)."""
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                yield e
+            for v in e.params.values():
+                if hasattr(v, "jaxpr"):
+                    yield from walk(v.jaxpr)
+    e = next(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    return tuple(e.params["grid_mapping"].grid), e.params["compiler_params"].num_stages
 
 
 def on_gpu() -> bool:

@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, pallas_call_launch, rel  # noqa: E402
 
 
 SMOL = dict(d=576, h=9, kv=3, hd=64, inter=1536)  # SmolLM2-135M
@@ -132,6 +132,33 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages):
     np.testing.assert_array_equal(
         np.asarray(fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)),
         np.asarray(fd.gate_up_reference(fd.rms_norm_reference(t["x"], t["nw"], 1e-5), t["w2"])))
+
+
+def test_gate_up_own_tiling():
+    """gate_up_pallas launches with its own tiling (GATE_UP_TILING: all 64 rows one program, 8 stages) where no
+    `tiling(...)` block names one; a block's named keys win, the others stay gate_up's; other dot-path kernels keep
+    the dot path's defaults (16-row groups, 3 stages), and nothing leaks out of a call."""
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    h, w = S((64, 576), bf), S((3072, 576), bf)
+    jax.clear_caches()
+    try:
+        assert fd.GATE_UP_TILING == {"dot_rows": 64, "dot_stages": 8}
+        assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((96, 1), 8)
+        assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((96, 1), 8)  # 16 rows: one group
+        assert fd.dot_group(64) == 16 and pallas_call_launch(fd.matmul_residual_pallas, S((64, 1536), bf),
+                                                             S((576, 1536), bf), S((64, 576), bf)) == ((36, 4), 3)
+        launch = lambda: (jax.clear_caches(), pallas_call_launch(fd.gate_up_pallas, h, w))[1]  # noqa: E731
+        with fd.tiling(dot_rows=16):
+            assert launch() == ((96, 4), 8)
+        with fd.tiling(dot_stages=3, dot_block=32):
+            assert launch() == ((48, 1), 3)
+            with fd.tiling(dot_rows=32):  # nested: both blocks' names hold
+                assert launch() == ((48, 2), 3)
+            assert launch() == ((48, 1), 3)
+        assert launch() == ((96, 1), 8)
+        assert fd.dot_group(64) == 16 and fd._TILING["dot_stages"] == 3 and not fd._NAMED
+    finally:
+        jax.clear_caches()
 
 
 def test_gate_up_bad_args_and_dispatch(monkeypatch):
@@ -249,7 +276,7 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
                     S((2 * inter, d), bf))
     lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((d, inter), bf), S((rows, d), bf))
     if rows in fd.DOT_ROWS:
-        for kw in ({}, {"dot_rows": 64, "dot_stages": 8}):  # 4 row groups, 3 stages; all rows a program, 8 stages
+        for kw in ({}, {"dot_rows": 16, "dot_stages": 3}):  # its own (all rows a program, 8 stages); the dot path's
             jax.clear_caches()
             with fd.tiling(**kw):
                 lowers_for_h100(fd.gate_up_pallas, S((rows, d), bf), S((2 * inter, d), bf))
