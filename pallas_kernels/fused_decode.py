@@ -8,8 +8,8 @@ decode-attention kernels a Llama layer is six launches:
   (b) `matmul_residual`        o-projection + residual add
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
-Past these batches, at 16-64 rows, (c) may run without its norm on rows XLA normalised (`gate_up`,
-`inference.gate_up_rows`).
+Past these batches, at 16-64 rows, (c) runs without its norm on rows XLA normalised (`gate_up`,
+`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion).
 `attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
 every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
@@ -81,7 +81,8 @@ DOT_ROWS = (16, 32, 64)  # row counts served by tensor-core dots (tl.dot needs >
 GPU_VERIFIED = True
 # `gate_up_pallas` (the dot path's gate·up + SiLU·mul on normalised rows, what `inference.gate_up_rows` routes
 # batches 16-64 through): its `-m gpu` test passed on an H100 at 16 and 64 rows
-# (benchmarks/results/test-gpu-s20-fused-decode-gate-up.xml).
+# (benchmarks/results/test-gpu-s20-fused-decode-gate-up.xml, in the dot path's tiling; GATE_UP_TILING's ran in the
+# decode loop and the benchmark there, and is pinned to the reference in interpret mode).
 GATE_UP_GPU_VERIFIED = True
 # gate_up_pallas's own tiling where no `tiling(...)` block names one: all rows in one program (up to 64) and 8
 # pipeline stages, so that 7 of SmolLM2's 9 K blocks are in flight before the loop's first dot. Measured in the
