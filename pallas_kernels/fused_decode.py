@@ -171,6 +171,15 @@ def _check_matrix(wt: Any, k: int, name: str) -> int:
     return wt.shape[0]
 
 
+def _check_gate_up(x: Any, wt_gate_up: Any, name: str) -> tuple[int, int, int]:
+    """(rows, K, I) of x (rows, K) and [W_gate | W_up].T (2·I, K)."""
+    b, k = _check_rows(x, name)
+    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
+    if n2 % 2:
+        raise _bad(f"wt_gate_up must hold [W_gate | W_up].T (an even number of rows), got {wt_gate_up.shape}")
+    return b, k, n2 // 2
+
+
 def kernel_shape_ok(rows: int, *widths: int) -> bool:
     """Whether the kernels tile these sizes: rows 1..8 or 16/32/64, every width a multiple of 16."""
     return (1 <= rows <= 8 or rows in DOT_ROWS) and all(w % 16 == 0 and w > 0 for w in widths)
@@ -536,12 +545,9 @@ def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, int
                    num_warps: int = 0) -> jax.Array:
     """(c) without its norm, one launch on the dot path (16 / 32 / 64 rows); same result as `gate_up_reference`
     up to summation order."""
-    b, k = _check_rows(h, "h")
-    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
-    inter = n2 // 2
-    if b not in DOT_ROWS or n2 % 2:
-        raise _bad(f"gate_up_pallas needs {DOT_ROWS} rows and [W_gate | W_up].T (an even number of rows), got "
-                   f"{b} rows and {wt_gate_up.shape}")
+    b, k, inter = _check_gate_up(h, wt_gate_up, "h")
+    if b not in DOT_ROWS:
+        raise _bad(f"gate_up_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
     _check_kernel_shape(b, k, inter)
     with _own_tiling(GATE_UP_TILING):
         bn = block_n or pick_block_n(inter, b)
@@ -636,11 +642,8 @@ def norm_matmul(x: jax.Array, norm_weight: jax.Array, wt: jax.Array, *, eps: flo
 
 def norm_gate_up(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
     """(c): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
-    b, k = _check_rows(x, "x")
-    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
-    if n2 % 2:
-        raise _bad(f"wt_gate_up must hold [W_gate | W_up].T (an even number of rows), got {wt_gate_up.shape}")
-    if _record(fused_decode_choice(b, k, n2 // 2)) == PALLAS_TRITON:
+    b, k, inter = _check_gate_up(x, wt_gate_up, "x")
+    if _record(fused_decode_choice(b, k, inter)) == PALLAS_TRITON:
         return norm_gate_up_pallas(x, norm_weight, wt_gate_up, eps=eps, interpret=_interpret())
     return norm_gate_up_reference(x, norm_weight, wt_gate_up, eps=eps)
 
@@ -654,11 +657,7 @@ def gate_up_choice(rows: int, k: int, inter: int) -> str:
 
 def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     """(c) without its norm (`gate_up_choice`); records its choice under "gate_up"."""
-    b, k = _check_rows(h, "h")
-    n2 = _check_matrix(wt_gate_up, k, "wt_gate_up")
-    if n2 % 2:
-        raise _bad(f"wt_gate_up must hold [W_gate | W_up].T (an even number of rows), got {wt_gate_up.shape}")
-    choice = gate_up_choice(b, k, n2 // 2)
+    choice = gate_up_choice(*_check_gate_up(h, wt_gate_up, "h"))
     dispatch.record_choice("gate_up", choice)
     if choice == PALLAS_TRITON:
         return gate_up_pallas(h, wt_gate_up, interpret=_interpret())
