@@ -450,17 +450,10 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
 _NAMED: set[str] = set()  # the `_TILING` keys an enclosing `tiling(...)` block sets
 
 
-@contextlib.contextmanager
-def _own_tiling(own: dict[str, Any]) -> Iterator[None]:
+def _own_tiling(own: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
     """A kernel's own tiling defaults (e.g. GATE_UP_TILING) for what is traced inside, except the keys an
     enclosing `tiling(...)` block names (a benchmark's variant still decides)."""
-    old = dict(_TILING)
-    _TILING.update({k: v for k, v in own.items() if k not in _NAMED})
-    try:
-        yield
-    finally:
-        _TILING.clear()
-        _TILING.update(old)
+    return tiling(**{k: v for k, v in own.items() if k not in _NAMED})
 
 
 def pick_block_n(n: int, rows: int, *, combine: bool = False) -> int:
