@@ -28,8 +28,9 @@ split-K partials summed in the attention kernel's prologue, RMSNorm folded acros
 XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
 mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
-`dsN` = N pipeline stages of the fused dot path's K loop (`fused_decode.tiling(dot_stages=)`; `gN` / `dsN` apply to
-the gate·up kernel too, whose own default is all rows a program and 8 stages: `fused_decode.GATE_UP_TILING`).
+`dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
+(`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
+own default is all rows a program and 8 stages: `fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """
@@ -188,6 +189,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_GATE_UP"] = "kernel" if tok == "gu" else "xla"
         elif m := re.fullmatch(r"ds(\d+)", tok):
             tiling["dot_stages"] = int(m.group(1))
+        elif m := re.fullmatch(r"dk(\d+)", tok):
+            tiling["dot_k"] = int(m.group(1))
         elif m := re.fullmatch(r"vp([012])", tok):
             tiling["attn_prefetch"] = int(m.group(1))
         elif tok in ("adot", "aew"):
@@ -205,7 +208,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, mx, mk, mc, gN, dbN, dsN, kqN, vp0, vp1, vp2, gu, gux)")
+                             "amx, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux)")
     return tiling, env
 
 

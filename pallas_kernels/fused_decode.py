@@ -406,7 +406,7 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 
@@ -415,12 +415,13 @@ MERGES = ("combine", "xla", "kernel")
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
            dot_rows: int | None = None, dot_block: int | None = None,
-           dot_stages: int | None = None) -> Iterator[None]:
+           dot_stages: int | None = None, dot_k: int | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
-    stages of its K loop (1..8, Triton's num_stages; default 3). Clear jax's caches
+    stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
+    (`block_k`: 16..128, default 128). Clear jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
@@ -430,8 +431,10 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
         raise _bad(f"tiling dot_block must be one of 16, 32, 64, 128, got {dot_block}")
     if dot_stages is not None and not 1 <= dot_stages <= 8:
         raise _bad(f"tiling dot_stages must be in 1..8, got {dot_stages}")
+    if dot_k is not None and dot_k not in (16, 32, 64, 128):
+        raise _bad(f"tiling dot_k must be one of 16, 32, 64, 128, got {dot_k}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages}
+           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k}
     for k, v in new.items():
         if k not in ("merge", "dot_stages") and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
@@ -502,8 +505,10 @@ def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, nu
                        num_stages=_TILING["dot_stages"] if rows in DOT_ROWS else 1)(*args)
 
 
-def _block_k(k: int) -> int:
-    return _block(k, 128)
+def block_k(k: int, rows: int) -> int:
+    """K per step of a kernel's K loop: the largest power of two up to 128 tiling K (the 1-D path unrolls the
+    loop), on the dot path up to `tiling(dot_k=)` (a step's three tiles are what each pipeline stage holds)."""
+    return _block(k, _TILING["dot_k"] if rows in DOT_ROWS else 128)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
@@ -514,7 +519,7 @@ def norm_matmul_pallas(x: jax.Array, norm_weight: jax.Array, wt: jax.Array, *, e
     n = _check_matrix(wt, k, "wt")
     _check_kernel_shape(b, k, n)
     bn = block_n or pick_block_n(n, b)
-    kern = functools.partial(_norm_matmul_kernel, k=k, bk=_block_k(k), bn=bn, eps=float(eps))
+    kern = functools.partial(_norm_matmul_kernel, k=k, bk=block_k(k, b), bn=bn, eps=float(eps))
     return _call(kern, jax.ShapeDtypeStruct((b, n), x.dtype), n // bn, interpret, num_warps, "norm_matmul",
                  x, norm_weight, wt.astype(x.dtype))
 
@@ -528,7 +533,7 @@ def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Ar
     inter = n2 // 2
     _check_kernel_shape(b, k, inter)
     bn = block_n or pick_block_n(inter, b)
-    kern = functools.partial(_norm_gate_up_kernel, k=k, bk=_block_k(k), bn=bn, inter=inter, eps=float(eps))
+    kern = functools.partial(_norm_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps))
     return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps,
                  "norm_gate_up", x, norm_weight, wt_gate_up.astype(x.dtype))
 
@@ -544,7 +549,7 @@ def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, int
     _check_kernel_shape(b, k, inter)
     with _own_tiling(GATE_UP_TILING):
         bn = block_n or pick_block_n(inter, b)
-        kern = functools.partial(_gate_up_kernel, k=k, bk=_block_k(k), bn=bn, inter=inter)
+        kern = functools.partial(_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter)
         return _call(kern, jax.ShapeDtypeStruct((b, inter), h.dtype), inter // bn, interpret, num_warps,
                      "gate_up", h, wt_gate_up.astype(h.dtype))
 
@@ -560,7 +565,7 @@ def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, 
         raise _bad(f"residual must have a's {b} rows, got {residual.shape}")
     _check_kernel_shape(b, k, n)
     bn = block_n or pick_block_n(n, b)
-    kern = functools.partial(_matmul_residual_kernel, k=k, bk=_block_k(k), bn=bn)
+    kern = functools.partial(_matmul_residual_kernel, k=k, bk=block_k(k, b), bn=bn)
     dt = residual.dtype
     return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "matmul_residual",
                  a.astype(dt), wt.astype(dt), residual)

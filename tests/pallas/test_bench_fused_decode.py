@@ -45,3 +45,20 @@ def test_tiny_cold_run_cycles_weight_copies(tmp_path, monkeypatch):
     assert {r["copies"] for r in data["rows"]} == {max(2, math.ceil(0.02 * 2 ** 20 / r["weight_bytes"]))
                                                     for r in data["rows"]}
     assert "MB of weight copies" in (tmp_path / "fused_decode_cold_tiny.md").read_text()
+
+
+def test_tiny_dot_sweep_traces_every_tiling(tmp_path, monkeypatch):
+    """--dot: the dot path's kernels (gate·up on normalised rows, matmul + residual) at 16 rows, each tiling of
+    the grid traced anew (its label names it), agreeing with XLA's reference."""
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("bench_fused_decode", None)
+    import bench_fused_decode as bfd
+
+    assert bfd.main(["--tiny", "--dot", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "fused_decode_dot_tiny.json").read_text())["rows"]
+    assert {r["gemv"] for r in rows} == set(bfd.TINY_DOT_SHAPES)
+    for r in rows:
+        assert "error" not in r and r["max_abs_diff"] < 0.05 and r["device_us"] > 0, r
+    assert sorted(r["impl"] for r in rows if r["gemv"] == "gate_up") == [
+        "pallas g16 db16 ds2 dk32 w4", "pallas g16 db32 ds2 dk32 w4", "xla"]

@@ -112,14 +112,16 @@ def test_dot_path_output_blocks_interpret():
             pass
 
 
-@pytest.mark.parametrize("dot_rows,stages", [(16, 3), (64, 1), (64, 6)])
-def test_gate_up_on_normalised_rows_interpret(dot_rows, stages):
+@pytest.mark.parametrize("dot_rows,stages,dot_k", [(16, 3, 128), (64, 1, 16), (64, 6, 32)])
+def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
     """gate_up_pallas: SiLU(h·W_gate)·(h·W_up) on already normalised rows, = gate_up_reference (fp32 and bf16), in
-    row groups of 16 or all 64 rows a program, at any pipeline depth of its K loop (`tiling(dot_stages=)`); and
-    norm_gate_up = RMSNorm then gate_up, exactly (the decode path's split of it, `inference.gate_up_rows`)."""
+    row groups of 16 or all 64 rows a program, at any pipeline depth of its K loop (`tiling(dot_stages=)`) and K
+    step (`tiling(dot_k=)`: 96 = 3 steps of 32 or 6 of 16); and norm_gate_up = RMSNorm then gate_up, exactly (the
+    decode path's split of it, `inference.gate_up_rows`)."""
     jax.clear_caches()
     try:
-        with fd.tiling(dot_rows=dot_rows, dot_stages=stages):
+        with fd.tiling(dot_rows=dot_rows, dot_stages=stages, dot_k=dot_k):
+            assert fd.block_k(96, 64) == min(dot_k, 32) and fd.block_k(96, 4) == 32  # the 1-D path: up to 128
             for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
                 t = inputs(64, 96, 48, dtype=dtype, seed=stages)
                 got = fd.gate_up_pallas(t["x"], t["w2"], interpret=True)
@@ -171,6 +173,9 @@ def test_gate_up_bad_args_and_dispatch(monkeypatch):
         fd.gate_up(t["x"], t["w2"][:-1])  # the dispatcher too, whichever implementation it would pick
     with pytest.raises(KernelError, match="dot_stages"):
         with fd.tiling(dot_stages=9):
+            pass
+    with pytest.raises(KernelError, match="dot_k"):
+        with fd.tiling(dot_k=48):
             pass
     # off a GPU: the reference unless interpret mode is asked for; a GPU needs the unverified-kernels switch
     assert fd.gate_up_choice(16, 64, 32) == fd.REFERENCE
