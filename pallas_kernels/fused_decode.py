@@ -261,46 +261,44 @@ def _group(rows: int) -> tuple[int, Any]:
     return rg, pl.ds(pl.program_id(1) * rg, rg)
 
 
-def _row_scale_dot(x_ref: Any, nw_ref: Any | None, k: int, bk: int, eps: float, dt: Any, rs_: Any,
-                   rows: int) -> Any:
-    """For the dot path: a function i -> the (rows, bk) block i of x's rows `rs_`, normalised when nw_ref is
-    given."""
-    if nw_ref is None:
-        return lambda i: x_ref[rs_, pl.ds(i * bk, bk)].astype(dt)
-
-    def ss_body(i: Any, ss: jax.Array) -> jax.Array:
-        v = x_ref[rs_, pl.ds(i * bk, bk)].astype(F32)
-        return ss + jnp.sum(v * v, axis=1)
-    ss = jax.lax.fori_loop(0, k // bk, ss_body, jnp.zeros((rows,), F32))
-    rs = jax.lax.rsqrt(ss / k + eps)
-
-    def block(i: Any) -> jax.Array:
-        v = x_ref[rs_, pl.ds(i * bk, bk)].astype(F32)
-        return ((v * rs[:, None]) * nw_ref[pl.ds(i * bk, bk)].astype(F32)[None, :]).astype(dt)
-    return block
-
-
 def _dot_t(a: jax.Array, wk: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, wk, _CONTRACT_K, preferred_element_type=F32)
 
 
-def _gemv_dot(block: Any, wt_ref: Any, outs: list[Any], k: int, bk: int, rows: int, bn: int,
-              dt: Any) -> list[jax.Array]:
-    """(rows, bn) fp32 for each output slice in `outs`: sum over K blocks of block(i) @ wt[outs, i-th block].T."""
-    def body(i: Any, accs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        xb = block(i)
+def _gemv_dot(x_ref: Any, nw_ref: Any | None, rs_: Any, wt_ref: Any, outs: list[Any], k: int, bk: int, rows: int,
+              bn: int, eps: float, dt: Any) -> list[jax.Array]:
+    """(rows, bn) fp32 for each output slice in `outs`: sum over K blocks of x[rs_, block i] @ wt[outs, block i].T;
+    RMSNorm(x) in place of x when nw_ref is given. The norm's row scale is one factor per row, so it is applied to
+    the dot's results after the loop, its sum of squares taken in the same loop from the blocks the dots load:
+    one pass over the rows, not a pass for the norm first (which, at 64 rows, made norm·gate·up 10.6 µs a layer
+    on the H100: benchmarks/results/decode_profile_s17_fused64.md). The dots see the rows times the norm's weight,
+    rounded to the compute dtype where the XLA path rounds the normalised rows: the same maths, another rounding
+    point."""
+    def dots(xb: jax.Array, i: Any, accs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         return tuple(a + _dot_t(xb, wt_ref[c, pl.ds(i * bk, bk)].astype(dt)) for a, c in zip(accs, outs))
+
     init = tuple(jnp.zeros((rows, bn), F32) for _ in outs)
-    return list(jax.lax.fori_loop(0, k // bk, body, init))
+    if nw_ref is None:
+        return list(jax.lax.fori_loop(0, k // bk, lambda i, accs: dots(x_ref[rs_, pl.ds(i * bk, bk)].astype(dt),
+                                                                        i, accs), init))
+
+    def body(i: Any, carry: tuple[tuple[jax.Array, ...], jax.Array]) -> tuple[tuple[jax.Array, ...], jax.Array]:
+        accs, ss = carry
+        v = x_ref[rs_, pl.ds(i * bk, bk)].astype(F32)
+        xb = (v * nw_ref[pl.ds(i * bk, bk)].astype(F32)[None, :]).astype(dt)
+        return dots(xb, i, accs), ss + jnp.sum(v * v, axis=1)
+    accs, ss = jax.lax.fori_loop(0, k // bk, body, (init, jnp.zeros((rows,), F32)))
+    scale = jax.lax.rsqrt(ss / k + eps)[:, None]
+    return [a * scale for a in accs]
 
 
 def _dot_rows(x_ref: Any, nw_ref: Any | None, wt_ref: Any, outs: list[Any], k: int, bk: int, eps: float,
               dt: Any, bn: int) -> tuple[Any, list[jax.Array]]:
     """Dot path: (this program's row slice, [(rows, bn) fp32 per output slice in `outs`]) for its row group, x
-    normalised first when nw_ref is given. (Unrolling the K loop, as the 1-D path does, measured slower here:
-    1.57 vs 1.22 ms a step at batch 64, benchmarks/results/decode_dot.md.)"""
+    normalised when nw_ref is given (`_gemv_dot`). (Unrolling the K loop, as the 1-D path does, measured slower
+    here: 1.57 vs 1.22 ms a step at batch 64, benchmarks/results/decode_dot.md.)"""
     rg, rs = _group(x_ref.shape[0])
-    return rs, _gemv_dot(_row_scale_dot(x_ref, nw_ref, k, bk, eps, dt, rs, rg), wt_ref, outs, k, bk, rg, bn, dt)
+    return rs, _gemv_dot(x_ref, nw_ref, rs, wt_ref, outs, k, bk, rg, bn, eps, dt)
 
 
 def _norm_matmul_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, eps: float):
