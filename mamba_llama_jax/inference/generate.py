@@ -268,12 +268,13 @@ class FusedAttention(nnx.Module):
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
         """RMSNorm + q·k·v of a decode step's rows as (qkv, the decode attention's keywords for it):
-        `fused_decode.norm_matmul`, or past its kernels' batches with `split_k.qkv_splits` > 1 XLA's GEMM as
-        split-K partials of the rows times the norm's weight, which the attention sums and scales (`rows=`)."""
+        `fused_decode.norm_matmul`, or with `split_k.qkv_splits` > 1 (past its kernels' batches, or asked for)
+        XLA's GEMM as split-K partials of the rows times the norm's weight, which the attention sums and scales
+        (`rows=`)."""
         wt = self.qkv[...].astype(x2.dtype)
         rows, width = x2.shape
-        parts = split_k.qkv_splits(rows)
-        if parts > 1 and width % parts == 0 and not kernels_would_run(rows, width, wt.shape[0]):
+        parts = split_k.qkv_splits(rows, fused=kernels_would_run(rows, width, wt.shape[0]))
+        if parts > 1 and width % parts == 0:
             dispatch.record_choice(QKV_OP, f"split_k:{parts}")
             return matmul_t_partials(weigh(x2, norm.weight[...]), wt, parts), dict(rows=x2, eps=norm.eps)
         dispatch.record_choice(QKV_OP, "norm_matmul")  # which itself records its choice under "fused_decode"

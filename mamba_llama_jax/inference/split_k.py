@@ -12,9 +12,10 @@ prologue ~0.8 µs longer. Measured on an H100 in one process (benchmarks/results
 (The gate·up GEMM written the same way, its sum and SiLU·mul as elementwise ops, did not fuse into the down GEMM:
 XLA kept the launch, benchmarks/results/decode_profile_s18_splitk.md.)
 
-`SPLITS` is the default on GPUs up to MAX_ROWS rows (0 or 1: XLA's own GEMM and norm); elsewhere nothing changes
-unless `MAMBA_LLAMA_DECODE_SPLIT_K` (a partial count, 0 for none) asks for it, at any batch and on any backend
-(tests use it on the CPU).
+`SPLITS` is the default on GPUs up to MAX_ROWS rows past the fused GEMVs' batches (0 or 1: XLA's own GEMM and
+norm); elsewhere nothing changes unless `MAMBA_LLAMA_DECODE_SPLIT_K` (a partial count, 0 for none) asks for it, at
+any batch and on any backend, in place of the fused GEMVs' RMSNorm + q·k·v too (tests use it on the CPU; the
+decode-step benchmark's `fd64+kq4` keeps it beside the fused kernels at 64 rows).
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ SPLITS = 4
 MAX_ROWS = 64
 
 
-def qkv_splits(rows: int) -> int:
-    """Partials of the q·k·v GEMM for a decode step of `rows` rows traced now (1 = none): the environment's, else
-    `SPLITS` on a GPU up to MAX_ROWS rows, else 1."""
+def _asked() -> int | None:
+    """The partial count MAMBA_LLAMA_DECODE_SPLIT_K asks for (None: unset)."""
     v = os.environ.get(SPLIT_K_ENV, "").strip()
-    if v:
-        if not v.isdigit():
-            raise GenerationError(f"{SPLIT_K_ENV} must be a partial count (0 or 1 for none), got {v!r}")
-        return max(1, int(v))
-    return max(1, SPLITS) if dispatch._on_gpu() and rows <= MAX_ROWS else 1
+    if v and not v.isdigit():
+        raise GenerationError(f"{SPLIT_K_ENV} must be a partial count (0 or 1 for none), got {v!r}")
+    return max(1, int(v)) if v else None
+
+
+def qkv_splits(rows: int, *, fused: bool = False) -> int:
+    """Partials of the q·k·v GEMM for a decode step of `rows` rows traced now (1 = none): the environment's, else
+    1 where the fused GEMVs take the rows (`fused`), else `SPLITS` on a GPU up to MAX_ROWS rows, else 1."""
+    asked = _asked()
+    if asked is not None:
+        return asked
+    return max(1, SPLITS) if dispatch._on_gpu() and rows <= MAX_ROWS and not fused else 1

@@ -275,6 +275,32 @@ def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
     assert split_k.qkv_splits(split_k.MAX_ROWS) == split_k.SPLITS > 1
     assert split_k.qkv_splits(split_k.MAX_ROWS + 1) == 1
+    assert split_k.qkv_splits(4, fused=True) == 1  # the fused GEMVs' rows keep their RMSNorm + q·k·v kernel ...
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "2")
+    assert split_k.qkv_splits(4, fused=True) == 2  # ... unless the environment asks for partials
+
+
+def test_split_k_beside_the_fused_kernels_interpret(model, monkeypatch):
+    """MAMBA_LLAMA_DECODE_SPLIT_K asked for at the fused GEMVs' batches (the decode-step benchmark's `fd64+kq4`):
+    XLA's q·k·v partials summed in the attention kernel, the fused o, gate·up and down kernels around it (interpret
+    mode): the same greedy tokens (fp32) as the reference path."""
+    from mamba_llama_jax.inference import split_k
+    from pallas_kernels import dispatch
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    prompts = [PROMPTS[i % 2][: 3 + i] for i in range(4)]
+    want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernels run checked in their own tests
+    jax.clear_caches()
+    try:
+        got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
+        assert dispatch.last_choices("qkv_projection", "decode_attention", "fused_decode") == {
+            "qkv_projection": "split_k:4", "decode_attention": "pallas_triton", "fused_decode": "pallas_triton"}
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
