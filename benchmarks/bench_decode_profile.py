@@ -30,7 +30,7 @@ mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fu
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
 `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
-own default is all rows a program and 8 stages: `fused_decode.GATE_UP_TILING`).
+own default is row groups of 16, 32 outputs, 4 stages, K steps of 64: `fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """

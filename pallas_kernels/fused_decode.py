@@ -80,15 +80,18 @@ DOT_ROWS = (16, 32, 64)  # row counts served by tensor-core dots (tl.dot needs >
 # (benchmarks/results/test-gpu-decode.xml), so the kernels are the default on GPUs at small batch.
 GPU_VERIFIED = True
 # `gate_up_pallas` (the dot path's gate·up + SiLU·mul on normalised rows, what `inference.gate_up_rows` routes
-# batches 16-64 through): its `-m gpu` test passed on an H100 at 16 and 64 rows
-# (benchmarks/results/test-gpu-s20-fused-decode-gate-up.xml, in the dot path's tiling; GATE_UP_TILING's ran in the
-# decode loop and the benchmark there, and is pinned to the reference in interpret mode).
+# batches 16-64 through): its `-m gpu` test passed on an H100 at 16 and 64 rows in GATE_UP_TILING
+# (benchmarks/results/test-gpu-s21-fused-decode.xml, with the whole file's GPU tests; session 20's tiling:
+# test-gpu-s20-fused-decode-gate-up.xml).
 GATE_UP_GPU_VERIFIED = True
-# gate_up_pallas's own tiling where no `tiling(...)` block names one: all rows in one program (up to 64) and 8
-# pipeline stages, so that 7 of SmolLM2's 9 K blocks are in flight before the loop's first dot. Measured in the
-# decode loop on the H100 against the dot path's defaults (16 rows, 3 stages): 6.2 vs 6.6 µs a layer at batch 64,
-# 4.6 vs 5.8 at 16 (benchmarks/results/decode_profile_s20_vp_gu.md).
-GATE_UP_TILING = {"dot_rows": 64, "dot_stages": 8}
+# gate_up_pallas's own tiling where no `tiling(...)` block names one: row groups of 16, 32 gate and 32 up outputs a
+# program (1536 / 32 × 4 = 192 programs at 64 rows), 4 pipeline stages, K steps of 64. Swept alone on an H100 at
+# 64 rows, weights from HBM (benchmarks/results/fused_decode_dot_cold.md, 16 tilings): 4.75 µs against 6.26 for
+# session 20's all-rows-a-program, 16-output, 8-stage tiling and 10.8 for XLA's GEMM + SiLU·mul; K steps of 32
+# lose everywhere (5.4-9.2 µs). In the decode loop, one process (decode_profile_s21_gu_tiling.md, unprofiled ms a
+# step): 0.921 / 0.923 → 0.880 at batch 64 (the kernel 6.2 → 4.8 µs a layer), 0.750 → 0.743 at 16; 8 stages
+# instead of 4: 0.897 at 64, 0.731 at 16.
+GATE_UP_TILING = {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
 
 
 # ------------------------------------------------------------------------------------------------- references

@@ -5,10 +5,12 @@ Why: at batch 64 the MLP's first half is XLA's gate·up GEMM (split over K in 2,
 layer on an H100, the step's largest GEMM) and a launch of its own for the split-K sum + SiLU·mul (~2 µs)
 (benchmarks/results/decode_profile_s17_fused64.md). RMSNorm stays with XLA (it fuses into the o-projection's
 split-K reduction), so the kernel reads normalised rows and its K loop loads them straight into its dots; the
-fused GEMVs' own `norm_gate_up` at 64 rows, which first passes over each row for its norm, took 10.6 µs a layer.
-Measured in the decode loop on the H100 (benchmarks/results/decode_profile_s20_vp_gu.md, one process): the step
-0.957 → 0.929 ms at batch 64 and 0.788 → 0.753 at 16 (the kernel 6.2 / 4.6 µs a layer in `GATE_UP_TILING`), one
-launch a layer fewer. So it is the default for 16, 32 and 64 rows wherever `fused_decode.gate_up` picks its kernel
+fused GEMVs' own `norm_gate_up` at 64 rows took 10.6 µs a layer passing over each row for its norm first, and
+still 10.0 with the norm taken in its K loop (benchmarks/results/decode_profile_s21_gu_tiling.md, `fd64+kq4+g64+ds8`:
+elementwise work between the rows' loads and the dots). Measured in the decode loop on the H100, one process: the
+step 0.957 → 0.929 ms at batch 64 and 0.788 → 0.753 at 16, one launch a layer fewer (decode_profile_s20_vp_gu.md:
+the kernel 6.2 / 4.6 µs a layer in session 20's tiling); 0.921 → 0.880 and 0.750 → 0.743 in `GATE_UP_TILING`
+since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it is the default for 16, 32 and 64 rows wherever `fused_decode.gate_up` picks its kernel
 (GPUs); elsewhere `gate_up` is its reference, exactly XLA's ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM
 and fusion ("kernel" or unset: the kernel).
 """

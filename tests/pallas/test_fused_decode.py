@@ -137,28 +137,30 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
 
 
 def test_gate_up_own_tiling():
-    """gate_up_pallas launches with its own tiling (GATE_UP_TILING: all 64 rows one program, 8 stages) where no
-    `tiling(...)` block names one; a block's named keys win, the others stay gate_up's; other dot-path kernels keep
-    the dot path's defaults (16-row groups, 3 stages), and nothing leaks out of a call."""
+    """gate_up_pallas launches with its own tiling (GATE_UP_TILING: row groups of 16, 32 outputs, 4 stages, K steps
+    of 64) where no `tiling(...)` block names one; a block's named keys win, the others stay gate_up's; other
+    dot-path kernels keep the dot path's defaults (16-row groups, 16 outputs, 3 stages, K steps up to 128), and
+    nothing leaks out of a call."""
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     h, w = S((64, 576), bf), S((3072, 576), bf)
     jax.clear_caches()
     try:
-        assert fd.GATE_UP_TILING == {"dot_rows": 64, "dot_stages": 8}
-        assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((96, 1), 8)
-        assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((96, 1), 8)  # 16 rows: one group
+        assert fd.GATE_UP_TILING == {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
+        assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((48, 4), 4)
+        assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((48, 1), 4)
         assert fd.dot_group(64) == 16 and pallas_call_launch(fd.matmul_residual_pallas, S((64, 1536), bf),
                                                              S((576, 1536), bf), S((64, 576), bf)) == ((36, 4), 3)
         launch = lambda: (jax.clear_caches(), pallas_call_launch(fd.gate_up_pallas, h, w))[1]  # noqa: E731
-        with fd.tiling(dot_rows=16):
-            assert launch() == ((96, 4), 8)
-        with fd.tiling(dot_stages=3, dot_block=32):
-            assert launch() == ((48, 1), 3)
+        with fd.tiling(dot_rows=64):
+            assert launch() == ((48, 1), 4)
+        with fd.tiling(dot_stages=3, dot_block=16):
+            assert launch() == ((96, 4), 3)
             with fd.tiling(dot_rows=32):  # nested: both blocks' names hold
-                assert launch() == ((48, 2), 3)
-            assert launch() == ((48, 1), 3)
-        assert launch() == ((96, 1), 8)
-        assert fd.dot_group(64) == 16 and fd._TILING["dot_stages"] == 3 and not fd._NAMED
+                assert launch() == ((96, 2), 3)
+            assert launch() == ((96, 4), 3)
+        assert launch() == ((48, 4), 4)
+        assert fd.dot_group(64) == 16 and fd._TILING["dot_stages"] == 3 and fd._TILING["dot_k"] == 128
+        assert not fd._NAMED and fd.block_k(576, 64) == 64 and fd.block_k(1536, 64) == 128
     finally:
         jax.clear_caches()
 
@@ -281,7 +283,7 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
                     S((2 * inter, d), bf))
     lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((d, inter), bf), S((rows, d), bf))
     if rows in fd.DOT_ROWS:
-        for kw in ({}, {"dot_rows": 16, "dot_stages": 3}):  # its own (all rows a program, 8 stages); the dot path's
+        for kw in ({}, {"dot_rows": 64, "dot_stages": 8}):  # its own; all rows a program with 8 stages (session 20's)
             jax.clear_caches()
             with fd.tiling(**kw):
                 lowers_for_h100(fd.gate_up_pallas, S((rows, d), bf), S((2 * inter, d), bf))
