@@ -28,6 +28,8 @@ split-K partials summed in the attention kernel's prologue, RMSNorm folded acros
 XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
 mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
+`guf` = the step's five-launch `fold` form there (norm weights folded into the next projections; with `uv`: its
+gate·up kernel is not GPU-verified yet),
 `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
 own default is row groups of 16, 32 outputs, 4 stages, K steps of 64: `fused_decode.GATE_UP_TILING`).
@@ -185,8 +187,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
-        elif tok in ("gu", "gux"):
-            env["MAMBA_LLAMA_DECODE_GATE_UP"] = "kernel" if tok == "gu" else "xla"
+        elif tok in ("gu", "gux", "guf"):
+            env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla", "guf": "fold"}[tok]
         elif m := re.fullmatch(r"ds(\d+)", tok):
             tiling["dot_stages"] = int(m.group(1))
         elif m := re.fullmatch(r"dk(\d+)", tok):
@@ -208,7 +210,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux)")
+                             "amx, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux, guf)")
     return tiling, env
 
 

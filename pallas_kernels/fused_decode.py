@@ -92,6 +92,15 @@ GATE_UP_GPU_VERIFIED = True
 # step): 0.921 / 0.923 → 0.880 at batch 64 (the kernel 6.2 → 4.8 µs a layer), 0.750 → 0.743 at 16; 8 stages
 # instead of 4: 0.897 at 64, 0.731 at 16.
 GATE_UP_TILING = {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
+# matmul_residual_pallas's own dot-path tiling: all rows a program, 8 stages (16 outputs, K steps up to 128). Alone
+# at 64 rows on the H100 (fused_decode_dot_cold.md): o 3.13 µs, down 4.64 (the best of 24 / 36 tilings, within
+# 0.01 of o's best) against 3.4-4.8 / 5.6 in the dot path's defaults; in the decode loop 3.1 / 4.7 µs a layer
+# against 4.3 / 5.9 (decode_profile_s21_gu_tiling.md, `fd64+kq4+g64+ds8` vs `fd64+kq4`).
+MATMUL_RESIDUAL_TILING = {"dot_rows": 64, "dot_stages": 8}
+# `folded_gate_up_pallas` (RMSNorm · gate·up + SiLU·mul with the norm's weight folded into the weights, the decode
+# step's `fold` form): compiled and run on a GPU by no test yet, so off there unless
+# MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
+FOLDED_GPU_VERIFIED = False
 
 
 # ------------------------------------------------------------------------------------------------- references
@@ -133,6 +142,12 @@ def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax
 def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     """(c) without its norm: SiLU(h @ W_gate) * (h @ W_up) of already normalised rows h (b, K) -> (b, I)."""
     return swiglu(matmul_t(h, wt_gate_up.astype(h.dtype)), wt_gate_up.shape[0] // 2)
+
+
+def folded_gate_up_reference(x: jax.Array, wt_folded: jax.Array, *, eps: float) -> jax.Array:
+    """(c) with RMSNorm's weight g folded into the weights (`ops.partials.fold(wt_gate_up, g)`): gate_up of x's
+    rows times their RMSNorm scale — `norm_gate_up_reference(x, g, wt_gate_up)`'s maths, rounded elsewhere."""
+    return gate_up_reference((x.astype(F32) * row_scale(x, eps)[:, None]).astype(x.dtype), wt_folded)
 
 
 def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
@@ -318,32 +333,53 @@ def _norm_matmul_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: in
         o_ref[r, pl.ds(j * bn, bn)] = acc.astype(dt)
 
 
+def _silu_mul(g: jax.Array, u: jax.Array, dt: Any) -> jax.Array:
+    """`swiglu` of fp32 gate / up values with the XLA path's roundings, in dt."""
+    g, u = _r(g, dt), _r(u, dt)
+    s = _r(1.0 / (1.0 + jnp.exp(-g)), dt)
+    return (_r(g * s, dt) * u).astype(dt)
+
+
 def _norm_gate_up_kernel(x_ref, nw_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
     j = pl.program_id(0)
     dt = o_ref.dtype
     rows = x_ref.shape[0]
-
-    def silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:  # `swiglu` with the XLA path's roundings
-        g, u = _r(g, dt), _r(u, dt)
-        s = _r(1.0 / (1.0 + jnp.exp(-g)), dt)
-        return (_r(g * s, dt) * u).astype(dt)
-
     if rows in DOT_ROWS:
         cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
         rs, (g, u) = _dot_rows(x_ref, nw_ref, wt_ref, [cg, cu], k, bk, eps, dt, bn)
-        o_ref[rs, cg] = silu_mul(g, u)
+        o_ref[rs, cg] = _silu_mul(g, u, dt)
         return
     xs = [_norm_rows_1d(x_ref, nw_ref, r, k, bk, eps, dt) for r in range(rows)]
     gs = _gemv_rows(xs, wt_ref, j * bn, bk, bn)
     us = _gemv_rows(xs, wt_ref, inter + j * bn, bk, bn)
     for r in range(rows):
-        o_ref[r, pl.ds(j * bn, bn)] = silu_mul(gs[r], us[r])
+        o_ref[r, pl.ds(j * bn, bn)] = _silu_mul(gs[r], us[r], dt)
 
 
 def _gate_up_kernel(h_ref, wt_ref, o_ref, **kw: Any):
     """`_norm_gate_up_kernel` on rows already normalised: the dot path's K loop loads them straight into its
     dots (what Triton pipelines), with no pass over the rows for their norm first."""
     _norm_gate_up_kernel(h_ref, None, wt_ref, o_ref, eps=0.0, **kw)
+
+
+def _folded_gate_up_kernel(x_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
+    """Dot path: SiLU·mul of RMSNorm(x) @ [W_gate | W_up].T with the norm's weight folded into the weights
+    (`ops.partials.fold`): the K loop feeds the loaded rows straight into the dots, as `_gate_up_kernel` does (the
+    form measured fast), and the row scale — from a pass over the program's rows before it — multiplies the
+    results. Why not the sum of squares inside the loop (`_gemv_dot`): with elementwise work between the rows'
+    loads and the dots, `norm_gate_up` took 10.0 µs a layer at 64 rows against gate_up's 4.8
+    (benchmarks/results/decode_profile_s21_gu_tiling.md)."""
+    j = pl.program_id(0)
+    dt = o_ref.dtype
+    rg, rs = _group(x_ref.shape[0])
+
+    def ss_body(i: Any, ss: jax.Array) -> jax.Array:
+        v = x_ref[rs, pl.ds(i * bk, bk)].astype(F32)
+        return ss + jnp.sum(v * v, axis=1)
+    scale = jax.lax.rsqrt(jax.lax.fori_loop(0, k // bk, ss_body, jnp.zeros((rg,), F32)) / k + eps)[:, None]
+    cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
+    g, u = _gemv_dot(x_ref, None, rs, wt_ref, [cg, cu], k, bk, rg, bn, eps, dt)
+    o_ref[rs, cg] = _silu_mul(g * scale, u * scale, dt)
 
 
 def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
@@ -555,6 +591,23 @@ def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, int
                      "gate_up", h, wt_gate_up.astype(h.dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
+def folded_gate_up_pallas(x: jax.Array, wt_folded: jax.Array, *, eps: float, block_n: int = 0,
+                          interpret: bool = False, num_warps: int = 0) -> jax.Array:
+    """(c) with the norm's weight folded into the weights, one launch on the dot path (16 / 32 / 64 rows, in
+    GATE_UP_TILING); same result as `folded_gate_up_reference` up to summation order and where the row scale is
+    applied (to the dots' results, not to the rows)."""
+    b, k, inter = _check_gate_up(x, wt_folded, "x")
+    if b not in DOT_ROWS:
+        raise _bad(f"folded_gate_up_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
+    _check_kernel_shape(b, k, inter)
+    with _own_tiling(GATE_UP_TILING):
+        bn = block_n or pick_block_n(inter, b)
+        kern = functools.partial(_folded_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps))
+        return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps,
+                     "folded_gate_up", x, wt_folded.astype(x.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
 def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, block_n: int = 0,
                            interpret: bool = False, num_warps: int = 0) -> jax.Array:
@@ -565,11 +618,12 @@ def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, 
     if residual.shape[0] != b:
         raise _bad(f"residual must have a's {b} rows, got {residual.shape}")
     _check_kernel_shape(b, k, n)
-    bn = block_n or pick_block_n(n, b)
-    kern = functools.partial(_matmul_residual_kernel, k=k, bk=block_k(k, b), bn=bn)
     dt = residual.dtype
-    return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "matmul_residual",
-                 a.astype(dt), wt.astype(dt), residual)
+    with _own_tiling(MATMUL_RESIDUAL_TILING):
+        bn = block_n or pick_block_n(n, b)
+        kern = functools.partial(_matmul_residual_kernel, k=k, bk=block_k(k, b), bn=bn)
+        return _call(kern, jax.ShapeDtypeStruct((b, n), dt), n // bn, interpret, num_warps, "matmul_residual",
+                     a.astype(dt), wt.astype(dt), residual)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
@@ -663,11 +717,32 @@ def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     return gate_up_reference(h, wt_gate_up)
 
 
-def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:
-    """(b)/(d): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
+def folded_gate_up_choice(rows: int, k: int, inter: int) -> str:
+    """Which implementation `folded_gate_up` uses: the kernel for 16 / 32 / 64 rows it tiles where allowed (on a
+    GPU only with MAMBA_LLAMA_UNVERIFIED_KERNELS=1 until FOLDED_GPU_VERIFIED), else the reference."""
+    ok = dispatch.kernel_allowed(FOLDED_GPU_VERIFIED) and rows in DOT_ROWS and kernel_shape_ok(rows, k, inter)
+    return PALLAS_TRITON if ok else REFERENCE
+
+
+def folded_gate_up(x: jax.Array, wt_folded: jax.Array, *, eps: float) -> jax.Array:
+    """(c) with the norm's weight folded into the weights (`folded_gate_up_choice`); records its choice under
+    "folded_gate_up"."""
+    choice = folded_gate_up_choice(*_check_gate_up(x, wt_folded, "x"))
+    dispatch.record_choice("folded_gate_up", choice)
+    if choice == PALLAS_TRITON:
+        return folded_gate_up_pallas(x, wt_folded, eps=eps, interpret=_interpret())
+    return folded_gate_up_reference(x, wt_folded, eps=eps)
+
+
+def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array, *, dot_rows: bool = False) -> jax.Array:
+    """(b)/(d): the kernel on GPU at small batch (see GPU_VERIFIED), and with `dot_rows` at 16 / 32 / 64 rows
+    whatever the batch bound (the decode step's `fold` form); the reference elsewhere."""
     b, k = _check_rows(a, "a")
     n = _check_matrix(wt, k, "wt")
-    if _record(fused_decode_choice(b, k, n)) == PALLAS_TRITON:
+    choice = fused_decode_choice(b, k, n)
+    if dot_rows and b in DOT_ROWS and dispatch.kernel_allowed(GPU_VERIFIED) and kernel_shape_ok(b, k, n):
+        choice = PALLAS_TRITON
+    if _record(choice) == PALLAS_TRITON:
         return matmul_residual_pallas(a, wt, residual, interpret=_interpret())
     return matmul_residual_reference(a, wt, residual)
 

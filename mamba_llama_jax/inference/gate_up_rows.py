@@ -13,6 +13,16 @@ the kernel 6.2 / 4.6 µs a layer in session 20's tiling); 0.921 → 0.880 and 0.
 since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it is the default for 16, 32 and 64 rows wherever `fused_decode.gate_up` picks its kernel
 (GPUs); elsewhere `gate_up` is its reference, exactly XLA's ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM
 and fusion ("kernel" or unset: the kernel).
+
+`MAMBA_LLAMA_DECODE_GATE_UP=fold` (opt-in, not yet measured) takes the whole step at these rows as five launches
+a layer: XLA's q·k·v split-K partials of the raw rows against W_qkv with the input norm's weight folded in
+(`ops.partials.fold`: no weighting pass over the rows), the attention kernel (which applies the norm's row scale),
+o + residual and down + residual as `fused_decode.matmul_residual` kernels, and RMSNorm·gate·up + SiLU·mul with the
+post-attention norm's weight folded in (`fused_decode.folded_gate_up`: its K loop feeds the rows straight into the
+dots). Why: the default leaves two XLA fusions a layer (split-K sums, residual adds, RMSNorm: 72 launches, 0.13 ms
+a step at batch 64) and, at 64 rows, the o / down kernels alone run near XLA's GEMMs
+(benchmarks/results/decode_profile_s21_gu_tiling.md's reading). The folded weights are computed in the step; XLA
+may hoist them out of the decode loop (they are loop-invariant) — the launch count will say.
 """
 
 from __future__ import annotations
@@ -25,9 +35,11 @@ from pallas_kernels.fused_decode import DOT_ROWS
 GATE_UP_ENV = "MAMBA_LLAMA_DECODE_GATE_UP"
 
 
-def gate_up_rows(rows: int) -> bool:
-    """Whether a decode step of `rows` rows traced now takes the one-launch gate·up + SiLU·mul (module docstring)."""
+def gate_up_form(rows: int) -> str:
+    """The MLP form of a decode step of `rows` rows traced now (module docstring): "kernel" (the one-launch
+    gate·up + SiLU·mul on XLA's normalised rows), "fold" (the step's five-launch form) or "xla" (XLA's GEMM and
+    fusion; always for rows other than 16, 32, 64)."""
     v = os.environ.get(GATE_UP_ENV, "").strip().lower()
-    if v not in ("", "xla", "kernel"):
-        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel' or 'xla', got {v!r}")
-    return v != "xla" and rows in DOT_ROWS
+    if v not in ("", "xla", "kernel", "fold"):
+        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel', 'xla' or 'fold', got {v!r}")
+    return (v or "kernel") if rows in DOT_ROWS else "xla"

@@ -303,6 +303,32 @@ def test_split_k_beside_the_fused_kernels_interpret(model, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+def test_fold_form_gives_the_same_tokens_interpret(model, monkeypatch):
+    """MAMBA_LLAMA_DECODE_GATE_UP=fold at 16 rows: q·k·v partials of the raw rows against the norm-folded weights
+    into the attention kernel, o and down + residual as the fused dot-path kernels, RMSNorm·gate·up with folded
+    weights (all in interpret mode): the same greedy tokens (fp32) as the reference path, and the choices recorded."""
+    from mamba_llama_jax.inference import gate_up_rows as gu
+    from mamba_llama_jax.inference import split_k
+    from pallas_kernels import dispatch
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
+    want = Generator(model, window_block=16).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
+    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernels run checked in their own tests
+    jax.clear_caches()
+    try:
+        got = Generator(model, window_block=16).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
+        assert dispatch.last_choices("qkv_projection", "decode_attention", "fused_decode", "folded_gate_up") == {
+            "qkv_projection": "split_k:4:fold", "decode_attention": "pallas_triton",
+            "fused_decode": "pallas_triton", "folded_gate_up": "pallas_triton"}
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     """MAMBA_LLAMA_DECODE_GATE_UP=kernel (the default): at 16 rows (past the fused GEMVs' batches) the decode
     step's MLP runs XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down +
@@ -329,14 +355,16 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     finally:
         jax.clear_caches()
     np.testing.assert_array_equal(got, want)
-    assert gu.gate_up_rows(64) and not gu.gate_up_rows(8)
+    assert gu.gate_up_form(64) == "kernel" and gu.gate_up_form(8) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, "pallas")
-    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel' or 'xla'"):
-        gu.gate_up_rows(16)
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel', 'xla' or 'fold'"):
+        gu.gate_up_form(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
-    assert gu.gate_up_rows(16) and gu.gate_up_rows(32) and not gu.gate_up_rows(4)  # the default
+    assert [gu.gate_up_form(r) for r in (16, 32, 4)] == ["kernel", "kernel", "xla"]  # the default
     monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
-    assert not gu.gate_up_rows(16)
+    assert gu.gate_up_form(16) == "xla"
+    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
+    assert gu.gate_up_form(16) == "fold" and gu.gate_up_form(8) == "xla"
 
 
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):

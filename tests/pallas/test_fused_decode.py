@@ -20,6 +20,7 @@ from flax import nnx
 from mamba_llama_jax.config import HybridConfig, LlamaConfig
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.models.llama import LlamaLM
+from mamba_llama_jax.ops.partials import fold
 from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels import fused_decode as fd
@@ -55,9 +56,11 @@ def check_all(rows, k, n, *, dtype, tol, interpret):
         ("matmul_residual", functools.partial(fd.matmul_residual_pallas, interpret=interpret),
          fd.matmul_residual_reference, (t["a"], t["w"], t["res"])),
     ]
-    if rows in fd.DOT_ROWS:  # gate·up + SiLU·mul on normalised rows: the dot path only
+    if rows in fd.DOT_ROWS:  # gate·up + SiLU·mul on normalised rows, or with the norm's weight folded: dot path only
         cases.append(("gate_up", functools.partial(fd.gate_up_pallas, interpret=interpret), fd.gate_up_reference,
                       (t["x"], t["w2"])))
+        cases.append(("folded_gate_up", functools.partial(fd.folded_gate_up_pallas, eps=1e-5, interpret=interpret),
+                      functools.partial(fd.folded_gate_up_reference, eps=1e-5), (t["x"], fold(t["w2"], t["nw"]))))
     for name, kern, ref, args in cases:
         assert has_pallas_call(kern, *args), name
         got, want = jax.jit(kern)(*args), ref(*args)
@@ -136,11 +139,29 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
         np.asarray(fd.gate_up_reference(fd.rms_norm_reference(t["x"], t["nw"], 1e-5), t["w2"])))
 
 
+@pytest.mark.parametrize("rows,dtype,tol", [(16, jnp.float32, 1e-5), (64, jnp.float32, 1e-5), (32, jnp.bfloat16, 2e-2)])
+def test_folded_gate_up_interpret(rows, dtype, tol):
+    """folded_gate_up_pallas: RMSNorm · gate·up + SiLU·mul with the norm's weight folded into the weights
+    (`ops.partials.fold`) = folded_gate_up_reference, and that reference = norm_gate_up_reference on the unfolded
+    weights (fp32: the same maths; the roundings differ only in bf16)."""
+    t = inputs(rows, 96, 48, dtype=dtype, seed=rows)
+    wf = fold(t["w2"], t["nw"])
+    got = fd.folded_gate_up_pallas(t["x"], wf, eps=1e-5, interpret=True)
+    want = fd.folded_gate_up_reference(t["x"], wf, eps=1e-5)
+    assert got.shape == (rows, 48) and got.dtype == dtype
+    assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < tol
+    unfolded = fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)
+    assert rel(want.astype(jnp.float32), unfolded.astype(jnp.float32)) < tol
+    with pytest.raises(KernelError, match="16, 32, 64"):
+        fd.folded_gate_up_pallas(t["x"][:8], wf, eps=1e-5, interpret=True)
+    assert fd.folded_gate_up_choice(rows, 96, 48) == fd.REFERENCE  # off a GPU, unless interpret mode is asked for
+
+
 def test_gate_up_own_tiling():
     """gate_up_pallas launches with its own tiling (GATE_UP_TILING: row groups of 16, 32 outputs, 4 stages, K steps
     of 64) where no `tiling(...)` block names one; a block's named keys win, the others stay gate_up's; other
-    dot-path kernels keep the dot path's defaults (16-row groups, 16 outputs, 3 stages, K steps up to 128), and
-    nothing leaks out of a call."""
+    dot-path kernels keep the dot path's defaults (16-row groups, 16 outputs, 3 stages, K steps up to 128) or their
+    own (matmul_residual: all rows a program, 8 stages), and nothing leaks out of a call."""
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     h, w = S((64, 576), bf), S((3072, 576), bf)
     jax.clear_caches()
@@ -148,8 +169,9 @@ def test_gate_up_own_tiling():
         assert fd.GATE_UP_TILING == {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
         assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((48, 4), 4)
         assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((48, 1), 4)
+        assert fd.MATMUL_RESIDUAL_TILING == {"dot_rows": 64, "dot_stages": 8}  # matmul_residual's own
         assert fd.dot_group(64) == 16 and pallas_call_launch(fd.matmul_residual_pallas, S((64, 1536), bf),
-                                                             S((576, 1536), bf), S((64, 576), bf)) == ((36, 4), 3)
+                                                             S((576, 1536), bf), S((64, 576), bf)) == ((36, 1), 8)
         launch = lambda: (jax.clear_caches(), pallas_call_launch(fd.gate_up_pallas, h, w))[1]  # noqa: E731
         with fd.tiling(dot_rows=64):
             assert launch() == ((48, 1), 4)
