@@ -9,7 +9,8 @@ decode-attention kernels a Llama layer is six launches:
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
 Past these batches, at 16-64 rows, (c) runs without its norm on rows XLA normalised (`gate_up`,
-`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion).
+`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion), or, in the decode step's
+opt-in `fold` form, with the norm's weight folded into its weights (`folded_gate_up`).
 `attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
 every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
@@ -287,11 +288,13 @@ def _gemv_dot(x_ref: Any, nw_ref: Any | None, rs_: Any, wt_ref: Any, outs: list[
               bn: int, eps: float, dt: Any) -> list[jax.Array]:
     """(rows, bn) fp32 for each output slice in `outs`: sum over K blocks of x[rs_, block i] @ wt[outs, block i].T;
     RMSNorm(x) in place of x when nw_ref is given. The norm's row scale is one factor per row, so it is applied to
-    the dot's results after the loop, its sum of squares taken in the same loop from the blocks the dots load:
-    one pass over the rows, not a pass for the norm first (which, at 64 rows, made norm·gate·up 10.6 µs a layer
-    on the H100: benchmarks/results/decode_profile_s17_fused64.md). The dots see the rows times the norm's weight,
+    the dot's results after the loop, its sum of squares taken in the same loop from the blocks the dots load
+    (one pass over the rows instead of a pass for the norm first). The dots see the rows times the norm's weight,
     rounded to the compute dtype where the XLA path rounds the normalised rows: the same maths, another rounding
-    point."""
+    point. Measured no faster at 64 rows on the H100: norm·gate·up 10.6 µs a layer with the pass first
+    (benchmarks/results/decode_profile_s17_fused64.md), 10.0 this way (decode_profile_s21_gu_tiling.md) against
+    4.8 for gate_up on normalised rows — the elementwise work between the rows' loads and the dots is what costs
+    (`_folded_gate_up_kernel` keeps it out of the loop)."""
     def dots(xb: jax.Array, i: Any, accs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         return tuple(a + _dot_t(xb, wt_ref[c, pl.ds(i * bk, bk)].astype(dt)) for a, c in zip(accs, outs))
 
@@ -575,20 +578,26 @@ def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Ar
                  "norm_gate_up", x, norm_weight, wt_gate_up.astype(x.dtype))
 
 
+def _gate_up_launch(kernel: Any, name: str, x: jax.Array, wt_gate_up: jax.Array, block_n: int, interpret: bool,
+                    num_warps: int, **kw: Any) -> jax.Array:
+    """A dot-path-only gate·up kernel (`_gate_up_kernel`, `_folded_gate_up_kernel`) launched in GATE_UP_TILING."""
+    b, k, inter = _check_gate_up(x, wt_gate_up, "x")
+    if b not in DOT_ROWS:
+        raise _bad(f"{name}_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
+    _check_kernel_shape(b, k, inter)
+    with _own_tiling(GATE_UP_TILING):
+        bn = block_n or pick_block_n(inter, b)
+        kern = functools.partial(kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, **kw)
+        return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps, name,
+                     x, wt_gate_up.astype(x.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
 def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, interpret: bool = False,
                    num_warps: int = 0) -> jax.Array:
     """(c) without its norm, one launch on the dot path (16 / 32 / 64 rows); same result as `gate_up_reference`
     up to summation order."""
-    b, k, inter = _check_gate_up(h, wt_gate_up, "h")
-    if b not in DOT_ROWS:
-        raise _bad(f"gate_up_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
-    _check_kernel_shape(b, k, inter)
-    with _own_tiling(GATE_UP_TILING):
-        bn = block_n or pick_block_n(inter, b)
-        kern = functools.partial(_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter)
-        return _call(kern, jax.ShapeDtypeStruct((b, inter), h.dtype), inter // bn, interpret, num_warps,
-                     "gate_up", h, wt_gate_up.astype(h.dtype))
+    return _gate_up_launch(_gate_up_kernel, "gate_up", h, wt_gate_up, block_n, interpret, num_warps)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
@@ -597,15 +606,8 @@ def folded_gate_up_pallas(x: jax.Array, wt_folded: jax.Array, *, eps: float, blo
     """(c) with the norm's weight folded into the weights, one launch on the dot path (16 / 32 / 64 rows, in
     GATE_UP_TILING); same result as `folded_gate_up_reference` up to summation order and where the row scale is
     applied (to the dots' results, not to the rows)."""
-    b, k, inter = _check_gate_up(x, wt_folded, "x")
-    if b not in DOT_ROWS:
-        raise _bad(f"folded_gate_up_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
-    _check_kernel_shape(b, k, inter)
-    with _own_tiling(GATE_UP_TILING):
-        bn = block_n or pick_block_n(inter, b)
-        kern = functools.partial(_folded_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps))
-        return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps,
-                     "folded_gate_up", x, wt_folded.astype(x.dtype))
+    return _gate_up_launch(_folded_gate_up_kernel, "folded_gate_up", x, wt_folded, block_n, interpret, num_warps,
+                           eps=float(eps))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
