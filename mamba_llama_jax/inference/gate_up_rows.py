@@ -21,8 +21,9 @@ o + residual and down + residual as `fused_decode.matmul_residual` kernels, and 
 post-attention norm's weight folded in (`fused_decode.folded_gate_up`: its K loop feeds the rows straight into the
 dots). Why: the default leaves two XLA fusions a layer (split-K sums, residual adds, RMSNorm: 72 launches, 0.13 ms
 a step at batch 64) and, at 64 rows, the o / down kernels alone run near XLA's GEMMs
-(benchmarks/results/decode_profile_s21_gu_tiling.md's reading). The folded weights are computed in the step; XLA
-may hoist them out of the decode loop (they are loop-invariant) — the launch count will say.
+(benchmarks/results/decode_profile_s21_gu_tiling.md's reading). The folded weights are written in the step; XLA
+hoists them out of the decode loop, as they are loop-invariant (pinned on the CPU's compiled program by
+tests/inference/test_generate.py; on the GPU the profile's launch count will show it).
 """
 
 from __future__ import annotations

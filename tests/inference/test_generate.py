@@ -329,6 +329,44 @@ def test_fold_form_gives_the_same_tokens_interpret(model, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+def test_fold_form_weights_are_folded_outside_the_decode_loop(monkeypatch):
+    """The `fold` form computes its folded weights (norm weight × W_qkv / W_gate·up) inside the step; XLA hoists
+    them out of the decode loop (they are loop-invariant), so a step pays nothing for them: in the compiled decode
+    program (CPU) no computation the while loop runs multiplies a weight-shaped array."""
+    import re
+
+    from mamba_llama_jax.inference import gate_up_rows as gu
+    from mamba_llama_jax.inference import generate as G
+    from mamba_llama_jax.inference import split_k
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, dtype="float32", rope_theta=1e4, max_position_embeddings=256)
+    gen = Generator(LlamaLM(cfg, rngs=nnx.Rngs(0)), window_block=16)
+    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
+    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
+    seen, loop = {}, G._decode_loop
+    monkeypatch.setattr(G, "_decode_loop", lambda *a, **kw: seen.update(a=a, kw=kw) or loop(*a, **kw))
+    jax.clear_caches()
+    try:
+        gen.run([[3 + i, 5, 7, 9] for i in range(16)], SamplingConfig(max_new_tokens=3))
+        text = loop.lower(*seen["a"], **seen["kw"]).compile().as_text()
+    finally:
+        jax.clear_caches()
+    comps = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(?:ENTRY )?%?([\w.\-]+) \(.*?^\}", text)}
+    weights = ("f32[128,64]", "f32[192,64]")  # W_qkv (4 + 2·2 heads of 16), [W_gate | W_up]
+    folds = {n for n, c in comps.items() if any(re.search(re.escape(w) + r"\{[^}]*\} multiply\(", c) for w in weights)}
+    assert folds, "the fold form's multiplies are gone from the program: the test no longer checks anything"
+    todo = [m.group(1) for m in re.finditer(r"while\(.*?body=%?([\w.\-]+)", text)]
+    assert todo
+    inside = set()
+    while todo:
+        n = todo.pop()
+        if n not in inside and n in comps:
+            inside.add(n)
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", comps[n])
+    assert not folds & inside, f"folded weights computed in the decode loop: {sorted(folds & inside)}"
+
+
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     """MAMBA_LLAMA_DECODE_GATE_UP=kernel (the default): at 16 rows (past the fused GEMVs' batches) the decode
     step's MLP runs XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down +
