@@ -280,26 +280,35 @@ def test_split_k_qkv_form_gives_the_same_tokens(model, greedy_batch, monkeypatch
     assert split_k.qkv_splits(4, fused=True) == 2  # ... unless the environment asks for partials
 
 
+def interpret_run(model, monkeypatch, prompts, env, ops, *, max_new_tokens=N, window_block=8):
+    """(reference tokens, tokens with `env` set and the kernels in interpret mode, the choices `ops` recorded):
+    the same generation twice, first on the reference path, then traced anew under `env`."""
+    from pallas_kernels import dispatch
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    want = Generator(model, window_block=window_block).run(prompts, sampling).tokens
+    for k, v in {**env, dispatch.INTERPRET_ENV: "1", CHECK_BOUNDS_ENV: "0"}.items():  # kernels checked elsewhere
+        monkeypatch.setenv(k, v)
+    jax.clear_caches()  # kernel and form choices are made at trace time
+    try:
+        got = Generator(model, window_block=window_block).run(prompts, sampling).tokens
+        return want, got, dispatch.last_choices(*ops)
+    finally:
+        jax.clear_caches()
+
+
 def test_split_k_beside_the_fused_kernels_interpret(model, monkeypatch):
     """MAMBA_LLAMA_DECODE_SPLIT_K asked for at the fused GEMVs' batches (the decode-step benchmark's `fd64+kq4`):
     XLA's q·k·v partials summed in the attention kernel, the fused o, gate·up and down kernels around it (interpret
     mode): the same greedy tokens (fp32) as the reference path."""
     from mamba_llama_jax.inference import split_k
-    from pallas_kernels import dispatch
-    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
     prompts = [PROMPTS[i % 2][: 3 + i] for i in range(4)]
-    want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
-    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernels run checked in their own tests
-    jax.clear_caches()
-    try:
-        got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
-        assert dispatch.last_choices("qkv_projection", "decode_attention", "fused_decode") == {
-            "qkv_projection": "split_k:4", "decode_attention": "pallas_triton", "fused_decode": "pallas_triton"}
-    finally:
-        jax.clear_caches()
+    want, got, choices = interpret_run(model, monkeypatch, prompts, {split_k.SPLIT_K_ENV: "4"},
+                                       ("qkv_projection", "decode_attention", "fused_decode"))
+    assert choices == {
+        "qkv_projection": "split_k:4", "decode_attention": "pallas_triton", "fused_decode": "pallas_triton"}
     np.testing.assert_array_equal(got, want)
 
 
@@ -309,23 +318,13 @@ def test_fold_form_gives_the_same_tokens_interpret(model, monkeypatch):
     weights (all in interpret mode): the same greedy tokens (fp32) as the reference path, and the choices recorded."""
     from mamba_llama_jax.inference import gate_up_rows as gu
     from mamba_llama_jax.inference import split_k
-    from pallas_kernels import dispatch
-    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
     prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
-    want = Generator(model, window_block=16).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
-    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
-    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernels run checked in their own tests
-    jax.clear_caches()
-    try:
-        got = Generator(model, window_block=16).run(prompts, SamplingConfig(max_new_tokens=4)).tokens
-        assert dispatch.last_choices("qkv_projection", "decode_attention", "fused_decode", "folded_gate_up") == {
-            "qkv_projection": "split_k:4:fold", "decode_attention": "pallas_triton",
-            "fused_decode": "pallas_triton", "folded_gate_up": "pallas_triton"}
-    finally:
-        jax.clear_caches()
+    want, got, choices = interpret_run(
+        model, monkeypatch, prompts, {gu.GATE_UP_ENV: "fold", split_k.SPLIT_K_ENV: "4"},
+        ("qkv_projection", "decode_attention", "fused_decode", "folded_gate_up"), max_new_tokens=4, window_block=16)
+    assert choices == {"qkv_projection": "split_k:4:fold", "decode_attention": "pallas_triton",
+                       "fused_decode": "pallas_triton", "folded_gate_up": "pallas_triton"}
     np.testing.assert_array_equal(got, want)
 
 
@@ -411,21 +410,13 @@ def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch)
     XLA's own GEMM and norm with the reference attention."""
     from mamba_llama_jax.inference import split_k
     from pallas_kernels import dispatch
-    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
     prompts = [PROMPTS[i % 2][: 3 + i] for i in range(6)]
-    want = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
-    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in its own tests
-    jax.clear_caches()
-    try:
-        got = Generator(model, window_block=8).run(prompts, SamplingConfig(max_new_tokens=N)).tokens
-        assert dispatch.last_choice("decode_attention") == "pallas_triton"
-        assert dispatch.last_choice("fused_decode") == "reference_xla"  # 6 rows: XLA's GEMMs, the split-K form
-        assert dispatch.last_choice("qkv_projection") == "split_k:4"
-    finally:
-        jax.clear_caches()
+    want, got, choices = interpret_run(model, monkeypatch, prompts, {split_k.SPLIT_K_ENV: "4"},
+                                       ("decode_attention", "fused_decode", "qkv_projection"))
+    assert choices["decode_attention"] == "pallas_triton"
+    assert choices["fused_decode"] == "reference_xla"  # 6 rows: XLA's GEMMs, the split-K form
+    assert choices["qkv_projection"] == "split_k:4"
     np.testing.assert_array_equal(got, want)
     monkeypatch.delenv(split_k.SPLIT_K_ENV)
     jax.clear_caches()
