@@ -703,11 +703,16 @@ def norm_gate_up(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Array, *,
     return norm_gate_up_reference(x, norm_weight, wt_gate_up, eps=eps)
 
 
-def gate_up_choice(rows: int, k: int, inter: int) -> str:
-    """Which implementation `gate_up` uses: the kernel for 16 / 32 / 64 rows it tiles where allowed (on a GPU
-    only with MAMBA_LLAMA_UNVERIFIED_KERNELS=1 until GATE_UP_GPU_VERIFIED), else the reference."""
-    ok = dispatch.kernel_allowed(GATE_UP_GPU_VERIFIED) and rows in DOT_ROWS and kernel_shape_ok(rows, k, inter)
+def _dot_path_choice(gpu_verified: bool, rows: int, *widths: int) -> str:
+    """The kernel for 16 / 32 / 64 rows and widths it tiles where allowed (on a GPU once `gpu_verified`, or with
+    MAMBA_LLAMA_UNVERIFIED_KERNELS=1), whatever the 1-D path's batch bound; else the reference."""
+    ok = dispatch.kernel_allowed(gpu_verified) and rows in DOT_ROWS and kernel_shape_ok(rows, *widths)
     return PALLAS_TRITON if ok else REFERENCE
+
+
+def gate_up_choice(rows: int, k: int, inter: int) -> str:
+    """Which implementation `gate_up` uses: `_dot_path_choice` with GATE_UP_GPU_VERIFIED."""
+    return _dot_path_choice(GATE_UP_GPU_VERIFIED, rows, k, inter)
 
 
 def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
@@ -720,10 +725,8 @@ def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
 
 
 def folded_gate_up_choice(rows: int, k: int, inter: int) -> str:
-    """Which implementation `folded_gate_up` uses: the kernel for 16 / 32 / 64 rows it tiles where allowed (on a
-    GPU only with MAMBA_LLAMA_UNVERIFIED_KERNELS=1 until FOLDED_GPU_VERIFIED), else the reference."""
-    ok = dispatch.kernel_allowed(FOLDED_GPU_VERIFIED) and rows in DOT_ROWS and kernel_shape_ok(rows, k, inter)
-    return PALLAS_TRITON if ok else REFERENCE
+    """Which implementation `folded_gate_up` uses: `_dot_path_choice` with FOLDED_GPU_VERIFIED."""
+    return _dot_path_choice(FOLDED_GPU_VERIFIED, rows, k, inter)
 
 
 def folded_gate_up(x: jax.Array, wt_folded: jax.Array, *, eps: float) -> jax.Array:
@@ -742,7 +745,7 @@ def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array, *, dot_row
     b, k = _check_rows(a, "a")
     n = _check_matrix(wt, k, "wt")
     choice = fused_decode_choice(b, k, n)
-    if dot_rows and b in DOT_ROWS and dispatch.kernel_allowed(GPU_VERIFIED) and kernel_shape_ok(b, k, n):
+    if dot_rows and _dot_path_choice(GPU_VERIFIED, b, k, n) == PALLAS_TRITON:
         choice = PALLAS_TRITON
     if _record(choice) == PALLAS_TRITON:
         return matmul_residual_pallas(a, wt, residual, interpret=_interpret())

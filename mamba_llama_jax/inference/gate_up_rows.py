@@ -10,9 +10,9 @@ still 10.0 with the norm taken in its K loop (benchmarks/results/decode_profile_
 elementwise work between the rows' loads and the dots). Measured in the decode loop on the H100, one process: the
 step 0.957 → 0.929 ms at batch 64 and 0.788 → 0.753 at 16, one launch a layer fewer (decode_profile_s20_vp_gu.md:
 the kernel 6.2 / 4.6 µs a layer in session 20's tiling); 0.921 → 0.880 and 0.750 → 0.743 in `GATE_UP_TILING`
-since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it is the default for 16, 32 and 64 rows wherever `fused_decode.gate_up` picks its kernel
-(GPUs); elsewhere `gate_up` is its reference, exactly XLA's ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM
-and fusion ("kernel" or unset: the kernel).
+since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it is the default for 16, 32 and 64
+rows wherever `fused_decode.gate_up` picks its kernel (GPUs); elsewhere `gate_up` is its reference, exactly XLA's
+ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM and fusion ("kernel" or unset: the kernel).
 
 `MAMBA_LLAMA_DECODE_GATE_UP=fold` (opt-in, not yet measured) takes the whole step at these rows as five launches
 a layer: XLA's q·k·v split-K partials of the raw rows against W_qkv with the input norm's weight folded in

@@ -252,6 +252,7 @@ class FusedAttention(nnx.Module):
         cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
         args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
+        fold_rows = gate_up_form(b) == "fold"  # o + residual as the dot path's kernel too
         if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, rows=proj.get("rows"), **kw)
                 == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
@@ -262,9 +263,9 @@ class FusedAttention(nnx.Module):
                 if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it
                     return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
                 merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
-                return matmul_residual(merged, wo, x2, dot_rows=gate_up_form(b) == "fold")[:, None], KVCache(kc, vc)
+                return matmul_residual(merged, wo, x2, dot_rows=fold_rows)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw, **proj)
-        return matmul_residual(out, wo, x2, dot_rows=gate_up_form(b) == "fold")[:, None], KVCache(kc, vc)
+        return matmul_residual(out, wo, x2, dot_rows=fold_rows)[:, None], KVCache(kc, vc)
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
         """RMSNorm + q·k·v of a decode step's rows as (qkv, the decode attention's keywords for it):
