@@ -102,6 +102,7 @@ def test_pipeline_bad_config(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~25-36 s on 2 cores: `make test-slow`
 def test_speculate_matches_plain_greedy(tmp_path, capsys):
     draft = tmp_path / "draft"
     assert main(["convert", "--teacher", str(TINY), "--hybrid", "0", "--out", str(draft), "--dtype", "float32"]) == 0

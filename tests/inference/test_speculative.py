@@ -479,6 +479,7 @@ def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode,
         assert sum(st.accepted_hist[1:]) > 0, (k, st)
 
 
+@pytest.mark.slow  # ~25-36 s on 2 cores: `make test-slow`
 def test_verify_attention_kernel_in_the_loop(monkeypatch):
     """An inference copy's verify chunks take the verify-attention kernel (interpret mode; head size 32, the
     smallest it tiles): the chunk's logits and caches equal the unfused model's verify, and the loop = plain

@@ -31,6 +31,7 @@ def _report(part: str) -> dict:
     return json.loads(line[len("REPORT "):])
 
 
+@pytest.mark.slow  # ~25-36 s on 2 cores: `make test-slow`
 def test_kernels_run_per_batch_shard_under_a_context_mesh():
     rep = _report("ops")
     for name in ("ssd_kernel", "ssd_reference", "verify", "selective_scan"):

@@ -27,6 +27,7 @@ def _load(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow  # ~25-36 s on 2 cores: `make test-slow`
 @pytest.mark.timeout(300)
 def test_two_processes_train_like_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
