@@ -124,11 +124,13 @@ def test_tiny_run_with_variants(bdp, tmp_path):
 
 def test_each_variant_records_its_own_choices(bdp, tmp_path):
     """A variant whose trace does not reach an op shows "none" for it, not the previous variant's choice (16 rows:
-    the default routes the MLP through `fused_decode.gate_up`, the reference on the CPU; `gux` does not call it)."""
+    the default routes the MLP through `fused_decode.gate_up`, the reference on the CPU; `gux` does not call it;
+    `guf` calls `folded_gate_up` instead)."""
     assert bdp.main(["--tiny", "--models", "teacher", "--batches", "16", "--new-tokens", "4", "--variants",
-                     "default,gux", "--stem", "choices", "--out", str(tmp_path)]) == 0
+                     "default,gux,guf", "--stem", "choices", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "choices_tiny.json").read_text())["rows"]
-    assert [r["chosen"]["gate_up"] for r in rows] == ["reference_xla", "none"]
+    assert [r["chosen"]["gate_up"] for r in rows] == ["reference_xla", "none", "none"]
+    assert [r["chosen"]["folded_gate_up"] for r in rows] == ["none", "none", "reference_xla"]
     assert all(r["chosen"]["qkv_projection"] == "norm_matmul" for r in rows)
 
 
