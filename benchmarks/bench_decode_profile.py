@@ -28,8 +28,8 @@ split-K partials summed in the attention kernel's prologue, RMSNorm folded acros
 XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
 mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
-`guf` = the step's five-launch `fold` form there (norm weights folded into the next projections; with `uv`: its
-gate·up kernel is not GPU-verified yet),
+`guf` = the step's five-launch `fold` form there (norm weights folded into the next projections; measured slower:
+decode_profile_s22_fold.md),
 `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
 own default is row groups of 16, 32 outputs, 4 stages, K steps of 64: `fused_decode.GATE_UP_TILING`).

@@ -123,6 +123,10 @@ def test_report_says_which_batches_the_final_run_skipped(monkeypatch):
     assert "**Not in the final run**: batch 64: deadline" in md and "| 1 | 10,000 | 0.500 |" in md
     del r["jax"]["skipped"]
     assert "Not in the final run" not in bg.render_md(r)
+    r["jax"]["facts"] = {"copy_bandwidth_GBps": 2600.0, "copy_bandwidth_median_GBps": 2000.0, "weight_bytes": 2e8,
+                         "kv_bytes_per_token": 23e3, "lm_head_plus_argmax_ms_b1": 0.04,
+                         "lm_head_plus_argmax_ms_b64": 0.05}
+    assert "Measured copy bandwidth 2,600 GB/s (read + write, best of 40; median 2,000)" in bg.render_md(r)
     sys.modules.pop("bench_generate", None)
 
 
