@@ -364,8 +364,8 @@ def _facts(gen: Any, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     # H100 runs whose decode steps agreed within ~1 % (session 22), and a roofline is what the memory can do.
     x = jnp.ones((1 << (20 if args.tiny else 28),), jnp.float32)  # 1 GiB
     ts = times(jax.jit(lambda a: a * 1.0001), x, n=40)
+    nbytes = 2 * x.nbytes  # read + write
     del x
-    nbytes = 2 * 4 * (1 << (20 if args.tiny else 28))  # read + write
     facts: dict[str, Any] = {"copy_bandwidth_GBps": nbytes / min(ts) / 1e9,
                              "copy_bandwidth_median_GBps": nbytes / median(ts) / 1e9}
     model = nnx.merge(gen.graphdef, gen.state)
