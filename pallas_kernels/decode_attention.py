@@ -92,6 +92,14 @@ PREFETCH = 0
 DOT_MIN_BATCH = 1
 DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
 DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
+# The tensor-core form's blocks at batches DOT_BLOCK_BATCHES (inclusive): DOT_BLOCK slots, in place of `plan`'s
+# 128-slot blocks (batch 64) or 16-slot splits (batch 16). Measured in the H100's decode loop, SmolLM2's shape,
+# each pair in one process (benchmarks/results/decode_profile_s22_attn_block*.md), unprofiled ms a step: batch 64
+# 0.886 / 0.882 → 0.873 / 0.870 (the kernel 0.336 → 0.325 ms a step); batch 16 0.733 / 0.732 → 0.691 / 0.691 (4
+# splits of 64 slots instead of 16 of 16: the kernel 0.152 → 0.177 ms, but 60 launches a step fewer, the merge's).
+# Batch 1 keeps its measured 16-slot splits; 256 is unmeasured.
+DOT_BLOCK = 64
+DOT_BLOCK_BATCHES = (16, 64)
 
 
 @contextlib.contextmanager
@@ -183,7 +191,9 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were b16 s16 at batch 1 and 8 over 256
     slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over 4096: short serial chains and many programs
     win. Splits are a power of two (the fused combine reads them as one tensor) and at most `max_splits` (what the
-    consumer merges cheaply).
+    consumer merges cheaply). The tensor-core form at batches DOT_BLOCK_BATCHES takes blocks of at most DOT_BLOCK
+    slots, its splits then capped by the blocks the window holds (measured there: see DOT_BLOCK); an override's
+    block or splits (`override_plan`) replaces that rule.
     """
     if forced := _PLAN_OVERRIDE["splits"]:
         splits = pow2_at_most(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
@@ -195,8 +205,11 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     else:
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
-    if forced_block := _PLAN_OVERRIDE["block"]:
-        block = pick_block(window, forced_block)
+    block_cap = _PLAN_OVERRIDE["block"]
+    if not (block_cap or forced) and planned_dot(batch, dot) and DOT_BLOCK_BATCHES[0] <= batch <= DOT_BLOCK_BATCHES[1]:
+        block_cap = DOT_BLOCK
+    if block_cap:
+        block = pick_block(window, block_cap)
         splits = pow2_at_most(max(1, min(splits, window // block)))
     return block, splits
 

@@ -294,23 +294,28 @@ def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
 
 
 def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
-    # 192 programs already: 128-slot blocks; the tensor-core form (the default) unsplit, the elementwise one in 2
-    assert plan(64, 3, 256) == (128, 1) and plan(64, 3, 384) == (128, 1)
+    # 192 programs already: the tensor-core form (the default) unsplit in 64-slot blocks (DOT_BLOCK at batches
+    # 16-64), the elementwise one in 2 splits of 128-slot blocks
+    assert plan(64, 3, 256) == (64, 1) and plan(64, 3, 384) == (64, 1)
     with monkeypatch.context() as m:
         m.setattr(da, "DOT_MIN_BATCH", 0)
         assert plan(64, 3, 256) == (128, 2)
         assert plan(64, 3, 384) == (128, 2) and plan(64, 3, 384, max_splits=1) == (128, 1)
     with da.override_plan(dot=False):
         assert plan(64, 3, 256) == (128, 2)
-    assert plan(44, 3, 4096) == (128, 2)  # 132 programs: the dot form splits up to 2·SMS programs ...
+    assert plan(44, 3, 4096) == (64, 2)  # 132 programs: the dot form splits up to 2·SMS programs ...
     with da.override_plan(dot=False):
         assert plan(44, 3, 4096) == (128, 4)  # ... the elementwise form up to 4·SMS
     # the form the kernel will run decides: heads under 32 wide run elementwise, so their plan splits as that form
-    assert plan(64, 3, 256, dot=False) == (128, 2) and plan(64, 3, 256, dot=True) == (128, 1)
+    assert plan(64, 3, 256, dot=False) == (128, 2) and plan(64, 3, 256, dot=True) == (64, 1)
     assert da.uses_dot(64, 64) is True and da.uses_dot(64, 16) is False and da.uses_dot(64, 64, dot=False) is False
     with pytest.raises(KernelError, match="head_dim >= 32"):
         da.uses_dot(64, 16, dot=True)
-    assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit
+    assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit (past DOT_BLOCK_BATCHES: 128-slot blocks)
+    # batch 16: 64-slot blocks, its 16 splits of 16 capped by the 4 blocks 256 slots hold; batch 8 unchanged
+    assert plan(16, 3, 256) == (64, 4) and plan(16, 3, 256, dot=False) == (16, 16) and plan(8, 3, 256) == (16, 16)
+    with da.override_plan(block=128):  # an override's block replaces the rule: the profile's `ab128`
+        assert plan(64, 3, 384) == (128, 1)
     for b, window, cap in [(1, 384, 16), (1, 4352, 16), (4, 384, 16), (16, 4352, 4), (1, 64, 64)]:
         block, splits = plan(b, 3, window, max_splits=cap)
         assert window % block == 0 and block >= 16 and splits & (splits - 1) == 0
