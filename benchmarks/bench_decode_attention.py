@@ -99,7 +99,9 @@ def make_step(batch: int, slots: int, index: int, block: int | None, splits: int
 
 def run(batches: tuple[int, ...], contexts: tuple[tuple[int, int], ...], blocks: tuple[int, ...],
         splits: tuple[int, ...], warps: tuple[int, ...], reps: int, interpret: bool, heads: int, kv: int,
-        d: int, deadline: float = float("inf"), verify_tokens: int = 0) -> list[dict[str, Any]]:
+        d: int, deadline: float = float("inf"), verify_tokens: int = 0,
+        tilings: tuple[tuple[int, int, int], ...] = ()) -> list[dict[str, Any]]:
+    """Every (block, splits, warps) of the three sweeps at each batch and context, or only `tilings` if given."""
     from bench_fused_decode import time_fn
     from pallas_kernels.decode_attention import pick_block, plan, planned_warps
     from pallas_kernels.verify_attention import plan_splits
@@ -111,9 +113,9 @@ def run(batches: tuple[int, ...], contexts: tuple[tuple[int, int], ...], blocks:
                 chosen = (pick_block(slots), plan_splits(b, kv, slots, pick_block(slots)))
             else:
                 chosen = plan(b, kv, slots)
+            grid = tilings or [(bl, sp, w) for bl in blocks for sp in splits for w in warps]
             variants = [("xla", None, None, None)] + [
-                (f"b{bl} s{sp} w{w}", bl, sp, w) for bl in blocks for sp in splits for w in warps
-                if slots % bl == 0 and sp <= slots // bl]
+                (f"b{bl} s{sp} w{w}", bl, sp, w) for bl, sp, w in grid if slots % bl == 0 and sp <= slots // bl]
             for label, bl, sp, w in variants:
                 planned_w = VERIFY_WARPS[0] if verify_tokens else planned_warps(0, bl or 0)
                 row = {"batch": b, "slots": slots, "index": index, "impl": label, "block": bl, "splits": sp,
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--deadline-s", type=float, default=420, help="stop starting new variants after this")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tilings", default="", help="only these block:splits:warps triples (comma-separated), "
+                    "e.g. 64:1:4; default: the whole sweep")
+    ap.add_argument("--stem", default="", help="result file name (default decode_attention / verify_attention)")
     ap.add_argument("--verify-tokens", type=int, default=0,
                     help="time a verify chunk of this many tokens (verify_attention) instead of a decode step")
     a = ap.parse_args(argv)
@@ -188,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench_env import device, now, versions
 
     verify = a.verify_tokens
+    try:
+        tilings = tuple(tuple(int(x) for x in t.split(":")) for t in a.tilings.split(",") if t)
+    except ValueError:
+        tilings = ((),)
+    if any(len(t) != 3 or min(t) < 1 for t in tilings):
+        ap.error(f"--tilings takes block:splits:warps triples of positive integers, got {a.tilings!r}")
     shape = (TINY_VERIFY if verify else TINY) if a.tiny else dict(heads=HEADS, kv=KV, head_dim=HEAD_DIM)
     contexts = tuple(tuple(map(int, c.split(":"))) for c in a.contexts.split(","))
     batches = tuple(map(int, a.batches.split(",")))
@@ -202,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     t0 = time.perf_counter()
     rows = run(batches, contexts, blocks, splits, warps, a.reps, a.tiny, shape["heads"], shape["kv"],
-               shape["head_dim"], deadline=t0 + a.deadline_s, verify_tokens=verify)
+               shape["head_dim"], deadline=t0 + a.deadline_s, verify_tokens=verify, tilings=tilings)
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = "verify_attention" if verify else "decode_attention"
+    stem = a.stem or ("verify_attention" if verify else "decode_attention")
     stem += "_tiny" if a.tiny else ""  # a smoke run never replaces device figures
     (a.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (a.out / f"{stem}.md").write_text(report(rows, meta))

@@ -76,7 +76,11 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # STAGES decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
                                   "prefetch": None}
-STAGES = 2  # software-pipeline depth of the K/V block loop (Triton's num_stages)
+# Software-pipeline depth of the K/V block loop (Triton's num_stages). At batch 64 over 3-4 blocks the kernel is
+# latency-bound: under Nsight Compute it read its K/V at ~1 TB/s with 9 % occupancy, its warps mostly waiting on
+# global loads (benchmarks/results/ncu_attention_b64.md), so more loads in flight a program is the lever; 3-4 stages
+# on top of the 64-slot blocks are not yet measured.
+STAGES = 2
 # What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
 # padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
 # uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then

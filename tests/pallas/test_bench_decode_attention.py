@@ -74,3 +74,20 @@ def test_step_carries_its_donated_caches(monkeypatch):
     a, b = np.asarray(step(), np.float32), np.asarray(step(), np.float32)
     assert a.shape == (1, 3, 4 * 32)
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_tilings_restrict_the_sweep_and_stem_names_the_files(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # timed by profile events (above)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("bench_decode_attention", None)
+    import bench_decode_attention as bda
+
+    assert bda.main(["--tiny", "--tilings", "32:1:1,16:2:1,64:1:1", "--stem", "slope", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "slope_tiny.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["xla", "b32 s1 w1", "b16 s2 w1"]  # 64 slots do not tile a 32-slot cache
+    for bad in ("64:1", "64:x:4", "64:0:4"):
+        with pytest.raises(SystemExit) as e:
+            bda.main(["--tilings", bad, "--out", str(tmp_path)])
+        assert e.value.code == 2 and "block:splits:warps" in capsys.readouterr().err
