@@ -19,8 +19,10 @@ fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-proj
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` = fused GEMVs up to batch N, `sN` =
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
-`amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas merge
-kernel / by XLA (the default) (`decode_attention.override_plan`), `mk` / `mx` / `mc` = the splits merged by
+`amk` / `amx` / `amu` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
+merge kernel / by XLA (the default) / by XLA written split by split, no reduction (`decode_attention.override_plan`),
+`sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
+`decode_attention.SHARES`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
 (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
@@ -197,8 +199,10 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_prefetch"] = int(m.group(1))
         elif tok in ("adot", "aew"):
             tiling["attn_dot"] = tok == "adot"
-        elif tok in ("amk", "amx"):
-            tiling["attn_merge"] = {"amk": "kernel", "amx": "xla"}[tok]
+        elif tok in ("sw", "sf"):
+            tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
+        elif tok in ("amk", "amx", "amu"):
+            tiling["attn_merge"] = {"amk": "kernel", "amx": "xla", "amu": "unrolled"}[tok]
         elif tok in ("mx", "mk", "mc"):
             tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
         elif m := re.fullmatch(r"g(\d+)", tok):
@@ -210,7 +214,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux, guf)")
+                             "amx, amu, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux, guf)")
     return tiling, env
 
 
@@ -225,7 +229,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("prefetch", None))}
+                         ("prefetch", None), ("shares", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

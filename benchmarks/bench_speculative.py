@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--render {args.render}: not a saved speculative.json ({type(e).__name__}: {e})")
         print(md.read_text())
         return
+    dispatch.forget_choices(*CHOICE_OPS, "verify")  # the rows report this run's traces only
     if args.tiny:
         args.shapes, args.batch, args.k = ["tiny"], [1, 2], [2, 3]
         args.prompt_len, args.new_tokens, args.reps = 16, 16, 2

@@ -186,10 +186,12 @@ def worker(what: str, batch: int, context: int, steps: int, tiny: bool) -> None:
     runs on one thread. Under ncu 2025.3.1 (H100, jax 0.11.2) the loop's worker ended in a segmentation fault in two
     of five tries (once with XLA's defaults, once with command buffers off, 15-40 s after start, before its
     compilation was done), ran past 200 s twice, and with both settings compiled in 59 s and profiled, ~40 s a
-    kernel (ncu backs up the loop's buffers in host memory for each replay). The cause is not established; these
-    settings are what ran."""
+    kernel. The cause is not established; these settings are what ran. The slowness: ncu backs up the device
+    memory a kernel may write in host memory for every replay pass, and JAX preallocates 75 % of the GPU's, so the
+    worker turns preallocation off (allocating what it uses; not yet tried under ncu)."""
     flags = " --xla_gpu_enable_command_buffer= --xla_gpu_force_compilation_parallelism=1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -4,12 +4,15 @@ Same signature and result as `mamba_llama_jax.ops.attention.decode_attention_ref
 plus `interpret`, `block` and `splits`. Why one kernel: at decode the step is launch-bound (~2 µs per XLA kernel,
 ~10 kernels per layer for rope, the two cache updates, scores, softmax and values); this does it in one.
 
-Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row and one slice of the sequence: it
+Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row and one share of the sequence: it
 rotates that head's k, writes k/v into the cache (split 0 only; the caches are aliased in/out, so nothing else is
-copied), and runs an online softmax over its slice of the filled slots for the g = h/kv query heads that share the
-head — each K/V block is read once for all g heads. The number of blocks is dynamic (`index // block + 1`, bounded
-by the static window), so one compiled step serves every cache fill. The new token's k/v enter the softmax from
-registers (the block holding slot `index` has them substituted), so no program depends on another's store.
+copied), and runs an online softmax over its share of the filled blocks for the g = h/kv query heads that share the
+head — each K/V block is read once for all g heads. The number of filled blocks is dynamic (`index // block + 1`,
+bounded by the static window), so one compiled step serves every cache fill, and the splits share those blocks
+(`split_of_slots`), not the window: a decode step's cache is filled from the prompt's end to the window's, and a
+static share left the later splits idle while the first carried the whole chain. The new token's k/v enter the
+softmax from registers (the block holding slot `index` has them substituted), so no program depends on another's
+store.
 
 Splits (`plan`): at small batch b·kv programs would leave most SMs idle with long serial chains (3 programs at
 batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split into short pieces.
@@ -75,7 +78,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "prefetch": None}
+                                  "prefetch": None, "shares": ""}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages). At batch 64 over 3-4 blocks the kernel is
 # latency-bound: under Nsight Compute it read its K/V at ~1 TB/s with 9 % occupancy, its warps mostly waiting on
 # global loads (benchmarks/results/ncu_attention_b64.md), so more loads in flight a program is the lever; 3-4 stages
@@ -87,6 +90,11 @@ STAGES = 2
 # overlaps the projection's). Level 2 measured slower in the H100's decode loop (the kernel +1.3 µs a layer at batch
 # 64, +0.2 at 16; benchmarks/results/decode_profile_s20_vp_gu.md), level 1 not yet measured there: 0 stays.
 PREFETCH = 0
+# What the splits share (`planned_shares`, `split_of_slots`): "fill" the filled blocks (up to the newest slot, at run
+# time), or "window" the window's blocks, statically, as up to session 22 (then at a part-filled cache the splits
+# past the fill sat idle and the first ones ran the whole chain). "fill" never gives a program a longer chain; not
+# yet measured on the GPU against "window" (the profile's `sw` variant).
+SHARES = "fill"
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -108,29 +116,35 @@ DOT_BLOCK_BATCHES = (16, 64)
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, prefetch: int | None = None) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, prefetch: int | None = None,
+                  shares: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
-    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), and `dot` picks
+    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`; "unrolled":
+    `merge_partials(unrolled=True)`), and `dot` picks
     the tensor-core form (True) or the elementwise one (False), `prefetch` what the tensor-core loop reads a
-    block ahead (0-2, `PREFETCH`), for steps traced anew. Clear jax's caches
+    block ahead (0-2, `PREFETCH`), `shares` what the splits share ("fill" / "window", `SHARES`), for steps traced
+    anew. Clear jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
                               f"got {v}")
-    if merge not in ("", "xla", "kernel"):
-        raise KernelError(f"decode_attention: override_plan merge must be 'xla' or 'kernel', got {merge!r}")
+    if merge not in ("", "xla", "kernel", "unrolled"):
+        raise KernelError(f"decode_attention: override_plan merge must be 'xla', 'kernel' or 'unrolled', "
+                          f"got {merge!r}")
     if dot not in (None, True, False):
         raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
     if not 0 <= stages <= 8:
         raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
     if prefetch is not None and (type(prefetch) is not int or not 0 <= prefetch <= 2):
         raise KernelError(f"decode_attention: override_plan prefetch must be 0, 1, 2 or None, got {prefetch!r}")
+    if shares not in ("", "fill", "window"):
+        raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          prefetch=prefetch)
+                          prefetch=prefetch, shares=shares)
     try:
         yield
     finally:
@@ -157,6 +171,11 @@ def planned_prefetch() -> int:
     """What the tensor-core loop reads a block ahead (0-2, see PREFETCH): the override's (`override_plan`), else
     PREFETCH."""
     return PREFETCH if _PLAN_OVERRIDE["prefetch"] is None else _PLAN_OVERRIDE["prefetch"]
+
+
+def planned_shares() -> str:
+    """What the splits share, "fill" or "window" (see SHARES): the override's (`override_plan`), else SHARES."""
+    return _PLAN_OVERRIDE["shares"] or SHARES
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -221,16 +240,19 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, prefetch: int = 0):
+            dot: bool, parts: int, eps: float, prefetch: int = 0, fill: bool = True):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
     # clamped as the reference's dynamic_update_slice clamps its write: an index past the cache (a caller's bug)
     # then gives the reference's answer instead of a write out of bounds
     index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
-    per = -(-nblocks // splits)
-    lo = si * per
-    hi = jnp.minimum(lo + per, index // block + 1)  # blocks past the newest slot hold nothing valid
+    # this split's share of the filled blocks (those up to the newest slot), decided at run time (`fill`), or of the
+    # window's (see SHARES)
+    filled = jnp.minimum(index // block + 1, nblocks)
+    per = (filled + splits - 1) // splits if fill else -(-nblocks // splits)
+    lo = jnp.minimum(si * per, filled)
+    hi = jnp.minimum(lo + per, filled)
     # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
     first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block, True) if dot and prefetch >= 2 else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
@@ -426,11 +448,25 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l_j, F32)
 
 
-def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
+def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any, *,
+                   unrolled: bool = False) -> jax.Array:
     """Merges per-split softmax partials: o_part (b, S, H·d) unnormalised, m / l (b, S, H) running max / sum ->
-    (b, H·d) in `dtype`. Splits that saw no valid slot have m = NEG_INF, l = 0 and add nothing."""
+    (b, H·d) in `dtype`. Splits that saw no valid slot have m = NEG_INF, l = 0 and add nothing.
+
+    `unrolled`: the same sums written split by split (elementwise ops on S slices, no reduction), in the order of
+    the splits: a reduction is a fusion of its own on the GPU, while elementwise producers of a GEMM's operand may
+    be fused into XLA's GEMM kernel (the o-projection past the fused GEMVs' batches) — whether they are, and
+    whether that pays, is what `override_plan(merge="unrolled")` (the profile's `amu`) measures."""
     b, splits, hd = o_part.shape
     h = m.shape[2]
+    if unrolled:
+        ms = [m[:, s] for s in range(splits)]
+        mx = functools.reduce(jnp.maximum, ms)
+        ws = [jnp.exp(x - mx) for x in ms]  # (b, H) each
+        den = functools.reduce(jnp.add, [w * l[:, s] for s, w in enumerate(ws)])
+        num = functools.reduce(jnp.add, [w[..., None] * o_part[:, s].reshape(b, h, hd // h)
+                                         for s, w in enumerate(ws)])
+        return (num / jnp.maximum(den, 1e-30)[..., None]).reshape(b, hd).astype(dtype)
     mx = jnp.max(m, axis=1, keepdims=True)
     w = jnp.exp(m - mx)  # (b, S, H)
     den = jnp.sum(w * l, axis=1)  # (b, H)
@@ -478,7 +514,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), prefetch=planned_prefetch())
+                             eps=float(eps), prefetch=planned_prefetch(), fill=planned_shares() == "fill")
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
@@ -523,7 +559,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
         o = merge_partials_pallas(o, m, l, dt, interpret=interpret)
     elif splits > 1:
-        o = merge_partials(o, m, l, dt)
+        o = merge_partials(o, m, l, dt, unrolled=_PLAN_OVERRIDE["merge"] == "unrolled")
     return o, kc, vc
 
 
@@ -534,8 +570,8 @@ def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache
                                      num_kv_heads: int, window: int = 0, block: int, splits: int,
                                      interpret: bool = False, num_warps: int = 0, dot: bool | None = None,
                                      rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
-    """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) with
-    S = `splits` slices of ceil(window/block/S) blocks each; same as `decode_attention_partials_reference`.
+    """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) over
+    S = `splits` slices of the filled blocks (`split_of_slots`); same as `decode_attention_partials_reference`.
     `rows`, `eps`: as `decode_attention_pallas`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True, rows=rows)
@@ -549,9 +585,9 @@ def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_ca
                                         sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                                         num_kv_heads: int, window: int = 0, block: int, splits: int,
                                         rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
-    """Pure-JAX partials: RoPE and the cache write as `decode_attention_reference`, then per slice of the window
-    (S = splits slices of ceil(window/block/S)·block slots) the running max m, the sum l of exp(score - m) and
-    the unnormalised output over the valid slots. `merge_partials` of the result is the reference's output.
+    """Pure-JAX partials: RoPE and the cache write as `decode_attention_reference`, then per slice of the filled
+    blocks (`split_of_slots`) the running max m, the sum l of exp(score - m) and the unnormalised output over the
+    valid slots. `merge_partials` of the result is the reference's output.
     `rows` given: qkv is `project_partials(qkv, rows, eps)`'s partials (see `decode_attention_pallas`)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=False, rows=rows)
@@ -563,28 +599,34 @@ def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_ca
     g = h // kv
     window = window or slots
     q, k_cache, v_cache = rope_and_write(qkv, k_cache, v_cache, cos, sin, index, num_heads=h, num_kv_heads=kv)
-    span = -(-(window // block) // splits) * block  # slots per split
-    total = span * splits
     kc, vc = k_cache[:, :window].astype(F32), v_cache[:, :window].astype(F32)
-    slot = jnp.arange(window, dtype=jnp.int32)[None, :]
-    ok = valid[:, :window] & (slot <= index)
-    pad = total - window
-    if pad:
-        kc = jnp.pad(kc, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        vc = jnp.pad(vc, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        ok = jnp.pad(ok, ((0, 0), (0, pad)))
+    slot = jnp.arange(window, dtype=jnp.int32)
+    ok = valid[:, :window] & (slot[None, :] <= index)  # (b, W)
+    sel = ok[:, None, :] & (split_of_slots(index, slots, window, block, splits, planned_shares() == "fill")[None, :]
+                            == jnp.arange(splits, dtype=jnp.int32)[:, None])[None]  # (b, S, W)
     qg = q.reshape(b, kv, g, d).astype(F32)
-    sc = jnp.einsum("bkgd,bskd->bkgs", qg, kc, precision="highest") / math.sqrt(d)
-    sc = sc.reshape(b, kv, g, splits, span)
-    okr = ok.reshape(b, 1, 1, splits, span)
-    sc = jnp.where(okr, sc, NEG_INF)
+    sc = jnp.einsum("bkgd,bwkd->bkgw", qg, kc, precision="highest") / math.sqrt(d)
+    sc = jnp.where(sel[:, None, None], sc[:, :, :, None, :], NEG_INF)  # (b, kv, g, S, W)
     m = jnp.max(sc, axis=-1)  # (b, kv, g, S)
-    p = jnp.where(okr, jnp.exp(sc - m[..., None]), 0.0)
+    p = jnp.where(sel[:, None, None], jnp.exp(sc - m[..., None]), 0.0)
     l = jnp.sum(p, axis=-1)
-    acc = jnp.einsum("bkgxs,bxskd->bxkgd", p, vc.reshape(b, splits, span, kv, d), precision="highest")
+    acc = jnp.einsum("bkgxw,bwkd->bxkgd", p, vc, precision="highest")
     o_part = acc.reshape(b, splits, h * d)
     to_bsh = lambda a: jnp.moveaxis(a.reshape(b, h, splits), 2, 1)
     return o_part, to_bsh(m), to_bsh(l), k_cache, v_cache
+
+
+def split_of_slots(index: jax.Array, slots: int, window: int, block: int, splits: int,
+                   fill: bool = True) -> jax.Array:
+    """The split each of the window's slots falls in (W,) int32: the filled blocks (up to the one holding the
+    newest slot, `index` clamped to the cache as the write clamps it) in `splits` consecutive shares of
+    ceil(filled / splits) blocks, the last shares possibly short or empty; slots past the fill get ids >= splits
+    only where they are not valid anyway (they are after the newest slot). `fill` False: the window's blocks in
+    shares of ceil(window / block / splits) (SHARES = "window")."""
+    nblocks = window // block
+    filled = jnp.minimum(jnp.minimum(index, slots - 1) // block + 1, nblocks)
+    per = (filled + splits - 1) // splits if fill else -(-nblocks // splits)
+    return (jnp.arange(window, dtype=jnp.int32) // block) // per
 
 
 def check_split_args(k_cache: Any, window: int, block: int, splits: int) -> None:

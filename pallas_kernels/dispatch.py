@@ -78,6 +78,13 @@ def last_choices(*ops: str) -> dict[str, str | None]:
     return {op: _last.get(op) for op in ops}
 
 
+def forget_choices(*ops: str) -> None:
+    """Forgets what `ops` chose (their `last_choices` become None), so that a run reports only its own traces and
+    not those of code that ran before it in the process (e.g. other tests)."""
+    for op in ops:
+        _last.pop(op, None)
+
+
 def record_choice(op: str, choice: str) -> None:
     """Lets sibling kernels (e.g. `pallas_kernels.decode_attention`) report their pick through `last_choice`."""
     _last[op] = choice

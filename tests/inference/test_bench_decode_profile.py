@@ -70,6 +70,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("mx")[0] == {"merge": "xla"}
     assert bdp.parse_variant("s1+ab64+aw8")[0] == {"attn_splits": 1, "attn_block": 64, "attn_warps": 8}
     assert bdp.parse_variant("amk+s4")[0] == {"attn_merge": "kernel", "attn_splits": 4}
+    assert bdp.parse_variant("amu+s2+sw")[0] == {"attn_merge": "unrolled", "attn_splits": 2, "attn_shares": "window"}
+    assert bdp.parse_variant("sf")[0] == {"attn_shares": "fill"}
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
@@ -92,17 +94,19 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     def fake_profile(model, batch, *args):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
-                    splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64))
+                    splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64),
+                    shares=da.planned_shares())
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
                 da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
     dot_default = da.planned_dot(64)
     bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
-    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False}
-    bdp.profile_variant("adot", None, 1)
-    assert seen["dot"] is True
-    assert da.planned_dot(64) is dot_default
+    assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False,
+                    "shares": "fill"}
+    bdp.profile_variant("adot+sw", None, 1)
+    assert seen["dot"] is True and seen["shares"] == "window"
+    assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill"
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults

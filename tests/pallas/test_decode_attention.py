@@ -67,7 +67,7 @@ def assert_equal_to_reference(args, h, kv, *, window=0, tol=1e-5, interpret=True
     (2, 48, 4, 2, 16, 37, 0, 1),     # several blocks, dynamic bound
     (1, 64, 6, 2, 16, 50, 48, 1),    # static window shorter than the cache
     (1, 64, 3, 3, 16, 63, 0, 4),     # MHA (g = 1), split over the sequence, last slot
-    (3, 64, 9, 3, 32, 21, 0, 2),     # SmolLM2's grouping (g = 3), splits with an empty tail
+    (3, 64, 9, 3, 32, 21, 0, 2),     # SmolLM2's grouping (g = 3), 2 filled blocks in 2 splits, row 2's first padding
 ])
 def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, splits):
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index)
@@ -174,6 +174,43 @@ def test_unfused_merge_by_the_merge_kernel_interpret():
             pass
 
 
+def outer_primitives(jaxpr) -> set[str]:
+    """The primitives of a jaxpr and of the jaxprs it calls, but not those inside a pallas_call's kernel."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for v in eqn.params.values():  # a jit's body (ClosedJaxpr)
+            inner = getattr(v, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                out |= outer_primitives(inner)
+    return out
+
+
+def test_unrolled_merge_equals_the_reduction():
+    """merge_partials(unrolled=True), split by split without a reduction: the same merge (empty splits included),
+    and override_plan(merge="unrolled") puts it in the unfused step, with no reduce left in its jaxpr."""
+    args = make_inputs(2, 96, 6, 2, 16, 20, pad=[0, 5], seed=20)
+    parts = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)[:3]
+    assert float(parts[1].min()) < -1e29  # splits 2, 3 saw nothing
+    want = merge_partials(*parts, jnp.float32)
+    assert rel(merge_partials(*parts, jnp.float32, unrolled=True), want) < 1e-6
+    jax.clear_caches()
+    try:
+        with da.override_plan(merge="unrolled"):
+            fn = lambda *a: decode_attention_pallas(*a, num_heads=6, num_kv_heads=2, splits=4, block=16,
+                                                    interpret=True)
+            prims = outer_primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+            assert "pallas_call" in prims and "reduce_max" not in prims and "reduce_sum" not in prims
+            jax.clear_caches()  # the jitted kernel call is traced anew under the next setting
+            with da.override_plan(merge="xla"):  # the default form reduces
+                assert "reduce_max" in outer_primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+            assert_equal_to_reference(args, 6, 2, splits=4, block=16)
+    finally:
+        jax.clear_caches()
+
+
 def test_kernel_bf16_interpret():
     args = make_inputs(2, 32, 4, 2, 16, 20, dtype=jnp.bfloat16, pad=[3, 0])
     assert_equal_to_reference(args, 4, 2, tol=1e-2, block=16)
@@ -216,14 +253,52 @@ def assert_partials_equal(args, h, kv, *, block, splits, window=0, tol=1e-5, int
 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,block,splits", [
-    (1, 64, 4, 2, 16, 37, 0, 16, 4),     # every split busy
-    (2, 96, 6, 2, 16, 20, 0, 16, 4),     # splits 2, 3 see nothing yet (m = NEG_INF)
+    (1, 64, 4, 2, 16, 37, 0, 16, 4),     # 3 filled blocks in 4 splits: one each, the last idle
+    (2, 96, 6, 2, 16, 20, 0, 16, 4),     # 2 filled blocks: splits 2, 3 see nothing yet (m = NEG_INF)
     (3, 64, 9, 3, 16, 47, 48, 16, 2),    # static window, g = 3, uneven split (3 blocks in 2)
     (2, 128, 4, 4, 16, 127, 0, 32, 4),   # MHA, last slot
 ])
 def test_partials_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, block, splits):
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index)
     assert_partials_equal(args, h, kv, block=block, splits=splits, window=window)
+
+
+def test_window_shares_kernel_equals_reference_interpret():
+    """SHARES = "window" (the splits share the window's blocks, statically): kernel and reference split alike —
+    here differently from the default (2 filled blocks of 6: one split holds both, the other three idle)."""
+    args = make_inputs(2, 96, 6, 2, 16, 20, pad=[0, 5], seed=20)
+    jax.clear_caches()
+    try:
+        with da.override_plan(shares="window"):
+            assert_partials_equal(args, 6, 2, block=16, splits=4)
+            window = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)
+    finally:
+        jax.clear_caches()
+    fill = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)
+    assert (np.asarray(window[2])[:, 1] == 0).all() and (np.asarray(fill[2])[:, 1] > 0).all()  # l of split 1
+
+
+def test_splits_share_the_filled_blocks():
+    """Each split takes ceil(filled / splits) consecutive blocks of those up to the newest slot, so the longest
+    chain a program runs shrinks with the splits at every fill, not only once the window is full."""
+    ids = np.asarray(da.split_of_slots(jnp.int32(20), 96, 96, 16, 4))  # 2 filled blocks of 6
+    np.testing.assert_array_equal(ids[:32], [0] * 16 + [1] * 16)
+    assert (ids[32:] >= 2).all()  # past the newest slot: not valid, whatever their id
+    for index in range(96):
+        filled = index // 16 + 1
+        for splits in (1, 2, 4, 6):
+            ids = np.asarray(da.split_of_slots(jnp.int32(index), 96, 96, 16, splits))[: filled * 16]
+            assert (ids < splits).all() and (np.diff(ids) >= 0).all()  # consecutive shares
+            blocks = np.bincount(ids, minlength=splits) // 16
+            assert blocks.sum() == filled and blocks.max() == -(-filled // splits)
+    # an index past the cache is clamped as the write clamps it: every block filled
+    assert np.asarray(da.split_of_slots(jnp.int32(500), 64, 64, 16, 2)).tolist() == [0] * 32 + [1] * 32
+    # the window's shares (SHARES = "window"): 2 blocks a split whatever the fill
+    assert np.asarray(da.split_of_slots(jnp.int32(20), 96, 96, 16, 3, fill=False)).tolist() == \
+        [0] * 32 + [1] * 32 + [2] * 32
+    with pytest.raises(KernelError, match="shares must be"):
+        with da.override_plan(shares="even"):
+            pass
 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,index,block,splits", [
@@ -255,6 +330,8 @@ def test_merge_splits_dispatch(monkeypatch):
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
     assert rel(da.merge_splits(*parts, jnp.float32), want) < 1e-6
     assert dispatch.last_choice("decode_attention_merge") == "pallas_triton"
+    dispatch.forget_choices("decode_attention_merge", "not_an_op")  # a run that reports only its own traces
+    assert dispatch.last_choices("decode_attention_merge") == {"decode_attention_merge": None}
 
 
 def test_override_plan_sets_the_splits_for_a_while():
