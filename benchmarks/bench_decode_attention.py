@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     verify = a.verify_tokens
     try:
         tilings = tuple(tuple(int(x) for x in t.split(":")) for t in a.tilings.split(",") if t)
+        good = all(len(t) == 3 and min(t) >= 1 for t in tilings)
     except ValueError:
-        tilings = ((),)
-    if any(len(t) != 3 or min(t) < 1 for t in tilings):
+        good = False
+    if not good:
         ap.error(f"--tilings takes block:splits:warps triples of positive integers, got {a.tilings!r}")
     shape = (TINY_VERIFY if verify else TINY) if a.tiny else dict(heads=HEADS, kv=KV, head_dim=HEAD_DIM)
     contexts = tuple(tuple(map(int, c.split(":"))) for c in a.contexts.split(","))

@@ -34,7 +34,8 @@ SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and 
 decode_profile_s22_fold.md),
 `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
-own default is row groups of 16, 32 outputs, 4 stages, K steps of 64: `fused_decode.GATE_UP_TILING`).
+own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of 64:
+`fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md.)
 """

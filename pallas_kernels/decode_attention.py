@@ -122,11 +122,10 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`; "unrolled":
-    `merge_partials(unrolled=True)`), and `dot` picks
-    the tensor-core form (True) or the elementwise one (False), `prefetch` what the tensor-core loop reads a
-    block ahead (0-2, `PREFETCH`), `shares` what the splits share ("fill" / "window", `SHARES`), for steps traced
-    anew. Clear jax's caches
-    (`jax.clear_caches`) so that nothing traced before is reused."""
+    `merge_partials(unrolled=True)`), `dot` picks the tensor-core form (True) or the elementwise one (False),
+    `prefetch` what the tensor-core loop reads a block ahead (0-2, `PREFETCH`) and `shares` what the splits share
+    ("fill" / "window", `SHARES`), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
+    traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "

@@ -83,7 +83,8 @@ GPU_VERIFIED = True
 # `gate_up_pallas` (the dot path's gate·up + SiLU·mul on normalised rows, what `inference.gate_up_rows` routes
 # batches 16-64 through): its `-m gpu` test passed on an H100 at 16 and 64 rows in GATE_UP_TILING
 # (benchmarks/results/test-gpu-s21-fused-decode.xml, with the whole file's GPU tests; session 20's tiling:
-# test-gpu-s20-fused-decode-gate-up.xml).
+# test-gpu-s20-fused-decode-gate-up.xml). 8 stages at 16 rows (GATE_UP_TILING_BY_ROWS) ran in the H100's decode loop
+# (the profiles that chose it), its `-m gpu` test not yet run in it.
 GATE_UP_GPU_VERIFIED = True
 # gate_up_pallas's own tiling where no `tiling(...)` block names one: row groups of 16, 32 gate and 32 up outputs a
 # program (1536 / 32 × 4 = 192 programs at 64 rows), 4 pipeline stages, K steps of 64. Swept alone on an H100 at
@@ -93,6 +94,11 @@ GATE_UP_GPU_VERIFIED = True
 # step): 0.921 / 0.923 → 0.880 at batch 64 (the kernel 6.2 → 4.8 µs a layer), 0.750 → 0.743 at 16; 8 stages
 # instead of 4: 0.897 at 64, 0.731 at 16.
 GATE_UP_TILING = {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
+# ... and what differs from it at a row count: 8 stages at 16 rows. In the decode loop on the H100, twice, one
+# process each: 0.743 → 0.731 ms a step at 16 rows (decode_profile_s21_gu_tiling.md), 0.733 → 0.719 and, with the
+# 64-slot attention blocks, 0.691 → 0.677 (decode_profile_s22_attn_block*.md); at 64 rows 8 stages lost (0.880 →
+# 0.897, 0.873 → 0.884).
+GATE_UP_TILING_BY_ROWS = {16: {"dot_stages": 8}}
 # matmul_residual_pallas's own dot-path tiling: all rows a program, 8 stages (16 outputs, K steps up to 128). Alone
 # at 64 rows on the H100 (fused_decode_dot_cold.md): o 3.13 µs, down 4.64 (the best of 24 / 36 tilings, within
 # 0.01 of o's best) against 3.4-4.8 / 5.6 in the dot path's defaults; in the decode loop 3.1 / 4.7 µs a layer
@@ -581,12 +587,13 @@ def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Ar
 
 def _gate_up_launch(kernel: Any, name: str, x: jax.Array, wt_gate_up: jax.Array, block_n: int, interpret: bool,
                     num_warps: int, **kw: Any) -> jax.Array:
-    """A dot-path-only gate·up kernel (`_gate_up_kernel`, `_folded_gate_up_kernel`) launched in GATE_UP_TILING."""
+    """A dot-path-only gate·up kernel (`_gate_up_kernel`, `_folded_gate_up_kernel`) launched in GATE_UP_TILING
+    (with GATE_UP_TILING_BY_ROWS's changes at its row count)."""
     b, k, inter = _check_gate_up(x, wt_gate_up, "x")
     if b not in DOT_ROWS:
         raise _bad(f"{name}_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
     _check_kernel_shape(b, k, inter)
-    with _own_tiling(GATE_UP_TILING):
+    with _own_tiling({**GATE_UP_TILING, **GATE_UP_TILING_BY_ROWS.get(b, {})}):
         bn = block_n or pick_block_n(inter, b)
         kern = functools.partial(kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, **kw)
         return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps, name,

@@ -159,16 +159,18 @@ def test_folded_gate_up_interpret(rows, dtype, tol):
 
 def test_gate_up_own_tiling():
     """gate_up_pallas launches with its own tiling (GATE_UP_TILING: row groups of 16, 32 outputs, 4 stages, K steps
-    of 64) where no `tiling(...)` block names one; a block's named keys win, the others stay gate_up's; other
-    dot-path kernels keep the dot path's defaults (16-row groups, 16 outputs, 3 stages, K steps up to 128) or their
-    own (matmul_residual: all rows a program, 8 stages), and nothing leaks out of a call."""
+    of 64; 8 stages at 16 rows) where no `tiling(...)` block names one; a block's named keys win, the others stay
+    gate_up's; other dot-path kernels keep the dot path's defaults (16-row groups, 16 outputs, 3 stages, K steps up
+    to 128) or their own (matmul_residual: all rows a program, 8 stages), and nothing leaks out of a call."""
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     h, w = S((64, 576), bf), S((3072, 576), bf)
     jax.clear_caches()
     try:
         assert fd.GATE_UP_TILING == {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
         assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((48, 4), 4)
-        assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((48, 1), 4)
+        assert fd.GATE_UP_TILING_BY_ROWS == {16: {"dot_stages": 8}}
+        assert pallas_call_launch(fd.gate_up_pallas, S((16, 576), bf), w) == ((48, 1), 8)  # 8 stages at 16 rows
+        assert pallas_call_launch(fd.gate_up_pallas, S((32, 576), bf), w) == ((48, 2), 4)
         assert fd.MATMUL_RESIDUAL_TILING == {"dot_rows": 64, "dot_stages": 8}  # matmul_residual's own
         assert fd.dot_group(64) == 16 and pallas_call_launch(fd.matmul_residual_pallas, S((64, 1536), bf),
                                                              S((576, 1536), bf), S((64, 576), bf)) == ((36, 1), 8)
