@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ def render_md(r: dict[str, Any]) -> str:
 
 
 def find_ncu() -> str | None:
+    """The ncu executable: on the PATH, else where Nsight Compute or CUDA install it; None if absent."""
     return shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
                                             + sorted(glob.glob("/usr/local/cuda*/bin/ncu"))), None)
 
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="decode steps inside the profiled range")
     ap.add_argument("--skip", type=int, default=30, help="kernels of the range skipped before recording")
     ap.add_argument("--kernels", type=int, default=24, help="kernels recorded")
-    ap.add_argument("--stem", default="", help="result file name (default ncu_decode_b{batch})")
+    ap.add_argument("--stem", default="", help="result file name (default ncu_decode_b{batch} / "
+                    "ncu_attention_b{batch})")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--timeout-s", type=float, default=500)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stem = a.stem or f"ncu_{'decode' if a.what == 'loop' else 'attention'}_b{a.batch}"
     a.out.mkdir(parents=True, exist_ok=True)
-    rep = a.out / f"{stem}.ncu-rep"
+    # the report is written aside and moved in only once ncu succeeded: a failed run leaves an earlier one alone
+    rep = Path(tempfile.mkdtemp(prefix="ncu_decode_step_")) / f"{stem}.ncu-rep"
     skip, count = (a.skip, a.kernels) if a.what == "loop" else (0, a.steps)
     cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--launch-skip", str(skip),
            "--launch-count", str(count), "-f", "-o", str(rep.with_suffix(""))]
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             rc = "killed at --timeout-s"
     if rc or not rep.exists():
+        shutil.rmtree(rep.parent, ignore_errors=True)
         print(f"error: ncu exited {rc}; its output is in {log}", file=sys.stderr)
         return 1
 
@@ -307,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
          "kernels": kernels}
     (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
     (a.out / f"{stem}.md").write_text(render_md(r))
+    shutil.move(str(rep), str(a.out / rep.name))
+    shutil.rmtree(rep.parent, ignore_errors=True)
     print(render_md(r))
     return 0
 

@@ -1,7 +1,8 @@
 """benchmarks/ncu_decode_step.py: its reading of Nsight Compute's CSV pages (in ncu's layout: the details page a row
-per metric, the raw page a header, a units row and a row per kernel) and a CPU run of its worker (ncu itself runs
-on the device)."""
+per metric, the raw page a header, a units row and a row per kernel), a run through an ncu stand-in, and a CPU run
+of its workers (ncu itself runs on the device)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,3 +87,38 @@ def test_attention_worker_runs_the_kernel_on_cpu(nds, capsys):
     out = capsys.readouterr().out
     # the cache in whole 128-slot blocks, as the decode loop's
     assert "decode attention b" in out and "over 128 slots, batch 2, context 20, 2 steps profiled" in out
+
+
+def _fake_ncu(tmp_path: Path, rc: int) -> str:
+    """An ncu stand-in: profiling writes the report (or fails with `rc`), `-i` prints the pages above."""
+    (tmp_path / "details.csv").write_text(DETAILS)
+    (tmp_path / "raw.csv").write_text(RAW)
+    exe = tmp_path / "ncu"
+    exe.write_text(f"""#!/bin/sh
+case "$*" in
+  *--version*) echo "NVIDIA (R) Nsight Compute"; echo "Version 0.0 (fake)";;
+  *"--page details --print-details"*) echo "details text";;
+  *"--csv --page details"*) cat {tmp_path}/details.csv;;
+  *"--csv --page raw"*) cat {tmp_path}/raw.csv;;
+  *) [ {rc} -ne 0 ] && exit {rc}
+     while [ "$1" != "-o" ]; do shift; done; touch "$2.ncu-rep";;
+esac
+""")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_a_run_writes_its_report_and_a_failed_one_keeps_the_last(nds, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(nds, "find_ncu", lambda: _fake_ncu(tmp_path, 0))
+    assert nds.main(["--what", "attention", "--batch", "64", "--out", str(out)]) == 0
+    r = json.loads((out / "ncu_attention_b64.json").read_text())
+    assert [k["name"] for k in r["kernels"]] == ["decode_attention", "gemm_fusion_dot_211"]
+    assert r["meta"]["ncu"] == "Version 0.0 (fake)" and r["meta"]["what"] == "attention"
+    assert (out / "ncu_attention_b64.ncu-rep").exists() and (out / "ncu_attention_b64_details.txt").exists()
+    assert "the new token at slot 192; 2 calls" in (out / "ncu_attention_b64.md").read_text()
+    before = (out / "ncu_attention_b64.md").read_text()
+    monkeypatch.setattr(nds, "find_ncu", lambda: _fake_ncu(tmp_path, 139))
+    assert nds.main(["--what", "attention", "--batch", "64", "--out", str(out)]) == 1
+    assert "ncu exited 139" in capsys.readouterr().err
+    assert (out / "ncu_attention_b64.md").read_text() == before and (out / "ncu_attention_b64.ncu-rep").exists()
