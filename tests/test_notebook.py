@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "examples" / "colab_quickstart.ipynb"
 
@@ -18,6 +20,7 @@ def notebook_script(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow  # 37 s on 2 cores (CI, 2026-12-06, jax 0.12.1): `make test-slow`
 def test_quickstart_notebook_runs(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text(notebook_script(NOTEBOOK))

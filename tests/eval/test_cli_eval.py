@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from mamba_llama_jax.cli import main
 
 ROOT = Path(__file__).parents[2]
@@ -10,6 +12,7 @@ TINY = ROOT / "tests" / "fixtures" / "tiny_llama"
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval_tasks"
 
 
+@pytest.mark.slow  # 47 s on 2 cores (CI, 2026-12-06, jax 0.12.1): `make test-slow`; the errors stay
 def test_eval_report(tmp_path, capsys):
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
     (tmp_path / "prompts.txt").write_text("Say hi.\n")

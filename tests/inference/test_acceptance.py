@@ -146,6 +146,7 @@ def test_sampling_estimate_at_k_above_1_against_the_loop():
         assert abs(iid_prediction(k, alpha).acceptance_rate - measured[k]) < 0.06, (k, alpha, measured)
 
 
+@pytest.mark.slow  # 29 s on 2 cores (CI, 2026-12-06, jax 0.12.1): `make test-slow`
 def test_sampling_overlap_of_a_reduced_head_is_the_mass_of_its_ids():
     """The draft = the target over a subset S of ids: q = p restricted to S and renormalised, so q >= p on S and
     beta = sum_S p = p(S) at every position; p taken here from the target's full-sequence logits. With top-k = the

@@ -95,7 +95,11 @@ def lower_for_h100(fn, *avals) -> str:
     whatever the Triton lowering rejects. Names the GPU through JAX internals; skips if they moved."""
     try:
         from jax import export
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+        from jax._src.pallas.triton import pallas_call_registration
+        try:
+            from jax._src import gpu_info  # jax >= 0.12.1
+        except ImportError:
+            from jax._src.pallas.triton import gpu_info  # jax 0.11 - 0.12.0
         h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
     except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
         pytest.skip(f"JAX internals for an abstract GPU moved: {e!r}")
