@@ -249,9 +249,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     # this split's share of the filled blocks (those up to the newest slot), decided at run time (`fill`), or of the
     # window's (see SHARES)
     filled = jnp.minimum(index // block + 1, nblocks)
-    per = (filled + splits - 1) // splits if fill else -(-nblocks // splits)
-    lo = jnp.minimum(si * per, filled)
-    hi = jnp.minimum(lo + per, filled)
+    lo, hi = split_range(si, filled, blocks_per_split(filled, splits, None if fill else nblocks))
     # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
     first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block, True) if dot and prefetch >= 2 else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
@@ -624,8 +622,20 @@ def split_of_slots(index: jax.Array, slots: int, window: int, block: int, splits
     shares of ceil(window / block / splits) (SHARES = "window")."""
     nblocks = window // block
     filled = jnp.minimum(jnp.minimum(index, slots - 1) // block + 1, nblocks)
-    per = (filled + splits - 1) // splits if fill else -(-nblocks // splits)
+    per = blocks_per_split(filled, splits, None if fill else nblocks)
     return (jnp.arange(window, dtype=jnp.int32) // block) // per
+
+
+def blocks_per_split(filled: Any, splits: int, window_blocks: int | None = None) -> Any:
+    """The blocks each of `splits` splits takes: ceil(filled / splits) of the `filled` blocks (a traced count: the
+    share decided at run time), or, given `window_blocks`, ceil(window_blocks / splits) of the window's."""
+    return (filled + splits - 1) // splits if window_blocks is None else -(-window_blocks // splits)
+
+
+def split_range(si: Any, filled: Any, per: Any) -> tuple[Any, Any]:
+    """Split si's blocks [lo, hi): its `per` consecutive blocks, clipped to the `filled` ones (possibly empty)."""
+    lo = jnp.minimum(si * per, filled)
+    return lo, jnp.minimum(lo + per, filled)
 
 
 def check_split_args(k_cache: Any, window: int, block: int, splits: int) -> None:

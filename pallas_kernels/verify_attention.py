@@ -44,8 +44,8 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, verify_attention_reference
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import (MAX_PROGRAMS, SMS, check_cache_args, dot_t, merge_partials,
-                                             online_update, pick_block, pick_row)
+from pallas_kernels.decode_attention import (MAX_PROGRAMS, SMS, blocks_per_split, check_cache_args, dot_t,
+                                             merge_partials, online_update, pick_block, pick_row, split_range)
 from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most
 from pallas_kernels.triton_call import triton_call
 
@@ -134,9 +134,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref,  # in
     if splits == 1:
         lo, hi = 0, filled
     else:  # this split's share of the filled blocks, decided at run time
-        per = (filled + splits - 1) // splits
-        lo = jnp.minimum(si * per, filled)
-        hi = jnp.minimum(lo + per, filled)
+        lo, hi = split_range(si, filled, blocks_per_split(filled, splits))
     carry = jax.lax.fori_loop(lo, hi, body, init)
     # the chunk's own keys: causal within the chunk (row r is token r // g; padding rows see every key); split,
     # split 0 adds them

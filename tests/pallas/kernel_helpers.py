@@ -22,16 +22,20 @@ def has_pallas_call(fn, *args) -> bool:
     return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
-def pallas_call_launch(fn, *args) -> tuple[tuple[int, ...], int]:
-    """The grid and pipeline stages of the first `pallas_call` `fn` traces (nested jaxprs searched too)."""
-    def walk(jaxpr):
-        for e in jaxpr.eqns:
-            if e.primitive.name == "pallas_call":
-                yield e
+def traced_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs it calls (jit bodies), in order; not those of a pallas_call's
+    kernel."""
+    for e in jaxpr.eqns:
+        yield e
+        if e.primitive.name != "pallas_call":
             for v in e.params.values():
                 if hasattr(v, "jaxpr"):
-                    yield from walk(v.jaxpr)
-    e = next(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+                    yield from traced_eqns(v.jaxpr)
+
+
+def pallas_call_launch(fn, *args) -> tuple[tuple[int, ...], int]:
+    """The grid and pipeline stages of the first `pallas_call` `fn` traces (nested jaxprs searched too)."""
+    e = next(e for e in traced_eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "pallas_call")
     return tuple(e.params["grid_mapping"].grid), e.params["compiler_params"].num_stages
 
 

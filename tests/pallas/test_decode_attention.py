@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel, traced_eqns  # noqa: E402
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -174,20 +174,6 @@ def test_unfused_merge_by_the_merge_kernel_interpret():
             pass
 
 
-def outer_primitives(jaxpr) -> set[str]:
-    """The primitives of a jaxpr and of the jaxprs it calls, but not those inside a pallas_call's kernel."""
-    out = set()
-    for eqn in jaxpr.eqns:
-        out.add(eqn.primitive.name)
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for v in eqn.params.values():  # a jit's body (ClosedJaxpr)
-            inner = getattr(v, "jaxpr", None)
-            if inner is not None and hasattr(inner, "eqns"):
-                out |= outer_primitives(inner)
-    return out
-
-
 def test_unrolled_merge_equals_the_reduction():
     """merge_partials(unrolled=True), split by split without a reduction: the same merge (empty splits included),
     and override_plan(merge="unrolled") puts it in the unfused step, with no reduce left in its jaxpr."""
@@ -201,11 +187,11 @@ def test_unrolled_merge_equals_the_reduction():
         with da.override_plan(merge="unrolled"):
             fn = lambda *a: decode_attention_pallas(*a, num_heads=6, num_kv_heads=2, splits=4, block=16,
                                                     interpret=True)
-            prims = outer_primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+            prims = {e.primitive.name for e in traced_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
             assert "pallas_call" in prims and "reduce_max" not in prims and "reduce_sum" not in prims
             jax.clear_caches()  # the jitted kernel call is traced anew under the next setting
             with da.override_plan(merge="xla"):  # the default form reduces
-                assert "reduce_max" in outer_primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+                assert "reduce_max" in {e.primitive.name for e in traced_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
             assert_equal_to_reference(args, 6, 2, splits=4, block=16)
     finally:
         jax.clear_caches()
