@@ -79,21 +79,33 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # STAGES decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
                                   "prefetch": None, "shares": ""}
-# Software-pipeline depth of the K/V block loop (Triton's num_stages). At batch 64 over 3-4 blocks the kernel is
-# latency-bound: under Nsight Compute it read its K/V at ~1 TB/s with 9 % occupancy, its warps mostly waiting on
-# global loads (benchmarks/results/ncu_attention_b64.md), so more loads in flight a program is the lever; 3-4 stages
-# on top of the 64-slot blocks are not yet measured.
-STAGES = 2
+# Software-pipeline depth of the K/V block loop (Triton's num_stages), STAGES at batches up to STAGES_MAX_BATCH,
+# WIDE_STAGES above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
+# ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
+# more loads in flight a program is the lever. Measured in the H100's decode loop, one process each
+# (benchmarks/results/decode_profile_s24_b64.md, _b16.md, _b256.md, _rule.md, generate_s24_as2.md), 3 stages vs 2:
+# batch 64 the kernel 0.300 vs 0.327 ms a step, the step 0.846-0.857 vs 0.873-0.884 (profile, unprofiled) and 0.883
+# vs 0.930 ms (bench_generate); batches 16 and 1 within noise (0.683 vs 0.682-0.684; 0.465 vs 0.469-0.474); batch
+# 256, with 768 programs to hide the latency, lost (the kernel 0.881 vs 0.838 ms a step, the step 1.889 vs 1.842).
+# 4 stages lost at 64 (0.881, decode_profile_s24_b64_stages.md); the kernel alone under ncu at 3 stages:
+# ncu_attention_b64_s24.md (11.9 µs against 12.7 at 2, long-scoreboard stalls 1.3 against 2.5 an issue).
+STAGES = 3
+STAGES_MAX_BATCH = 64
+WIDE_STAGES = 2
 # What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
 # padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
 # uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then
 # overlaps the projection's). Level 2 measured slower in the H100's decode loop (the kernel +1.3 µs a layer at batch
-# 64, +0.2 at 16; benchmarks/results/decode_profile_s20_vp_gu.md), level 1 not yet measured there: 0 stays.
+# 64, +0.2 at 16; benchmarks/results/decode_profile_s20_vp_gu.md), level 1 no faster at 64 (0.853 vs 0.846-0.847 ms
+# a step unprofiled, with 3 stages; decode_profile_s24_b64_stages.md): 0 stays.
 PREFETCH = 0
 # What the splits share (`planned_shares`, `split_of_slots`): "fill" the filled blocks (up to the newest slot, at run
 # time), or "window" the window's blocks, statically, as up to session 22 (then at a part-filled cache the splits
-# past the fill sat idle and the first ones ran the whole chain). "fill" never gives a program a longer chain; not
-# yet measured on the GPU against "window" (the profile's `sw` variant).
+# past the fill sat idle and the first ones ran the whole chain). "fill" never gives a program a longer chain. In the
+# H100's decode loop (prompt 128 + 256 new tokens, one process each; benchmarks/results/decode_profile_s24_b64.md,
+# _b16.md, the profile's `sw` variant) the two are within noise, unprofiled ms a step: batch 64 0.882-0.884 fill vs
+# 0.877 window (unsplit there: both the same work), 16 0.682-0.684 vs 0.688, 1 0.479-0.489 vs 0.479. Both pass the
+# GPU tests (test-gpu-s24.xml, fill); "fill" stays for long caches filled part-way, where it shortens the chains.
 SHARES = "fill"
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
@@ -161,9 +173,10 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
     return num_warps or _PLAN_OVERRIDE["warps"] or max(1, min(4, block // 16))
 
 
-def planned_stages() -> int:
-    """Pipeline stages of the K/V block loop: the override's (`override_plan`), else STAGES."""
-    return _PLAN_OVERRIDE["stages"] or STAGES
+def planned_stages(batch: int) -> int:
+    """Pipeline stages of the K/V block loop at this batch: the override's (`override_plan`), else STAGES up to
+    STAGES_MAX_BATCH and WIDE_STAGES past it."""
+    return _PLAN_OVERRIDE["stages"] or (STAGES if batch <= STAGES_MAX_BATCH else WIDE_STAGES)
 
 
 def planned_prefetch() -> int:
@@ -452,8 +465,10 @@ def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any, *,
 
     `unrolled`: the same sums written split by split (elementwise ops on S slices, no reduction), in the order of
     the splits: a reduction is a fusion of its own on the GPU, while elementwise producers of a GEMM's operand may
-    be fused into XLA's GEMM kernel (the o-projection past the fused GEMVs' batches) — whether they are, and
-    whether that pays, is what `override_plan(merge="unrolled")` (the profile's `amu`) measures."""
+    be fused into XLA's GEMM kernel (the o-projection past the fused GEMVs' batches). Measured in the H100's decode
+    loop at batch 64 (`override_plan(merge="unrolled")`, the profile's `amu`; decode_profile_s24_b64.md): 2 splits
+    0.998 ms a step unrolled vs 1.007 reduced, no launch fewer (255 kernels either way: XLA keeps the merge a fusion
+    of its own), and the unsplit kernel's 0.882 beats both; an opt-in for experiments."""
     b, splits, hd = o_part.shape
     h = m.shape[2]
     if unrolled:
@@ -524,7 +539,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={1: 3, 2: 4},
-        interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=planned_stages(),
+        interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=planned_stages(b),
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
       valid.astype(jnp.int32), jnp.zeros((1, 1), F32) if rows is None else rows)

@@ -84,7 +84,7 @@ GPU_VERIFIED = True
 # batches 16-64 through): its `-m gpu` test passed on an H100 at 16 and 64 rows in GATE_UP_TILING
 # (benchmarks/results/test-gpu-s21-fused-decode.xml, with the whole file's GPU tests; session 20's tiling:
 # test-gpu-s20-fused-decode-gate-up.xml). 8 stages at 16 rows (GATE_UP_TILING_BY_ROWS) ran in the H100's decode loop
-# (the profiles that chose it), its `-m gpu` test not yet run in it.
+# (the profiles that chose it) and passed its `-m gpu` test in it (test-gpu-s24.xml, 16 rows).
 GATE_UP_GPU_VERIFIED = True
 # gate_up_pallas's own tiling where no `tiling(...)` block names one: row groups of 16, 32 gate and 32 up outputs a
 # program (1536 / 32 × 4 = 192 programs at 64 rows), 4 pipeline stages, K steps of 64. Swept alone on an H100 at
@@ -96,8 +96,8 @@ GATE_UP_GPU_VERIFIED = True
 GATE_UP_TILING = {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
 # ... and what differs from it at a row count: 8 stages at 16 rows. In the decode loop on the H100, twice, one
 # process each: 0.743 → 0.731 ms a step at 16 rows (decode_profile_s21_gu_tiling.md), 0.733 → 0.719 and, with the
-# 64-slot attention blocks, 0.691 → 0.677 (decode_profile_s22_attn_block*.md); at 64 rows 8 stages lost (0.880 →
-# 0.897, 0.873 → 0.884).
+# 64-slot attention blocks, 0.691 → 0.677 (decode_profile_s22_attn_block*.md), and 0.693 → 0.682-0.684 (4 stages
+# → 8, decode_profile_s24_b16.md); at 64 rows 8 stages lost (0.880 → 0.897, 0.873 → 0.884).
 GATE_UP_TILING_BY_ROWS = {16: {"dot_stages": 8}}
 # matmul_residual_pallas's own dot-path tiling: all rows a program, 8 stages (16 outputs, K steps up to 128). Alone
 # at 64 rows on the H100 (fused_decode_dot_cold.md): o 3.13 µs, down 4.64 (the best of 24 / 36 tilings, within

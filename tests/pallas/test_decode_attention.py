@@ -349,8 +349,9 @@ def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
             with da.override_plan(**bad):
                 pass
     with da.override_plan(stages=3):
-        assert da.planned_stages() == 3
-    assert da.planned_stages() == da.STAGES
+        assert da.planned_stages(1) == da.planned_stages(256) == 3
+    assert da.planned_stages(1) == da.planned_stages(da.STAGES_MAX_BATCH) == da.STAGES
+    assert da.planned_stages(da.STAGES_MAX_BATCH + 1) == da.WIDE_STAGES
     with pytest.raises(KernelError, match="stages must be in 1..8"):
         with da.override_plan(stages=9):
             pass
