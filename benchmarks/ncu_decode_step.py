@@ -141,8 +141,8 @@ def render_md(r: dict[str, Any]) -> str:
              (f"Teacher shape, random bf16 weights, batch {m['batch']}, prompt {m['context']} tokens; kernels "
               f"{m['skip'] + 1}-{m['skip'] + m['kernels']} of the decode loop's profiled range"
               if m.get("what", "loop") == "loop" else
-              f"The decode attention kernel alone (`--what attention`), teacher heads, batch {m['batch']}, the new "
-              f"token at slot {m['context']}; {m['kernels']} calls") + ", each replayed alone "
+              f"The decode attention kernel alone (`--what attention`: {m.get('ran', '?')}), teacher heads, batch "
+              f"{m['batch']}, the new token at slot {m['context']}; {m['kernels']} calls") + ", each replayed alone "
              "by ncu (`--clock-control none`). DRAM GB/s = (dram bytes read + written) / duration; stalls = warps "
              "stalled per issued instruction, the three largest reasons.", "",
              "| # | kernel | grid | block | regs | µs | DRAM MB | DRAM GB/s | DRAM % | SM % | waves | occupancy "
@@ -202,13 +202,13 @@ def worker(what: str, batch: int, context: int, steps: int, tiny: bool) -> None:
     t0 = time.perf_counter()
     if what == "attention":
         from bench_decode_attention import HEAD_DIM, HEADS, KV, TINY, make_step
-        from pallas_kernels.decode_attention import plan, planned_warps
+        from pallas_kernels.decode_attention import plan, planned_stages, planned_warps
 
         heads, kv, d = (TINY["heads"], TINY["kv"], TINY["head_dim"]) if tiny else (HEADS, KV, HEAD_DIM)
         slots = -(-(context + steps) // 128) * 128  # the decode loop's window, whole 128-slot blocks
         block, splits = plan(batch, kv, slots)
-        run = make_step(batch, slots, context, block, splits, planned_warps(0, block), heads, kv, d,
-                        interpret=not gpu)
+        warps = planned_warps(0, block)
+        run = make_step(batch, slots, context, block, splits, warps, heads, kv, d, interpret=not gpu)
         for _ in range(3):
             jax.block_until_ready(run())
 
@@ -216,7 +216,8 @@ def worker(what: str, batch: int, context: int, steps: int, tiny: bool) -> None:
             for _ in range(steps):
                 jax.block_until_ready(run())
 
-        desc = f"decode attention b{block} s{splits} over {slots} slots"
+        desc = (f"decode attention {block}-slot blocks, {splits} split(s), {warps} warps, "
+                f"{planned_stages(batch)} stages, over {slots} slots")
     else:
         from bench_generate import _jax_model, compile_generate
         from mamba_llama_jax.inference.generate import Generator
@@ -238,7 +239,7 @@ def worker(what: str, batch: int, context: int, steps: int, tiny: bool) -> None:
     call()
     if gpu:
         _profiler(False)
-    print(f"ncu_decode_step worker: {desc}, batch {batch}, context {context}, {steps} steps profiled", flush=True)
+    print(f"ncu_decode_step worker: {desc}; batch {batch}, context {context}, {steps} steps profiled", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,13 +302,16 @@ def main(argv: list[str] | None = None) -> int:
                               check=True).stdout
 
     kernels = merge(parse_details(page("details")), parse_raw(page("raw")))
+    # what the worker ran (for the kernel alone: its tiling), as it said in the log
+    said = re.search(r"ncu_decode_step worker: (.*?); batch", log.read_text())
     text = subprocess.run([ncu, "-i", str(rep), "--page", "details", "--print-details", "all"],
                           capture_output=True, text=True).stdout
     (a.out / f"{stem}_details.txt").write_text(text)
     ver = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     r = {"meta": {"date": now(), "device": device(), "versions": versions(), "ncu": ver[-1] if ver else "ncu ?",
                   "command": "python " + " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-                  "what": a.what, "batch": a.batch, "context": a.context, "skip": skip, "kernels": len(kernels),
+                  "what": a.what, "ran": said.group(1) if said else "?",
+                  "batch": a.batch, "context": a.context, "skip": skip, "kernels": len(kernels),
                   "seconds": time.perf_counter() - t0},
          "kernels": kernels}
     (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))

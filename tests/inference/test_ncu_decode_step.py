@@ -3,6 +3,7 @@ per metric, the raw page a header, a units row and a row per kernel), a run thro
 of its workers (ncu itself runs on the device)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -86,7 +87,11 @@ def test_attention_worker_runs_the_kernel_on_cpu(nds, capsys):
     nds.main(["--worker", "--what", "attention", "--tiny", "--batch", "2", "--context", "20", "--steps", "2"])
     out = capsys.readouterr().out
     # the cache in whole 128-slot blocks, as the decode loop's
-    assert "decode attention b" in out and "over 128 slots, batch 2, context 20, 2 steps profiled" in out
+    from pallas_kernels.decode_attention import planned_stages
+
+    said = re.search(r"worker: decode attention (\d+)-slot blocks, (\d+) split\(s\), (\d+) warps, (\d+) stages, "
+                     r"over 128 slots; batch 2, context 20, 2 steps profiled", out)
+    assert said and int(said.group(4)) == planned_stages(2), out
 
 
 def _fake_ncu(tmp_path: Path, rc: int) -> str:
@@ -101,6 +106,8 @@ case "$*" in
   *"--csv --page details"*) cat {tmp_path}/details.csv;;
   *"--csv --page raw"*) cat {tmp_path}/raw.csv;;
   *) [ {rc} -ne 0 ] && exit {rc}
+     echo "ncu_decode_step worker: decode attention 64-slot blocks, 1 split(s), 4 warps, 3 stages, over 256 slots;\
+ batch 64, context 192, 2 steps profiled"
      while [ "$1" != "-o" ]; do shift; done; touch "$2.ncu-rep";;
 esac
 """)
@@ -116,7 +123,10 @@ def test_a_run_writes_its_report_and_a_failed_one_keeps_the_last(nds, monkeypatc
     assert [k["name"] for k in r["kernels"]] == ["decode_attention", "gemm_fusion_dot_211"]
     assert r["meta"]["ncu"] == "Version 0.0 (fake)" and r["meta"]["what"] == "attention"
     assert (out / "ncu_attention_b64.ncu-rep").exists() and (out / "ncu_attention_b64_details.txt").exists()
-    assert "the new token at slot 192; 2 calls" in (out / "ncu_attention_b64.md").read_text()
+    # what the worker said it ran (its tiling) named in the report
+    assert r["meta"]["ran"] == "decode attention 64-slot blocks, 1 split(s), 4 warps, 3 stages, over 256 slots"
+    assert (f"(`--what attention`: {r['meta']['ran']}), teacher heads, batch 64, the new token at slot 192; 2 calls"
+            in (out / "ncu_attention_b64.md").read_text())
     before = (out / "ncu_attention_b64.md").read_text()
     monkeypatch.setattr(nds, "find_ncu", lambda: _fake_ncu(tmp_path, 139))
     assert nds.main(["--what", "attention", "--batch", "64", "--out", str(out)]) == 1
