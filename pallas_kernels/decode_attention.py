@@ -116,14 +116,27 @@ SHARES = "fill"
 DOT_MIN_BATCH = 1
 DOT_ROWS = 16  # rows of the q tile: the g heads of a group, padded to a tensor-core dot's smallest M
 DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
-# The tensor-core form's blocks at batches DOT_BLOCK_BATCHES (inclusive): DOT_BLOCK slots, in place of `plan`'s
-# 128-slot blocks (batch 64) or 16-slot splits (batch 16). Measured in the H100's decode loop, SmolLM2's shape,
-# each pair in one process (benchmarks/results/decode_profile_s22_attn_block*.md), unprofiled ms a step: batch 64
-# 0.886 / 0.882 → 0.873 / 0.870 (the kernel 0.336 → 0.325 ms a step); batch 16 0.733 / 0.732 → 0.691 / 0.691 (4
-# splits of 64 slots instead of 16 of 16: the kernel 0.152 → 0.177 ms, but 60 launches a step fewer, the merge's).
-# Batch 1 keeps its measured 16-slot splits; 256 is unmeasured.
-DOT_BLOCK = 64
-DOT_BLOCK_BATCHES = (16, 64)
+# The tensor-core form's most slots a block by batch (`dot_block_cap`): (least batch, slots), the last entry a batch
+# reaches applies, in place of `plan`'s 128-slot blocks (batch 64, 256) or 16-slot splits (batch 16). Measured in the
+# H100's decode loop, SmolLM2's shape, each pair in one process, unprofiled ms a step: 64-slot blocks at batch 64
+# 0.886 / 0.882 → 0.873 / 0.870 (the kernel 0.336 → 0.325 ms a step) and at 16 0.733 / 0.732 → 0.691 / 0.691 (4
+# splits of 64 slots instead of 16 of 16: the kernel 0.152 → 0.177 ms, but 60 launches a step fewer, the merge's;
+# benchmarks/results/decode_profile_s22_attn_block*.md); 32-slot blocks from batch 64 (decode_profile_s24_ab32.md,
+# _b64_blocks.md): batch 64 0.845 → 0.829 (0.850-0.853 → 0.832; the kernel 0.303 → 0.287), 256 1.860-1.864 →
+# 1.700 (the kernel 0.838 → 0.663), but batch 16 0.688-0.691 → 0.714-0.719 (8 splits: a merge launch a layer more).
+# Batch 1 keeps its measured 16-slot splits. The 32-slot blocks ran the whole decode loop on the H100 in those
+# profiles, but the kernel's `-m gpu` tests have not yet run at them (session 24's device time ran out): the next
+# device session's first call.
+DOT_BLOCK_BY_BATCH = ((16, 64), (64, 32))
+
+
+def dot_block_cap(batch: int) -> int:
+    """The tensor-core form's most slots a block at this batch (DOT_BLOCK_BY_BATCH), 0 where `plan` decides alone."""
+    cap = 0
+    for least, slots in DOT_BLOCK_BY_BATCH:
+        if batch >= least:
+            cap = slots
+    return cap
 
 
 @contextlib.contextmanager
@@ -226,8 +239,8 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     (benchmarks/results/decode_attention.md, 2026-12-04), the best tilings were b16 s16 at batch 1 and 8 over 256
     slots, b64 s64 at batch 1 over 4096 slots, b128 s32 at batch 8 over 4096: short serial chains and many programs
     win. Splits are a power of two (the fused combine reads them as one tensor) and at most `max_splits` (what the
-    consumer merges cheaply). The tensor-core form at batches DOT_BLOCK_BATCHES takes blocks of at most DOT_BLOCK
-    slots, its splits then capped by the blocks the window holds (measured there: see DOT_BLOCK); an override's
+    consumer merges cheaply). The tensor-core form from batch 16 takes blocks of at most `dot_block_cap` slots, its
+    splits then capped by the blocks the window holds (measured there: see DOT_BLOCK_BY_BATCH); an override's
     block or splits (`override_plan`) replaces that rule.
     """
     if forced := _PLAN_OVERRIDE["splits"]:
@@ -241,8 +254,8 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
         block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
     block_cap = _PLAN_OVERRIDE["block"]
-    if not (block_cap or forced) and planned_dot(batch, dot) and DOT_BLOCK_BATCHES[0] <= batch <= DOT_BLOCK_BATCHES[1]:
-        block_cap = DOT_BLOCK
+    if not (block_cap or forced) and planned_dot(batch, dot):
+        block_cap = dot_block_cap(batch)
     if block_cap:
         block = pick_block(window, block_cap)
         splits = pow2_at_most(max(1, min(splits, window // block)))

@@ -90,6 +90,17 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
         assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
 
 
+@pytest.mark.parametrize("block,dtype", [(32, jnp.float32), (32, jnp.bfloat16), (64, jnp.bfloat16)])
+def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype):
+    """The tensor-core form in the blocks `plan` gives from batch 16 (64 slots) and 64 (32 slots,
+    DOT_BLOCK_BY_BATCH) at SmolLM2's heads: a block's p·V contracts over its slots, so the tile shapes differ
+    from the 16-slot cases above."""
+    b, slots, h, kv, d, index = 2, 128, 9, 3, 64, 100
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 37], seed=block, dtype=dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert_equal_to_reference(args, h, kv, splits=1, block=block, dot=True, tol=tol)
+
+
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
     (2, 48, 4, 2, 32, 37, 0, 1, jnp.float32),     # several blocks: the mask of the next block carried
     (3, 64, 9, 3, 32, 63, 0, 1, jnp.float32),     # the last slot: the prefetch past the last block stays in bounds
@@ -358,9 +369,10 @@ def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
 
 
 def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
-    # 192 programs already: the tensor-core form (the default) unsplit in 64-slot blocks (DOT_BLOCK at batches
-    # 16-64), the elementwise one in 2 splits of 128-slot blocks
-    assert plan(64, 3, 256) == (64, 1) and plan(64, 3, 384) == (64, 1)
+    # 192 programs already: the tensor-core form (the default) unsplit in 32-slot blocks (DOT_BLOCK_BY_BATCH from
+    # batch 64), the elementwise one in 2 splits of 128-slot blocks
+    assert plan(64, 3, 256) == (32, 1) and plan(64, 3, 384) == (32, 1)
+    assert [da.dot_block_cap(b) for b in (1, 15, 16, 63, 64, 256)] == [0, 0, 64, 64, 32, 32]
     with monkeypatch.context() as m:
         m.setattr(da, "DOT_MIN_BATCH", 0)
         assert plan(64, 3, 256) == (128, 2)
@@ -371,11 +383,13 @@ def test_plan_fills_the_gpu_at_small_batch(monkeypatch):
     with da.override_plan(dot=False):
         assert plan(44, 3, 4096) == (128, 4)  # ... the elementwise form up to 4·SMS
     # the form the kernel will run decides: heads under 32 wide run elementwise, so their plan splits as that form
-    assert plan(64, 3, 256, dot=False) == (128, 2) and plan(64, 3, 256, dot=True) == (64, 1)
+    assert plan(64, 3, 256, dot=False) == (128, 2) and plan(64, 3, 256, dot=True) == (32, 1)
     assert da.uses_dot(64, 64) is True and da.uses_dot(64, 16) is False and da.uses_dot(64, 64, dot=False) is False
     with pytest.raises(KernelError, match="head_dim >= 32"):
         da.uses_dot(64, 16, dot=True)
-    assert plan(256, 3, 4096) == (128, 1)  # 768 programs: unsplit (past DOT_BLOCK_BATCHES: 128-slot blocks)
+    assert plan(256, 3, 4096) == (32, 1)  # 768 programs: unsplit, in 32-slot blocks
+    with da.override_plan(dot=False):
+        assert plan(256, 3, 4096) == (128, 1)
     # batch 16: 64-slot blocks, its 16 splits of 16 capped by the 4 blocks 256 slots hold; batch 8 unchanged
     assert plan(16, 3, 256) == (64, 4) and plan(16, 3, 256, dot=False) == (16, 16) and plan(8, 3, 256) == (16, 16)
     with da.override_plan(block=128):  # an override's block replaces the rule: the profile's `ab128`
