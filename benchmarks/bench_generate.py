@@ -331,8 +331,9 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         if args.hlo:
             hlo = dcomp.as_text()
             row["hlo_while_bodies"] = _hlo_facts(hlo)
-            if args.dump_dir and b == 1 and name == "fused":  # one dump: the device returns at most 8 files
-                Path(args.dump_dir, f"decode_b{b}_{name.replace('+', '_')}.hlo.txt").write_text(hlo)
+            # one dump a run (few files come back from the device): the table's variant or the variants stage's fused
+            if args.dump_dir and b == args.dump_batch and (args.facts or name == "fused"):
+                Path(args.dump_dir, hlo_dump_name(b, name)).write_text(hlo)
         out["batches"][str(b)] = row
         _write_json(args.result, res)
         print(f"[{name}] b={b}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s; decode "
@@ -515,6 +516,12 @@ def _worker_env(xla_flags: str = "", env_extra: dict[str, str] | None = None) ->
     return env
 
 
+def hlo_dump_name(batch: int, variant: str) -> str:
+    """The file a worker writes a decode loop's optimised HLO to (`--dump-dir`): plain characters only, as the device
+    returns no other names."""
+    return f"decode_b{batch}_{re.sub(r'[^A-Za-z0-9_.-]', '_', variant)}.hlo.txt"
+
+
 def _spawn(mode: str, args: argparse.Namespace, extra: list[str], xla_flags: str = "",
            timeout: float = 600, env_extra: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Runs a worker to completion (or its timeout / the deadline); returns whatever it had written."""
@@ -523,7 +530,8 @@ def _spawn(mode: str, args: argparse.Namespace, extra: list[str], xla_flags: str
         res = f.name
     cmd = [sys.executable, __file__, "--worker", mode, "--result", res, "--new-tokens", str(args.new_tokens),
            "--prompt-len", str(args.prompt_len), "--deadline-at", str(time.time() + timeout)]
-    cmd += (["--tiny"] if args.tiny else []) + (["--teacher", args.teacher] if args.teacher else []) + extra
+    cmd += (["--tiny"] if args.tiny else []) + (["--teacher", args.teacher] if args.teacher else [])
+    cmd += ["--dump-batch", str(args.dump_batch)] + extra
     t = time.perf_counter()
     try:
         rc = subprocess.run(cmd, env=_worker_env(xla_flags, env_extra), timeout=timeout + 15).returncode
@@ -1240,6 +1248,8 @@ def main() -> None:
     ap.add_argument("--hlo", action="store_true")
     ap.add_argument("--facts", action="store_true")
     ap.add_argument("--dump-dir", default=None)
+    ap.add_argument("--dump-batch", type=int, default=1,
+                    help="the batch whose decode loop's optimised HLO (the fused variant) goes to the results folder")
     ap.add_argument("--save-weights", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

@@ -2,6 +2,7 @@
 is what `Generator.run` produces for the same prompts, greedy, every step taken."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
                                           "--out", str(tmp_path)])
         bg.main()
     monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--tiny", "--no-hf", "--batches", "2", "--variants",
-                                      "fused,fused@s2+aew", "--out", str(tmp_path), "--deadline-s", "400"])
+                                      "fused,fused@s2+aew", "--out", str(tmp_path), "--deadline-s", "400",
+                                      "--dump-batch", "2"])
     bg.main()
     r = json.loads((tmp_path / "generate.json").read_text())
     assert set(r["explore"]) == {"fused", "fused@s2+aew"}
@@ -79,6 +81,10 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
     # the baseline (first variant) ran again after the others, and the report shows both of its runs
     assert set(r["explore"]["fused"]["again"]) == {"1", "64"} and "again" not in r["explore"]["fused@s2+aew"]
     assert "- fused (" in (md := (tmp_path / "generate.md").read_text()) and "; again last: b=1 " in md
+    # the decode loop's optimised HLO at the batch asked for (the workers are told it), its while loop inside
+    dump = bg.hlo_dump_name(2, r["jax"]["variant"])
+    assert re.fullmatch(r"decode_b2_[A-Za-z0-9_.-]+\.hlo\.txt", dump)
+    assert "while" in (tmp_path / dump).read_text()
     sys.modules.pop("bench_generate", None)
 
 
