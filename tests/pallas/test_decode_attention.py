@@ -90,7 +90,7 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
         assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
 
 
-@pytest.mark.parametrize("block,dtype", [(32, jnp.float32), (32, jnp.bfloat16), (64, jnp.bfloat16)])
+@pytest.mark.parametrize("block,dtype", [(32, jnp.float32), (64, jnp.bfloat16)])
 def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype):
     """The tensor-core form in the blocks `plan` gives from batch 16 (64 slots) and 64 (32 slots,
     DOT_BLOCK_BY_BATCH) at SmolLM2's heads: a block's p·V contracts over its slots, so the tile shapes differ
