@@ -115,6 +115,7 @@ def _estimate_and_loop(tgt, drf, temp: float, ks: tuple[int, ...]) -> tuple[floa
     return sum(a * n for a, n in est) / sum(n for _, n in est), {k: float(np.mean(v)) for k, v in measured.items()}
 
 
+@pytest.mark.slow  # 24-30 s on 2 cores (CI, 2026-12-06): `make test-slow`
 def test_sampling_estimate_against_the_loop():
     """Speculative sampling: alpha = mean of sum_x min(p, q) along the target's sampled text. The target as its
     own draft gives 1; an unrelated draft at temperature 0.1 (sharp distributions: little overlap) gives an

@@ -414,7 +414,8 @@ def _verified_chunk(model, chunk):
     return verify(model, jnp.asarray([chunk]), cache)
 
 
-@pytest.mark.parametrize("mode", ["interpret", pytest.param("gpu", marks=[
+# interpret: 30-42 s on 2 cores (CI, 2026-12-06), so `make test-slow`; the compiled kernels: `-m gpu` on the device
+@pytest.mark.parametrize("mode", [pytest.param("interpret", marks=pytest.mark.slow), pytest.param("gpu", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU (JAX_PLATFORMS=cuda on the device)")])])
 def test_verify_chunk_through_the_decode_kernels_equals_the_unfused_verify(mode, monkeypatch):
     """An inference copy verifies a chunk with the plain decode step's kernels, its b·(k+1) tokens taken as rows
