@@ -67,6 +67,10 @@ VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
     "fused+nopdl": (CMDBUF + NO_PDL, True, 128, {}),
     "fused+exhaustive": (CMDBUF + EXHAUSTIVE, True, 128, {}),
     "fused+warpspec": (CMDBUF + WARP_SPEC, True, 128, {}),
+    # today's path with XLA's decode GEMMs (q·k·v past its own partials, o, down at 16-256 rows) left unsplit over K:
+    # their split-K sums are the step's XLA fusions at batch 64 (2 a layer); unsplit, the residual adds may fuse
+    # into the GEMMs instead, on fewer tiles
+    "fused+splitk1": (CMDBUF + SPLITK1, True, 128, {}),
     "plain+cmdbuf_while": (CMDBUF, False, 0, {FUSED_ENV: "0"}),
 }
 DEVICE_VARIANTS = ("fused", "attn", "ref", "attn+splitk1", "attn+no_triton_gemm")
