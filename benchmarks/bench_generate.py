@@ -1253,7 +1253,7 @@ def main() -> None:
     ap.add_argument("--facts", action="store_true")
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--dump-batch", type=int, default=1,
-                    help="the batch whose decode loop's optimised HLO (the fused variant) goes to the results folder")
+                    help="the batch whose decode loop's optimised HLO (the table's variant) goes to the results folder")
     ap.add_argument("--save-weights", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

@@ -76,11 +76,11 @@ def pick_block(slots: int, cap: int = 128) -> int:
 
 # `override_plan` sets the split count, block, warps, merge, dot form and pipeline stages for a while (the
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
-# STAGES decides.
+# STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
                                   "prefetch": None, "shares": ""}
-# Software-pipeline depth of the K/V block loop (Triton's num_stages), STAGES at batches up to STAGES_MAX_BATCH,
-# WIDE_STAGES above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
+# Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
+# above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
 # more loads in flight a program is the lever. Measured in the H100's decode loop, one process each
 # (benchmarks/results/decode_profile_s24_b64.md, _b16.md, _b256.md, _rule.md, generate_s24_as2.md), 3 stages vs 2:
@@ -89,9 +89,7 @@ _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": 
 # 256, with 768 programs to hide the latency, lost (the kernel 0.881 vs 0.838 ms a step, the step 1.889 vs 1.842).
 # 4 stages lost at 64 (0.881, decode_profile_s24_b64_stages.md); the kernel alone under ncu at 3 stages:
 # ncu_attention_b64_s24.md (11.9 µs against 12.7 at 2, long-scoreboard stalls 1.3 against 2.5 an issue).
-STAGES = 3
-STAGES_MAX_BATCH = 64
-WIDE_STAGES = 2
+STAGES_BY_BATCH = ((1, 3), (65, 2))
 # What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
 # padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
 # uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then
@@ -130,13 +128,19 @@ DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 DOT_BLOCK_BY_BATCH = ((16, 64), (64, 32))
 
 
+def by_batch(table: tuple[tuple[int, int], ...], batch: int) -> int:
+    """A tiling rule by batch: of `table`'s (least batch, value) entries, in increasing batch, the value of the last
+    one `batch` reaches; 0 below the first."""
+    value = 0
+    for least, v in table:
+        if batch >= least:
+            value = v
+    return value
+
+
 def dot_block_cap(batch: int) -> int:
     """The tensor-core form's most slots a block at this batch (DOT_BLOCK_BY_BATCH), 0 where `plan` decides alone."""
-    cap = 0
-    for least, slots in DOT_BLOCK_BY_BATCH:
-        if batch >= least:
-            cap = slots
-    return cap
+    return by_batch(DOT_BLOCK_BY_BATCH, batch)
 
 
 @contextlib.contextmanager
@@ -145,7 +149,7 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
                   shares: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
-    runs `warps` warps a program and `stages` pipeline stages (`STAGES`), `decode_attention_pallas` merges its
+    runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`; "unrolled":
     `merge_partials(unrolled=True)`), `dot` picks the tensor-core form (True) or the elementwise one (False),
     `prefetch` what the tensor-core loop reads a block ahead (0-2, `PREFETCH`) and `shares` what the splits share
@@ -187,9 +191,9 @@ def planned_warps(num_warps: int = 0, block: int = 128) -> int:
 
 
 def planned_stages(batch: int) -> int:
-    """Pipeline stages of the K/V block loop at this batch: the override's (`override_plan`), else STAGES up to
-    STAGES_MAX_BATCH and WIDE_STAGES past it."""
-    return _PLAN_OVERRIDE["stages"] or (STAGES if batch <= STAGES_MAX_BATCH else WIDE_STAGES)
+    """Pipeline stages of the K/V block loop at this batch: the override's (`override_plan`), else
+    STAGES_BY_BATCH's."""
+    return _PLAN_OVERRIDE["stages"] or by_batch(STAGES_BY_BATCH, batch)
 
 
 def planned_prefetch() -> int:
@@ -274,7 +278,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
     # this split's share of the filled blocks (those up to the newest slot), decided at run time (`fill`), or of the
     # window's (see SHARES)
-    filled = jnp.minimum(index // block + 1, nblocks)
+    filled = filled_blocks(index, block, nblocks)
     lo, hi = split_range(si, filled, blocks_per_split(filled, splits, None if fill else nblocks))
     # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
     first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block, True) if dot and prefetch >= 2 else None
@@ -649,9 +653,15 @@ def split_of_slots(index: jax.Array, slots: int, window: int, block: int, splits
     only where they are not valid anyway (they are after the newest slot). `fill` False: the window's blocks in
     shares of ceil(window / block / splits) (SHARES = "window")."""
     nblocks = window // block
-    filled = jnp.minimum(jnp.minimum(index, slots - 1) // block + 1, nblocks)
+    filled = filled_blocks(jnp.minimum(index, slots - 1), block, nblocks)
     per = blocks_per_split(filled, splits, None if fill else nblocks)
     return (jnp.arange(window, dtype=jnp.int32) // block) // per
+
+
+def filled_blocks(index: Any, block: int, nblocks: int) -> Any:
+    """The window's blocks up to the one holding the newest slot `index` (already clamped to the cache): the blocks
+    a decode step's splits share (`split_of_slots`, the kernel)."""
+    return jnp.minimum(index // block + 1, nblocks)
 
 
 def blocks_per_split(filled: Any, splits: int, window_blocks: int | None = None) -> Any:

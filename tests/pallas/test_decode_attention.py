@@ -361,8 +361,9 @@ def test_override_plan_sets_the_block_and_warps_for_a_while(monkeypatch):
                 pass
     with da.override_plan(stages=3):
         assert da.planned_stages(1) == da.planned_stages(256) == 3
-    assert da.planned_stages(1) == da.planned_stages(da.STAGES_MAX_BATCH) == da.STAGES
-    assert da.planned_stages(da.STAGES_MAX_BATCH + 1) == da.WIDE_STAGES
+    assert da.planned_stages(1) == da.planned_stages(64) == 3 and da.planned_stages(65) == da.planned_stages(256) == 2
+    assert da.by_batch(((4, 7), (8, 9)), 3) == 0 and da.by_batch(((4, 7), (8, 9)), 4) == 7
+    assert da.by_batch(((4, 7), (8, 9)), 100) == 9
     with pytest.raises(KernelError, match="stages must be in 1..8"):
         with da.override_plan(stages=9):
             pass
