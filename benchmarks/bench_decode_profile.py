@@ -19,16 +19,15 @@ fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-proj
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` = fused GEMVs up to batch N, `sN` =
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
-`amk` / `amx` / `amu` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
-merge kernel / by XLA (the default) / by XLA written split by split, no reduction (`decode_attention.override_plan`),
+`amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
+merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
 `decode_attention.SHARES`), `mk` / `mx` / `mc` = the splits merged by
 `decode_attention.merge_partials_pallas` (the default) / by XLA before the o-projection, or in its prologue
 (`fused_decode.tiling(merge=...)`), `gN` / `dbN` = N rows / outputs per program on the fused dot path
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
-XLA's own GEMM and norm), `vpN` = what the attention loop reads a block ahead: 0 nothing, 1 the padding mask, 2 the
-mask and the K/V tiles (`decode_attention.PREFETCH`), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
+XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
 `guf` = the step's five-launch `fold` form there (norm weights folded into the next projections; measured slower:
 decode_profile_s22_fold.md),
@@ -37,7 +36,9 @@ decode_profile_s22_fold.md),
 own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of 64:
 `fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
-results/decode_dot.md.)
+results/decode_dot.md; `amu`, the attention splits merged split by split without a reduction, in
+results/decode_profile_s24_b64.md; `vpN`, the attention loop reading the next block ahead, in
+results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md.)
 """
 
 from __future__ import annotations
@@ -196,14 +197,12 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_stages"] = int(m.group(1))
         elif m := re.fullmatch(r"dk(\d+)", tok):
             tiling["dot_k"] = int(m.group(1))
-        elif m := re.fullmatch(r"vp([012])", tok):
-            tiling["attn_prefetch"] = int(m.group(1))
         elif tok in ("adot", "aew"):
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
-        elif tok in ("amk", "amx", "amu"):
-            tiling["attn_merge"] = {"amk": "kernel", "amx": "xla", "amu": "unrolled"}[tok]
+        elif tok in ("amk", "amx"):
+            tiling["attn_merge"] = {"amk": "kernel", "amx": "xla"}[tok]
         elif tok in ("mx", "mk", "mc"):
             tiling["merge"] = {"mx": "xla", "mk": "kernel", "mc": "combine"}[tok]
         elif m := re.fullmatch(r"g(\d+)", tok):
@@ -215,7 +214,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, amu, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, vp0, vp1, vp2, gu, gux, guf)")
+                             "amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guf)")
     return tiling, env
 
 
@@ -230,7 +229,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("prefetch", None), ("shares", ""))}
+                         ("shares", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

@@ -13,8 +13,8 @@ caches, so the piece that costs shows:
   dot+valid+where   both: the real loop's shape
   dot+valid_pf the mask of block i+1 read in iteration i and carried (prefetched by hand)
   kernel       the real `decode_attention_pallas` (RoPE, cache write, prologue), one split of 128-slot blocks
-  kernel+vpN   the same reading a block ahead (`decode_attention.PREFETCH` = N): 1 the padding mask, 2 the mask and
-               the K/V tiles, the first block's before the prologue
+               (its forms reading a block ahead, `kernel+vp1` / `kernel+vp2`, were measured and removed:
+               decode_attention.py says why)
 
 each in the project's slot-major cache layout (b, S, kv, d) and head-major (b, kv, S, d) (`@hm`), plus XLA's own
 reduction over the filled slots (`xla_sum`) as the bandwidth it reaches. A call runs the probe over L layers'
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FORMS = ("sum", "dot", "dot+valid", "dot+where", "dot+valid+where", "dot+valid_pf")
-KERNELS = ("kernel", "kernel+vp1", "kernel+vp2")  # index = the prefetch level
+KERNELS = ("kernel",)
 # name: (batch, slots, index (newest filled slot), layers)
 SHAPES = {"b64-384": (64, 384, 255, 30), "b1-4096": (1, 4096, 4095, 30), "b64-4096": (64, 4096, 4095, 4)}
 TINY_SHAPES = {"tiny": (2, 64, 40, 2)}
@@ -161,8 +161,6 @@ def make_case(shape: tuple[int, int, int, int], variant: str, *, heads: int, kv:
         return (lambda: call_x(ks, vs)), (lambda: float("nan")), nbytes
 
     if form in KERNELS:
-        from pallas_kernels.decode_attention import override_plan
-        prefetch = KERNELS.index(form)
         qkv = jax.random.normal(keys[-2], (b, (heads + 2 * kv) * d), dt)
         ang = jax.random.uniform(keys[-3], (b, d // 2), jnp.float32, 0, 100)
         cos, sin = jnp.cos(ang), jnp.sin(ang)
@@ -182,15 +180,13 @@ def make_case(shape: tuple[int, int, int, int], variant: str, *, heads: int, kv:
         state = {"k": ks, "v": vs}
 
         def run_k() -> Any:
-            with override_plan(prefetch=prefetch):  # traced at the first call
-                outs, state["k"], state["v"] = call_k(state["k"], state["v"])
+            outs, state["k"], state["v"] = call_k(state["k"], state["v"])
             return outs
 
         def check_k() -> float:
             want, _, _ = decode_attention_reference(qkv, state["k"][0], state["v"][0], cos, sin, idx[0], valid, **kw)
-            with override_plan(prefetch=prefetch):
-                got, _, _ = decode_attention_pallas(qkv, state["k"][0], state["v"][0], cos, sin, idx[0], valid,
-                                                    block=block, splits=1, interpret=interpret, **kw)
+            got, _, _ = decode_attention_pallas(qkv, state["k"][0], state["v"][0], cos, sin, idx[0], valid,
+                                                block=block, splits=1, interpret=interpret, **kw)
             return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
         return run_k, check_k, nbytes
 

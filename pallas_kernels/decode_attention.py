@@ -78,7 +78,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "prefetch": None, "shares": ""}
+                                  "shares": ""}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -90,13 +90,10 @@ _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": 
 # 4 stages lost at 64 (0.881, decode_profile_s24_b64_stages.md); the kernel alone under ncu at 3 stages:
 # ncu_attention_b64_s24.md (11.9 µs against 12.7 at 2, long-scoreboard stalls 1.3 against 2.5 an issue).
 STAGES_BY_BATCH = ((1, 3), (65, 2))
-# What the tensor-core loop reads a block ahead (`planned_prefetch`): 0 nothing (Triton's pipeliner alone), 1 the
-# padding mask (block i+1's read in iteration i and carried, so its load is not waited for in the iteration that
-# uses it), 2 the mask and the K/V tiles too, the first block's loads issued before the prologue (its latency then
-# overlaps the projection's). Level 2 measured slower in the H100's decode loop (the kernel +1.3 µs a layer at batch
-# 64, +0.2 at 16; benchmarks/results/decode_profile_s20_vp_gu.md), level 1 no faster at 64 (0.853 vs 0.846-0.847 ms
-# a step unprofiled, with 3 stages; decode_profile_s24_b64_stages.md): 0 stays.
-PREFETCH = 0
+# (Reading the next block ahead in the tensor-core loop — its padding mask, or its K/V tiles too — was measured and
+# removed: slower in the H100's decode loop at level 2 (the kernel +1.3 µs a layer at batch 64;
+# benchmarks/results/decode_profile_s20_vp_gu.md), no faster at 1 (0.853 vs 0.846-0.847 ms a step at batch 64;
+# decode_profile_s24_b64_stages.md). Triton's pipeliner (STAGES_BY_BATCH) does it.)
 # What the splits share (`planned_shares`, `split_of_slots`): "fill" the filled blocks (up to the newest slot, at run
 # time), or "window" the window's blocks, statically, as up to session 22 (then at a part-filled cache the splits
 # past the fill sat idle and the first ones ran the whole chain). "fill" never gives a program a longer chain. In the
@@ -145,34 +142,29 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, prefetch: int | None = None,
-                  shares: str = "") -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
-    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`; "unrolled":
-    `merge_partials(unrolled=True)`), `dot` picks the tensor-core form (True) or the elementwise one (False),
-    `prefetch` what the tensor-core loop reads a block ahead (0-2, `PREFETCH`) and `shares` what the splits share
+    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the tensor-core form (True) or the elementwise one (False),
+    and `shares` what the splits share
     ("fill" / "window", `SHARES`), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
     traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
                               f"got {v}")
-    if merge not in ("", "xla", "kernel", "unrolled"):
-        raise KernelError(f"decode_attention: override_plan merge must be 'xla', 'kernel' or 'unrolled', "
-                          f"got {merge!r}")
+    if merge not in ("", "xla", "kernel"):
+        raise KernelError(f"decode_attention: override_plan merge must be 'xla' or 'kernel', got {merge!r}")
     if dot not in (None, True, False):
         raise KernelError(f"decode_attention: override_plan dot must be True, False or None, got {dot!r}")
     if not 0 <= stages <= 8:
         raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
-    if prefetch is not None and (type(prefetch) is not int or not 0 <= prefetch <= 2):
-        raise KernelError(f"decode_attention: override_plan prefetch must be 0, 1, 2 or None, got {prefetch!r}")
     if shares not in ("", "fill", "window"):
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          prefetch=prefetch, shares=shares)
+                          shares=shares)
     try:
         yield
     finally:
@@ -194,12 +186,6 @@ def planned_stages(batch: int) -> int:
     """Pipeline stages of the K/V block loop at this batch: the override's (`override_plan`), else
     STAGES_BY_BATCH's."""
     return _PLAN_OVERRIDE["stages"] or by_batch(STAGES_BY_BATCH, batch)
-
-
-def planned_prefetch() -> int:
-    """What the tensor-core loop reads a block ahead (0-2, see PREFETCH): the override's (`override_plan`), else
-    PREFETCH."""
-    return PREFETCH if _PLAN_OVERRIDE["prefetch"] is None else _PLAN_OVERRIDE["prefetch"]
 
 
 def planned_shares() -> str:
@@ -269,7 +255,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, prefetch: int = 0, fill: bool = True):
+            dot: bool, parts: int, eps: float, fill: bool = True):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -280,8 +266,6 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     # window's (see SHARES)
     filled = filled_blocks(index, block, nblocks)
     lo, hi = split_range(si, filled, blocks_per_split(filled, splits, None if fill else nblocks))
-    # PREFETCH 2: the first block's loads go out before the prologue's, so the two latencies overlap
-    first = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, lo, block, True) if dot and prefetch >= 2 else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
     heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
     v_off = (h + kv + ki) * d
@@ -307,8 +291,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     scale = 1.0 / math.sqrt(d)
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
-                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
-                    prefetch=prefetch, first=first)
+                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials)
         return
 
     def body(i, carry):
@@ -407,25 +390,20 @@ def pick_row(tile: jax.Array, r: int) -> jax.Array:
     return jnp.sum(jnp.where(row == r, tile, 0.0), axis=0)
 
 
-def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: Any, block: int,
-                 ahead: bool = False) -> tuple[jax.Array, ...]:
-    """Block i of KV head ki of row bi as loaded: (k's first half, k's second half, v, the padding mask). `ahead`
-    (a prefetch, which may go past the loop's last block): a block past the cache reads the last whole block
-    instead, in bounds and never used."""
-    start = jnp.minimum(i * block, kc_ref.shape[1] - block) if ahead else i * block
-    rows = pl.ds(start, block)
+def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: Any,
+                 block: int) -> tuple[jax.Array, ...]:
+    """Block i of KV head ki of row bi as loaded: (k's first half, k's second half, v, the padding mask)."""
+    rows = pl.ds(i * block, block)
     half = kc_ref.shape[-1] // 2
     return (kc_ref[bi, rows, ki, pl.ds(0, half)], kc_ref[bi, rows, ki, pl.ds(half, half)], vc_ref[bi, rows, ki, :],
             valid_ref[bi, rows])
 
 
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool, prefetch: int = 0,
-                first: tuple[jax.Array, ...] | None = None) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
-    extracted at the end (`pick_row`). `prefetch` (PREFETCH): 1 block i+1's padding mask is read in iteration i
-    and carried; 2 its K/V tiles too, block `lo`'s (`first`) read by the caller before its prologue."""
+    extracted at the end (`pick_row`)."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -437,8 +415,8 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         q2 = jnp.where(row == j, a2[None, :], q2)
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
-    def attend(i, carry, tiles):
-        k1b, k2b, vb, valid = tiles
+    def attend(i, carry):
+        k1b, k2b, vb, valid = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         new = (slot == index)[:, None]
         kb1 = jnp.where(new, k1c[None, :], k1b)
@@ -447,22 +425,8 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         ok = ((valid != 0) & (slot <= index))[None, :]
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
-    def block_at(i, ahead=False):
-        return _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block, ahead)
-
-    def ahead(i, c):  # block i+1's loads are issued before block i's arithmetic, which they then overlap
-        nxt = block_at(i + 1, True)
-        if prefetch >= 2:
-            return attend(i, c[0], c[1]), nxt
-        # block i's mask is carried in c[1]; the unused loads (block i's mask, block i+1's K/V) are dropped by
-        # Triton (its H100 lowering at level 1 keeps the three K/V copies and one mask load a block)
-        return attend(i, c[0], block_at(i)[:3] + (c[1],)), nxt[3]
-
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
-    if prefetch:
-        (m, l, acc), _ = jax.lax.fori_loop(lo, hi, ahead, (init, first if prefetch >= 2 else block_at(lo, True)[3]))
-    else:
-        m, l, acc = jax.lax.fori_loop(lo, hi, lambda i, c: attend(i, c, block_at(i)), init)
+    m, l, acc = jax.lax.fori_loop(lo, hi, attend, init)
     for j in range(g):
         acc_j, l_j = pick_row(acc, j), pick_row(l, j)
         head = ki * g + j
@@ -475,27 +439,15 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l_j, F32)
 
 
-def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any, *,
-                   unrolled: bool = False) -> jax.Array:
+def merge_partials(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: Any) -> jax.Array:
     """Merges per-split softmax partials: o_part (b, S, H·d) unnormalised, m / l (b, S, H) running max / sum ->
     (b, H·d) in `dtype`. Splits that saw no valid slot have m = NEG_INF, l = 0 and add nothing.
 
-    `unrolled`: the same sums written split by split (elementwise ops on S slices, no reduction), in the order of
-    the splits: a reduction is a fusion of its own on the GPU, while elementwise producers of a GEMM's operand may
-    be fused into XLA's GEMM kernel (the o-projection past the fused GEMVs' batches). Measured in the H100's decode
-    loop at batch 64 (`override_plan(merge="unrolled")`, the profile's `amu`; decode_profile_s24_b64.md): 2 splits
-    0.998 ms a step unrolled vs 1.007 reduced, no launch fewer (255 kernels either way: XLA keeps the merge a fusion
-    of its own), and the unsplit kernel's 0.882 beats both; an opt-in for experiments."""
+    (The same sums written split by split, without a reduction, were measured in the H100's decode loop at batch 64
+    and removed: 0.998 ms a step against 1.007 with 2 splits, no launch fewer, and the unsplit kernel's 0.882 beats
+    both; decode_profile_s24_b64.md, variant `amu`.)"""
     b, splits, hd = o_part.shape
     h = m.shape[2]
-    if unrolled:
-        ms = [m[:, s] for s in range(splits)]
-        mx = functools.reduce(jnp.maximum, ms)
-        ws = [jnp.exp(x - mx) for x in ms]  # (b, H) each
-        den = functools.reduce(jnp.add, [w * l[:, s] for s, w in enumerate(ws)])
-        num = functools.reduce(jnp.add, [w[..., None] * o_part[:, s].reshape(b, h, hd // h)
-                                         for s, w in enumerate(ws)])
-        return (num / jnp.maximum(den, 1e-30)[..., None]).reshape(b, hd).astype(dtype)
     mx = jnp.max(m, axis=1, keepdims=True)
     w = jnp.exp(m - mx)  # (b, S, H)
     den = jnp.sum(w * l, axis=1)  # (b, H)
@@ -543,7 +495,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), prefetch=planned_prefetch(), fill=planned_shares() == "fill")
+                             eps=float(eps), fill=planned_shares() == "fill")
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
@@ -588,7 +540,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
         o = merge_partials_pallas(o, m, l, dt, interpret=interpret)
     elif splits > 1:
-        o = merge_partials(o, m, l, dt, unrolled=_PLAN_OVERRIDE["merge"] == "unrolled")
+        o = merge_partials(o, m, l, dt)
     return o, kc, vc
 
 

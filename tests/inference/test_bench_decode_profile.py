@@ -70,17 +70,16 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("mx")[0] == {"merge": "xla"}
     assert bdp.parse_variant("s1+ab64+aw8")[0] == {"attn_splits": 1, "attn_block": 64, "attn_warps": 8}
     assert bdp.parse_variant("amk+s4")[0] == {"attn_merge": "kernel", "attn_splits": 4}
-    assert bdp.parse_variant("amu+s2+sw")[0] == {"attn_merge": "unrolled", "attn_splits": 2, "attn_shares": "window"}
+    assert bdp.parse_variant("amx+s2+sw")[0] == {"attn_merge": "xla", "attn_splits": 2, "attn_shares": "window"}
     assert bdp.parse_variant("sf")[0] == {"attn_shares": "fill"}
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
-    assert bdp.parse_variant("vp2+gu+uv+g64+ds8") == (
-        {"attn_prefetch": 2, "dot_rows": 64, "dot_stages": 8},
+    assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
+        {"attn_stages": 2, "dot_rows": 64, "dot_stages": 8},
         {"MAMBA_LLAMA_DECODE_GATE_UP": "kernel", "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"})
-    assert bdp.parse_variant("vp0")[0] == {"attn_prefetch": 0}
     assert bdp.parse_variant("gu+db32+dk32")[0] == {"dot_block": 32, "dot_k": 32}
     assert bdp.parse_variant("guf+uv")[1] == {"MAMBA_LLAMA_DECODE_GATE_UP": "fold",
                                               "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"}

@@ -22,7 +22,7 @@ def _bench(monkeypatch):
 
 def test_tiny_run_checks_and_times_each_variant(tmp_path, monkeypatch):
     bkl = _bench(monkeypatch)
-    variants = ["xla_sum", "sum@hm", "dot+valid+where", "dot+valid_pf", "kernel+vp2"]
+    variants = ["xla_sum", "sum@hm", "dot+valid+where", "dot+valid_pf", "kernel"]
     assert bkl.main(["--tiny", "--out", str(tmp_path), "--variants", ",".join(variants)]) == 0
     data = json.loads((tmp_path / "kv_loop.json").read_text())
     assert [r["variant"] for r in data["rows"]] == variants and data["meta"]["stages"] == 2

@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel, traced_eqns  # noqa: E402
+from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -101,33 +101,6 @@ def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype)
     assert_equal_to_reference(args, h, kv, splits=1, block=block, dot=True, tol=tol)
 
 
-@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
-    (2, 48, 4, 2, 32, 37, 0, 1, jnp.float32),     # several blocks: the mask of the next block carried
-    (3, 64, 9, 3, 32, 63, 0, 1, jnp.float32),     # the last slot: the prefetch past the last block stays in bounds
-    (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # splits, one with no valid slot (an empty loop)
-    (1, 64, 6, 2, 32, 50, 48, 1, jnp.bfloat16),   # window shorter than the cache
-])
-@pytest.mark.parametrize("level", [1, 2])
-def test_prefetched_blocks_equal_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype, level):
-    """override_plan(prefetch=1): block i+1's padding mask read in iteration i; 2: its K/V tiles too, the first
-    block's before the prologue. The same output and caches (the padding differs per row, so a mask or a tile
-    taken from the wrong block shows)."""
-    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    jax.clear_caches()  # the kernel's traces at another level would be reused
-    with da.override_plan(prefetch=level):
-        assert da.planned_prefetch() == level
-        assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
-        if splits > 1:
-            assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
-    jax.clear_caches()
-    assert da.planned_prefetch() == da.PREFETCH
-    for bad in ("yes", 3, True):
-        with pytest.raises(KernelError, match="prefetch must be"):
-            with da.override_plan(prefetch=bad):
-                pass
-
-
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 def test_an_index_past_the_cache_writes_where_the_reference_writes(dot):
     """index >= slots (a caller's bug): the kernel clamps its write as dynamic_update_slice clamps the reference's
@@ -183,29 +156,6 @@ def test_unfused_merge_by_the_merge_kernel_interpret():
     with pytest.raises(KernelError, match="merge must be"):
         with da.override_plan(merge="combine"):
             pass
-
-
-def test_unrolled_merge_equals_the_reduction():
-    """merge_partials(unrolled=True), split by split without a reduction: the same merge (empty splits included),
-    and override_plan(merge="unrolled") puts it in the unfused step, with no reduce left in its jaxpr."""
-    args = make_inputs(2, 96, 6, 2, 16, 20, pad=[0, 5], seed=20)
-    parts = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)[:3]
-    assert float(parts[1].min()) < -1e29  # splits 2, 3 saw nothing
-    want = merge_partials(*parts, jnp.float32)
-    assert rel(merge_partials(*parts, jnp.float32, unrolled=True), want) < 1e-6
-    jax.clear_caches()
-    try:
-        with da.override_plan(merge="unrolled"):
-            fn = lambda *a: decode_attention_pallas(*a, num_heads=6, num_kv_heads=2, splits=4, block=16,
-                                                    interpret=True)
-            prims = {e.primitive.name for e in traced_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
-            assert "pallas_call" in prims and "reduce_max" not in prims and "reduce_sum" not in prims
-            jax.clear_caches()  # the jitted kernel call is traced anew under the next setting
-            with da.override_plan(merge="xla"):  # the default form reduces
-                assert "reduce_max" in {e.primitive.name for e in traced_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
-            assert_equal_to_reference(args, 6, 2, splits=4, block=16)
-    finally:
-        jax.clear_caches()
 
 
 def test_kernel_bf16_interpret():
@@ -421,13 +371,6 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     block, splits = plan(b, kv, slots, max_splits=16)
     for dot in (False, True):  # the elementwise and the tensor-core form
         lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv, dot=dot), *avals)
-        if dot:
-            jax.clear_caches()
-            for level in {0, 1, 2} - {da.PREFETCH}:  # the forms the default does not take
-                with da.override_plan(prefetch=level):
-                    lowers_for_h100(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv,
-                                                      dot=True), *avals)
-            jax.clear_caches()
         lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
                                           block=block, splits=splits, dot=dot), *avals)
     if splits > 1:
