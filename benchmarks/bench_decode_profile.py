@@ -29,8 +29,6 @@ merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
-`guf` = the step's five-launch `fold` form there (norm weights folded into the next projections; measured slower:
-decode_profile_s22_fold.md),
 `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
 own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of 64:
@@ -38,7 +36,8 @@ own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md; `amu`, the attention splits merged split by split without a reduction, in
 results/decode_profile_s24_b64.md; `vpN`, the attention loop reading the next block ahead, in
-results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md.)
+results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch `fold` form
+past the fused GEMVs' batches (norm weights folded into the next projections), in results/decode_profile_s22_fold.md.)
 """
 
 from __future__ import annotations
@@ -191,8 +190,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
-        elif tok in ("gu", "gux", "guf"):
-            env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla", "guf": "fold"}[tok]
+        elif tok in ("gu", "gux"):
+            env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla"}[tok]
         elif m := re.fullmatch(r"ds(\d+)", tok):
             tiling["dot_stages"] = int(m.group(1))
         elif m := re.fullmatch(r"dk(\d+)", tok):
@@ -214,7 +213,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guf)")
+                             "amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
     return tiling, env
 
 

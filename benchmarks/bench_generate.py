@@ -253,8 +253,7 @@ class CompiledGenerate:
 
 # The dispatchers a decode loop's trace records (`dispatch.last_choices`): cleared just before each decode loop is
 # traced, so an op that trace does not reach reads "none", not an earlier trace's choice.
-DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up",
-                     "folded_gate_up")
+DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
 
 
 def clear_decode_choices() -> None:

@@ -9,8 +9,7 @@ decode-attention kernels a Llama layer is six launches:
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
 Past these batches, at 16-64 rows, (c) runs without its norm on rows XLA normalised (`gate_up`,
-`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion), or, in the decode step's
-opt-in `fold` form, with the norm's weight folded into its weights (`folded_gate_up`).
+`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion).
 `attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
 every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
@@ -104,11 +103,6 @@ GATE_UP_TILING_BY_ROWS = {16: {"dot_stages": 8}}
 # 0.01 of o's best) against 3.4-4.8 / 5.6 in the dot path's defaults; in the decode loop 3.1 / 4.7 µs a layer
 # against 4.3 / 5.9 (decode_profile_s21_gu_tiling.md, `fd64+kq4+g64+ds8` vs `fd64+kq4`).
 MATMUL_RESIDUAL_TILING = {"dot_rows": 64, "dot_stages": 8}
-# `folded_gate_up_pallas` (RMSNorm · gate·up + SiLU·mul with the norm's weight folded into the weights, the decode
-# step's opt-in `fold` form): equal to its reference on the H100 at 16 and 64 rows
-# (benchmarks/results/test-gpu-s22-fused-decode.xml). In the decode loop it takes 7.2 µs a layer at 64 rows against
-# gate_up's 4.8 (decode_profile_s22_fold.md): the pass over the program's rows for their scale costs what it saves.
-FOLDED_GPU_VERIFIED = True
 
 
 # ------------------------------------------------------------------------------------------------- references
@@ -150,12 +144,6 @@ def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax
 def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     """(c) without its norm: SiLU(h @ W_gate) * (h @ W_up) of already normalised rows h (b, K) -> (b, I)."""
     return swiglu(matmul_t(h, wt_gate_up.astype(h.dtype)), wt_gate_up.shape[0] // 2)
-
-
-def folded_gate_up_reference(x: jax.Array, wt_folded: jax.Array, *, eps: float) -> jax.Array:
-    """(c) with RMSNorm's weight g folded into the weights (`ops.partials.fold(wt_gate_up, g)`): gate_up of x's
-    rows times their RMSNorm scale — `norm_gate_up_reference(x, g, wt_gate_up)`'s maths, rounded elsewhere."""
-    return gate_up_reference((x.astype(F32) * row_scale(x, eps)[:, None]).astype(x.dtype), wt_folded)
 
 
 def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
@@ -300,8 +288,7 @@ def _gemv_dot(x_ref: Any, nw_ref: Any | None, rs_: Any, wt_ref: Any, outs: list[
     rounded to the compute dtype where the XLA path rounds the normalised rows: the same maths, another rounding
     point. Measured no faster at 64 rows on the H100: norm·gate·up 10.6 µs a layer with the pass first
     (benchmarks/results/decode_profile_s17_fused64.md), 10.0 this way (decode_profile_s21_gu_tiling.md) against
-    4.8 for gate_up on normalised rows — the elementwise work between the rows' loads and the dots is what costs
-    (`_folded_gate_up_kernel` keeps it out of the loop)."""
+    4.8 for gate_up on normalised rows — the elementwise work between the rows' loads and the dots is what costs."""
     def dots(xb: jax.Array, i: Any, accs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         return tuple(a + _dot_t(xb, wt_ref[c, pl.ds(i * bk, bk)].astype(dt)) for a, c in zip(accs, outs))
 
@@ -370,26 +357,6 @@ def _gate_up_kernel(h_ref, wt_ref, o_ref, **kw: Any):
     """`_norm_gate_up_kernel` on rows already normalised: the dot path's K loop loads them straight into its
     dots (what Triton pipelines), with no pass over the rows for their norm first."""
     _norm_gate_up_kernel(h_ref, None, wt_ref, o_ref, eps=0.0, **kw)
-
-
-def _folded_gate_up_kernel(x_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
-    """Dot path: SiLU·mul of RMSNorm(x) @ [W_gate | W_up].T with the norm's weight folded into the weights
-    (`ops.partials.fold`): the K loop feeds the loaded rows straight into the dots, as `_gate_up_kernel` does (the
-    form measured fast), and the row scale — from a pass over the program's rows before it — multiplies the
-    results. Why not the sum of squares inside the loop (`_gemv_dot`): with elementwise work between the rows'
-    loads and the dots, `norm_gate_up` took 10.0 µs a layer at 64 rows against gate_up's 4.8
-    (benchmarks/results/decode_profile_s21_gu_tiling.md)."""
-    j = pl.program_id(0)
-    dt = o_ref.dtype
-    rg, rs = _group(x_ref.shape[0])
-
-    def ss_body(i: Any, ss: jax.Array) -> jax.Array:
-        v = x_ref[rs, pl.ds(i * bk, bk)].astype(F32)
-        return ss + jnp.sum(v * v, axis=1)
-    scale = jax.lax.rsqrt(jax.lax.fori_loop(0, k // bk, ss_body, jnp.zeros((rg,), F32)) / k + eps)[:, None]
-    cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
-    g, u = _gemv_dot(x_ref, None, rs, wt_ref, [cg, cu], k, bk, rg, bn, eps, dt)
-    o_ref[rs, cg] = _silu_mul(g * scale, u * scale, dt)
 
 
 def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
@@ -585,37 +552,20 @@ def norm_gate_up_pallas(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax.Ar
                  "norm_gate_up", x, norm_weight, wt_gate_up.astype(x.dtype))
 
 
-def _gate_up_launch(kernel: Any, name: str, x: jax.Array, wt_gate_up: jax.Array, block_n: int, interpret: bool,
-                    num_warps: int, **kw: Any) -> jax.Array:
-    """A dot-path-only gate·up kernel (`_gate_up_kernel`, `_folded_gate_up_kernel`) launched in GATE_UP_TILING
-    (with GATE_UP_TILING_BY_ROWS's changes at its row count)."""
-    b, k, inter = _check_gate_up(x, wt_gate_up, "x")
-    if b not in DOT_ROWS:
-        raise _bad(f"{name}_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
-    _check_kernel_shape(b, k, inter)
-    with _own_tiling({**GATE_UP_TILING, **GATE_UP_TILING_BY_ROWS.get(b, {})}):
-        bn = block_n or pick_block_n(inter, b)
-        kern = functools.partial(kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, **kw)
-        return _call(kern, jax.ShapeDtypeStruct((b, inter), x.dtype), inter // bn, interpret, num_warps, name,
-                     x, wt_gate_up.astype(x.dtype))
-
-
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
 def gate_up_pallas(h: jax.Array, wt_gate_up: jax.Array, *, block_n: int = 0, interpret: bool = False,
                    num_warps: int = 0) -> jax.Array:
-    """(c) without its norm, one launch on the dot path (16 / 32 / 64 rows); same result as `gate_up_reference`
-    up to summation order."""
-    return _gate_up_launch(_gate_up_kernel, "gate_up", h, wt_gate_up, block_n, interpret, num_warps)
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
-def folded_gate_up_pallas(x: jax.Array, wt_folded: jax.Array, *, eps: float, block_n: int = 0,
-                          interpret: bool = False, num_warps: int = 0) -> jax.Array:
-    """(c) with the norm's weight folded into the weights, one launch on the dot path (16 / 32 / 64 rows, in
-    GATE_UP_TILING); same result as `folded_gate_up_reference` up to summation order and where the row scale is
-    applied (to the dots' results, not to the rows)."""
-    return _gate_up_launch(_folded_gate_up_kernel, "folded_gate_up", x, wt_folded, block_n, interpret, num_warps,
-                           eps=float(eps))
+    """(c) without its norm, one launch on the dot path (16 / 32 / 64 rows) in GATE_UP_TILING (with
+    GATE_UP_TILING_BY_ROWS's changes at its row count); same result as `gate_up_reference` up to summation order."""
+    b, k, inter = _check_gate_up(h, wt_gate_up, "h")
+    if b not in DOT_ROWS:
+        raise _bad(f"gate_up_pallas needs {DOT_ROWS} rows (the dot path's), got {b}")
+    _check_kernel_shape(b, k, inter)
+    with _own_tiling({**GATE_UP_TILING, **GATE_UP_TILING_BY_ROWS.get(b, {})}):
+        bn = block_n or pick_block_n(inter, b)
+        kern = functools.partial(_gate_up_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter)
+        return _call(kern, jax.ShapeDtypeStruct((b, inter), h.dtype), inter // bn, interpret, num_warps, "gate_up",
+                     h, wt_gate_up.astype(h.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
@@ -732,30 +682,11 @@ def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     return gate_up_reference(h, wt_gate_up)
 
 
-def folded_gate_up_choice(rows: int, k: int, inter: int) -> str:
-    """Which implementation `folded_gate_up` uses: `_dot_path_choice` with FOLDED_GPU_VERIFIED."""
-    return _dot_path_choice(FOLDED_GPU_VERIFIED, rows, k, inter)
-
-
-def folded_gate_up(x: jax.Array, wt_folded: jax.Array, *, eps: float) -> jax.Array:
-    """(c) with the norm's weight folded into the weights (`folded_gate_up_choice`); records its choice under
-    "folded_gate_up"."""
-    choice = folded_gate_up_choice(*_check_gate_up(x, wt_folded, "x"))
-    dispatch.record_choice("folded_gate_up", choice)
-    if choice == PALLAS_TRITON:
-        return folded_gate_up_pallas(x, wt_folded, eps=eps, interpret=_interpret())
-    return folded_gate_up_reference(x, wt_folded, eps=eps)
-
-
-def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array, *, dot_rows: bool = False) -> jax.Array:
-    """(b)/(d): the kernel on GPU at small batch (see GPU_VERIFIED), and with `dot_rows` at 16 / 32 / 64 rows
-    whatever the batch bound (the decode step's `fold` form); the reference elsewhere."""
+def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:
+    """(b)/(d): the kernel on GPU at small batch (see GPU_VERIFIED), the reference elsewhere."""
     b, k = _check_rows(a, "a")
     n = _check_matrix(wt, k, "wt")
-    choice = fused_decode_choice(b, k, n)
-    if dot_rows and _dot_path_choice(GPU_VERIFIED, b, k, n) == PALLAS_TRITON:
-        choice = PALLAS_TRITON
-    if _record(choice) == PALLAS_TRITON:
+    if _record(fused_decode_choice(b, k, n)) == PALLAS_TRITON:
         return matmul_residual_pallas(a, wt, residual, interpret=_interpret())
     return matmul_residual_reference(a, wt, residual)
 

@@ -14,21 +14,9 @@ since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it
 rows wherever `fused_decode.gate_up` picks its kernel (GPUs); elsewhere `gate_up` is its reference, exactly XLA's
 ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM and fusion ("kernel" or unset: the kernel).
 
-`MAMBA_LLAMA_DECODE_GATE_UP=fold` (opt-in, measured slower) takes the whole step at these rows as five launches
-a layer: XLA's q·k·v split-K partials of the raw rows against W_qkv with the input norm's weight folded in
-(`ops.partials.fold`: no weighting pass over the rows), the attention kernel (which applies the norm's row scale),
-o + residual and down + residual as `fused_decode.matmul_residual` kernels, and RMSNorm·gate·up + SiLU·mul with the
-post-attention norm's weight folded in (`fused_decode.folded_gate_up`: its K loop feeds the rows straight into the
-dots). Why it was built: the default leaves two XLA fusions a layer (split-K sums, residual adds, RMSNorm: 72
-launches, 0.13 ms a step at batch 64) and, at 64 rows, the o / down kernels alone run near XLA's GEMMs. Measured
-on the H100 (benchmarks/results/decode_profile_s22_fold.md, one process): 1.122 against the default's 0.894 ms a
-step at batch 64, 0.940 against 0.773 at 16 (bench_generate, generate_s22_fold.md: 1.147 against 0.925 at 64).
-Why it loses: the GPU compiler does not hoist the folded weights out of the decode loop, as the CPU's does (tested
-in tests/inference/test_generate.py): one fusion a step rewrites them (`loop_convert_fusion`, 0.12 ms a step), the
-fusion count stays 72 (225 launches a step, as the default), and `folded_gate_up` takes 7.2 µs a layer against
-gate_up's 4.8. Folding once outside the loop would remove the 0.12 ms, which by the same profile still leaves the
-form ~0.1 ms a step slower (the o / down kernels and `folded_gate_up` cost more than the GEMMs and fusions they
-replace), so it stays an opt-in for experiments.
+A `fold` form (norm weights folded into W_qkv / W_gate·up, the step five launches a layer at these rows) measured
+slower on the H100 and was removed: 1.122 against the default's 0.894 ms a step at batch 64
+(benchmarks/results/decode_profile_s22_fold.md; the GPU compiler re-folded the weights every step).
 """
 
 from __future__ import annotations
@@ -43,9 +31,9 @@ GATE_UP_ENV = "MAMBA_LLAMA_DECODE_GATE_UP"
 
 def gate_up_form(rows: int) -> str:
     """The MLP form of a decode step of `rows` rows traced now (module docstring): "kernel" (the one-launch
-    gate·up + SiLU·mul on XLA's normalised rows), "fold" (the step's five-launch form) or "xla" (XLA's GEMM and
-    fusion; always for rows other than 16, 32, 64)."""
+    gate·up + SiLU·mul on XLA's normalised rows) or "xla" (XLA's GEMM and fusion; always for rows other than 16,
+    32, 64)."""
     v = os.environ.get(GATE_UP_ENV, "").strip().lower()
-    if v not in ("", "xla", "kernel", "fold"):
-        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel', 'xla' or 'fold', got {v!r}")
+    if v not in ("", "xla", "kernel"):
+        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel' or 'xla', got {v!r}")
     return (v or "kernel") if rows in DOT_ROWS else "xla"

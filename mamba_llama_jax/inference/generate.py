@@ -46,7 +46,7 @@ from mamba_llama_jax.models.llama import (
 )
 from mamba_llama_jax.models.mamba import Mamba2
 from mamba_llama_jax.ops.attention import attend_one
-from mamba_llama_jax.ops.partials import fold, matmul_t_partials, weigh
+from mamba_llama_jax.ops.partials import matmul_t_partials, weigh
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
@@ -57,8 +57,8 @@ from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, folded_gate_up, gate_up, kernels_would_run, matmul_residual, matmul_t,
-    merge_mode, norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
+    attn_combine_residual, combine_max_splits, gate_up, kernels_would_run, matmul_residual, matmul_t, merge_mode,
+    norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
 )
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
@@ -252,7 +252,6 @@ class FusedAttention(nnx.Module):
         cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
         args = (qkv, cache.k, cache.v, cos, sin, ctx.index, ctx.valid)
         kw = dict(num_heads=h, num_kv_heads=kv, window=self.decode_window)
-        fold_rows = gate_up_form(b) == "fold"  # o + residual as the dot path's kernel too
         if (decode_attention_choice(qkv, cache.k, cache.v, cos, sin, ctx.valid, rows=proj.get("rows"), **kw)
                 == PALLAS_TRITON
                 and kernels_would_run(b, h * d, wo.shape[0])):
@@ -263,9 +262,9 @@ class FusedAttention(nnx.Module):
                 if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it
                     return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
                 merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
-                return matmul_residual(merged, wo, x2, dot_rows=fold_rows)[:, None], KVCache(kc, vc)
+                return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw, **proj)
-        return matmul_residual(out, wo, x2, dot_rows=fold_rows)[:, None], KVCache(kc, vc)
+        return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
         """RMSNorm + q·k·v of a decode step's rows as (qkv, the decode attention's keywords for it):
@@ -276,9 +275,6 @@ class FusedAttention(nnx.Module):
         rows, width = x2.shape
         parts = split_k.qkv_splits(rows, fused=kernels_would_run(rows, width, wt.shape[0]))
         if parts > 1 and width % parts == 0:
-            if gate_up_form(rows) == "fold":  # the norm's weight in the weights: the rows enter as they are
-                dispatch.record_choice(QKV_OP, f"split_k:{parts}:fold")
-                return matmul_t_partials(x2, fold(wt, norm.weight[...]), parts), dict(rows=x2, eps=norm.eps)
             dispatch.record_choice(QKV_OP, f"split_k:{parts}")
             return matmul_t_partials(weigh(x2, norm.weight[...]), wt, parts), dict(rows=x2, eps=norm.eps)
         dispatch.record_choice(QKV_OP, "norm_matmul")  # which itself records its choice under "fused_decode"
@@ -371,14 +367,11 @@ class FusedMLP(nnx.Module):
         dt = jnp.dtype(self.dtype)
         x2 = x.reshape(b * t, width).astype(dt)
         wt = self.gate_up[...].astype(dt)
-        form = "fused" if kernels_would_run(b * t, width, self.inter) else gate_up_form(b * t)
-        if form == "fold":
-            act = folded_gate_up(x2, fold(wt, norm.weight[...]), eps=norm.eps)
-        elif form == "kernel":
+        if not kernels_would_run(b * t, width, self.inter) and gate_up_form(b * t) == "kernel":
             act = gate_up(rms_norm_reference(x2, norm.weight[...], norm.eps), wt)  # the norm stays with XLA
         else:
             act = norm_gate_up(x2, norm.weight[...], wt, eps=norm.eps)
-        return matmul_residual(act, self.down[...].astype(dt), x2, dot_rows=form == "fold").reshape(b, t, width)
+        return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
 
 
 class FusedMamba2(Mamba2):

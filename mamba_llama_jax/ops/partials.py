@@ -49,12 +49,6 @@ def weigh(x: jax.Array, norm_weight: jax.Array) -> jax.Array:
     return (x.astype(F32) * norm_weight.astype(F32)[None, :]).astype(x.dtype)
 
 
-def fold(wt: jax.Array, norm_weight: jax.Array) -> jax.Array:
-    """RMSNorm's weight g (K,) folded into an output-major projection wt (N, K), rounded to wt's dtype:
-    (x · g) @ wt.T = x @ fold(wt, g).T, so the rows enter the GEMM as they are (no elementwise pass over them)."""
-    return (wt.astype(F32) * norm_weight.astype(F32)[None, :]).astype(wt.dtype)
-
-
 def project_partials(p: jax.Array, rows: jax.Array, eps: float) -> jax.Array:
     """RMSNorm(rows) @ W.T from p = `matmul_t_partials(weigh(rows, g), W, S)`: the sum times the rows' scale,
     (rows, N) rounded to rows' dtype."""

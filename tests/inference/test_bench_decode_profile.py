@@ -81,8 +81,6 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         {"attn_stages": 2, "dot_rows": 64, "dot_stages": 8},
         {"MAMBA_LLAMA_DECODE_GATE_UP": "kernel", "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"})
     assert bdp.parse_variant("gu+db32+dk32")[0] == {"dot_block": 32, "dot_k": 32}
-    assert bdp.parse_variant("guf+uv")[1] == {"MAMBA_LLAMA_DECODE_GATE_UP": "fold",
-                                              "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"}
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("vp3")
     with pytest.raises(SystemExit, match="unknown variant setting"):
@@ -128,12 +126,12 @@ def test_tiny_run_with_variants(bdp, tmp_path):
 def test_each_variant_records_its_own_choices(bdp, tmp_path):
     """A variant whose trace does not reach an op shows "none" for it, not the previous variant's choice (16 rows:
     the default routes the MLP through `fused_decode.gate_up`, the reference on the CPU; `gux` does not call it;
-    `guf` calls `folded_gate_up` instead)."""
+    `gu`, the default named, calls it again); the teacher's trace never reaches `mamba2_decode`."""
     assert bdp.main(["--tiny", "--models", "teacher", "--batches", "16", "--new-tokens", "4", "--variants",
-                     "default,gux,guf", "--stem", "choices", "--out", str(tmp_path)]) == 0
+                     "default,gux,gu", "--stem", "choices", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "choices_tiny.json").read_text())["rows"]
-    assert [r["chosen"]["gate_up"] for r in rows] == ["reference_xla", "none", "none"]
-    assert [r["chosen"]["folded_gate_up"] for r in rows] == ["none", "none", "reference_xla"]
+    assert [r["chosen"]["gate_up"] for r in rows] == ["reference_xla", "none", "reference_xla"]
+    assert [r["chosen"]["mamba2_decode"] for r in rows] == ["none", "none", "none"]
     assert all(r["chosen"]["qkv_projection"] == "norm_matmul" for r in rows)
 
 

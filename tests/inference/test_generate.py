@@ -312,61 +312,6 @@ def test_split_k_beside_the_fused_kernels_interpret(model, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
-def test_fold_form_gives_the_same_tokens_interpret(model, monkeypatch):
-    """MAMBA_LLAMA_DECODE_GATE_UP=fold at 16 rows: q·k·v partials of the raw rows against the norm-folded weights
-    into the attention kernel, o and down + residual as the fused dot-path kernels, RMSNorm·gate·up with folded
-    weights (all in interpret mode): the same greedy tokens (fp32) as the reference path, and the choices recorded."""
-    from mamba_llama_jax.inference import gate_up_rows as gu
-    from mamba_llama_jax.inference import split_k
-
-    prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
-    want, got, choices = interpret_run(
-        model, monkeypatch, prompts, {gu.GATE_UP_ENV: "fold", split_k.SPLIT_K_ENV: "4"},
-        ("qkv_projection", "decode_attention", "fused_decode", "folded_gate_up"), max_new_tokens=4, window_block=16)
-    assert choices == {"qkv_projection": "split_k:4:fold", "decode_attention": "pallas_triton",
-                       "fused_decode": "pallas_triton", "folded_gate_up": "pallas_triton"}
-    np.testing.assert_array_equal(got, want)
-
-
-def test_fold_form_weights_are_folded_outside_the_decode_loop(monkeypatch):
-    """The `fold` form computes its folded weights (norm weight × W_qkv / W_gate·up) inside the step; the CPU's XLA
-    hoists them out of the decode loop (they are loop-invariant): in the compiled decode program no computation the
-    while loop runs multiplies a weight-shaped array. The GPU's does not (a fusion a step re-folds them:
-    benchmarks/results/decode_profile_s22_fold.md), so this pins the CPU only."""
-    import re
-
-    from mamba_llama_jax.inference import gate_up_rows as gu
-    from mamba_llama_jax.inference import generate as G
-    from mamba_llama_jax.inference import split_k
-
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, dtype="float32", rope_theta=1e4, max_position_embeddings=256)
-    gen = Generator(LlamaLM(cfg, rngs=nnx.Rngs(0)), window_block=16)
-    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
-    monkeypatch.setenv(split_k.SPLIT_K_ENV, "4")
-    seen, loop = {}, G._decode_loop
-    monkeypatch.setattr(G, "_decode_loop", lambda *a, **kw: seen.update(a=a, kw=kw) or loop(*a, **kw))
-    jax.clear_caches()
-    try:
-        gen.run([[3 + i, 5, 7, 9] for i in range(16)], SamplingConfig(max_new_tokens=3))
-        text = loop.lower(*seen["a"], **seen["kw"]).compile().as_text()
-    finally:
-        jax.clear_caches()
-    comps = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(?:ENTRY )?%?([\w.\-]+) \(.*?^\}", text)}
-    weights = ("f32[128,64]", "f32[192,64]")  # W_qkv (4 + 2·2 heads of 16), [W_gate | W_up]
-    folds = {n for n, c in comps.items() if any(re.search(re.escape(w) + r"\{[^}]*\} multiply\(", c) for w in weights)}
-    assert folds, "the fold form's multiplies are gone from the program: the test no longer checks anything"
-    todo = [m.group(1) for m in re.finditer(r"while\(.*?body=%?([\w.\-]+)", text)]
-    assert todo
-    inside = set()
-    while todo:
-        n = todo.pop()
-        if n not in inside and n in comps:
-            inside.add(n)
-            todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", comps[n])
-    assert not folds & inside, f"folded weights computed in the decode loop: {sorted(folds & inside)}"
-
-
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     """MAMBA_LLAMA_DECODE_GATE_UP=kernel (the default): at 16 rows (past the fused GEMVs' batches) the decode
     step's MLP runs XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down +
@@ -395,14 +340,14 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     np.testing.assert_array_equal(got, want)
     assert gu.gate_up_form(64) == "kernel" and gu.gate_up_form(8) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, "pallas")
-    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel', 'xla' or 'fold'"):
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel' or 'xla'"):
         gu.gate_up_form(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
     assert [gu.gate_up_form(r) for r in (16, 32, 4)] == ["kernel", "kernel", "xla"]  # the default
     monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
     assert gu.gate_up_form(16) == "xla"
-    monkeypatch.setenv(gu.GATE_UP_ENV, "fold")
-    assert gu.gate_up_form(16) == "fold" and gu.gate_up_form(8) == "xla"
+    monkeypatch.setenv(gu.GATE_UP_ENV, " Kernel ")
+    assert gu.gate_up_form(16) == "kernel" and gu.gate_up_form(8) == "xla"
 
 
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):

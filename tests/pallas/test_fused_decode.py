@@ -20,7 +20,6 @@ from flax import nnx
 from mamba_llama_jax.config import HybridConfig, LlamaConfig
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.models.llama import LlamaLM
-from mamba_llama_jax.ops.partials import fold
 from pallas_kernels import decode_attention as da
 from pallas_kernels import dispatch
 from pallas_kernels import fused_decode as fd
@@ -56,11 +55,9 @@ def check_all(rows, k, n, *, dtype, tol, interpret):
         ("matmul_residual", functools.partial(fd.matmul_residual_pallas, interpret=interpret),
          fd.matmul_residual_reference, (t["a"], t["w"], t["res"])),
     ]
-    if rows in fd.DOT_ROWS:  # gate·up + SiLU·mul on normalised rows, or with the norm's weight folded: dot path only
+    if rows in fd.DOT_ROWS:  # gate·up + SiLU·mul on normalised rows: dot path only
         cases.append(("gate_up", functools.partial(fd.gate_up_pallas, interpret=interpret), fd.gate_up_reference,
                       (t["x"], t["w2"])))
-        cases.append(("folded_gate_up", functools.partial(fd.folded_gate_up_pallas, eps=1e-5, interpret=interpret),
-                      functools.partial(fd.folded_gate_up_reference, eps=1e-5), (t["x"], fold(t["w2"], t["nw"]))))
     for name, kern, ref, args in cases:
         assert has_pallas_call(kern, *args), name
         got, want = jax.jit(kern)(*args), ref(*args)
@@ -137,24 +134,6 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
     np.testing.assert_array_equal(
         np.asarray(fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)),
         np.asarray(fd.gate_up_reference(fd.rms_norm_reference(t["x"], t["nw"], 1e-5), t["w2"])))
-
-
-@pytest.mark.parametrize("rows,dtype,tol", [(16, jnp.float32, 1e-5), (64, jnp.float32, 1e-5), (32, jnp.bfloat16, 2e-2)])
-def test_folded_gate_up_interpret(rows, dtype, tol):
-    """folded_gate_up_pallas: RMSNorm · gate·up + SiLU·mul with the norm's weight folded into the weights
-    (`ops.partials.fold`) = folded_gate_up_reference, and that reference = norm_gate_up_reference on the unfolded
-    weights (fp32: the same maths; the roundings differ only in bf16)."""
-    t = inputs(rows, 96, 48, dtype=dtype, seed=rows)
-    wf = fold(t["w2"], t["nw"])
-    got = fd.folded_gate_up_pallas(t["x"], wf, eps=1e-5, interpret=True)
-    want = fd.folded_gate_up_reference(t["x"], wf, eps=1e-5)
-    assert got.shape == (rows, 48) and got.dtype == dtype
-    assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < tol
-    unfolded = fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)
-    assert rel(want.astype(jnp.float32), unfolded.astype(jnp.float32)) < tol
-    with pytest.raises(KernelError, match="16, 32, 64"):
-        fd.folded_gate_up_pallas(t["x"][:8], wf, eps=1e-5, interpret=True)
-    assert fd.folded_gate_up_choice(rows, 96, 48) == fd.REFERENCE  # off a GPU, unless interpret mode is asked for
 
 
 def test_gate_up_own_tiling():
