@@ -131,14 +131,13 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     import jax.numpy as jnp
     import numpy as np
 
-    from bench_generate import DECODE_CHOICE_OPS, compile_generate
+    from bench_generate import compile_generate, decode_choices
     from mamba_llama_jax.inference.generate import Generator
-    from pallas_kernels import dispatch
 
     gen = Generator(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
     c = compile_generate(gen, tokens, n_new)  # clears the decode choices before tracing the loop
-    chosen = dispatch.last_choices(*DECODE_CHOICE_OPS)
+    chosen = decode_choices()
     c.once()  # warm-up
     steps = n_new - 1
     walls = [c.once()[1] for _ in range(runs)]

@@ -251,22 +251,23 @@ class CompiledGenerate:
         return t1 - t0, time.perf_counter() - t1, toks
 
 
-# The dispatchers a decode loop's trace records (`dispatch.last_choices`): cleared just before each decode loop is
-# traced, so an op that trace does not reach reads "none", not an earlier trace's choice.
+# The dispatchers a decode loop's trace records (`dispatch.last_choices`): forgotten just before each decode loop is
+# traced (`dispatch.forget_choices`), so an op that trace does not reach reads "none", not an earlier trace's choice.
 DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
 
 
-def clear_decode_choices() -> None:
+def decode_choices(*ops: str) -> dict[str, str]:
+    """What the last decode trace chose for `ops` (default DECODE_CHOICE_OPS), "none" for an op it did not reach."""
     from pallas_kernels import dispatch
 
-    for op in DECODE_CHOICE_OPS:
-        dispatch.record_choice(op, "none")
+    return {op: c or "none" for op, c in dispatch.last_choices(*(ops or DECODE_CHOICE_OPS)).items()}
 
 
 def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
     import jax.numpy as jnp
 
     from mamba_llama_jax.inference import generate as G
+    from pallas_kernels import dispatch
 
     b, plen = tokens.shape
     sampling = G.SamplingConfig(max_new_tokens=n_new)
@@ -278,7 +279,7 @@ def compile_generate(gen: Any, tokens: Any, n_new: int) -> CompiledGenerate:
     pcomp = G._prefill.lower(gen.graphdef, gen.state, tokens, mask, key, temp, top_p, slots=slots,
                              spec=spec).compile()
     first, cache = pcomp(gen.state, tokens, mask, key, temp, top_p)
-    clear_decode_choices()
+    dispatch.forget_choices(*DECODE_CHOICE_OPS)
     dcomp = G._decode_loop.lower(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec,
                                  n_new=n_new, eos=(), pad_id=0, phases=phases).compile()
     return CompiledGenerate(pcomp, dcomp, (gen.state, tokens, mask, key, temp, top_p), n_new)
@@ -290,7 +291,6 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
     import numpy as np
 
     from mamba_llama_jax.inference import generate as G
-    from pallas_kernels import dispatch
 
     gen = G.Generator(model, fuse=fuse, window_block=block)
     cfg = gen.cfg
@@ -311,7 +311,7 @@ def _measure_variant(name: str, model: Any, args: argparse.Namespace, fuse: bool
         compiled = compile_generate(gen, tokens, n_new)
         once, dcomp = compiled.once, compiled.decode_fn
         compile_s = time.perf_counter() - tc
-        traced = dispatch.last_choices(*DECODE_CHOICE_OPS)
+        traced = decode_choices()
         _, _, toks = once()  # warm-up
         pre, dec = [], []
         for r in range(args.runs):
@@ -872,7 +872,7 @@ def _hybrid_row(g: Any, name: str, plen: int, b: int, n_new: int, sampling: Any,
     abstract = jax.eval_shape(lambda: nnx.merge(g.graphdef, g.state).init_cache(b, slots))
 
     def compile_loop() -> tuple[Any, float]:
-        clear_decode_choices()
+        dispatch.forget_choices(*DECODE_CHOICE_OPS)
         t0 = time.perf_counter()
         comp = G._decode_loop.lower(g.graphdef, g.state, abstract, first, key, temp, top_p, spec=spec, n_new=n_new,
                                     eos=(), pad_id=0, phases=g.phases(plen, n_new, slots)).compile()
@@ -894,7 +894,7 @@ def _hybrid_row(g: Any, name: str, plen: int, b: int, n_new: int, sampling: Any,
             os.environ.update(nxt)
             jax.clear_caches()
     # what the trace chose; a trace reused from jit's cache records nothing: then what the Generator predicts
-    impl = dispatch.last_choices("decode_attention", "fused_decode")
+    impl = decode_choices("decode_attention", "fused_decode")
     if impl["decode_attention"] == "none" and g.has_attention:
         impl["decode_attention"] = g.decode_attention_impl()
     if impl["fused_decode"] == "none":
