@@ -184,6 +184,7 @@ def test_eos_stops_rows_and_pads():
 # ---------------------------------------------------------------------------------------- reduced draft vocabulary
 
 
+@pytest.mark.slow  # 20-22 s on 2 cores (two loops compiled); the mapping itself is in the default run's test below
 def test_draft_vocab_of_every_id_in_any_order_is_the_full_head():
     """Every id, shuffled: the draft scores the same logits in another order and maps its pick back, so each
     round accepts exactly what the full head accepts."""
