@@ -119,9 +119,9 @@ DOT_MIN_K = 16  # a tensor-core dot's smallest contraction (Triton's tl.dot)
 # benchmarks/results/decode_profile_s22_attn_block*.md); 32-slot blocks from batch 64 (decode_profile_s24_ab32.md,
 # _b64_blocks.md): batch 64 0.845 → 0.829 (0.850-0.853 → 0.832; the kernel 0.303 → 0.287), 256 1.860-1.864 →
 # 1.700 (the kernel 0.838 → 0.663), but batch 16 0.688-0.691 → 0.714-0.719 (8 splits: a merge launch a layer more).
-# Batch 1 keeps its measured 16-slot splits. The 32-slot blocks ran the whole decode loop on the H100 in those
-# profiles, but the kernel's `-m gpu` tests have not yet run at them (session 24's device time ran out): the next
-# device session's first call.
+# Batch 1 keeps its measured 16-slot splits. Confirmed in session 25 (decode_profile_s25_blocks.md, _b16.md): 64
+# 0.839-0.844 against 16 / 64 slots 0.904 / 0.858, 256 1.661-1.663 against 1.770 / 1.762, 16 0.684-0.686 against
+# 32 slots in 4 / 2 splits 0.692 / 0.709; the `-m gpu` tests passed at these blocks (test-gpu-s25.xml).
 DOT_BLOCK_BY_BATCH = ((16, 64), (64, 32))
 
 
