@@ -146,9 +146,9 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
-    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the tensor-core form (True) or the elementwise one (False),
-    and `shares` what the splits share
-    ("fill" / "window", `SHARES`), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
+    splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
+    tensor-core form (True) or the elementwise one (False) and `shares` what the splits share ("fill" / "window",
+    `SHARES`), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
     traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
