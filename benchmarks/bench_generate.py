@@ -68,8 +68,8 @@ VARIANTS: dict[str, tuple[str, bool, int, dict[str, str]]] = {
     "fused+exhaustive": (CMDBUF + EXHAUSTIVE, True, 128, {}),
     "fused+warpspec": (CMDBUF + WARP_SPEC, True, 128, {}),
     # today's path with XLA's decode GEMMs (q·k·v past its own partials, o, down at 16-256 rows) left unsplit over K:
-    # their split-K sums are the step's XLA fusions at batch 64 (2 a layer); unsplit, the residual adds may fuse
-    # into the GEMMs instead, on fewer tiles
+    # their split-K sums are the step's XLA fusions at batch 64 (2 a layer). Measured slower on the H100: 1.003 ms a
+    # step at 64 against the default's 0.874-0.876 (benchmarks/results/generate_s25.md)
     "fused+splitk1": (CMDBUF + SPLITK1, True, 128, {}),
     "plain+cmdbuf_while": (CMDBUF, False, 0, {FUSED_ENV: "0"}),
 }
