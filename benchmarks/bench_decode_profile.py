@@ -19,6 +19,8 @@ fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-proj
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` = fused GEMVs up to batch N, `sN` =
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
+`ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
+(`decode_attention.NEWEST`), `apv1` / `apv2` = p entering its p·V in 1 / 2 rounded parts (`PV_PARTS`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -197,6 +199,10 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_k"] = int(m.group(1))
         elif tok in ("adot", "aew"):
             tiling["attn_dot"] = tok == "adot"
+        elif tok in ("ana", "anb"):
+            tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
+        elif m := re.fullmatch(r"apv([12])", tok):
+            tiling["attn_pv"] = int(m.group(1))
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -211,8 +217,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, amk, "
-                             "amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
+                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
+                             "anb, apv1, apv2, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
     return tiling, env
 
 
@@ -227,7 +233,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""))}
+                         ("shares", ""), ("newest", ""), ("pv", 0))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

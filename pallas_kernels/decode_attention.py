@@ -78,7 +78,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "shares": ""}
+                                  "shares": "", "newest": "", "pv": 0}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -102,6 +102,12 @@ STAGES_BY_BATCH = ((1, 3), (65, 2))
 # 0.877 window (unsplit there: both the same work), 16 0.682-0.684 vs 0.688, 1 0.479-0.489 vs 0.479. Both pass the
 # GPU tests (test-gpu-s24.xml, fill); "fill" stays for long caches filled part-way, where it shortens the chains.
 SHARES = "fill"
+# Where the tensor-core form takes the new token's key (`planned_newest`): "block" substitutes its k/v into the loaded
+# block that holds its slot (a select on every loaded tile), "after" leaves that slot out of the loop and adds the
+# token after it from registers, as verify_attention adds its chunk. PV_PARTS: p enters p·V as 2 rounded parts of
+# the cache's dtype (~16 bits) or 1 (p rounded to it). Session 26 measures both against the loop as it was.
+NEWEST = "block"
+PV_PARTS = 2
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -142,14 +148,16 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, shares: str = "") -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "",
+                  pv: int = 0) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
-    tensor-core form (True) or the elementwise one (False) and `shares` what the splits share ("fill" / "window",
-    `SHARES`), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing
-    traced before is reused."""
+    tensor-core form (True) or the elementwise one (False), `shares` what the splits share ("fill" / "window",
+    `SHARES`), `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST) and `pv` the
+    parts p enters p·V in (1 / 2, PV_PARTS), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so
+    that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -162,9 +170,13 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan stages must be in 1..8 (or 0), got {stages}")
     if shares not in ("", "fill", "window"):
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
+    if newest not in ("", "block", "after"):
+        raise KernelError(f"decode_attention: override_plan newest must be 'block' or 'after', got {newest!r}")
+    if pv not in (0, 1, 2):
+        raise KernelError(f"decode_attention: override_plan pv must be 1 or 2 (or 0), got {pv!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          shares=shares)
+                          shares=shares, newest=newest, pv=pv)
     try:
         yield
     finally:
@@ -191,6 +203,16 @@ def planned_stages(batch: int) -> int:
 def planned_shares() -> str:
     """What the splits share, "fill" or "window" (see SHARES): the override's (`override_plan`), else SHARES."""
     return _PLAN_OVERRIDE["shares"] or SHARES
+
+
+def planned_newest() -> str:
+    """Where the tensor-core form takes the new token, "block" / "after" (NEWEST; the override's first)."""
+    return _PLAN_OVERRIDE["newest"] or NEWEST
+
+
+def planned_pv_parts() -> int:
+    """The rounded parts p enters the tensor-core form's p·V in, 1 or 2 (PV_PARTS; the override's first)."""
+    return _PLAN_OVERRIDE["pv"] or PV_PARTS
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -255,7 +277,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, fill: bool = True):
+            dot: bool, parts: int, eps: float, fill: bool = True, newest: str = "block", pv_parts: int = 2):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -291,7 +313,8 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     scale = 1.0 / math.sqrt(d)
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
-                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials)
+                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
+                    newest=newest, pv_parts=pv_parts)
         return
 
     def body(i, carry):
@@ -367,10 +390,10 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def online_update(carry: tuple[jax.Array, jax.Array, jax.Array], sc: jax.Array, ok: jax.Array,
-                  vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  vals: jax.Array, pv_parts: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One block of an online softmax per row, in dots: carry (m (R,), l (R,), acc (R, d)) fp32, scores sc (R, N)
-    fp32, ok (R, N) or (1, N) the keys that count, vals (N, d) in the cache's dtype. p enters p·V as two rounded
-    parts of that dtype (~16 bits), fp32 as it is."""
+    fp32, ok (R, N) or (1, N) the keys that count, vals (N, d) in the cache's dtype. p enters p·V as `pv_parts`
+    (2: ~16 bits, 1: p rounded) rounded parts of that dtype, fp32 as it is."""
     m, l, acc = carry
     sc = jnp.where(ok, sc, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -378,6 +401,8 @@ def online_update(carry: tuple[jax.Array, jax.Array, jax.Array], sc: jax.Array, 
     p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
     if vals.dtype == F32:
         pv = dot_nn(p, vals)
+    elif pv_parts == 1:
+        pv = dot_nn(p.astype(vals.dtype), vals)
     else:
         p_hi = p.astype(vals.dtype)
         pv = dot_nn(p_hi, vals) + dot_nn((p - p_hi.astype(F32)).astype(vals.dtype), vals)
@@ -400,10 +425,12 @@ def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: 
 
 
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool, newest: str = "block",
+                pv_parts: int = 2) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
-    extracted at the end (`pick_row`)."""
+    extracted at the end (`pick_row`). The new token (slot `index`) substituted into its block (`newest`
+    "block") or left out of the loop and added after it from registers ("after")."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -413,20 +440,33 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
     for j, (a1, a2) in enumerate(qs):
         q1 = jnp.where(row == j, a1[None, :], q1)
         q2 = jnp.where(row == j, a2[None, :], q2)
+    q1f, q2f = q1, q2
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
     def attend(i, carry):
         k1b, k2b, vb, valid = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        if newest == "after":  # the loaded tiles go straight into the dots
+            ok = ((valid != 0) & (slot < index))[None, :]
+            return online_update(carry, (dot_t(q1, k1b) + dot_t(q2, k2b)) * scale, ok, vb, pv_parts)
         new = (slot == index)[:, None]
         kb1 = jnp.where(new, k1c[None, :], k1b)
         kb2 = jnp.where(new, k2c[None, :], k2b)
         vb = jnp.where(new, v_new[None, :], vb)
         ok = ((valid != 0) & (slot <= index))[None, :]
-        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
+        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb, pv_parts)  # (G, block)
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
     m, l, acc = jax.lax.fori_loop(lo, hi, attend, init)
+    if newest == "after":  # the split whose blocks hold slot `index` adds the new token, if it is valid
+        nb = index // block
+        mine = (lo <= nb) & (nb < hi) & (valid_ref[bi, index] != 0)
+        sc = (jnp.sum(q1f * k1c.astype(F32)[None, :], axis=1) + jnp.sum(q2f * k2c.astype(F32)[None, :], axis=1))
+        sc = jnp.where(mine, sc * scale, NEG_INF)
+        m_new = jnp.maximum(m, sc)
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(mine, jnp.exp(sc - m_new), 0.0)
+        m, l, acc = m_new, l * corr + p, acc * corr[:, None] + p[:, None] * v_new.astype(F32)[None, :]
     for j in range(g):
         acc_j, l_j = pick_row(acc, j), pick_row(l, j)
         head = ki * g + j
@@ -495,7 +535,8 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), fill=planned_shares() == "fill")
+                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(),
+                             pv_parts=planned_pv_parts())
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused

@@ -101,6 +101,41 @@ def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype)
     assert_equal_to_reference(args, h, kv, splits=1, block=block, dot=True, tol=tol)
 
 
+@pytest.mark.parametrize("newest,pv,b,slots,index,splits,dtype", [
+    ("after", 2, 2, 64, 0, 1, jnp.float32),      # the first slot: only the new token counts
+    ("after", 1, 3, 96, 48, 4, jnp.bfloat16),    # 4 blocks in 4 splits: the new token opens the last one
+    ("block", 1, 2, 96, 50, 4, jnp.bfloat16),
+])
+def test_dot_form_options_equal_reference_interpret(newest, pv, b, slots, index, splits, dtype):
+    """The tensor-core form with the new token added after the block loop (`newest="after"`) and / or p entering
+    p·V in one rounded part (`pv=1`): output, partials and caches still the reference's; a row whose new slot is
+    invalid (row 1) leaves the new token out as the reference does."""
+    h, kv, d = 9, 3, 32
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
+    if index:
+        args = args[:6] + (args[6].at[1, index].set(False),)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
+        decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
+        dot=True))(*args))
+    jax.clear_caches()  # what was traced under other settings is not reused
+    try:
+        with da.override_plan(newest=newest, pv=pv):
+            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
+            if splits > 1:
+                assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
+            changed = kernel_text()
+    finally:
+        jax.clear_caches()
+    assert changed != kernel_text()  # the option took effect
+    with pytest.raises(KernelError, match="newest"):
+        with da.override_plan(newest="late"):
+            pass
+    with pytest.raises(KernelError, match="pv"):
+        with da.override_plan(pv=3):
+            pass
+
+
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 def test_an_index_past_the_cache_writes_where_the_reference_writes(dot):
     """index >= slots (a caller's bug): the kernel clamps its write as dynamic_update_slice clamps the reference's
@@ -376,6 +411,13 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     if splits > 1:
         lowers_for_h100(functools.partial(merge_partials_pallas, dtype=bf), S((b, splits, h * d), f32),
                         S((b, splits, h), f32), S((b, splits, h), f32))
+    jax.clear_caches()
+    try:
+        with da.override_plan(newest="after", pv=1):  # the tensor-core form's options (NEWEST, PV_PARTS)
+            lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                              block=block, splits=splits, dot=True), *avals)
+    finally:
+        jax.clear_caches()
 
 
 @pytest.mark.gpu
@@ -415,6 +457,24 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
     assert_equal_to_reference(args, 9, 3, tol=tol, interpret=False, dot=True)
     block, splits = plan(b, 3, slots, max_splits=16)
     assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=tol, interpret=False, dot=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("newest,pv", [("after", 2), ("block", 1), ("after", 1)])
+@pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
+def test_dot_form_options_equal_reference_gpu(newest, pv, b, slots, index):
+    """The tensor-core form's options (`override_plan(newest=, pv=)`) compiled through Triton at SmolLM2's heads,
+    merged and unmerged, in the blocks and splits the batch plans."""
+    args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
+    block, splits = plan(b, 3, slots, max_splits=16)
+    jax.clear_caches()
+    try:
+        with da.override_plan(newest=newest, pv=pv):
+            assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
+            assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
+    finally:
+        jax.clear_caches()
 
 
 # ------------------------------------------------------------ q·k·v as split-K partials (`rows=`, inference.split_k)
