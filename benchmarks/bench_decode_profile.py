@@ -20,7 +20,7 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` 
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
-(`decode_attention.NEWEST`), `apv1` / `apv2` = p entering its p·V in 1 / 2 rounded parts (`PV_PARTS`),
+(`decode_attention.NEWEST_BY_BATCH`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -37,7 +37,8 @@ own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of
 `fused_decode.GATE_UP_TILING`).
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md; `amu`, the attention splits merged split by split without a reduction, in
-results/decode_profile_s24_b64.md; `vpN`, the attention loop reading the next block ahead, in
+results/decode_profile_s24_b64.md; `apv1`, the attention's p·V with p in one rounded part, in
+results/decode_profile_s26_b64.md; `vpN`, the attention loop reading the next block ahead, in
 results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch `fold` form
 past the fused GEMVs' batches (norm weights folded into the next projections), in results/decode_profile_s22_fold.md.)
 """
@@ -201,8 +202,6 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("ana", "anb"):
             tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
-        elif m := re.fullmatch(r"apv([12])", tok):
-            tiling["attn_pv"] = int(m.group(1))
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -218,7 +217,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, apv1, apv2, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
     return tiling, env
 
 
@@ -233,7 +232,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""), ("pv", 0))}
+                         ("shares", ""), ("newest", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

@@ -78,7 +78,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "shares": "", "newest": "", "pv": 0}
+                                  "shares": "", "newest": ""}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -102,12 +102,16 @@ STAGES_BY_BATCH = ((1, 3), (65, 2))
 # 0.877 window (unsplit there: both the same work), 16 0.682-0.684 vs 0.688, 1 0.479-0.489 vs 0.479. Both pass the
 # GPU tests (test-gpu-s24.xml, fill); "fill" stays for long caches filled part-way, where it shortens the chains.
 SHARES = "fill"
-# Where the tensor-core form takes the new token's key (`planned_newest`): "block" substitutes its k/v into the loaded
-# block that holds its slot (a select on every loaded tile), "after" leaves that slot out of the loop and adds the
-# token after it from registers, as verify_attention adds its chunk. PV_PARTS: p enters p·V as 2 rounded parts of
-# the cache's dtype (~16 bits) or 1 (p rounded to it). Session 26 measures both against the loop as it was.
-NEWEST = "block"
-PV_PARTS = 2
+# Where the tensor-core form takes the new token's key by batch (`planned_newest`, `by_batch`): "block" substitutes
+# its k/v into the loaded block that holds its slot (a select on every loaded tile), "after" leaves that slot out of
+# the loop, whose loaded tiles then go straight into the dots, and adds the token after it from registers (as
+# verify_attention adds its chunk). Measured in the H100's decode loop, one process each, unprofiled ms a step
+# (benchmarks/results/decode_profile_s26_b64.md, _rest.md): batch 64 0.815 vs 0.835-0.843 (the kernel 0.258 vs 0.283
+# ms a step), 256 1.652 vs 1.686-1.690 (0.623 vs 0.643), 16 0.680 vs 0.682-0.687 (0.166 vs 0.170), but batch 1, its
+# chains one or two 16-slot blocks long, 0.496 vs 0.479-0.486 (0.159 vs 0.150): there the tail costs more than the
+# selects. Both pass the GPU tests (test-gpu-s26-options.xml). (p entering p·V as one rounded part instead of two
+# was measured with it and removed: no faster with "after", 0.819 vs 0.815 at 64, decode_profile_s26_b64.md `apv1`.)
+NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -148,16 +152,14 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "",
-                  pv: int = 0) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
     tensor-core form (True) or the elementwise one (False), `shares` what the splits share ("fill" / "window",
-    `SHARES`), `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST) and `pv` the
-    parts p enters p·V in (1 / 2, PV_PARTS), for steps traced anew. Clear jax's caches (`jax.clear_caches`) so
-    that nothing traced before is reused."""
+    `SHARES`) and `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH), for
+    steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -172,11 +174,9 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     if newest not in ("", "block", "after"):
         raise KernelError(f"decode_attention: override_plan newest must be 'block' or 'after', got {newest!r}")
-    if pv not in (0, 1, 2):
-        raise KernelError(f"decode_attention: override_plan pv must be 1 or 2 (or 0), got {pv!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          shares=shares, newest=newest, pv=pv)
+                          shares=shares, newest=newest)
     try:
         yield
     finally:
@@ -205,14 +205,10 @@ def planned_shares() -> str:
     return _PLAN_OVERRIDE["shares"] or SHARES
 
 
-def planned_newest() -> str:
-    """Where the tensor-core form takes the new token, "block" / "after" (NEWEST; the override's first)."""
-    return _PLAN_OVERRIDE["newest"] or NEWEST
-
-
-def planned_pv_parts() -> int:
-    """The rounded parts p enters the tensor-core form's p·V in, 1 or 2 (PV_PARTS; the override's first)."""
-    return _PLAN_OVERRIDE["pv"] or PV_PARTS
+def planned_newest(batch: int) -> str:
+    """Where the tensor-core form takes the new token at this batch, "block" / "after": the override's
+    (`override_plan`), else NEWEST_BY_BATCH's."""
+    return _PLAN_OVERRIDE["newest"] or by_batch(NEWEST_BY_BATCH, batch)
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -277,7 +273,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, fill: bool = True, newest: str = "block", pv_parts: int = 2):
+            dot: bool, parts: int, eps: float, fill: bool = True, newest: str = "block"):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -314,7 +310,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
                     g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
-                    newest=newest, pv_parts=pv_parts)
+                    newest=newest)
         return
 
     def body(i, carry):
@@ -390,10 +386,10 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def online_update(carry: tuple[jax.Array, jax.Array, jax.Array], sc: jax.Array, ok: jax.Array,
-                  vals: jax.Array, pv_parts: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One block of an online softmax per row, in dots: carry (m (R,), l (R,), acc (R, d)) fp32, scores sc (R, N)
-    fp32, ok (R, N) or (1, N) the keys that count, vals (N, d) in the cache's dtype. p enters p·V as `pv_parts`
-    (2: ~16 bits, 1: p rounded) rounded parts of that dtype, fp32 as it is."""
+    fp32, ok (R, N) or (1, N) the keys that count, vals (N, d) in the cache's dtype. p enters p·V as two rounded
+    parts of that dtype (~16 bits), fp32 as it is."""
     m, l, acc = carry
     sc = jnp.where(ok, sc, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -401,8 +397,6 @@ def online_update(carry: tuple[jax.Array, jax.Array, jax.Array], sc: jax.Array, 
     p = jnp.where(ok, jnp.exp(sc - m_new[:, None]), 0.0)
     if vals.dtype == F32:
         pv = dot_nn(p, vals)
-    elif pv_parts == 1:
-        pv = dot_nn(p.astype(vals.dtype), vals)
     else:
         p_hi = p.astype(vals.dtype)
         pv = dot_nn(p_hi, vals) + dot_nn((p - p_hi.astype(F32)).astype(vals.dtype), vals)
@@ -425,8 +419,7 @@ def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: 
 
 
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool, newest: str = "block",
-                pv_parts: int = 2) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool, newest: str = "block") -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
     extracted at the end (`pick_row`). The new token (slot `index`) substituted into its block (`newest`
@@ -448,13 +441,13 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         if newest == "after":  # the loaded tiles go straight into the dots
             ok = ((valid != 0) & (slot < index))[None, :]
-            return online_update(carry, (dot_t(q1, k1b) + dot_t(q2, k2b)) * scale, ok, vb, pv_parts)
+            return online_update(carry, (dot_t(q1, k1b) + dot_t(q2, k2b)) * scale, ok, vb)
         new = (slot == index)[:, None]
         kb1 = jnp.where(new, k1c[None, :], k1b)
         kb2 = jnp.where(new, k2c[None, :], k2b)
         vb = jnp.where(new, v_new[None, :], vb)
         ok = ((valid != 0) & (slot <= index))[None, :]
-        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb, pv_parts)  # (G, block)
+        return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
     m, l, acc = jax.lax.fori_loop(lo, hi, attend, init)
@@ -535,8 +528,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(),
-                             pv_parts=planned_pv_parts())
+                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b))
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused

@@ -101,15 +101,15 @@ def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype)
     assert_equal_to_reference(args, h, kv, splits=1, block=block, dot=True, tol=tol)
 
 
-@pytest.mark.parametrize("newest,pv,b,slots,index,splits,dtype", [
-    ("after", 2, 2, 64, 0, 1, jnp.float32),      # the first slot: only the new token counts
-    ("after", 1, 3, 96, 48, 4, jnp.bfloat16),    # 4 blocks in 4 splits: the new token opens the last one
-    ("block", 1, 2, 96, 50, 4, jnp.bfloat16),
+@pytest.mark.parametrize("newest,b,slots,index,splits,dtype", [
+    ("after", 2, 64, 0, 1, jnp.float32),      # the first slot: only the new token counts
+    ("after", 3, 96, 48, 4, jnp.bfloat16),    # 4 blocks in 4 splits: the new token opens the last one
+    ("block", 2, 96, 50, 4, jnp.float32),
 ])
-def test_dot_form_options_equal_reference_interpret(newest, pv, b, slots, index, splits, dtype):
-    """The tensor-core form with the new token added after the block loop (`newest="after"`) and / or p entering
-    p·V in one rounded part (`pv=1`): output, partials and caches still the reference's; a row whose new slot is
-    invalid (row 1) leaves the new token out as the reference does."""
+def test_dot_form_newest_equals_reference_interpret(newest, b, slots, index, splits, dtype):
+    """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
+    its block ("block"): output, partials and caches the reference's; a row whose new slot is invalid (row 1) leaves
+    the new token out as the reference does."""
     h, kv, d = 9, 3, 32
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
     if index:
@@ -118,21 +118,29 @@ def test_dot_form_options_equal_reference_interpret(newest, pv, b, slots, index,
     kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
         decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
         dot=True))(*args))
+    other = {"after": "block", "block": "after"}[newest]
     jax.clear_caches()  # what was traced under other settings is not reused
     try:
-        with da.override_plan(newest=newest, pv=pv):
+        with da.override_plan(newest=newest):
             assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
             if splits > 1:
                 assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
-            changed = kernel_text()
+            text = kernel_text()
+        jax.clear_caches()
+        with da.override_plan(newest=other):
+            assert text != kernel_text()  # the option took effect
     finally:
         jax.clear_caches()
-    assert changed != kernel_text()  # the option took effect
+
+
+def test_newest_is_planned_by_batch():
+    """NEWEST_BY_BATCH: substituted into its block at batch 1, after the loop from 16 (measured, see there); the
+    override wins; a bad value raises."""
+    assert [da.planned_newest(b) for b in (1, 8, 16, 64, 256)] == ["block", "block", "after", "after", "after"]
+    with da.override_plan(newest="block"):
+        assert da.planned_newest(64) == "block"
     with pytest.raises(KernelError, match="newest"):
         with da.override_plan(newest="late"):
-            pass
-    with pytest.raises(KernelError, match="pv"):
-        with da.override_plan(pv=3):
             pass
 
 
@@ -413,7 +421,7 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
                         S((b, splits, h), f32), S((b, splits, h), f32))
     jax.clear_caches()
     try:
-        with da.override_plan(newest="after", pv=1):  # the tensor-core form's options (NEWEST, PV_PARTS)
+        with da.override_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
             lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
                                               block=block, splits=splits, dot=True), *avals)
     finally:
@@ -461,16 +469,16 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
-@pytest.mark.parametrize("newest,pv", [("after", 2), ("block", 1), ("after", 1)])
+@pytest.mark.parametrize("newest", ["after", "block"])
 @pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
-def test_dot_form_options_equal_reference_gpu(newest, pv, b, slots, index):
-    """The tensor-core form's options (`override_plan(newest=, pv=)`) compiled through Triton at SmolLM2's heads,
-    merged and unmerged, in the blocks and splits the batch plans."""
+def test_dot_form_newest_equals_reference_gpu(newest, b, slots, index):
+    """The tensor-core form with either place of the new token (`override_plan(newest=)`) compiled through Triton
+    at SmolLM2's heads, merged and unmerged, in the blocks and splits the batch plans."""
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
     block, splits = plan(b, 3, slots, max_splits=16)
     jax.clear_caches()
     try:
-        with da.override_plan(newest=newest, pv=pv):
+        with da.override_plan(newest=newest):
             assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
             assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
     finally:
