@@ -11,8 +11,8 @@ head — each K/V block is read once for all g heads. The number of filled block
 bounded by the static window), so one compiled step serves every cache fill, and the splits share those blocks
 (`split_of_slots`), not the window: a decode step's cache is filled from the prompt's end to the window's, and a
 static share left the later splits idle while the first carried the whole chain. The new token's k/v enter the
-softmax from registers (the block holding slot `index` has them substituted), so no program depends on another's
-store.
+softmax from registers (substituted into the block holding slot `index`, or, in the tensor-core form from batch 16,
+added after the block loop by the split holding it: NEWEST_BY_BATCH), so no program depends on another's store.
 
 Splits (`plan`): at small batch b·kv programs would leave most SMs idle with long serial chains (3 programs at
 batch 1 for SmolLM2: measured no faster than XLA), so the sequence is split into short pieces.
