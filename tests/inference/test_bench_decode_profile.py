@@ -75,6 +75,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("mc+g64")[0] == {"merge": "combine", "dot_rows": 64}
     assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
+    assert bdp.parse_variant("ana+ab32")[0] == {"attn_newest": "after", "attn_block": 32}
+    assert bdp.parse_variant("anb")[0] == {"attn_newest": "block"}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
@@ -84,6 +86,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("vp3")
     with pytest.raises(SystemExit, match="unknown variant setting"):
+        bdp.parse_variant("ana+apv1")  # measured and removed (decode_profile_s26_b64.md)
+    with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
     seen = {}
@@ -92,7 +96,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
                     splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64),
-                    shares=da.planned_shares())
+                    shares=da.planned_shares(), newest=da.planned_newest(64))
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
@@ -100,10 +104,10 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     dot_default = da.planned_dot(64)
     bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
     assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False,
-                    "shares": "fill"}
-    bdp.profile_variant("adot+sw", None, 1)
-    assert seen["dot"] is True and seen["shares"] == "window"
-    assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill"
+                    "shares": "fill", "newest": "after"}
+    bdp.profile_variant("adot+sw+anb", None, 1)
+    assert seen["dot"] is True and seen["shares"] == "window" and seen["newest"] == "block"
+    assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill" and da.planned_newest(64) == "after"
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults
