@@ -20,7 +20,8 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` 
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
-(`decode_attention.NEWEST_BY_BATCH`),
+(`decode_attention.NEWEST_BY_BATCH`), `apf` / `apn` = the attention kernel touching the layer's next weights (the
+o-projection's and the MLP's) so that they wait in L2 / not (`decode_attention.PREFETCH_BY_BATCH`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -31,7 +32,9 @@ merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
-`dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's K loop
+`hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
+its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
+K loop
 (`fused_decode.tiling(dot_stages=, dot_k=)`; `gN`, `dbN`, `dsN` and `dkN` apply to the gate·up kernel too, whose
 own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of 64:
 `fused_decode.GATE_UP_TILING`).
@@ -129,8 +132,32 @@ def traced_kernel_events(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, in
         shutil.rmtree(d, ignore_errors=True)
 
 
-def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, prof_runs: int) -> dict[str, Any]:
-    """Median decode wall time per step over `runs` runs, then a profile of `prof_runs` more."""
+def shared_layer_weights(state: Any) -> Any:
+    """`state` with every layer's arrays replaced by layer 0's where shape and dtype match (the `hw` variant)."""
+    import jax
+
+    def key(path: tuple[Any, ...]) -> tuple[Any, ...]:
+        names = [getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path]
+        if "layers" in names and names.index("layers") + 1 < len(names):
+            names[names.index("layers") + 1] = 0
+        return tuple(names)
+
+    first = {key(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+    def pick(path: tuple[Any, ...], x: Any) -> Any:
+        y = first.get(key(path))
+        same = y is not None and getattr(y, "shape", None) == getattr(x, "shape", None) and \
+            getattr(y, "dtype", None) == getattr(x, "dtype", None)
+        return y if same else x
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, prof_runs: int,
+                   hot_weights: bool = False) -> dict[str, Any]:
+    """Median decode wall time per step over `runs` runs, then a profile of `prof_runs` more. `hot_weights`: every
+    layer reads layer 0's weight arrays (`shared_layer_weights`), so a step's weights stay in L2 across layers — the
+    step's time with weights that never come from HBM, an upper bound for prefetching them."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -138,6 +165,8 @@ def profile_decode(model: Any, batch: int, plen: int, n_new: int, runs: int, pro
     from mamba_llama_jax.inference.generate import Generator
 
     gen = Generator(model)
+    if hot_weights:
+        gen.state = shared_layer_weights(gen.state)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gen.cfg.vocab_size, (batch, plen)), jnp.int32)
     c = compile_generate(gen, tokens, n_new)  # clears the decode choices before tracing the loop
     chosen = decode_choices()
@@ -202,6 +231,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("ana", "anb"):
             tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
+        elif tok in ("apf", "apn"):
+            tiling["attn_prefetch"] = tok == "apf"
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -214,10 +245,12 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_block"] = int(m.group(1))
         elif m := re.fullmatch(r"kq(\d+)", tok):
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
+        elif tok == "hw":
+            continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux)")
+                             "anb, apf, apn, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, hw)")
     return tiling, env
 
 
@@ -232,7 +265,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""))}
+                         ("shares", ""), ("newest", ""), ("prefetch", None))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 
@@ -244,7 +277,7 @@ def profile_variant(variant: str, model: Any, batch: int, *args: Any) -> dict[st
     jax.clear_caches()
     try:
         with applied(variant):
-            return profile_decode(model, batch, *args)
+            return profile_decode(model, batch, *args, hot_weights="hw" in variant.split("+"))
     finally:
         jax.clear_caches()
 

@@ -237,7 +237,8 @@ class Block(nnx.Module):
         if fold and verify:
             x, cache = self.mixer.verify_residual(x, self.input_layernorm, ctx, cache)
         elif fold and x.shape[1] == 1:
-            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache)
+            nxt = self.mlp.decode_weights() if hasattr(self.mlp, "decode_weights") else ()
+            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache, prefetch=nxt)
         else:
             h = self.input_layernorm(x)
             # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is

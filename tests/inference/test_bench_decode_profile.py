@@ -77,6 +77,9 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     assert bdp.parse_variant("ana+ab32")[0] == {"attn_newest": "after", "attn_block": 32}
     assert bdp.parse_variant("anb")[0] == {"attn_newest": "block"}
+    assert bdp.parse_variant("apf+ana")[0] == {"attn_prefetch": True, "attn_newest": "after"}
+    assert bdp.parse_variant("apn")[0] == {"attn_prefetch": False}
+    assert bdp.parse_variant("hw+apf") == ({"attn_prefetch": True}, {})  # hw: read by profile_variant
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
@@ -92,22 +95,28 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
     seen = {}
 
-    def fake_profile(model, batch, *args):
+    def fake_profile(model, batch, *args, hot_weights=False):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
                     splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64),
-                    shares=da.planned_shares(), newest=da.planned_newest(64))
+                    shares=da.planned_shares(), newest=da.planned_newest(64), prefetch=da.planned_prefetch(64),
+                    hot=hot_weights)
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
                 da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
     dot_default = da.planned_dot(64)
+    prefetch_default = da.planned_prefetch(64)
     bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
     assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False,
-                    "shares": "fill", "newest": "after"}
-    bdp.profile_variant("adot+sw+anb", None, 1)
+                    "shares": "fill", "newest": "after", "prefetch": prefetch_default, "hot": False}
+    bdp.profile_variant("adot+sw+anb+hw+apf", None, 1)
     assert seen["dot"] is True and seen["shares"] == "window" and seen["newest"] == "block"
+    assert seen["prefetch"] is True and seen["hot"] is True
+    bdp.profile_variant("apn", None, 1)
+    assert seen["prefetch"] is False and seen["hot"] is False
     assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill" and da.planned_newest(64) == "after"
+    assert da.planned_prefetch(64) is prefetch_default
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults
