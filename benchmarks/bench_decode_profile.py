@@ -20,8 +20,7 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` 
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
-(`decode_attention.NEWEST_BY_BATCH`), `apf` / `apn` = the attention kernel touching the layer's next weights (the
-o-projection's and the MLP's) so that they wait in L2 / not (`decode_attention.PREFETCH_BY_BATCH`),
+(`decode_attention.NEWEST_BY_BATCH`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -41,8 +40,9 @@ own default is row groups of 16, 32 outputs, 4 stages (8 at 16 rows), K steps of
 (Variants measured once and removed since: `u` / `dwN`, the dot path's K loop unrolled / its warps, in
 results/decode_dot.md; `amu`, the attention splits merged split by split without a reduction, in
 results/decode_profile_s24_b64.md; `apv1`, the attention's p·V with p in one rounded part, in
-results/decode_profile_s26_b64.md; `vpN`, the attention loop reading the next block ahead, in
-results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch `fold` form
+results/decode_profile_s26_b64.md; `apf` / `apn`, the attention kernel touching the layer's next weights so that
+they wait in L2 (or not), in results/decode_profile_s27_prefetch.md; `vpN`, the attention loop reading the next block
+ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch `fold` form
 past the fused GEMVs' batches (norm weights folded into the next projections), in results/decode_profile_s22_fold.md.)
 """
 
@@ -136,16 +136,17 @@ def shared_layer_weights(state: Any) -> Any:
     """`state` with every layer's arrays replaced by layer 0's where shape and dtype match (the `hw` variant)."""
     import jax
 
-    def key(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    def key(path: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:  # (the path in layer 0, the layer or None)
         names = [getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path]
-        if "layers" in names and names.index("layers") + 1 < len(names):
-            names[names.index("layers") + 1] = 0
-        return tuple(names)
+        if "layers" not in names or names.index("layers") + 1 == len(names):
+            return tuple(names), None
+        at = names.index("layers") + 1
+        return tuple(names[:at] + [0] + names[at + 1:]), names[at]
 
-    first = {key(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    first = {k: x for p, x in jax.tree_util.tree_flatten_with_path(state)[0] for k, i in [key(p)] if i == 0}
 
     def pick(path: tuple[Any, ...], x: Any) -> Any:
-        y = first.get(key(path))
+        y = first.get(key(path)[0])
         same = y is not None and getattr(y, "shape", None) == getattr(x, "shape", None) and \
             getattr(y, "dtype", None) == getattr(x, "dtype", None)
         return y if same else x
@@ -231,8 +232,6 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("ana", "anb"):
             tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
-        elif tok in ("apf", "apn"):
-            tiling["attn_prefetch"] = tok == "apf"
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -250,7 +249,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, apf, apn, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, hw)")
     return tiling, env
 
 
@@ -265,7 +264,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""), ("prefetch", None))}
+                         ("shares", ""), ("newest", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

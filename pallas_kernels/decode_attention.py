@@ -50,7 +50,6 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
@@ -79,7 +78,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "shares": "", "newest": "", "prefetch": None}
+                                  "shares": "", "newest": ""}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -113,13 +112,6 @@ SHARES = "fill"
 # selects. Both pass the GPU tests (test-gpu-s26-options.xml). (p entering p·V as one rounded part instead of two
 # was measured with it and removed: no faster with "after", 0.819 vs 0.815 at 64, decode_profile_s26_b64.md `apv1`.)
 NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
-# Whether the kernel also touches the weights its decode step reads next (`prefetch=`, `planned_prefetch`), by
-# batch: each program loads one element of every 32-byte sector of its share of them, evict-last, at its start, and
-# sums them into an output of its own at its end, so that a latency-bound attention kernel pulls the o-projection's
-# and the MLP's weights into L2 while it waits on its K/V, and the GEMMs after it find them there. Off (empty) until
-# measured in the decode loop.
-PREFETCH_BY_BATCH: tuple[tuple[int, int], ...] = ()
-PREFETCH_SECTOR_BYTES = 32  # the L2's unit of a DRAM read: one element of each is enough to bring it in
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -160,16 +152,14 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "",
-                  prefetch: bool | None = None) -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
     tensor-core form (True) or the elementwise one (False), `shares` what the splits share ("fill" / "window",
-    `SHARES`), `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH) and
-    `prefetch` whether the kernel touches the step's next weights (PREFETCH_BY_BATCH), for steps traced anew.
-    Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
+    `SHARES`) and `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH), for
+    steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -184,11 +174,9 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     if newest not in ("", "block", "after"):
         raise KernelError(f"decode_attention: override_plan newest must be 'block' or 'after', got {newest!r}")
-    if prefetch not in (None, True, False):
-        raise KernelError(f"decode_attention: override_plan prefetch must be True, False or None, got {prefetch!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          shares=shares, newest=newest, prefetch=prefetch)
+                          shares=shares, newest=newest)
     try:
         yield
     finally:
@@ -221,46 +209,6 @@ def planned_newest(batch: int) -> str:
     """Where the tensor-core form takes the new token at this batch, "block" / "after": the override's
     (`override_plan`), else NEWEST_BY_BATCH's."""
     return _PLAN_OVERRIDE["newest"] or by_batch(NEWEST_BY_BATCH, batch)
-
-
-def planned_prefetch(batch: int) -> bool:
-    """Whether the kernel touches the step's next weights at this batch (`prefetch=`): the override's
-    (`override_plan`), else PREFETCH_BY_BATCH's."""
-    if _PLAN_OVERRIDE["prefetch"] is not None:
-        return _PLAN_OVERRIDE["prefetch"]
-    return bool(by_batch(PREFETCH_BY_BATCH, batch))
-
-
-def prefetch_plan(size: int, itemsize: int, programs: int) -> tuple[int, int, int, int]:
-    """How `programs` programs share a prefetched array of `size` elements: (stride, per, reach, sectors) —
-    one element every `stride` (a 32-byte sector), program p reading `reach` sectors (a power of two >= its share
-    `per`, at most all of them) from sector min(p·per, sectors − reach): every sector is read, none past the end,
-    neighbours overlapping where `reach` > `per` (the same sectors, in flight together). sectors = 0 (nothing to
-    read) where the array does not split into whole sectors: only a free reshape to (sectors, stride) reaches the
-    kernel, never a copy of part of it."""
-    stride = max(1, PREFETCH_SECTOR_BYTES // itemsize)
-    sectors = size // stride if size % stride == 0 else 0
-    per = -(-sectors // programs)
-    reach = min(pow2_at_least(per, 1), pow2_at_most(sectors))
-    return stride, per, reach, sectors
-
-
-def _prefetch_loads(w_refs: tuple[Any, ...], plans: tuple[tuple[int, int, int, int], ...],
-                    p: Any) -> list[jax.Array]:
-    """Program p's share of the prefetched arrays (`prefetch_plan`), loaded evict-last: issued first, summed last
-    (`_prefetch_sum`), so that their latency hides under the program's own."""
-    out = []
-    for w_ref, (_, per, reach, sectors) in zip(w_refs, plans):  # w_ref: (sectors, stride), a sector a row
-        out.append(plgpu.load(w_ref.at[pl.ds(jnp.minimum(p * per, sectors - reach), reach), pl.ds(0, 1)],
-                              eviction_policy="evict_last"))
-    return out
-
-
-def _prefetch_sum(pf_ref: Any, vals: list[jax.Array], bi: Any, ki: Any, si: Any) -> None:
-    """Stores the sum of the program's prefetched values: a use that keeps the loads in the compiled kernel."""
-    if vals:
-        total = sum(jnp.sum(v.astype(F32)) for v in vals)
-        pf_ref[bi, ki, pl.ds(si, 1)] = jnp.full((1,), total, F32)
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -322,18 +270,12 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     return block, splits
 
 
-def _kernel(*refs, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, newest: str, prefetch: tuple[tuple[int, int, int, int], ...] = (),
-            fill: bool = True):
-    # inputs: qkv, the caches, cos, sin, index, valid, rows, then the prefetched arrays; outputs: o, m, l, the caches
-    # (aliasing the inputs: written through kc_ref / vc_ref's buffers below), then the prefetch sums
-    npf = len(prefetch)
-    qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref = refs[:8]
-    w_refs = refs[8:8 + npf]
-    o_ref, m_ref, l_ref = refs[8 + npf:11 + npf]
-    pf_ref = refs[13 + npf] if npf else None
+def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
+            o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
+            *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
+            dot: bool, parts: int, eps: float, newest: str, fill: bool = True):
+    del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    pf_vals = _prefetch_loads(w_refs, prefetch, (bi * kv + ki) * splits + si)
     g, half = h // kv, d // 2
     # clamped as the reference's dynamic_update_slice clamps its write: an index past the cache (a caller's bug)
     # then gives the reference's answer instead of a write out of bounds
@@ -369,7 +311,6 @@ def _kernel(*refs, h: int, kv: int, d: int, block: int, nblocks: int, splits: in
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
                     g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
                     newest=newest)
-        _prefetch_sum(pf_ref, pf_vals, bi, ki, si)
         return
 
     def body(i, carry):
@@ -405,7 +346,6 @@ def _kernel(*refs, h: int, kv: int, d: int, block: int, nblocks: int, splits: in
             o_ref[bi, si, pl.ds(head * d, d)] = acc
             m_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), m, F32)
             l_ref[bi, si, pl.ds(head, 1)] = jnp.full((1,), l, F32)
-    _prefetch_sum(pf_ref, pf_vals, bi, ki, si)
 
 
 def _projection(qkv_ref: Any, rows_ref: Any, bi: Any, parts: int, eps: float, dtype: Any,
@@ -579,38 +519,32 @@ def merge_partials_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, dtype: 
 def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
             index: jax.Array, valid: jax.Array, *, num_heads: int, window: int, block: int, splits: int,
             partials: bool, interpret: bool, num_warps: int, dot: bool | None, rows: jax.Array | None,
-            eps: float, prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, ...]:
+            eps: float) -> tuple[jax.Array, ...]:
     b, slots, kv, d = k_cache.shape
     h = num_heads
     nblocks = window // block
     splits = max(1, min(splits, nblocks))
     use_dot = uses_dot(b, d, dot)
     dtype = qkv.dtype if rows is None else rows.dtype
-    plans = [prefetch_plan(w.size, w.dtype.itemsize, b * kv * splits) for w in prefetch] if planned_prefetch(b) else []
-    flat = [w.reshape(wp[3], wp[0]) for w, wp in zip(prefetch, plans) if wp[3] > 0]  # a sector a row: free
-    plans = [wp for wp in plans if wp[3] > 0]
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b),
-                             prefetch=tuple(plans))
+                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b))
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
     else:
         o_shape = jax.ShapeDtypeStruct((b, splits, h * d), F32)
         ml_shape = jax.ShapeDtypeStruct((b, splits, h), F32)
-    pf_shape = [jax.ShapeDtypeStruct((b, kv, splits), F32)] if flat else []
-    outs = triton_call(
+    return triton_call(
         kern,
         grid=(b, kv, splits),
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype), *pf_shape),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={1: 3, 2: 4},
         interpret=interpret, num_warps=planned_warps(num_warps, block), num_stages=planned_stages(b),
         name="decode_attention",
     )(qkv, k_cache, v_cache, cos.astype(F32), sin.astype(F32), jnp.reshape(index, (1,)).astype(jnp.int32),
-      valid.astype(jnp.int32), jnp.zeros((1, 1), F32) if rows is None else rows, *flat)
-    return tuple(outs[:5])
+      valid.astype(jnp.int32), jnp.zeros((1, 1), F32) if rows is None else rows)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "window", "block", "splits",
@@ -619,14 +553,12 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                             sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                             num_kv_heads: int, window: int = 0, block: int = 0, splits: int = 0,
                             interpret: bool = False, num_warps: int = 0, dot: bool | None = None,
-                            rows: jax.Array | None = None, eps: float = 0.0,
-                            prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel (see the module docstring); `block`/`splits` 0 = chosen by `plan`, `dot` None = `planned_dot`.
     With splits > 1 the partials are merged by `merge_partials` in XLA (or `merge_partials_pallas`:
     `override_plan(merge="kernel")`). `rows` given: qkv holds the projection as split-K partials (S, b, N) fp32
     of RMSNorm(rows) without its row scale, which the prologue sums and scales (`ops.partials.project_partials`;
-    `inference.split_k` says why). `prefetch`: arrays the decode step reads next, touched where `planned_prefetch`
-    says so (PREFETCH_BY_BATCH); they change nothing the kernel returns."""
+    `inference.split_k` says why)."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True, rows=rows)
     b, slots, kv, d = k_cache.shape
@@ -636,7 +568,7 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     splits = max(1, min(splits or p_splits, window // block))
     o, m, l, kc, vc = _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads, window=window,
                               block=block, splits=splits, partials=splits > 1, interpret=interpret,
-                              num_warps=num_warps, dot=dot, rows=rows, eps=eps, prefetch=prefetch)
+                              num_warps=num_warps, dot=dot, rows=rows, eps=eps)
     dt = qkv.dtype if rows is None else rows.dtype
     if splits > 1 and _PLAN_OVERRIDE["merge"] == "kernel":
         o = merge_partials_pallas(o, m, l, dt, interpret=interpret)
@@ -651,17 +583,16 @@ def decode_attention_partials_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache
                                      sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                                      num_kv_heads: int, window: int = 0, block: int, splits: int,
                                      interpret: bool = False, num_warps: int = 0, dot: bool | None = None,
-                                     rows: jax.Array | None = None, eps: float = 0.0,
-                                     prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, ...]:
+                                     rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """The kernel's unmerged output: (o_part (b, S, h·d) fp32, m (b, S, h), l (b, S, h), k_cache, v_cache) over
     S = `splits` slices of the filled blocks (`split_of_slots`); same as `decode_attention_partials_reference`.
-    `rows`, `eps`, `prefetch`: as `decode_attention_pallas`."""
+    `rows`, `eps`: as `decode_attention_pallas`."""
     check_args(qkv, k_cache, v_cache, cos, sin, valid, num_heads=num_heads, num_kv_heads=num_kv_heads,
                window=window, kernel=True, rows=rows)
     check_split_args(k_cache, window, block, splits)
     return _launch(qkv, k_cache, v_cache, cos, sin, index, valid, num_heads=num_heads,
                    window=window or k_cache.shape[1], block=block, splits=splits, partials=True,
-                   interpret=interpret, num_warps=num_warps, dot=dot, rows=rows, eps=eps, prefetch=prefetch)
+                   interpret=interpret, num_warps=num_warps, dot=dot, rows=rows, eps=eps)
 
 
 def decode_attention_partials_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
@@ -819,17 +750,17 @@ def kernel_would_run(head_dim: int, slots_multiple: int) -> bool:
 
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                      index: jax.Array, valid: jax.Array, *, num_heads: int, num_kv_heads: int,
-                     window: int = 0, rows: jax.Array | None = None, eps: float = 0.0,
-                     prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     window: int = 0, rows: jax.Array | None = None,
+                     eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Kernel on GPU (see GPU_VERIFIED), the XLA reference elsewhere or with MAMBA_LLAMA_FORCE_REFERENCE=1; records
     the choice (`pallas_kernels.dispatch.last_choice("decode_attention")`). `rows`, `eps`: qkv as split-K
-    partials; `prefetch`: the step's next weights, for the kernel to touch (`decode_attention_pallas`)."""
+    partials (`decode_attention_pallas`)."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
     choice = decode_attention_choice(qkv, k_cache, v_cache, cos, sin, valid, rows=rows, **kw)
     dispatch.record_choice("decode_attention", choice)
     if choice == PALLAS_TRITON:
         return decode_attention_pallas(qkv, k_cache, v_cache, cos, sin, index, valid, interpret=_interpret(),
-                                       rows=rows, eps=eps, prefetch=tuple(prefetch), **kw)
+                                       rows=rows, eps=eps, **kw)
     if rows is not None:
         qkv = project_partials(qkv, rows, eps)
     return decode_attention_reference(qkv, k_cache, v_cache, cos, sin, index, valid, **kw)
@@ -838,8 +769,7 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos
 def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array,
                               sin: jax.Array, index: jax.Array, valid: jax.Array, *, num_heads: int,
                               num_kv_heads: int, window: int = 0, block: int, splits: int,
-                              rows: jax.Array | None = None, eps: float = 0.0,
-                              prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, ...]:
+                              rows: jax.Array | None = None, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """Unmerged partials (see `decode_attention_partials_pallas`) for a consumer that merges them itself:
     the kernel where `decode_attention` would use it, the pure-JAX partials elsewhere. Records the choice."""
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window)
@@ -847,7 +777,7 @@ def decode_attention_partials(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.A
     dispatch.record_choice("decode_attention", choice)
     f = decode_attention_partials_reference
     if choice == PALLAS_TRITON:
-        f = functools.partial(decode_attention_partials_pallas, interpret=_interpret(), prefetch=tuple(prefetch))
+        f = functools.partial(decode_attention_partials_pallas, interpret=_interpret())
     return f(qkv, k_cache, v_cache, cos, sin, index, valid, block=block, splits=splits, rows=rows, eps=eps, **kw)
 
 

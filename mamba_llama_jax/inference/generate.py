@@ -234,15 +234,13 @@ class FusedAttention(nnx.Module):
     def init_cache(self, batch: int, slots: int) -> Any:
         return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
 
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
-                        prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three or four launches on GPU at
         small batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, the merge of its sequence
         splits when it ran split (`merge_splits`, or in the next kernel's prologue: `fused_decode.merge_mode`), and
         o-projection + residual. Each piece falls back to its
         reference on its own (CPU, large batch, shapes a kernel does not tile): then this is exactly
-        `x + self(norm(x), ctx, cache)[0]`. `prefetch`: the layer's next weights (its MLP's), which the attention
-        kernel touches with the o-projection's where `decode_attention.planned_prefetch` says so."""
+        `x + self(norm(x), ctx, cache)[0]`."""
         from mamba_llama_jax.models.cache import KVCache
 
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -260,13 +258,12 @@ class FusedAttention(nnx.Module):
             block, splits = plan(b, kv, self.decode_window or cache.k.shape[1], max_splits=combine_max_splits(b),
                                  dot=uses_dot(b, d))
             if splits > 1:
-                o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw, **proj,
-                                                                 prefetch=(wo, *prefetch))
+                o_part, m, l, kc, vc = decode_attention_partials(*args, block=block, splits=splits, **kw, **proj)
                 if merge_mode() == "combine":  # the o-projection kernel merges the splits: no launch for it
                     return attn_combine_residual(o_part, m, l, wo, x2)[:, None], KVCache(kc, vc)
                 merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
                 return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
-        out, kc, vc = decode_attention(*args, **kw, **proj, prefetch=(wo, *prefetch))
+        out, kc, vc = decode_attention(*args, **kw, **proj)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -359,11 +356,6 @@ class FusedMLP(nnx.Module):
         gu = matmul_t(x.astype(dt), self.gate_up[...].astype(dt))
         return matmul_t(swiglu(gu, self.inter), self.down[...].astype(dt))
 
-    def decode_weights(self) -> tuple[jax.Array, ...]:
-        """The weights a decode step reads here, in the order it reads them (what the attention kernel before it
-        may prefetch: `FusedAttention.decode_residual`)."""
-        return self.gate_up[...], self.down[...]
-
     def norm_residual(self, x: jax.Array, norm: Any) -> jax.Array:
         """x + self(norm(x)), the b·t tokens of x (b, t, D) taken as rows: at a decode step or a speculative
         verify chunk, two launches on GPU while b·t is small: RMSNorm + gate·up + SiLU·mul
@@ -419,14 +411,10 @@ class FusedMamba2(Mamba2):
         (the reference, `Mamba2`'s own, elsewhere)."""
         return mamba2_chunk(*args, **kw)
 
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
-                        prefetch: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
         """x + mixer(norm(x)) for one decode token per row (x: (b, 1, D)): three launches on GPU (see the class);
-        each falls back to its reference on its own, and the references are exactly the unfused ops. (`prefetch`:
-        taken for the attention layers' signature; the Mamba step's kernels touch nothing ahead.)"""
+        each falls back to its reference on its own, and the references are exactly the unfused ops."""
         from mamba_llama_jax.models.cache import MambaCache
-
-        del prefetch
 
         dt = jnp.dtype(self.dtype)
         x2 = x[:, 0].astype(dt)

@@ -237,8 +237,7 @@ class Block(nnx.Module):
         if fold and verify:
             x, cache = self.mixer.verify_residual(x, self.input_layernorm, ctx, cache)
         elif fold and x.shape[1] == 1:
-            nxt = self.mlp.decode_weights() if hasattr(self.mlp, "decode_weights") else ()
-            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache, prefetch=nxt)
+            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache)
         else:
             h = self.input_layernorm(x)
             # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is

@@ -77,9 +77,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     assert bdp.parse_variant("ana+ab32")[0] == {"attn_newest": "after", "attn_block": 32}
     assert bdp.parse_variant("anb")[0] == {"attn_newest": "block"}
-    assert bdp.parse_variant("apf+ana")[0] == {"attn_prefetch": True, "attn_newest": "after"}
-    assert bdp.parse_variant("apn")[0] == {"attn_prefetch": False}
-    assert bdp.parse_variant("hw+apf") == ({"attn_prefetch": True}, {})  # hw: read by profile_variant
+    assert bdp.parse_variant("hw+ana") == ({"attn_newest": "after"}, {})  # hw: read by profile_variant
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
@@ -91,6 +89,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("ana+apv1")  # measured and removed (decode_profile_s26_b64.md)
     with pytest.raises(SystemExit, match="unknown variant setting"):
+        bdp.parse_variant("apf")  # measured and removed (decode_profile_s27_prefetch.md)
+    with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)
     seen = {}
@@ -99,24 +99,18 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
                     splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64),
-                    shares=da.planned_shares(), newest=da.planned_newest(64), prefetch=da.planned_prefetch(64),
-                    hot=hot_weights)
+                    shares=da.planned_shares(), newest=da.planned_newest(64), hot=hot_weights)
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
                 da.plan(1, 3, 384, max_splits=16), fd.merge_mode())
     dot_default = da.planned_dot(64)
-    prefetch_default = da.planned_prefetch(64)
     bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
     assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False,
-                    "shares": "fill", "newest": "after", "prefetch": prefetch_default, "hot": False}
-    bdp.profile_variant("adot+sw+anb+hw+apf", None, 1)
-    assert seen["dot"] is True and seen["shares"] == "window" and seen["newest"] == "block"
-    assert seen["prefetch"] is True and seen["hot"] is True
-    bdp.profile_variant("apn", None, 1)
-    assert seen["prefetch"] is False and seen["hot"] is False
+                    "shares": "fill", "newest": "after", "hot": False}
+    bdp.profile_variant("adot+sw+anb+hw", None, 1)
+    assert seen["dot"] is True and seen["shares"] == "window" and seen["newest"] == "block" and seen["hot"] is True
     assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill" and da.planned_newest(64) == "after"
-    assert da.planned_prefetch(64) is prefetch_default
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults
@@ -159,3 +153,38 @@ def test_bad_model_name_and_deadline(bdp, tmp_path):
     r = json.loads((tmp_path / "decode_profile_tiny.json").read_text())
     assert r["rows"] == [] and r["skipped"] == ["teacher b=1 default"]
     assert "Skipped at the deadline: teacher b=1 default" in (tmp_path / "decode_profile_tiny.md").read_text()
+
+
+def test_hot_weights_share_layer_zeros_arrays(bdp):
+    """`hw`: every layer's arrays become layer 0's where shapes match (the hybrid's Mamba and attention layers keep
+    their own where they differ), nothing outside the layers changes, and the shared state still decodes."""
+    import jax
+
+    from mamba_llama_jax.inference.generate import Generator
+
+    models = bdp._models(True)
+    for name, model in models.items():
+        state = Generator(model).state
+        names = lambda p: tuple(getattr(k, "key", getattr(k, "name", k)) for k in p)
+        flat = {names(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        shared = {names(p): x for p, x in jax.tree_util.tree_flatten_with_path(bdp.shared_layer_weights(state))[0]}
+        assert flat.keys() == shared.keys()
+
+        def layer(path, i):  # the same path in layer i
+            at = path.index("layers") + 1
+            return path[:at] + (i,) + path[at + 1:]
+
+        n_shared = 0
+        for path, x in shared.items():
+            if "layers" not in path:
+                assert x is flat[path]
+                continue
+            first = flat.get(layer(path, 0))
+            if first is not None and first.shape == x.shape and first.dtype == x.dtype:
+                assert x is first, (name, path)
+                n_shared += 1
+            else:
+                assert x is flat[path]
+        assert n_shared > len([p for p in flat if "layers" in p and p[p.index("layers") + 1] == 0]), name
+    assert bdp.main(["--tiny", "--models", "teacher", "--batches", "2", "--variants", "hw"]
+                    + ["--out", os.environ.get("TMPDIR", "/tmp") + "/hw_smoke"]) == 0

@@ -350,32 +350,6 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     assert gu.gate_up_form(16) == "kernel" and gu.gate_up_form(8) == "xla"
 
 
-@pytest.mark.parametrize("rows", [6, 2])
-def test_decode_step_hands_the_layers_next_weights_to_the_attention_kernel_interpret(model, monkeypatch, rows):
-    """With the prefetch on (`decode_attention.override_plan(prefetch=True)`), every attention layer's kernel
-    (interpret mode) gets its o-projection's and its MLP's gate·up and down weights to touch — past the fused
-    GEMVs' batches (6 rows) and at them (2 rows, the split form) — and the greedy tokens stay the reference's."""
-    from pallas_kernels import decode_attention as da
-
-    c = model.cfg
-    want_shapes = ((c.hidden_size, c.num_heads * c.head_dim), (2 * c.intermediate_size, c.hidden_size),
-                   (c.hidden_size, c.intermediate_size))
-    seen = []
-    real = da._launch
-
-    def spy(*a, prefetch=(), **kw):
-        seen.append(tuple(w.shape for w in prefetch))
-        return real(*a, prefetch=prefetch, **kw)
-
-    monkeypatch.setattr(da, "_launch", spy)
-    prompts = [PROMPTS[i % 2][: 3 + i] for i in range(rows)]
-    with da.override_plan(prefetch=True):
-        want, got, choices = interpret_run(model, monkeypatch, prompts, {}, ("decode_attention",))
-    assert choices["decode_attention"] == "pallas_triton"
-    np.testing.assert_array_equal(got, want)
-    assert seen and all(shapes == want_shapes for shapes in seen), seen
-
-
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):
     """At a batch past the fused GEMVs' (6 rows), the decode step hands the q·k·v partials and the rows to the
     decode attention kernel (interpret mode), which sums and norm-scales them: the same greedy tokens (fp32) as

@@ -133,74 +133,6 @@ def test_dot_form_newest_equals_reference_interpret(newest, b, slots, index, spl
         jax.clear_caches()
 
 
-def _prefetch_weights(seed=0):
-    """Arrays of the kinds a decode step prefetches: a bf16 matrix with more sectors than programs, an fp32 one
-    with fewer, one smaller than a sector (skipped)."""
-    k = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(k[0], (96, 64)).astype(jnp.bfloat16), jax.random.normal(k[1], (7, 48)),
-            jax.random.normal(k[2], (3,)).astype(jnp.bfloat16))
-
-
-@pytest.mark.parametrize("dot,splits,rows", [(True, 1, False), (True, 4, False), (False, 2, False), (True, 2, True)])
-def test_prefetch_changes_nothing_returned_interpret(dot, splits, rows):
-    """With `prefetch=` on (`override_plan(prefetch=True)`) the kernel takes the extra arrays and an extra output,
-    and returns exactly what it returns without them: output, partials and both caches, bit for bit."""
-    h, kv, d, b, slots, index = 9, 3, 32, 3, 96, 50
-    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17], seed=3, dtype=jnp.bfloat16)
-    kw = dict(num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True, dot=dot)
-    if rows:
-        x = jax.random.normal(jax.random.key(7), (b, 64)).astype(jnp.bfloat16)
-        wt = jax.random.normal(jax.random.key(8), ((h + 2 * kv) * d, 64)).astype(jnp.bfloat16)
-        args = (matmul_t_partials(weigh(x, jnp.ones((64,))), wt, 2),) + args[1:]
-        kw.update(rows=x, eps=1e-5)
-    ws = _prefetch_weights()
-    got = {}
-    jax.clear_caches()
-    try:
-        for on in (False, True):
-            with da.override_plan(prefetch=on):
-                fn = functools.partial(decode_attention_partials_pallas, prefetch=ws, **kw)
-                got[on] = (jax.jit(fn)(*args), str(jax.make_jaxpr(fn)(*args)))
-                jax.clear_caches()
-    finally:
-        jax.clear_caches()
-    (off, off_text), (on_, on_text) = got[False], got[True]
-    assert on_text.count("bf16[384,16]") > off_text.count("bf16[384,16]")  # the matrix reached the kernel
-    for a, c in zip(off, on_):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
-
-
-@pytest.mark.parametrize("size,itemsize,programs", [(3072 * 576, 2, 192), (576 * 576, 2, 192), (7 * 48, 4, 192),
-                                                    (7 * 47, 4, 8), (1536 * 576, 2, 48), (96 * 64, 2, 4), (40, 2, 3),
-                                                    (16, 4, 1)])
-def test_prefetch_plan_reads_every_sector_and_none_past_the_end(size, itemsize, programs):
-    stride, per, reach, sectors = da.prefetch_plan(size, itemsize, programs)
-    assert stride * itemsize == da.PREFETCH_SECTOR_BYTES
-    if size % stride:  # not whole sectors: nothing read (no copy of part of the array)
-        assert sectors == 0
-        return
-    assert sectors == size // stride
-    assert reach & (reach - 1) == 0 and per <= reach <= sectors  # a Triton tile, no load past the array
-    seen = np.zeros(sectors, bool)
-    for p in range(programs):
-        start = min(p * per, sectors - reach)
-        assert 0 <= start and start + reach <= sectors
-        seen[start:start + reach] = True
-    assert seen.all()
-
-
-def test_prefetch_is_planned_by_batch_and_override():
-    assert [da.planned_prefetch(b) for b in (1, 16, 64, 256)] == [bool(da.by_batch(da.PREFETCH_BY_BATCH, b))
-                                                                  for b in (1, 16, 64, 256)]
-    with da.override_plan(prefetch=True):
-        assert da.planned_prefetch(64) and da.planned_prefetch(1)
-    with da.override_plan(prefetch=False):
-        assert not da.planned_prefetch(64)
-    with pytest.raises(KernelError, match="prefetch"):
-        with da.override_plan(prefetch="yes"):
-            pass
-
-
 def test_newest_is_planned_by_batch():
     """NEWEST_BY_BATCH: substituted into its block at batch 1, after the loop from 16 (measured, see there); the
     override wins; a bad value raises."""
@@ -551,49 +483,6 @@ def test_dot_form_newest_equals_reference_gpu(newest, b, slots, index):
             assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
     finally:
         jax.clear_caches()
-
-
-@pytest.mark.parametrize("b", [64, 16])
-def test_prefetch_lowers_to_triton_at_smollm2_shapes(b):
-    """The kernel with the layer's next weights to touch (the o-projection's and the MLP's, SmolLM2's shapes)."""
-    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
-    h, kv, d, slots = 9, 3, 64, 384
-    avals = (S((b, (h + 2 * kv) * d), bf), S((b, slots, kv, d), bf), S((b, slots, kv, d), bf), S((b, d // 2), f32),
-             S((b, d // 2), f32), S((), jnp.int32), S((b, slots), bool), S((576, 576), bf), S((3072, 576), bf),
-             S((576, 1536), bf))
-    jax.clear_caches()
-    try:
-        with da.override_plan(prefetch=True):
-            lowers_for_h100(lambda *a: decode_attention_pallas(*a[:7], num_heads=h, num_kv_heads=kv, dot=True,
-                                                               prefetch=a[7:]), *avals)
-    finally:
-        jax.clear_caches()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
-@pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (16, 384, 256), (1, 384, 200)])
-def test_prefetch_changes_nothing_returned_gpu(b, slots, index):
-    """Compiled through Triton at SmolLM2's heads with SmolLM2's o / gate·up / down weights to touch: output and
-    caches bit for bit those of the kernel without them, and the reference's within bf16's tolerance."""
-    args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
-    k = jax.random.split(jax.random.key(5), 3)
-    ws = tuple(jax.random.normal(kk, shape).astype(jnp.bfloat16)
-               for kk, shape in zip(k, ((576, 576), (3072, 576), (576, 1536))))
-    got = {}
-    jax.clear_caches()
-    try:
-        for on in (False, True):
-            with da.override_plan(prefetch=on):
-                got[on] = jax.jit(functools.partial(decode_attention_pallas, num_heads=9, num_kv_heads=3,
-                                                    prefetch=ws))(*args)
-                if on:
-                    assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, prefetch=ws)
-            jax.clear_caches()
-    finally:
-        jax.clear_caches()
-    for a, c in zip(got[False], got[True]):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
 
 
 # ------------------------------------------------------------ q·k·v as split-K partials (`rows=`, inference.split_k)
