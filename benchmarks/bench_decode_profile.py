@@ -42,8 +42,9 @@ results/decode_dot.md; `amu`, the attention splits merged split by split without
 results/decode_profile_s24_b64.md; `apv1`, the attention's p·V with p in one rounded part, in
 results/decode_profile_s26_b64.md; `apf` / `apn`, the attention kernel touching the layer's next weights so that
 they wait in L2 (or not), in results/decode_profile_s27_prefetch.md; `vpN`, the attention loop reading the next block
-ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch `fold` form
-past the fused GEMVs' batches (norm weights folded into the next projections), in results/decode_profile_s22_fold.md.)
+ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch
+`fold` form past the fused GEMVs' batches (norm weights folded into the next projections), in
+results/decode_profile_s22_fold.md.)
 """
 
 from __future__ import annotations
