@@ -31,6 +31,8 @@ merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
 SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
+`guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows times the MLP norm's
+weight, gate·up taking them and the norm's row scale after its dots (no norm launch; `inference.gate_up_rows`),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop
@@ -223,8 +225,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
-        elif tok in ("gu", "gux"):
-            env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla"}[tok]
+        elif tok in ("gu", "gux", "guw"):
+            env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla", "guw": "weighed"}[tok]
         elif m := re.fullmatch(r"ds(\d+)", tok):
             tiling["dot_stages"] = int(m.group(1))
         elif m := re.fullmatch(r"dk(\d+)", tok):
@@ -250,7 +252,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, hw)")
     return tiling, env
 
 

@@ -253,7 +253,7 @@ class CompiledGenerate:
 
 # The dispatchers a decode loop's trace records (`dispatch.last_choices`): forgotten just before each decode loop is
 # traced (`dispatch.forget_choices`), so an op that trace does not reach reads "none", not an earlier trace's choice.
-DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up")
+DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up", "o_weigh")
 
 
 def decode_choices(*ops: str) -> dict[str, str]:

@@ -9,7 +9,9 @@ decode-attention kernels a Llama layer is six launches:
   (c) `norm_gate_up`           RMSNorm prologue + x·[W_gate | W_up] + SiLU(gate)·up epilogue
   (d) `matmul_residual`        down projection + residual add
 Past these batches, at 16-64 rows, (c) runs without its norm on rows XLA normalised (`gate_up`,
-`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion).
+`inference.gate_up_rows`: the default on GPUs, measured faster than XLA's GEMM + fusion), or, in the `weighed` form,
+(b) also writes its rows times the MLP norm's weight (`matmul_residual_weigh`) and (c) takes those straight into its
+dots and applies the norm's row scale after them (`gate_up_weighed`): no launch between the two for the norm.
 `attn_combine_residual` does the merge in (b)'s prologue instead (one launch fewer): every program then merges
 every split of every head, which measured slower than the separate merge (`merge_mode`).
 Each kernel's grid runs over blocks of outputs, so every program streams its own slice of the weight matrix
@@ -51,7 +53,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
-from mamba_llama_jax.ops.partials import row_scale
+from mamba_llama_jax.ops.partials import row_scale, weigh
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2
 from pallas_kernels.decode_attention import merge_partials
@@ -103,6 +105,9 @@ GATE_UP_TILING_BY_ROWS = {16: {"dot_stages": 8}}
 # 0.01 of o's best) against 3.4-4.8 / 5.6 in the dot path's defaults; in the decode loop 3.1 / 4.7 µs a layer
 # against 4.3 / 5.9 (decode_profile_s21_gu_tiling.md, `fd64+kq4+g64+ds8` vs `fd64+kq4`).
 MATMUL_RESIDUAL_TILING = {"dot_rows": 64, "dot_stages": 8}
+# `matmul_residual_weigh_pallas` / `gate_up_weighed_pallas` (the `weighed` MLP form, `inference.gate_up_rows`):
+# written in session 27, their GPU tests not yet run on a GPU: off unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
+WEIGHED_GPU_VERIFIED = False
 
 
 # ------------------------------------------------------------------------------------------------- references
@@ -144,6 +149,22 @@ def norm_gate_up_reference(x: jax.Array, norm_weight: jax.Array, wt_gate_up: jax
 def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     """(c) without its norm: SiLU(h @ W_gate) * (h @ W_up) of already normalised rows h (b, K) -> (b, I)."""
     return swiglu(matmul_t(h, wt_gate_up.astype(h.dtype)), wt_gate_up.shape[0] // 2)
+
+
+def matmul_residual_weigh_reference(a: jax.Array, wt: jax.Array, residual: jax.Array,
+                                    norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(b) with the next norm's weight applied too: (h, weigh(h, g)) with h = residual + a @ wt.T — the rows and the
+    rows times RMSNorm's weight g without its row scale (`ops.partials.weigh`), both in residual.dtype."""
+    h = matmul_residual_reference(a, wt, residual)
+    return h, weigh(h, norm_weight)
+
+
+def gate_up_weighed_reference(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
+    """(c) on rows given as hw = weigh(rows, g): SiLU(gate)·up of RMSNorm(rows) @ [W_gate | W_up] with the norm's row
+    scale applied to the fp32 products, rounded there ((hw @ W.T) · rsqrt(mean(rows²) + eps)), as
+    `ops.partials.project_partials` does for q·k·v; (b, I) in hw.dtype."""
+    gu = jax.lax.dot_general(hw, wt_gate_up.astype(hw.dtype), _CONTRACT_K, preferred_element_type=F32)
+    return swiglu((gu * row_scale(rows, eps)[:, None]).astype(hw.dtype), wt_gate_up.shape[0] // 2)
 
 
 def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
@@ -357,6 +378,40 @@ def _gate_up_kernel(h_ref, wt_ref, o_ref, **kw: Any):
     """`_norm_gate_up_kernel` on rows already normalised: the dot path's K loop loads them straight into its
     dots (what Triton pipelines), with no pass over the rows for their norm first."""
     _norm_gate_up_kernel(h_ref, None, wt_ref, o_ref, eps=0.0, **kw)
+
+
+def _gate_up_weighed_kernel(hw_ref, x_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
+    """`_gate_up_kernel` on hw = weigh(rows, g): its K loop loads hw straight into the dots and, beside them, the
+    rows themselves for their sum of squares (no elementwise work between a load and a dot); the norm's row scale
+    multiplies the products after the loop."""
+    j = pl.program_id(0)
+    dt = o_ref.dtype
+    rg, rs = _group(hw_ref.shape[0])
+    cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
+
+    def body(i: Any, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        g, u, ss = carry
+        cols = pl.ds(i * bk, bk)
+        hb = hw_ref[rs, cols]
+        v = x_ref[rs, cols].astype(F32)
+        return (g + _dot_t(hb, wt_ref[cg, cols].astype(dt)), u + _dot_t(hb, wt_ref[cu, cols].astype(dt)),
+                ss + jnp.sum(v * v, axis=1))
+
+    zero = jnp.zeros((rg, bn), F32)
+    g, u, ss = jax.lax.fori_loop(0, k // bk, body, (zero, zero, jnp.zeros((rg,), F32)))
+    scale = jax.lax.rsqrt(ss / k + eps)[:, None]
+    o_ref[rs, cg] = _silu_mul(g * scale, u * scale, dt)
+
+
+def _matmul_residual_weigh_kernel(a_ref, wt_ref, res_ref, nw_ref, o_ref, ow_ref, *, k: int, bk: int, bn: int):
+    """`_matmul_residual_kernel`'s dot path writing the next norm's weighed rows too (`weigh`)."""
+    j = pl.program_id(0)
+    dt = o_ref.dtype
+    cols = pl.ds(j * bn, bn)
+    rs, (acc,) = _dot_rows(a_ref, None, wt_ref, [cols], k, bk, 0.0, dt, bn)
+    h = (_r(acc, dt) + res_ref[rs, cols].astype(F32)).astype(dt)
+    o_ref[rs, cols] = h
+    ow_ref[rs, cols] = (h.astype(F32) * nw_ref[cols].astype(F32)[None, :]).astype(dt)
 
 
 def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
@@ -587,6 +642,48 @@ def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
+def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, norm_weight: jax.Array, *,
+                                 block_n: int = 0, interpret: bool = False,
+                                 num_warps: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(b) with the next norm's weighed rows as a second output, one launch on the dot path (16 / 32 / 64 rows) in
+    MATMUL_RESIDUAL_TILING; same result as `matmul_residual_weigh_reference` up to summation order."""
+    b, k = _check_rows(a, "a")
+    n = _check_matrix(wt, k, "wt")
+    _check_rows(residual, "residual", n)
+    if residual.shape[0] != b or getattr(norm_weight, "shape", None) != (n,) or b not in DOT_ROWS:
+        raise _bad(f"matmul_residual_weigh_pallas needs {DOT_ROWS} rows, residual (rows, {n}) and norm_weight "
+                   f"({n},), got a {a.shape}, residual {residual.shape}, norm_weight "
+                   f"{getattr(norm_weight, 'shape', None)}")
+    _check_kernel_shape(b, k, n)
+    dt = residual.dtype
+    with _own_tiling(MATMUL_RESIDUAL_TILING):
+        bn = block_n or pick_block_n(n, b)
+        kern = functools.partial(_matmul_residual_weigh_kernel, k=k, bk=block_k(k, b), bn=bn)
+        out = jax.ShapeDtypeStruct((b, n), dt)
+        rows = out.shape[0]
+        return triton_call(kern, grid=(n // bn, rows // dot_group(rows)), out_shape=(out, out), interpret=interpret,
+                           name="matmul_residual_weigh", num_warps=num_warps or pick_warps(rows),
+                           num_stages=_TILING["dot_stages"])(a.astype(dt), wt.astype(dt), residual, norm_weight)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
+def gate_up_weighed_pallas(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float, block_n: int = 0,
+                           interpret: bool = False, num_warps: int = 0) -> jax.Array:
+    """(c) on weighed rows (`gate_up_weighed_reference`), one launch on the dot path in GATE_UP_TILING (with
+    GATE_UP_TILING_BY_ROWS's changes); same result as the reference up to summation order."""
+    b, k, inter = _check_gate_up(hw, wt_gate_up, "hw")
+    if rows.shape != hw.shape or b not in DOT_ROWS:
+        raise _bad(f"gate_up_weighed_pallas needs {DOT_ROWS} rows and rows shaped like hw, got hw {hw.shape}, "
+                   f"rows {rows.shape}")
+    _check_kernel_shape(b, k, inter)
+    with _own_tiling({**GATE_UP_TILING, **GATE_UP_TILING_BY_ROWS.get(b, {})}):
+        bn = block_n or pick_block_n(inter, b)
+        kern = functools.partial(_gate_up_weighed_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps))
+        return _call(kern, jax.ShapeDtypeStruct((b, inter), hw.dtype), inter // bn, interpret, num_warps,
+                     "gate_up_weighed", hw, rows, wt_gate_up.astype(hw.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
 def attn_combine_residual_pallas(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
                                  residual: jax.Array, *, block_n: int = 0, interpret: bool = False,
                                  num_warps: int = 0) -> jax.Array:
@@ -680,6 +777,31 @@ def gate_up(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     if choice == PALLAS_TRITON:
         return gate_up_pallas(h, wt_gate_up, interpret=_interpret())
     return gate_up_reference(h, wt_gate_up)
+
+
+def weighed_choice(rows: int, *widths: int) -> str:
+    """Which implementation the `weighed` MLP form's two kernels use: `_dot_path_choice` with WEIGHED_GPU_VERIFIED."""
+    return _dot_path_choice(WEIGHED_GPU_VERIFIED, rows, *widths)
+
+
+def matmul_residual_weigh(a: jax.Array, wt: jax.Array, residual: jax.Array,
+                          norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(b) writing the next norm's weighed rows too (`weighed_choice`); records its choice under "o_weigh"."""
+    b, k = _check_rows(a, "a")
+    choice = weighed_choice(b, k, _check_matrix(wt, k, "wt"))
+    dispatch.record_choice("o_weigh", choice)
+    if choice == PALLAS_TRITON:
+        return matmul_residual_weigh_pallas(a, wt, residual, norm_weight, interpret=_interpret())
+    return matmul_residual_weigh_reference(a, wt, residual, norm_weight)
+
+
+def gate_up_weighed(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
+    """(c) on weighed rows (`weighed_choice`); records its choice under "gate_up"."""
+    choice = weighed_choice(*_check_gate_up(hw, wt_gate_up, "hw"))
+    dispatch.record_choice("gate_up", choice)
+    if choice == PALLAS_TRITON:
+        return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, interpret=_interpret())
+    return gate_up_weighed_reference(hw, rows, wt_gate_up, eps=eps)
 
 
 def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:

@@ -14,6 +14,14 @@ since session 21 (decode_profile_s21_gu_tiling.md: 4.8 / 4.3 µs a layer). So it
 rows wherever `fused_decode.gate_up` picks its kernel (GPUs); elsewhere `gate_up` is its reference, exactly XLA's
 ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM and fusion ("kernel" or unset: the kernel).
 
+`weighed` (MAMBA_LLAMA_DECODE_GATE_UP=weighed, session 27): the launch between the o-projection and gate·up goes too.
+XLA's o-projection is a split-K GEMM whose sum, residual add and the MLP's RMSNorm are a launch of their own (~2 µs a
+layer at 64 rows, `fusion_226` in benchmarks/results/decode_profile_s27_prefetch.md). Here the o-projection + residual
+is one Pallas launch (`fused_decode.matmul_residual_weigh`) that also writes its rows times the norm's weight, and
+gate·up (`fused_decode.gate_up_weighed`) takes those straight into its dots, sums the rows' squares beside them and
+applies the norm's row scale to the products — RMSNorm folded across as `split_k` folds it for q·k·v. Not yet
+measured on a GPU.
+
 A `fold` form (norm weights folded into W_qkv / W_gate·up, the step five launches a layer at these rows) measured
 slower on the H100 and was removed: 1.122 against the default's 0.894 ms a step at batch 64
 (benchmarks/results/decode_profile_s22_fold.md; the GPU compiler re-folded the weights every step).
@@ -31,9 +39,9 @@ GATE_UP_ENV = "MAMBA_LLAMA_DECODE_GATE_UP"
 
 def gate_up_form(rows: int) -> str:
     """The MLP form of a decode step of `rows` rows traced now (module docstring): "kernel" (the one-launch
-    gate·up + SiLU·mul on XLA's normalised rows) or "xla" (XLA's GEMM and fusion; always for rows other than 16,
-    32, 64)."""
+    gate·up + SiLU·mul on XLA's normalised rows), "weighed" (the o-projection writing weighed rows for gate·up,
+    no norm launch) or "xla" (XLA's GEMM and fusion; always for rows other than 16, 32, 64)."""
     v = os.environ.get(GATE_UP_ENV, "").strip().lower()
-    if v not in ("", "xla", "kernel"):
-        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel' or 'xla', got {v!r}")
+    if v not in ("", "xla", "kernel", "weighed"):
+        raise GenerationError(f"{GATE_UP_ENV} must be 'kernel', 'weighed' or 'xla', got {v!r}")
     return (v or "kernel") if rows in DOT_ROWS else "xla"

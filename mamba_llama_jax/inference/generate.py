@@ -57,8 +57,8 @@ from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, gate_up, kernels_would_run, matmul_residual, matmul_t, merge_mode,
-    norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
+    attn_combine_residual, combine_max_splits, gate_up, gate_up_weighed, kernels_would_run, matmul_residual,
+    matmul_residual_weigh, matmul_t, merge_mode, norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
 )
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
@@ -234,13 +234,15 @@ class FusedAttention(nnx.Module):
     def init_cache(self, batch: int, slots: int) -> Any:
         return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
 
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
+                        next_norm: Any = None) -> tuple[Any, Any]:
         """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three or four launches on GPU at
         small batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, the merge of its sequence
         splits when it ran split (`merge_splits`, or in the next kernel's prologue: `fused_decode.merge_mode`), and
         o-projection + residual. Each piece falls back to its
         reference on its own (CPU, large batch, shapes a kernel does not tile): then this is exactly
-        `x + self(norm(x), ctx, cache)[0]`."""
+        `x + self(norm(x), ctx, cache)[0]`. Given the MLP's norm (`next_norm`) where the `weighed` MLP form applies
+        (`gate_up_rows`), the result is `WeighedRows` (the rows and the rows times that norm's weight)."""
         from mamba_llama_jax.models.cache import KVCache
 
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -264,6 +266,9 @@ class FusedAttention(nnx.Module):
                 merged = (merge_splits if merge_mode() == "kernel" else merge_partials)(o_part, m, l, dt)
                 return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw, **proj)
+        if next_norm is not None and weighed_form(b, wo.shape[0]):
+            rows, hw = matmul_residual_weigh(out, wo, x2, next_norm.weight[...])
+            return WeighedRows(rows[:, None], hw), KVCache(kc, vc)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -341,6 +346,22 @@ def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, win
     return attend_one(q[:, 0], kc, vc, mask[:, 0], window).reshape(b, 1, h, d)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeighedRows:
+    """A decode step's rows after attention (b, 1, D) and, (b, D), those rows times the MLP norm's weight without its
+    row scale (`ops.partials.weigh`): what the `weighed` MLP form (`gate_up_rows`) hands from the o-projection to
+    gate·up."""
+
+    rows: jax.Array
+    weighed: jax.Array
+
+
+def weighed_form(rows: int, width: int) -> bool:
+    """Whether a decode step of `rows` rows takes the `weighed` MLP form: asked for (`gate_up_rows.gate_up_form`)
+    and past the fused GEMVs' batches."""
+    return gate_up_form(rows) == "weighed" and not kernels_would_run(rows, width)
+
+
 class FusedMLP(nnx.Module):
     """SwiGLU with gate and up in one matmul."""
 
@@ -356,11 +377,18 @@ class FusedMLP(nnx.Module):
         gu = matmul_t(x.astype(dt), self.gate_up[...].astype(dt))
         return matmul_t(swiglu(gu, self.inter), self.down[...].astype(dt))
 
-    def norm_residual(self, x: jax.Array, norm: Any) -> jax.Array:
+    def norm_residual(self, x: Any, norm: Any) -> jax.Array:
         """x + self(norm(x)), the b·t tokens of x (b, t, D) taken as rows: at a decode step or a speculative
         verify chunk, two launches on GPU while b·t is small: RMSNorm + gate·up + SiLU·mul
         (`fused_decode.norm_gate_up`) and down + residual (`fused_decode.matmul_residual`); their references
-        elsewhere (prefill, larger batches), which are exactly the unfused ops."""
+        elsewhere (prefill, larger batches), which are exactly the unfused ops. x as `WeighedRows` (the `weighed`
+        form): gate·up takes its weighed rows and applies the norm's row scale (`fused_decode.gate_up_weighed`)."""
+        if isinstance(x, WeighedRows):
+            dt = jnp.dtype(self.dtype)
+            b, t, width = x.rows.shape
+            x2 = x.rows.reshape(b * t, width).astype(dt)
+            act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps)
+            return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
         b, t, width = x.shape
         if t != 1 and not verify_rows_fused():
             return x + self(norm(x))
@@ -411,10 +439,14 @@ class FusedMamba2(Mamba2):
         (the reference, `Mamba2`'s own, elsewhere)."""
         return mamba2_chunk(*args, **kw)
 
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any) -> tuple[jax.Array, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
+                        next_norm: Any = None) -> tuple[jax.Array, Any]:
         """x + mixer(norm(x)) for one decode token per row (x: (b, 1, D)): three launches on GPU (see the class);
-        each falls back to its reference on its own, and the references are exactly the unfused ops."""
+        each falls back to its reference on its own, and the references are exactly the unfused ops. (`next_norm`:
+        the attention layers' signature; the rows come back plain, never `WeighedRows`.)"""
         from mamba_llama_jax.models.cache import MambaCache
+
+        del next_norm
 
         dt = jnp.dtype(self.dtype)
         x2 = x[:, 0].astype(dt)

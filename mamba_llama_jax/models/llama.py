@@ -237,7 +237,9 @@ class Block(nnx.Module):
         if fold and verify:
             x, cache = self.mixer.verify_residual(x, self.input_layernorm, ctx, cache)
         elif fold and x.shape[1] == 1:
-            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache)
+            # an MLP that takes the norm itself may get its rows weighed by the o-projection (`WeighedRows`)
+            nxt = self.post_attention_layernorm if hasattr(self.mlp, "norm_residual") else None
+            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache, next_norm=nxt)
         else:
             h = self.input_layernorm(x)
             # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is

@@ -84,6 +84,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         {"attn_stages": 2, "dot_rows": 64, "dot_stages": 8},
         {"MAMBA_LLAMA_DECODE_GATE_UP": "kernel", "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"})
     assert bdp.parse_variant("gu+db32+dk32")[0] == {"dot_block": 32, "dot_k": 32}
+    assert bdp.parse_variant("guw+uv")[1] == {"MAMBA_LLAMA_DECODE_GATE_UP": "weighed",
+                                              "MAMBA_LLAMA_UNVERIFIED_KERNELS": "1"}
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("vp3")
     with pytest.raises(SystemExit, match="unknown variant setting"):

@@ -340,7 +340,7 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     np.testing.assert_array_equal(got, want)
     assert gu.gate_up_form(64) == "kernel" and gu.gate_up_form(8) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, "pallas")
-    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel' or 'xla'"):
+    with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel', 'weighed' or 'xla'"):
         gu.gate_up_form(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
     assert [gu.gate_up_form(r) for r in (16, 32, 4)] == ["kernel", "kernel", "xla"]  # the default
@@ -348,6 +348,32 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     assert gu.gate_up_form(16) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, " Kernel ")
     assert gu.gate_up_form(16) == "kernel" and gu.gate_up_form(8) == "xla"
+
+
+def test_weighed_mlp_form_through_its_kernels_interpret(model, monkeypatch):
+    """MAMBA_LLAMA_DECODE_GATE_UP=weighed at 16 rows (past the fused GEMVs' batches): the o-projection + residual
+    writes the rows times the MLP norm's weight (one launch, interpret mode), gate·up takes them and applies the
+    norm's row scale after its dots: the same greedy tokens (fp32) as XLA's own MLP; 8 rows (not a dot-path count)
+    and 2 rows (the fused GEMVs') keep their forms."""
+    from mamba_llama_jax.inference import gate_up_rows as gu
+    from pallas_kernels import dispatch
+
+    prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
+    want, got, choices = interpret_run(model, monkeypatch, prompts, {gu.GATE_UP_ENV: "weighed",
+                                                                      dispatch.UNVERIFIED_ENV: "1"},
+                                       ("o_weigh", "gate_up", "decode_attention"), max_new_tokens=4,
+                                       window_block=16)  # slots the attention kernel tiles
+    assert choices == {"o_weigh": "pallas_triton", "gate_up": "pallas_triton", "decode_attention": "pallas_triton"}
+    np.testing.assert_array_equal(got, want)
+    assert [gu.gate_up_form(r) for r in (16, 64, 8)] == ["weighed", "weighed", "xla"]
+    jax.clear_caches()
+    try:
+        for rows in (8, 2):
+            dispatch.record_choice("o_weigh", "none")
+            Generator(model, window_block=8).run(prompts[:rows], SamplingConfig(max_new_tokens=2))
+            assert dispatch.last_choice("o_weigh") == "none", rows
+    finally:
+        jax.clear_caches()
 
 
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):

@@ -192,6 +192,60 @@ def test_gate_up_bad_args_and_dispatch(monkeypatch):
     assert fd.gate_up_choice(64, 576, 1536) == fd.PALLAS_TRITON
 
 
+def check_weighed(rows, k, n, inter, *, dtype, tol, interpret):
+    """The `weighed` MLP form's two kernels (`matmul_residual_weigh_pallas`, `gate_up_weighed_pallas`) = their
+    references: rows and weighed rows exactly (one rounding each, the same), gate·up to `tol`; and the form's
+    reference = RMSNorm then gate·up up to where it rounds (the row scale after the dots, as `project_partials`)."""
+    t = inputs(rows, k, n, dtype=dtype, seed=rows + k)
+    w2 = (jax.random.normal(jax.random.key(k), (2 * inter, n)) / np.sqrt(n)).astype(dtype)
+    nw = (1.0 + 0.2 * jax.random.normal(jax.random.key(n), (n,))).astype(dtype)  # the MLP norm's weight
+    fn = functools.partial(fd.matmul_residual_weigh_pallas, interpret=interpret)
+    assert has_pallas_call(fn, t["a"], t["w"], t["res"], nw)
+    h, hw = fn(t["a"], t["w"], t["res"], nw)
+    rh, rhw = fd.matmul_residual_weigh_reference(t["a"], t["w"], t["res"], nw)
+    assert h.dtype == hw.dtype == dtype and h.shape == hw.shape == (rows, n)
+    assert rel(h, rh) < tol and rel(hw, rhw) < tol
+    gfn = functools.partial(fd.gate_up_weighed_pallas, eps=1e-5, interpret=interpret)
+    assert has_pallas_call(gfn, rhw, rh, w2)
+    got = gfn(rhw, rh, w2)
+    want = fd.gate_up_weighed_reference(rhw, rh, w2, eps=1e-5)
+    assert got.shape == (rows, inter) and got.dtype == dtype and rel(got, want) < tol
+    unfused = fd.gate_up_reference(fd.rms_norm_reference(rh, nw, 1e-5), w2)
+    assert rel(want, unfused) < (1e-5 if dtype == jnp.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_weighed_form_kernels_interpret(rows):
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        check_weighed(rows, 64, 96, 48, dtype=dtype, tol=tol, interpret=True)
+
+
+def test_weighed_form_bad_args_and_dispatch(monkeypatch):
+    t = inputs(16, 64, 32)
+    with pytest.raises(KernelError, match="norm_weight"):
+        fd.matmul_residual_weigh_pallas(t["a"], t["w"], t["res"], t["nw"], interpret=True)  # (64,), not (32,)
+    with pytest.raises(KernelError, match="16, 32, 64"):
+        fd.gate_up_weighed_pallas(t["x"][:8], t["x"][:8], t["w2"], eps=1e-5, interpret=True)
+    with pytest.raises(KernelError, match="shaped like hw"):
+        fd.gate_up_weighed_pallas(t["x"], t["x"][:, :32], t["w2"], eps=1e-5, interpret=True)
+    assert fd.weighed_choice(16, 64, 32) == fd.REFERENCE  # off a GPU, unless interpret mode is asked for
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    assert fd.weighed_choice(16, 64, 32) == fd.PALLAS_TRITON and fd.weighed_choice(8, 64, 32) == fd.REFERENCE
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    assert fd.weighed_choice(64, 576, 576) == (fd.PALLAS_TRITON if fd.WEIGHED_GPU_VERIFIED else fd.REFERENCE)
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+    assert fd.weighed_choice(64, 576, 576) == fd.PALLAS_TRITON
+
+
+@pytest.mark.parametrize("rows", [16, 64])
+def test_weighed_form_lowers_to_triton_at_smollm2_shapes(rows):
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    d, inter = SMOL["d"], SMOL["inter"]
+    lower_for_h100(fd.matmul_residual_weigh_pallas, S((rows, d), bf), S((d, d), bf), S((rows, d), bf), S((d,), bf))
+    lower_for_h100(functools.partial(fd.gate_up_weighed_pallas, eps=1e-5), S((rows, d), bf), S((rows, d), bf),
+                   S((2 * inter, d), bf))
+
+
 def test_gemv_kernels_bf16_interpret():
     check_all(2, 64, 32, dtype=jnp.bfloat16, tol=2e-2, interpret=True)
 
@@ -367,6 +421,16 @@ def test_gemv_kernels_equal_reference_gpu(rows):
     check_all(rows, inter, d, dtype=jnp.bfloat16, tol=2e-2, interpret=False)
     if rows in (1, 16):
         check_all(rows, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False)
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64])
+@(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
+def test_weighed_form_kernels_equal_reference_gpu(rows):
+    """The `weighed` MLP form's kernels compiled through Triton at SmolLM2's shapes (o: 576 → 576, gate·up 576 →
+    2 × 1536), bf16 and fp32."""
+    d, inter = SMOL["d"], SMOL["inter"]
+    check_weighed(rows, d, d, inter, dtype=jnp.bfloat16, tol=2e-2, interpret=False)
+    check_weighed(rows, d, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False)
 
 
 @pytest.mark.parametrize("rows,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 130), (16, 384, 300)])
