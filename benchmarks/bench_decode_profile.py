@@ -30,9 +30,10 @@ merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
-SiLU·mul in one kernel on XLA's normalised rows (the default) / XLA's GEMM and fusion (`inference.gate_up_rows`),
-`guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows times the MLP norm's
-weight, gate·up taking them and the norm's row scale after its dots (no norm launch; `inference.gate_up_rows`),
+SiLU·mul in one kernel on XLA's normalised rows (the default at 16 and 32 rows) / XLA's GEMM and fusion
+(`inference.gate_up_rows`), `guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows
+times the MLP norm's weight, gate·up taking them and the norm's row scale after its dots (no norm launch; the
+default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop

@@ -105,9 +105,10 @@ GATE_UP_TILING_BY_ROWS = {16: {"dot_stages": 8}}
 # 0.01 of o's best) against 3.4-4.8 / 5.6 in the dot path's defaults; in the decode loop 3.1 / 4.7 µs a layer
 # against 4.3 / 5.9 (decode_profile_s21_gu_tiling.md, `fd64+kq4+g64+ds8` vs `fd64+kq4`).
 MATMUL_RESIDUAL_TILING = {"dot_rows": 64, "dot_stages": 8}
-# `matmul_residual_weigh_pallas` / `gate_up_weighed_pallas` (the `weighed` MLP form, `inference.gate_up_rows`):
-# written in session 27, their GPU tests not yet run on a GPU: off unless MAMBA_LLAMA_UNVERIFIED_KERNELS=1.
-WEIGHED_GPU_VERIFIED = False
+# `matmul_residual_weigh_pallas` / `gate_up_weighed_pallas` (the `weighed` MLP form, `inference.gate_up_rows`): their
+# `-m gpu` tests passed on an H100 at 16, 32 and 64 rows, bf16 and fp32 (benchmarks/results/test-gpu-s27-weighed.xml),
+# and the decode loop ran with them (decode_profile_s27_weighed.md).
+WEIGHED_GPU_VERIFIED = True
 
 
 # ------------------------------------------------------------------------------------------------- references

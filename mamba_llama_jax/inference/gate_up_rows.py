@@ -19,8 +19,13 @@ XLA's o-projection is a split-K GEMM whose sum, residual add and the MLP's RMSNo
 layer at 64 rows, `fusion_226` in benchmarks/results/decode_profile_s27_prefetch.md). Here the o-projection + residual
 is one Pallas launch (`fused_decode.matmul_residual_weigh`) that also writes its rows times the norm's weight, and
 gate·up (`fused_decode.gate_up_weighed`) takes those straight into its dots, sums the rows' squares beside them and
-applies the norm's row scale to the products — RMSNorm folded across as `split_k` folds it for q·k·v. Not yet
-measured on a GPU.
+applies the norm's row scale to the products — RMSNorm folded across as `split_k` folds it for q·k·v. Measured on
+the H100 at batch 64, one process (benchmarks/results/decode_profile_s27_weighed.md): the step 0.800 / 0.800 ms
+against 0.812 / 0.809, 195 launches instead of 226 (the o-projection + residual 3.6 µs a layer against XLA's GEMM +
+sum 5.3, gate·up with the rows' squares beside its dots 5.6 against 4.8); issue 3's table in one process
+(generate_s27_weighed.md): 0.825 against 0.836. So it is the default at 64 rows (`DEFAULT_FORM_BY_ROWS`); at 16 and
+32 it is not measured, and "kernel" stays. Its kernels passed their GPU tests at 16, 32 and 64 rows
+(test-gpu-s27-weighed.xml).
 
 A `fold` form (norm weights folded into W_qkv / W_gate·up, the step five launches a layer at these rows) measured
 slower on the H100 and was removed: 1.122 against the default's 0.894 ms a step at batch 64
@@ -35,13 +40,15 @@ from mamba_llama_jax.errors import GenerationError
 from pallas_kernels.fused_decode import DOT_ROWS
 
 GATE_UP_ENV = "MAMBA_LLAMA_DECODE_GATE_UP"
+DEFAULT_FORM_BY_ROWS = {64: "weighed"}  # where the environment says nothing; "kernel" at the other dot-path rows
 
 
 def gate_up_form(rows: int) -> str:
     """The MLP form of a decode step of `rows` rows traced now (module docstring): "kernel" (the one-launch
     gate·up + SiLU·mul on XLA's normalised rows), "weighed" (the o-projection writing weighed rows for gate·up,
-    no norm launch) or "xla" (XLA's GEMM and fusion; always for rows other than 16, 32, 64)."""
+    no norm launch) or "xla" (XLA's GEMM and fusion; always for rows other than 16, 32, 64). Unset: the measured
+    DEFAULT_FORM_BY_ROWS, else "kernel"."""
     v = os.environ.get(GATE_UP_ENV, "").strip().lower()
     if v not in ("", "xla", "kernel", "weighed"):
         raise GenerationError(f"{GATE_UP_ENV} must be 'kernel', 'weighed' or 'xla', got {v!r}")
-    return (v or "kernel") if rows in DOT_ROWS else "xla"
+    return (v or DEFAULT_FORM_BY_ROWS.get(rows, "kernel")) if rows in DOT_ROWS else "xla"

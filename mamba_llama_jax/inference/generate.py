@@ -395,7 +395,8 @@ class FusedMLP(nnx.Module):
         dt = jnp.dtype(self.dtype)
         x2 = x.reshape(b * t, width).astype(dt)
         wt = self.gate_up[...].astype(dt)
-        if not kernels_would_run(b * t, width, self.inter) and gate_up_form(b * t) == "kernel":
+        # plain rows where the weighed form is planned (after a Mamba layer, which weighs nothing) take the kernel
+        if not kernels_would_run(b * t, width, self.inter) and gate_up_form(b * t) in ("kernel", "weighed"):
             act = gate_up(rms_norm_reference(x2, norm.weight[...], norm.eps), wt)  # the norm stays with XLA
         else:
             act = norm_gate_up(x2, norm.weight[...], wt, eps=norm.eps)

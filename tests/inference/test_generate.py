@@ -343,7 +343,7 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel', 'weighed' or 'xla'"):
         gu.gate_up_form(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
-    assert [gu.gate_up_form(r) for r in (16, 32, 4)] == ["kernel", "kernel", "xla"]  # the default
+    assert [gu.gate_up_form(r) for r in (16, 32, 64, 4)] == ["kernel", "kernel", "weighed", "xla"]  # the default
     monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
     assert gu.gate_up_form(16) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, " Kernel ")
@@ -374,6 +374,34 @@ def test_weighed_mlp_form_through_its_kernels_interpret(model, monkeypatch):
             assert dispatch.last_choice("o_weigh") == "none", rows
     finally:
         jax.clear_caches()
+
+
+def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch):
+    """The `weighed` form in a 50 % hybrid at 16 rows (interpret mode): its attention layers hand weighed rows to
+    their MLPs, its Mamba layers plain rows, whose MLPs then take the gate·up kernel on XLA's normalised rows: the
+    same greedy tokens (fp32) as XLA's own MLP, both kernels chosen."""
+    from mamba_llama_jax.config import HybridConfig
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.inference import gate_up_rows as gu
+    from pallas_kernels import dispatch
+    from pallas_kernels import fused_decode as fd
+
+    hybrid = build_hybrid(LlamaLM(HCFG, rngs=nnx.Rngs(3)), HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(4))
+    calls = {"gate_up": 0, "gate_up_weighed": 0}
+    for name in calls:
+        real = getattr(fd, f"{name}_pallas")
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(fd, f"{name}_pallas", spy)
+    prompts = [[t % HCFG.vocab_size for t in PROMPTS[i % 2][: 2 + i % 6]] + [i + 1] for i in range(16)]
+    monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
+    want, got, _ = interpret_run(hybrid, monkeypatch, prompts,
+                                 {gu.GATE_UP_ENV: "weighed", dispatch.UNVERIFIED_ENV: "1"}, ("gate_up",),
+                                 max_new_tokens=3, window_block=16)
+    np.testing.assert_array_equal(got, want)
+    assert calls["gate_up"] > 0 and calls["gate_up_weighed"] > 0, calls
 
 
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):
