@@ -566,9 +566,10 @@ def _check_kernel_shape(rows: int, *widths: int) -> None:
                    f"{rows} rows and widths {widths}; use the *_reference functions (or the dispatchers)")
 
 
-def _call(kernel: Any, out: jax.ShapeDtypeStruct, grid: int, interpret: bool, num_warps: int, name: str,
-          *args: Any) -> jax.Array:
-    rows = out.shape[0]
+def _call(kernel: Any, out: Any, grid: int, interpret: bool, num_warps: int, name: str, *args: Any) -> Any:
+    """Launches `kernel` over `grid` output blocks (and, on the dot path, the row groups) for `out` (one shape or a
+    tuple of them, all with the same rows)."""
+    rows = jax.tree.leaves(out)[0].shape[0]
     grids = (grid, rows // dot_group(rows)) if rows in DOT_ROWS else (grid,)
     return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
                        num_warps=num_warps or pick_warps(rows),
@@ -661,10 +662,8 @@ def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Arra
         bn = block_n or pick_block_n(n, b)
         kern = functools.partial(_matmul_residual_weigh_kernel, k=k, bk=block_k(k, b), bn=bn)
         out = jax.ShapeDtypeStruct((b, n), dt)
-        rows = out.shape[0]
-        return triton_call(kern, grid=(n // bn, rows // dot_group(rows)), out_shape=(out, out), interpret=interpret,
-                           name="matmul_residual_weigh", num_warps=num_warps or pick_warps(rows),
-                           num_stages=_TILING["dot_stages"])(a.astype(dt), wt.astype(dt), residual, norm_weight)
+        return _call(kern, (out, out), n // bn, interpret, num_warps, "matmul_residual_weigh",
+                     a.astype(dt), wt.astype(dt), residual, norm_weight)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))

@@ -182,14 +182,19 @@ def test_gate_up_bad_args_and_dispatch(monkeypatch):
     with pytest.raises(KernelError, match="dot_k"):
         with fd.tiling(dot_k=48):
             pass
-    # off a GPU: the reference unless interpret mode is asked for; a GPU needs the unverified-kernels switch
-    assert fd.gate_up_choice(16, 64, 32) == fd.REFERENCE
+    assert_dot_path_dispatch(monkeypatch, fd.gate_up_choice, fd.GATE_UP_GPU_VERIFIED, 1536)
+
+
+def assert_dot_path_dispatch(monkeypatch, choice, verified, n):
+    """A dot-path kernel's choice: off a GPU the reference unless interpret mode is asked for (and then only at the
+    dot path's rows); on a GPU the kernel once verified, or with the unverified-kernels switch."""
+    assert choice(16, 64, 32) == fd.REFERENCE
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    assert fd.gate_up_choice(16, 64, 32) == fd.PALLAS_TRITON and fd.gate_up_choice(8, 64, 32) == fd.REFERENCE
+    assert choice(16, 64, 32) == fd.PALLAS_TRITON and choice(8, 64, 32) == fd.REFERENCE
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    assert fd.gate_up_choice(64, 576, 1536) == (fd.PALLAS_TRITON if fd.GATE_UP_GPU_VERIFIED else fd.REFERENCE)
+    assert choice(64, 576, n) == (fd.PALLAS_TRITON if verified else fd.REFERENCE)
     monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
-    assert fd.gate_up_choice(64, 576, 1536) == fd.PALLAS_TRITON
+    assert choice(64, 576, n) == fd.PALLAS_TRITON
 
 
 def check_weighed(rows, k, n, inter, *, dtype, tol, interpret):
@@ -228,13 +233,7 @@ def test_weighed_form_bad_args_and_dispatch(monkeypatch):
         fd.gate_up_weighed_pallas(t["x"][:8], t["x"][:8], t["w2"], eps=1e-5, interpret=True)
     with pytest.raises(KernelError, match="shaped like hw"):
         fd.gate_up_weighed_pallas(t["x"], t["x"][:, :32], t["w2"], eps=1e-5, interpret=True)
-    assert fd.weighed_choice(16, 64, 32) == fd.REFERENCE  # off a GPU, unless interpret mode is asked for
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    assert fd.weighed_choice(16, 64, 32) == fd.PALLAS_TRITON and fd.weighed_choice(8, 64, 32) == fd.REFERENCE
-    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    assert fd.weighed_choice(64, 576, 576) == (fd.PALLAS_TRITON if fd.WEIGHED_GPU_VERIFIED else fd.REFERENCE)
-    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
-    assert fd.weighed_choice(64, 576, 576) == fd.PALLAS_TRITON
+    assert_dot_path_dispatch(monkeypatch, fd.weighed_choice, fd.WEIGHED_GPU_VERIFIED, 576)
 
 
 @pytest.mark.parametrize("rows", [16, 64])
