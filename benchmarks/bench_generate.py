@@ -178,6 +178,9 @@ def split_variant(name: str) -> tuple[str, str]:
         from bench_decode_profile import parse_variant
 
         parse_variant(settings)  # an unknown setting exits with the list of known ones
+        if "hw" in settings.split("+"):  # parse_variant accepts it for the profile, which alone applies it
+            raise SystemExit(f"bench_generate: {name!r}: `hw` is bench_decode_profile's diagnostic (layers sharing "
+                             "layer 0's weights); issue 3's table runs every layer's own weights")
     return base, settings
 
 

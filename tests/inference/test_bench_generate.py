@@ -42,7 +42,7 @@ def test_variants_with_profile_settings(monkeypatch, tmp_path):
     assert bg.split_variant("fused") == ("fused", "")
     assert bg.split_variant("fused@adot+cublas") == ("fused", "adot+cublas")
     for bad, msg in (("turbo@adot", "unknown variant 'turbo'"), ("fused@", "names no settings"),
-                     ("fused@warp9", "unknown variant setting")):
+                     ("fused@warp9", "unknown variant setting"), ("fused@ana+hw", "diagnostic")):
         with pytest.raises(SystemExit, match=msg):
             bg.split_variant(bad)
     # the worker traces each variant with its settings in force, and restores the defaults after
