@@ -33,7 +33,8 @@ XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up
 SiLU·mul in one kernel on XLA's normalised rows (the default at 16 and 32 rows) / XLA's GEMM and fusion
 (`inference.gate_up_rows`), `guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows
 times the MLP norm's weight, gate·up taking them and the norm's row scale after its dots (no norm launch; the
-default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`),
+default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
+taken beside gate·up's dots / written by the o-projection kernel as partials (`fused_decode.tiling(squares=...)`),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop
@@ -248,12 +249,14 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["dot_block"] = int(m.group(1))
         elif m := re.fullmatch(r"kq(\d+)", tok):
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
+        elif tok in ("sqg", "sqo"):
+            tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
         elif tok == "hw":
             continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, hw)")
     return tiling, env
 
 

@@ -152,20 +152,38 @@ def gate_up_reference(h: jax.Array, wt_gate_up: jax.Array) -> jax.Array:
     return swiglu(matmul_t(h, wt_gate_up.astype(h.dtype)), wt_gate_up.shape[0] // 2)
 
 
-def matmul_residual_weigh_reference(a: jax.Array, wt: jax.Array, residual: jax.Array,
-                                    norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+def matmul_residual_weigh_reference(a: jax.Array, wt: jax.Array, residual: jax.Array, norm_weight: jax.Array, *,
+                                    squares: bool = False) -> tuple[jax.Array, ...]:
     """(b) with the next norm's weight applied too: (h, weigh(h, g)) with h = residual + a @ wt.T — the rows and the
-    rows times RMSNorm's weight g without its row scale (`ops.partials.weigh`), both in residual.dtype."""
+    rows times RMSNorm's weight g without its row scale (`ops.partials.weigh`), both in residual.dtype; with
+    `squares`, also the rows' sums of squares as the kernel's partials (`square_partials`)."""
     h = matmul_residual_reference(a, wt, residual)
-    return h, weigh(h, norm_weight)
+    return (h, weigh(h, norm_weight)) + ((square_partials(h),) if squares else ())
 
 
-def gate_up_weighed_reference(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
+def square_partials(h: jax.Array) -> jax.Array:
+    """The rows' sums of squares (fp32) as `matmul_residual_weigh_pallas` writes them: (P2, rows), one row per
+    program of its grid over N (`square_parts`), then zero rows up to P2."""
+    rows, n = h.shape
+    parts, p2 = square_parts(n, rows)
+    hf = h.astype(F32)
+    return jnp.pad(jnp.sum((hf * hf).reshape(rows, parts, n // parts), axis=2).T, ((0, p2 - parts), (0, 0)))
+
+
+def squares_scale(squares: jax.Array, k: int, eps: float) -> jax.Array:
+    """RMSNorm's row scale (rows,) from sum-of-squares partials (P, rows) of rows K wide (`ops.partials.row_scale`)."""
+    return jax.lax.rsqrt(jnp.sum(squares, axis=0) / k + eps)
+
+
+def gate_up_weighed_reference(hw: jax.Array, rows: jax.Array | None, wt_gate_up: jax.Array, *, eps: float,
+                              squares: jax.Array | None = None) -> jax.Array:
     """(c) on rows given as hw = weigh(rows, g): SiLU(gate)·up of RMSNorm(rows) @ [W_gate | W_up] with the norm's row
     scale applied to the fp32 products, rounded there ((hw @ W.T) · rsqrt(mean(rows²) + eps)), as
-    `ops.partials.project_partials` does for q·k·v; (b, I) in hw.dtype."""
+    `ops.partials.project_partials` does for q·k·v; (b, I) in hw.dtype. The row scale from `squares` (the
+    o-projection's partials, `square_partials`) where given, else from `rows`."""
     gu = jax.lax.dot_general(hw, wt_gate_up.astype(hw.dtype), _CONTRACT_K, preferred_element_type=F32)
-    return swiglu((gu * row_scale(rows, eps)[:, None]).astype(hw.dtype), wt_gate_up.shape[0] // 2)
+    scale = row_scale(rows, eps) if squares is None else squares_scale(squares, hw.shape[1], eps)
+    return swiglu((gu * scale[:, None]).astype(hw.dtype), wt_gate_up.shape[0] // 2)
 
 
 def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Array, wt: jax.Array,
@@ -381,31 +399,42 @@ def _gate_up_kernel(h_ref, wt_ref, o_ref, **kw: Any):
     _norm_gate_up_kernel(h_ref, None, wt_ref, o_ref, eps=0.0, **kw)
 
 
-def _gate_up_weighed_kernel(hw_ref, x_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float):
+def _gate_up_weighed_kernel(hw_ref, x_ref, wt_ref, o_ref, *, k: int, bk: int, bn: int, inter: int, eps: float,
+                            squared: bool):
     """`_gate_up_kernel` on hw = weigh(rows, g): its K loop loads hw straight into the dots and, beside them, the
-    rows themselves for their sum of squares (no elementwise work between a load and a dot); the norm's row scale
-    multiplies the products after the loop."""
+    rows themselves (x_ref) for their sum of squares (no elementwise work between a load and a dot) — or, `squared`,
+    x_ref holds the o-projection's partial sums of squares (P2, rows), added up before the loop, which then loads hw
+    alone; the norm's row scale multiplies the products after the loop."""
     j = pl.program_id(0)
     dt = o_ref.dtype
     rg, rs = _group(hw_ref.shape[0])
     cg, cu = pl.ds(j * bn, bn), pl.ds(inter + j * bn, bn)
 
+    def dots(i: Any, g: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hb = hw_ref[rs, pl.ds(i * bk, bk)]
+        return (g + _dot_t(hb, wt_ref[cg, pl.ds(i * bk, bk)].astype(dt)),
+                u + _dot_t(hb, wt_ref[cu, pl.ds(i * bk, bk)].astype(dt)))
+
     def body(i: Any, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         g, u, ss = carry
-        cols = pl.ds(i * bk, bk)
-        hb = hw_ref[rs, cols]
-        v = x_ref[rs, cols].astype(F32)
-        return (g + _dot_t(hb, wt_ref[cg, cols].astype(dt)), u + _dot_t(hb, wt_ref[cu, cols].astype(dt)),
-                ss + jnp.sum(v * v, axis=1))
+        v = x_ref[rs, pl.ds(i * bk, bk)].astype(F32)
+        return (*dots(i, g, u), ss + jnp.sum(v * v, axis=1))
 
     zero = jnp.zeros((rg, bn), F32)
-    g, u, ss = jax.lax.fori_loop(0, k // bk, body, (zero, zero, jnp.zeros((rg,), F32)))
+    if squared:
+        ss = jnp.sum(x_ref[:, rs], axis=0)
+        g, u = jax.lax.fori_loop(0, k // bk, lambda i, c: dots(i, *c), (zero, zero))
+    else:
+        g, u, ss = jax.lax.fori_loop(0, k // bk, body, (zero, zero, jnp.zeros((rg,), F32)))
     scale = jax.lax.rsqrt(ss / k + eps)[:, None]
     o_ref[rs, cg] = _silu_mul(g * scale, u * scale, dt)
 
 
-def _matmul_residual_weigh_kernel(a_ref, wt_ref, res_ref, nw_ref, o_ref, ow_ref, *, k: int, bk: int, bn: int):
-    """`_matmul_residual_kernel`'s dot path writing the next norm's weighed rows too (`weigh`)."""
+def _matmul_residual_weigh_kernel(a_ref, wt_ref, res_ref, nw_ref, o_ref, ow_ref, sq_ref=None, *, k: int, bk: int,
+                                  bn: int, parts: int):
+    """`_matmul_residual_kernel`'s dot path writing the next norm's weighed rows too (`weigh`) and, given `sq_ref`
+    (P2, rows), its rows' sums of squares over its outputs at row j (`square_partials`); programs j < P2 - parts
+    write the zero rows after the `parts` programs' own."""
     j = pl.program_id(0)
     dt = o_ref.dtype
     cols = pl.ds(j * bn, bn)
@@ -413,6 +442,13 @@ def _matmul_residual_weigh_kernel(a_ref, wt_ref, res_ref, nw_ref, o_ref, ow_ref,
     h = (_r(acc, dt) + res_ref[rs, cols].astype(F32)).astype(dt)
     o_ref[rs, cols] = h
     ow_ref[rs, cols] = (h.astype(F32) * nw_ref[cols].astype(F32)[None, :]).astype(dt)
+    if sq_ref is not None:
+        hf = h.astype(F32)
+        sq_ref[j, rs] = jnp.sum(hf * hf, axis=1)
+
+        @pl.when(j < sq_ref.shape[0] - parts)
+        def _zero_row() -> None:
+            sq_ref[parts + j, rs] = jnp.zeros(hf.shape[:1], F32)
 
 
 def _matmul_residual_kernel(a_ref, wt_ref, res_ref, o_ref, *, k: int, bk: int, bn: int):
@@ -476,25 +512,33 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3, "dot_k": 128}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "gate_up"}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
+# Where the `weighed` form takes its rows' sums of squares (`tiling(squares=...)`): "gate_up" = gate·up loads the
+# rows beside the weighed rows each K step and sums their squares there; "o" = the o-projection kernel writes them as
+# partial sums, one per program (`square_parts`), and gate·up adds those up before its K loop, which then loads the
+# weighed rows alone.
+SQUARES = ("gate_up", "o")
 
 
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
            dot_rows: int | None = None, dot_block: int | None = None,
-           dot_stages: int | None = None, dot_k: int | None = None) -> Iterator[None]:
+           dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
     stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
-    (`block_k`: 16..128, default 128). Clear jax's caches
+    (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES). Clear
+    jax's caches
     (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
+    if squares is not None and squares not in SQUARES:
+        raise _bad(f"tiling squares must be one of {SQUARES}, got {squares!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
     if dot_block is not None and dot_block not in (16, 32, 64, 128):
@@ -504,9 +548,9 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
     if dot_k is not None and dot_k not in (16, 32, 64, 128):
         raise _bad(f"tiling dot_k must be one of 16, 32, 64, 128, got {dot_k}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k}
+           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares}
     for k, v in new.items():
-        if k not in ("merge", "dot_stages") and v is not None and (v < 0 or (v and v & (v - 1))):
+        if k not in ("merge", "dot_stages", "squares") and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old, old_named = dict(_TILING), set(_NAMED)
     _TILING.update({k: v for k, v in new.items() if v is not None})
@@ -643,12 +687,13 @@ def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, 
                      a.astype(dt), wt.astype(dt), residual)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("squares", "block_n", "interpret", "num_warps"))
 def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, norm_weight: jax.Array, *,
-                                 block_n: int = 0, interpret: bool = False,
-                                 num_warps: int = 0) -> tuple[jax.Array, jax.Array]:
-    """(b) with the next norm's weighed rows as a second output, one launch on the dot path (16 / 32 / 64 rows) in
-    MATMUL_RESIDUAL_TILING; same result as `matmul_residual_weigh_reference` up to summation order."""
+                                 squares: bool = False, block_n: int = 0, interpret: bool = False,
+                                 num_warps: int = 0) -> tuple[jax.Array, ...]:
+    """(b) with the next norm's weighed rows as a second output (and, with `squares`, the rows' sum-of-squares
+    partials as a third), one launch on the dot path (16 / 32 / 64 rows) in MATMUL_RESIDUAL_TILING; same result as
+    `matmul_residual_weigh_reference` up to summation order."""
     b, k = _check_rows(a, "a")
     n = _check_matrix(wt, k, "wt")
     _check_rows(residual, "residual", n)
@@ -660,27 +705,35 @@ def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Arra
     dt = residual.dtype
     with _own_tiling(MATMUL_RESIDUAL_TILING):
         bn = block_n or pick_block_n(n, b)
-        kern = functools.partial(_matmul_residual_weigh_kernel, k=k, bk=block_k(k, b), bn=bn)
+        parts = n // bn
+        kern = functools.partial(_matmul_residual_weigh_kernel, k=k, bk=block_k(k, b), bn=bn, parts=parts)
         out = jax.ShapeDtypeStruct((b, n), dt)
-        return _call(kern, (out, out), n // bn, interpret, num_warps, "matmul_residual_weigh",
+        sq = (jax.ShapeDtypeStruct((1 << (parts - 1).bit_length(), b), F32),) if squares else ()
+        return _call(kern, (out, out, *sq), parts, interpret, num_warps, "matmul_residual_weigh",
                      a.astype(dt), wt.astype(dt), residual, norm_weight)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
-def gate_up_weighed_pallas(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float, block_n: int = 0,
-                           interpret: bool = False, num_warps: int = 0) -> jax.Array:
-    """(c) on weighed rows (`gate_up_weighed_reference`), one launch on the dot path in GATE_UP_TILING (with
-    GATE_UP_TILING_BY_ROWS's changes); same result as the reference up to summation order."""
+def gate_up_weighed_pallas(hw: jax.Array, rows: jax.Array | None, wt_gate_up: jax.Array, *, eps: float,
+                           squares: jax.Array | None = None, block_n: int = 0, interpret: bool = False,
+                           num_warps: int = 0) -> jax.Array:
+    """(c) on weighed rows (`gate_up_weighed_reference`: the row scale from `squares` where given, else from
+    `rows`), one launch on the dot path in GATE_UP_TILING (with GATE_UP_TILING_BY_ROWS's changes); same result as
+    the reference up to summation order."""
     b, k, inter = _check_gate_up(hw, wt_gate_up, "hw")
-    if rows.shape != hw.shape or b not in DOT_ROWS:
-        raise _bad(f"gate_up_weighed_pallas needs {DOT_ROWS} rows and rows shaped like hw, got hw {hw.shape}, "
-                   f"rows {rows.shape}")
+    sq = getattr(squares, "shape", None)
+    if b not in DOT_ROWS or (squares is None and getattr(rows, "shape", None) != hw.shape) or (
+            squares is not None and (len(sq) != 2 or sq[1] != b or not is_pow2(sq[0])
+                                     or squares.dtype != jnp.float32)):
+        raise _bad(f"gate_up_weighed_pallas needs {DOT_ROWS} rows and rows shaped like hw, or fp32 squares "
+                   f"(power of two, rows), got hw {hw.shape}, rows {getattr(rows, 'shape', None)}, squares {sq}")
     _check_kernel_shape(b, k, inter)
     with _own_tiling({**GATE_UP_TILING, **GATE_UP_TILING_BY_ROWS.get(b, {})}):
         bn = block_n or pick_block_n(inter, b)
-        kern = functools.partial(_gate_up_weighed_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps))
+        kern = functools.partial(_gate_up_weighed_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps),
+                                 squared=squares is not None)
         return _call(kern, jax.ShapeDtypeStruct((b, inter), hw.dtype), inter // bn, interpret, num_warps,
-                     "gate_up_weighed", hw, rows, wt_gate_up.astype(hw.dtype))
+                     "gate_up_weighed", hw, rows if squares is None else squares, wt_gate_up.astype(hw.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
@@ -784,24 +837,41 @@ def weighed_choice(rows: int, *widths: int) -> str:
     return _dot_path_choice(WEIGHED_GPU_VERIFIED, rows, *widths)
 
 
+def squares_from() -> str:
+    """Where the `weighed` form takes its rows' sums of squares, as traced now (SQUARES)."""
+    return _TILING["squares"]
+
+
+def square_parts(n: int, rows: int) -> tuple[int, int]:
+    """`matmul_residual_weigh_pallas`'s programs over N = n at `rows` rows, and the rows of its sum-of-squares
+    partials: that count rounded up to a power of two (Triton's blocks; gate·up loads them all as one block)."""
+    with _own_tiling(MATMUL_RESIDUAL_TILING):
+        parts = n // pick_block_n(n, rows)
+    return parts, 1 << (parts - 1).bit_length()
+
+
 def matmul_residual_weigh(a: jax.Array, wt: jax.Array, residual: jax.Array,
-                          norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(b) writing the next norm's weighed rows too (`weighed_choice`); records its choice under "o_weigh"."""
+                          norm_weight: jax.Array) -> tuple[jax.Array, ...]:
+    """(b) writing the next norm's weighed rows too (`weighed_choice`), and the rows' sum-of-squares partials where
+    `squares_from()` is "o"; records its choice under "o_weigh"."""
     b, k = _check_rows(a, "a")
     choice = weighed_choice(b, k, _check_matrix(wt, k, "wt"))
     dispatch.record_choice("o_weigh", choice)
+    squares = squares_from() == "o"
     if choice == PALLAS_TRITON:
-        return matmul_residual_weigh_pallas(a, wt, residual, norm_weight, interpret=_interpret())
-    return matmul_residual_weigh_reference(a, wt, residual, norm_weight)
+        return matmul_residual_weigh_pallas(a, wt, residual, norm_weight, squares=squares, interpret=_interpret())
+    return matmul_residual_weigh_reference(a, wt, residual, norm_weight, squares=squares)
 
 
-def gate_up_weighed(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float) -> jax.Array:
-    """(c) on weighed rows (`weighed_choice`); records its choice under "gate_up"."""
+def gate_up_weighed(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float,
+                    squares: jax.Array | None = None) -> jax.Array:
+    """(c) on weighed rows (`weighed_choice`), the row scale from `squares` where given; records its choice under
+    "gate_up"."""
     choice = weighed_choice(*_check_gate_up(hw, wt_gate_up, "hw"))
     dispatch.record_choice("gate_up", choice)
     if choice == PALLAS_TRITON:
-        return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, interpret=_interpret())
-    return gate_up_weighed_reference(hw, rows, wt_gate_up, eps=eps)
+        return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, squares=squares, interpret=_interpret())
+    return gate_up_weighed_reference(hw, rows, wt_gate_up, eps=eps, squares=squares)
 
 
 def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:

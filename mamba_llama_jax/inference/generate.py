@@ -267,8 +267,8 @@ class FusedAttention(nnx.Module):
                 return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw, **proj)
         if next_norm is not None and weighed_form(b, wo.shape[0]):
-            rows, hw = matmul_residual_weigh(out, wo, x2, next_norm.weight[...])
-            return WeighedRows(rows[:, None], hw), KVCache(kc, vc)
+            rows, hw, *squares = matmul_residual_weigh(out, wo, x2, next_norm.weight[...])
+            return WeighedRows(rows[:, None], hw, *squares), KVCache(kc, vc)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
     def _norm_qkv(self, x2: jax.Array, norm: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -350,10 +350,11 @@ def _attend_one(q: jax.Array, kc: jax.Array, vc: jax.Array, mask: jax.Array, win
 class WeighedRows:
     """A decode step's rows after attention (b, 1, D) and, (b, D), those rows times the MLP norm's weight without its
     row scale (`ops.partials.weigh`): what the `weighed` MLP form (`gate_up_rows`) hands from the o-projection to
-    gate·up."""
+    gate·up; with `fused_decode.squares_from()` "o", also the rows' sum-of-squares partials (P, b) fp32."""
 
     rows: jax.Array
     weighed: jax.Array
+    squares: jax.Array | None = None
 
 
 def weighed_form(rows: int, width: int) -> bool:
@@ -387,7 +388,7 @@ class FusedMLP(nnx.Module):
             dt = jnp.dtype(self.dtype)
             b, t, width = x.rows.shape
             x2 = x.rows.reshape(b * t, width).astype(dt)
-            act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps)
+            act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps, squares=x.squares)
             return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
         b, t, width = x.shape
         if t != 1 and not verify_rows_fused():

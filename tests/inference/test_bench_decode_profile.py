@@ -78,6 +78,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("ana+ab32")[0] == {"attn_newest": "after", "attn_block": 32}
     assert bdp.parse_variant("anb")[0] == {"attn_newest": "block"}
     assert bdp.parse_variant("hw+ana") == ({"attn_newest": "after"}, {})  # hw: read by profile_variant
+    assert bdp.parse_variant("guw+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_DECODE_GATE_UP": "weighed"})
+    assert bdp.parse_variant("sqg")[0] == {"squares": "gate_up"}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (

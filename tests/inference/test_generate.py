@@ -376,10 +376,12 @@ def test_weighed_mlp_form_through_its_kernels_interpret(model, monkeypatch):
         jax.clear_caches()
 
 
-def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch):
+@pytest.mark.parametrize("squares", ["gate_up", "o"])
+def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch, squares):
     """The `weighed` form in a 50 % hybrid at 16 rows (interpret mode): its attention layers hand weighed rows to
     their MLPs, its Mamba layers plain rows, whose MLPs then take the gate·up kernel on XLA's normalised rows: the
-    same greedy tokens (fp32) as XLA's own MLP, both kernels chosen."""
+    same greedy tokens (fp32) as XLA's own MLP, both kernels chosen; the rows' squares summed where `squares` says
+    (`fused_decode.tiling`), the o-projection kernel writing them or not."""
     from mamba_llama_jax.config import HybridConfig
     from mamba_llama_jax.convert.from_attention import build_hybrid
     from mamba_llama_jax.inference import gate_up_rows as gu
@@ -387,21 +389,24 @@ def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch):
     from pallas_kernels import fused_decode as fd
 
     hybrid = build_hybrid(LlamaLM(HCFG, rngs=nnx.Rngs(3)), HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(4))
-    calls = {"gate_up": 0, "gate_up_weighed": 0}
+    calls = {"gate_up": 0, "gate_up_weighed": 0, "matmul_residual_weigh": 0}
     for name in calls:
         real = getattr(fd, f"{name}_pallas")
 
         def spy(*a, _real=real, _name=name, **kw):
             calls[_name] += 1
+            if _name == "matmul_residual_weigh":
+                assert kw["squares"] == (squares == "o")
             return _real(*a, **kw)
         monkeypatch.setattr(fd, f"{name}_pallas", spy)
     prompts = [[t % HCFG.vocab_size for t in PROMPTS[i % 2][: 2 + i % 6]] + [i + 1] for i in range(16)]
     monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
-    want, got, _ = interpret_run(hybrid, monkeypatch, prompts,
-                                 {gu.GATE_UP_ENV: "weighed", dispatch.UNVERIFIED_ENV: "1"}, ("gate_up",),
-                                 max_new_tokens=3, window_block=16)
+    with fd.tiling(squares=squares):
+        want, got, _ = interpret_run(hybrid, monkeypatch, prompts,
+                                     {gu.GATE_UP_ENV: "weighed", dispatch.UNVERIFIED_ENV: "1"}, ("gate_up",),
+                                     max_new_tokens=3, window_block=16)
     np.testing.assert_array_equal(got, want)
-    assert calls["gate_up"] > 0 and calls["gate_up_weighed"] > 0, calls
+    assert min(calls.values()) > 0, calls
 
 
 def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch):

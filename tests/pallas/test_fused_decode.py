@@ -197,23 +197,36 @@ def assert_dot_path_dispatch(monkeypatch, choice, verified, n):
     assert choice(64, 576, n) == fd.PALLAS_TRITON
 
 
-def check_weighed(rows, k, n, inter, *, dtype, tol, interpret):
+def check_weighed(rows, k, n, inter, *, dtype, tol, interpret, squares=False):
     """The `weighed` MLP form's two kernels (`matmul_residual_weigh_pallas`, `gate_up_weighed_pallas`) = their
     references: rows and weighed rows exactly (one rounding each, the same), gate·up to `tol`; and the form's
-    reference = RMSNorm then gate·up up to where it rounds (the row scale after the dots, as `project_partials`)."""
+    reference = RMSNorm then gate·up up to where it rounds (the row scale after the dots, as `project_partials`).
+    With `squares`: the o-projection's sum-of-squares partials too (their zero padding rows exactly zero), and
+    gate·up's row scale taken from them."""
     t = inputs(rows, k, n, dtype=dtype, seed=rows + k)
     w2 = (jax.random.normal(jax.random.key(k), (2 * inter, n)) / np.sqrt(n)).astype(dtype)
     nw = (1.0 + 0.2 * jax.random.normal(jax.random.key(n), (n,))).astype(dtype)  # the MLP norm's weight
-    fn = functools.partial(fd.matmul_residual_weigh_pallas, interpret=interpret)
+    fn = functools.partial(fd.matmul_residual_weigh_pallas, squares=squares, interpret=interpret)
     assert has_pallas_call(fn, t["a"], t["w"], t["res"], nw)
-    h, hw = fn(t["a"], t["w"], t["res"], nw)
-    rh, rhw = fd.matmul_residual_weigh_reference(t["a"], t["w"], t["res"], nw)
+    outs = fn(t["a"], t["w"], t["res"], nw)
+    refs = fd.matmul_residual_weigh_reference(t["a"], t["w"], t["res"], nw, squares=squares)
+    assert len(outs) == len(refs) == 2 + squares
+    (h, hw), (rh, rhw) = outs[:2], refs[:2]
     assert h.dtype == hw.dtype == dtype and h.shape == hw.shape == (rows, n)
     assert rel(h, rh) < tol and rel(hw, rhw) < tol
-    gfn = functools.partial(fd.gate_up_weighed_pallas, eps=1e-5, interpret=interpret)
-    assert has_pallas_call(gfn, rhw, rh, w2)
-    got = gfn(rhw, rh, w2)
-    want = fd.gate_up_weighed_reference(rhw, rh, w2, eps=1e-5)
+    rsq = None
+    if squares:
+        parts, p2 = fd.square_parts(n, rows)
+        sq, rsq = outs[2], refs[2]
+        assert sq.shape == rsq.shape == (p2, rows) and sq.dtype == jnp.float32 and rel(sq, rsq) < 1e-5
+        assert not np.any(np.asarray(sq[parts:]))
+        hf = np.asarray(rh, np.float32)
+        np.testing.assert_allclose(np.asarray(rsq).sum(0), (hf * hf).sum(1), rtol=1e-5)
+    gfn = functools.partial(fd.gate_up_weighed_pallas, eps=1e-5, squares=rsq, interpret=interpret)
+    rows_in = None if squares else rh
+    assert has_pallas_call(gfn, rhw, rows_in, w2)
+    got = gfn(rhw, rows_in, w2)
+    want = fd.gate_up_weighed_reference(rhw, rows_in, w2, eps=1e-5, squares=rsq)
     assert got.shape == (rows, inter) and got.dtype == dtype and rel(got, want) < tol
     unfused = fd.gate_up_reference(fd.rms_norm_reference(rh, nw, 1e-5), w2)
     assert rel(want, unfused) < (1e-5 if dtype == jnp.float32 else 3e-2)
@@ -222,7 +235,8 @@ def check_weighed(rows, k, n, inter, *, dtype, tol, interpret):
 @pytest.mark.parametrize("rows", [16, 32, 64])
 def test_weighed_form_kernels_interpret(rows):
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
-        check_weighed(rows, 64, 96, 48, dtype=dtype, tol=tol, interpret=True)
+        for squares in (False, True):
+            check_weighed(rows, 64, 96, 48, dtype=dtype, tol=tol, interpret=True, squares=squares)
 
 
 def test_weighed_form_bad_args_and_dispatch(monkeypatch):
@@ -233,6 +247,13 @@ def test_weighed_form_bad_args_and_dispatch(monkeypatch):
         fd.gate_up_weighed_pallas(t["x"][:8], t["x"][:8], t["w2"], eps=1e-5, interpret=True)
     with pytest.raises(KernelError, match="shaped like hw"):
         fd.gate_up_weighed_pallas(t["x"], t["x"][:, :32], t["w2"], eps=1e-5, interpret=True)
+    for bad in (jnp.ones((6, 16), jnp.float32), jnp.ones((8, 32), jnp.float32), jnp.ones((8, 16), jnp.bfloat16)):
+        with pytest.raises(KernelError, match="squares"):  # not a power of two / not the rows / not fp32
+            fd.gate_up_weighed_pallas(t["x"], None, t["w2"], eps=1e-5, squares=bad, interpret=True)
+    with pytest.raises(KernelError, match="squares must be one of"):
+        with fd.tiling(squares="down"):
+            pass
+    assert fd.square_parts(576, 64) == (36, 64) and fd.square_parts(64, 16) == (4, 4)
     assert_dot_path_dispatch(monkeypatch, fd.weighed_choice, fd.WEIGHED_GPU_VERIFIED, 576)
 
 
@@ -240,9 +261,13 @@ def test_weighed_form_bad_args_and_dispatch(monkeypatch):
 def test_weighed_form_lowers_to_triton_at_smollm2_shapes(rows):
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     d, inter = SMOL["d"], SMOL["inter"]
-    lower_for_h100(fd.matmul_residual_weigh_pallas, S((rows, d), bf), S((d, d), bf), S((rows, d), bf), S((d,), bf))
+    for squares in (False, True):
+        lower_for_h100(functools.partial(fd.matmul_residual_weigh_pallas, squares=squares), S((rows, d), bf),
+                       S((d, d), bf), S((rows, d), bf), S((d,), bf))
     lower_for_h100(functools.partial(fd.gate_up_weighed_pallas, eps=1e-5), S((rows, d), bf), S((rows, d), bf),
                    S((2 * inter, d), bf))
+    lower_for_h100(lambda hw, sq, w: fd.gate_up_weighed_pallas(hw, None, w, eps=1e-5, squares=sq),
+                   S((rows, d), bf), S((fd.square_parts(d, rows)[1], rows), jnp.float32), S((2 * inter, d), bf))
 
 
 def test_gemv_kernels_bf16_interpret():
@@ -428,8 +453,9 @@ def test_weighed_form_kernels_equal_reference_gpu(rows):
     """The `weighed` MLP form's kernels compiled through Triton at SmolLM2's shapes (o: 576 → 576, gate·up 576 →
     2 × 1536), bf16 and fp32."""
     d, inter = SMOL["d"], SMOL["inter"]
-    check_weighed(rows, d, d, inter, dtype=jnp.bfloat16, tol=2e-2, interpret=False)
-    check_weighed(rows, d, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False)
+    for squares in (False, True):
+        check_weighed(rows, d, d, inter, dtype=jnp.bfloat16, tol=2e-2, interpret=False, squares=squares)
+        check_weighed(rows, d, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False, squares=squares)
 
 
 @pytest.mark.parametrize("rows,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 130), (16, 384, 300)])
