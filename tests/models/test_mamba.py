@@ -110,7 +110,9 @@ def test_prefill_decode_and_kstep_equal_full_forward(variant, scan):
     yk, ck = m(x[:, 5:], ctx(b, t - 5), c_pre)
     close(yk, full[:, 5:])
     close(ck.ssm, c.ssm)
-    np.testing.assert_array_equal(ck.conv, c.conv)
+    # the conv window holds projected inputs: a k-row and a 1-row projection may round apart (XLA:CPU's XNNPACK
+    # fusions in jax 0.12.1 do, by one ulp), so close, not bitwise
+    close(ck.conv, c.conv)
     # multistep: same outputs, and the cache after every prefix
     ym, pref = m.multistep(x[:, 5:9], ctx(b, 4), c_pre)
     close(ym, full[:, 5:9])
@@ -119,7 +121,7 @@ def test_prefill_decode_and_kstep_equal_full_forward(variant, scan):
         _, c2 = m(x[:, 5 + j:6 + j], ctx(b, 1), c2)
         sel = pref.prefix(jnp.full((b,), j + 1))
         close(sel.ssm, c2.ssm)
-        np.testing.assert_array_equal(sel.conv, c2.conv)
+        close(sel.conv, c2.conv)
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
