@@ -34,7 +34,8 @@ SiLU·mul in one kernel on XLA's normalised rows (the default at 16 and 32 rows)
 (`inference.gate_up_rows`), `guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows
 times the MLP norm's weight, gate·up taking them and the norm's row scale after its dots (no norm launch; the
 default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
-taken beside gate·up's dots / written by the o-projection kernel as partials (`fused_decode.tiling(squares=...)`),
+taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
+`fused_decode.tiling(squares=...)`),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop

@@ -512,13 +512,16 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "gate_up"}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o"}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 # Where the `weighed` form takes its rows' sums of squares (`tiling(squares=...)`): "gate_up" = gate·up loads the
 # rows beside the weighed rows each K step and sums their squares there; "o" = the o-projection kernel writes them as
 # partial sums, one per program (`square_parts`), and gate·up adds those up before its K loop, which then loads the
-# weighed rows alone.
+# weighed rows alone. "o" is the default: on the H200 at 64 rows, one process (benchmarks/results/
+# decode_profile_s28_squares.md), 0.784 / 0.795 against 0.797 / 0.797 ms a step, gate·up 5.4 against 5.7 µs a layer;
+# issue 3's table 0.804 against 0.814 (generate_s28_squares.md). Both ways passed the GPU tests there
+# (test-gpu-s28-squares.xml).
 SQUARES = ("gate_up", "o")
 
 

@@ -18,8 +18,9 @@ ops. `MAMBA_LLAMA_DECODE_GATE_UP=xla` keeps XLA's GEMM and fusion ("kernel" or u
 XLA's o-projection is a split-K GEMM whose sum, residual add and the MLP's RMSNorm are a launch of their own (~2 µs a
 layer at 64 rows, `fusion_226` in benchmarks/results/decode_profile_s27_prefetch.md). Here the o-projection + residual
 is one Pallas launch (`fused_decode.matmul_residual_weigh`) that also writes its rows times the norm's weight, and
-gate·up (`fused_decode.gate_up_weighed`) takes those straight into its dots, sums the rows' squares beside them and
-applies the norm's row scale to the products — RMSNorm folded across as `split_k` folds it for q·k·v. Measured on
+gate·up (`fused_decode.gate_up_weighed`) takes those straight into its dots and applies the norm's row scale to the
+products (the rows' sums of squares written by the o-projection as partials since session 28:
+`fused_decode.SQUARES`) — RMSNorm folded across as `split_k` folds it for q·k·v. Measured on
 the H100 at batch 64, one process (benchmarks/results/decode_profile_s27_weighed.md): the step 0.800 / 0.800 ms
 against 0.812 / 0.809, 195 launches instead of 226 (the o-projection + residual 3.6 µs a layer against XLA's GEMM +
 sum 5.3, gate·up with the rows' squares beside its dots 5.6 against 4.8); issue 3's table in one process
