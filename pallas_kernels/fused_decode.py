@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.partials import row_scale, weigh
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import is_pow2
+from pallas_kernels.dispatch import is_pow2, pow2_at_least
 from pallas_kernels.decode_attention import merge_partials
 from pallas_kernels.triton_call import triton_call
 
@@ -536,8 +536,7 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
     stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
     (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES). Clear
-    jax's caches
-    (`jax.clear_caches`) so that nothing traced before is reused."""
+    jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
     if squares is not None and squares not in SQUARES:
@@ -711,7 +710,7 @@ def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Arra
         parts = n // bn
         kern = functools.partial(_matmul_residual_weigh_kernel, k=k, bk=block_k(k, b), bn=bn, parts=parts)
         out = jax.ShapeDtypeStruct((b, n), dt)
-        sq = (jax.ShapeDtypeStruct((1 << (parts - 1).bit_length(), b), F32),) if squares else ()
+        sq = (jax.ShapeDtypeStruct((pow2_at_least(parts, 1), b), F32),) if squares else ()
         return _call(kern, (out, out, *sq), parts, interpret, num_warps, "matmul_residual_weigh",
                      a.astype(dt), wt.astype(dt), residual, norm_weight)
 
@@ -850,7 +849,7 @@ def square_parts(n: int, rows: int) -> tuple[int, int]:
     partials: that count rounded up to a power of two (Triton's blocks; gate·up loads them all as one block)."""
     with _own_tiling(MATMUL_RESIDUAL_TILING):
         parts = n // pick_block_n(n, rows)
-    return parts, 1 << (parts - 1).bit_length()
+    return parts, pow2_at_least(parts, 1)
 
 
 def matmul_residual_weigh(a: jax.Array, wt: jax.Array, residual: jax.Array,
