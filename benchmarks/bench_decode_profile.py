@@ -36,6 +36,8 @@ times the MLP norm's weight, gate·up taking them and the norm's row scale after
 default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
 taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
 `fused_decode.tiling(squares=...)`),
+`pdl` / `nopdl` = every Pallas kernel executes Hopper's `griddepcontrol.launch_dependents` first / does not
+(MAMBA_LLAMA_PDL_TRIGGER, `pallas_kernels.pdl`: the next kernel's programs then wait on the SMs),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop
@@ -104,8 +106,9 @@ def kernel_events(planes: Iterable[Any]) -> list[tuple[str, int, int]]:
 
 
 def summarize(events: list[tuple[str, int, int]], steps: int, wall_ms_per_step: float) -> dict[str, Any]:
-    """Per decode step: busy ms (union of intervals), gap ms (wall − busy), kernels, busy ms and count by kind, and
-    the ten kernels that took the most time."""
+    """Per decode step: busy ms (union of intervals), gap ms (wall − busy), overlap ms (the kernels' summed
+    durations − busy: kernels on the GPU at once, e.g. one launched early waiting for the one before it), kernels,
+    busy ms and count by kind, and the ten kernels that took the most time."""
     from train_scaling import _length, _union
 
     busy = _length(_union((s, e) for _, s, e in events)) / 1e6 / steps
@@ -116,7 +119,9 @@ def summarize(events: list[tuple[str, int, int]], steps: int, wall_ms_per_step: 
         k[0] += (e - s) / 1e6 / steps
         k[1] += 1 / steps
         by_name[name[:80]] = by_name.get(name[:80], 0.0) + (e - s) / 1e6 / steps
+    summed = sum(e - s for _, s, e in events) / 1e6 / steps
     return {"wall_ms": wall_ms_per_step, "busy_ms": busy, "gap_ms": max(wall_ms_per_step - busy, 0.0),
+            "overlap_ms": max(summed - busy, 0.0),
             "kernels": len(events) / steps,
             "by_kind": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:10])}
@@ -252,12 +257,15 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         elif tok in ("sqg", "sqo"):
             tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
+        elif tok in ("pdl", "nopdl"):
+            env["MAMBA_LLAMA_PDL_TRIGGER"] = "1" if tok == "pdl" else "0"
         elif tok == "hw":
             continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pdl, "
+                             "nopdl, hw)")
     return tiling, env
 
 
@@ -307,18 +315,20 @@ def render_md(r: dict[str, Any]) -> str:
              + (f" XLA_FLAGS `{m['xla_flags']}`." if m.get("xla_flags") else ""),
              "Random weights of the SmolLM2-135M shape (bf16), greedy, EOS ignored. Per decode step: wall = median"
              " host time of the whole loop / steps (profiled runs; unprofiled in brackets); busy = union of the"
-             " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels).", "",
-             "| model | batch | variant | wall ms (unprofiled) | busy ms | gaps ms | kernels "
+             " kernels' intervals; gaps = wall − busy (the GPU idle between dependent kernels); overlap = the"
+             " kernels' summed durations − busy (kernels on the GPU at once).", "",
+             "| model | batch | variant | wall ms (unprofiled) | busy ms | gaps ms | overlap ms | kernels "
              "| busy by kind (ms, count) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         v = row.get("variant", "default")
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['batch']} | {v} | {row['error']} | | | | |")
+            lines.append(f"| {row['model']} | {row['batch']} | {v} | {row['error']} | | | | | |")
             continue
         kinds = "; ".join(f"{k} {x['ms']:.3f} ({x['count']:.0f})" for k, x in row["by_kind"].items())
         lines.append(f"| {row['model']} | {row['batch']} | {v} | {row['wall_ms']:.3f} "
                      f"({row['wall_ms_unprofiled']:.3f}) | {row['busy_ms']:.3f} | {row['gap_ms']:.3f} | "
+                     f"{row.get('overlap_ms', 0.0):.3f} | "
                      f"{row['kernels']:.0f} | {kinds} |")
     lines += ["", "Top kernels per step (ms):", ""]
     for row in r["rows"]:

@@ -27,6 +27,7 @@ def test_summary_splits_wall_time_into_busy_and_gaps(bdp):
     s = bdp.summarize(ev, steps=2, wall_ms_per_step=0.01)
     assert s["busy_ms"] == pytest.approx((3 + 1 + 4 + 0.5) / 2 / 1e3)
     assert s["gap_ms"] == pytest.approx(0.01 - s["busy_ms"])
+    assert s["overlap_ms"] == pytest.approx(1 / 2 / 1e3)  # 1 µs of the first step's two kernels at once
     assert s["kernels"] == 3
     assert s["by_kind"]["fused GEMVs"] == {"ms": pytest.approx(0.002), "count": 1}
     assert s["by_kind"]["decode attention"]["ms"] == pytest.approx(0.002)
@@ -80,6 +81,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("hw+ana") == ({"attn_newest": "after"}, {})  # hw: read by profile_variant
     assert bdp.parse_variant("guw+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_DECODE_GATE_UP": "weighed"})
     assert bdp.parse_variant("sqg")[0] == {"squares": "gate_up"}
+    assert bdp.parse_variant("pdl+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_PDL_TRIGGER": "1"})
+    assert bdp.parse_variant("nopdl")[1] == {"MAMBA_LLAMA_PDL_TRIGGER": "0"}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
