@@ -256,7 +256,8 @@ class CompiledGenerate:
 
 # The dispatchers a decode loop's trace records (`dispatch.last_choices`): forgotten just before each decode loop is
 # traced (`dispatch.forget_choices`), so an op that trace does not reach reads "none", not an earlier trace's choice.
-DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up", "o_weigh")
+DECODE_CHOICE_OPS = ("decode_attention", "fused_decode", "mamba2_decode", "qkv_projection", "gate_up", "o_weigh",
+                     "lm_head_argmax")
 
 
 def decode_choices(*ops: str) -> dict[str, str]:

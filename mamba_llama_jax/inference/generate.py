@@ -52,6 +52,7 @@ from pallas_kernels.decode_attention import (
     PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
     merge_partials, merge_splits, plan, uses_dot,
 )
+from pallas_kernels.lm_head_argmax import lm_head_argmax
 from pallas_kernels.mamba_decode import kernel_would_run as mamba_decode_would_run
 from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
@@ -187,6 +188,16 @@ def _spec(s: SamplingConfig, vocab: int) -> _Spec:
     if s.greedy:
         return _Spec(True, 0, False)
     return _Spec(False, min(s.top_k, vocab), s.top_p < 1.0)
+
+
+def greedy_ids(model: DecoderLM, h: jax.Array) -> jax.Array:
+    """(b,) int32 greedy ids for final-norm hidden rows h (b, D): with a tied head (the embedding table is the
+    output-major weight) the LM head and argmax as one kernel where it runs (`pallas_kernels.lm_head_argmax`: no
+    logits in memory), else argmax over `model.logits`."""
+    if model.lm_head is None:
+        dt = jnp.dtype(model.cfg.dtype)
+        return lm_head_argmax(h.astype(dt), model.embed_tokens.embedding[...].astype(dt))
+    return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
@@ -542,6 +553,8 @@ def _set_window(model: DecoderLM, window: int) -> None:
 def _step(model: DecoderLM, tok: jax.Array, cache: DecodeState, key: jax.Array, i: jax.Array,
           temperature: jax.Array, top_p: jax.Array, spec: _Spec) -> tuple[jax.Array, DecodeState]:
     h, cache = model.hidden(tok[:, None], cache=cache)
+    if spec.greedy:
+        return greedy_ids(model, h[:, 0]), cache
     logits = model.logits(h[:, 0])
     return sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p, spec), cache
 
@@ -552,8 +565,10 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: 
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(tokens.shape[0], slots)
     h, cache = model.hidden(tokens, token_mask=mask, cache=cache, prefill=True)
-    logits = model.logits(h[:, -1])  # left padding: the last column is every row's last prompt token
-    return sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_p, spec), cache
+    last = h[:, -1]  # left padding: the last column is every row's last prompt token
+    if spec.greedy:
+        return greedy_ids(model, last), cache
+    return sample_logits(model.logits(last), jax.random.fold_in(key, 0), temperature, top_p, spec), cache
 
 
 @decode_jit(static_argnames=("graphdef", "spec", "n_new", "eos", "pad_id", "phases"), donate_argnames=("cache",))
