@@ -36,6 +36,8 @@ times the MLP norm's weight, gate·up taking them and the norm's row scale after
 default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
 taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
 `fused_decode.tiling(squares=...)`),
+`wdk` / `wdx` = in that form, the down projection + residual as one Pallas launch (`matmul_residual_pallas`) / as
+XLA's GEMM and fusion (the default: `fused_decode.tiling(weighed_down=...)`),
 `pdl` / `nopdl` = every Pallas kernel executes Hopper's `griddepcontrol.launch_dependents` first / does not
 (MAMBA_LLAMA_PDL_TRIGGER, `pallas_kernels.pdl`: the next kernel's programs then wait on the SMs),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
@@ -257,6 +259,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         elif tok in ("sqg", "sqo"):
             tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
+        elif tok in ("wdk", "wdx"):
+            tiling["weighed_down"] = {"wdk": "kernel", "wdx": "xla"}[tok]
         elif tok in ("pdl", "nopdl"):
             env["MAMBA_LLAMA_PDL_TRIGGER"] = "1" if tok == "pdl" else "0"
         elif tok == "hw":
@@ -264,8 +268,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pdl, "
-                             "nopdl, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, wdk, "
+                             "wdx, pdl, nopdl, hw)")
     return tiling, env
 
 
