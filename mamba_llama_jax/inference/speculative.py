@@ -62,9 +62,10 @@ from flax import nnx
 
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, decode_jit,
-                                                 left_pad, prepare_for_inference)
+                                                 greedy_ids, left_pad, prepare_for_inference)
 from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk
 from mamba_llama_jax.models.llama import DecoderLM
+from pallas_kernels.lm_head_argmax import lm_head_argmax
 
 # --------------------------------------------------------------------------------------------- pending state
 
@@ -162,7 +163,11 @@ def accept_greedy(target_logits: jax.Array, drafts: jax.Array,
                   drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """target_logits (b, k+1, V), drafts (b, k) of which each row proposed its first drafted[r] (None: all k) ->
     (accepted count n (b,), the target's token after them (b,))."""
-    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+    return accept_best(jnp.argmax(target_logits, axis=-1).astype(jnp.int32), drafts, drafted)
+
+
+def accept_best(best: jax.Array, drafts: jax.Array, drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`accept_greedy` from the target's greedy ids (b, k+1) instead of its logits."""
     ok = (drafts == best[:, :-1]) & _proposed(drafts, drafted)
     n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
     return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
@@ -234,6 +239,10 @@ def _draft_pick(model: DecoderLM, h: jax.Array, head: DraftHead | None, key: jax
     """The draft's token (b,), filtered probabilities over the whole vocabulary (b, V) (None when greedy) and, with
     `confidence`, its top probability (b,) (else None), from final-norm hidden states (b, D): over every id, or
     over `head`'s ids only."""
+    if spec.greedy and not confidence:  # ids without logits, as plain greedy decoding takes them
+        if head is None:
+            return greedy_ids(model, h), None, None
+        return head[0][lm_head_argmax(h.astype(head[1].dtype), head[1])], None, None
     logits = draft_logits(model, h, head)
     tok, q = _pick(logits, key, temperature, top_p, head_spec(spec, None if head is None else head[0].shape[0]))
     conf = None
@@ -333,7 +342,10 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
 
     tc = target.init_cache(b, slots)
     h, tc = target.hidden(tokens, token_mask=mask, cache=tc, prefill=True)
-    first, _ = _pick(target.logits(h[:, -1]), jax.random.fold_in(key, 0), temperature, top_p, spec)
+    if spec.greedy:  # the target's ids as plain greedy decoding takes them (`greedy_ids`)
+        first = greedy_ids(target, h[:, -1])
+    else:
+        first, _ = _pick(target.logits(h[:, -1]), jax.random.fold_in(key, 0), temperature, top_p, spec)
     dc = draft.init_cache(b, slots)
     if plen > 1:  # the draft lags one token: it holds the prompt but its last token
         _, dc = draft.hidden(tokens[:, :-1], token_mask=mask[:, :-1], cache=dc, prefill=True)
@@ -360,11 +372,12 @@ def _speculate(target_def: nnx.GraphDef, target_state: nnx.State, draft_def: nnx
         kd, ka = jax.random.split(rk)
         drafts, q, dpend, drafted = draft_round(draft, dc, x_prev, x0, kd, temperature, top_p, k=k, spec=spec,
                                                 head=draft_head, stop=stop)
-        logits, tpend = verify(target, jnp.concatenate([x0[:, None], drafts], axis=1), tc)
+        th, tpend = verify_hidden(target, jnp.concatenate([x0[:, None], drafts], axis=1), tc)
         if spec.greedy:
-            n, corr = accept_greedy(logits, drafts, drafted)
+            best = greedy_ids(target, th.reshape(b * (k + 1), th.shape[-1])).reshape(b, k + 1)
+            n, corr = accept_best(best, drafts, drafted)
         else:
-            p = jax.nn.softmax(filter_logits(logits, temperature, top_p, spec), axis=-1)
+            p = jax.nn.softmax(filter_logits(target.logits(th), temperature, top_p, spec), axis=-1)
             n, corr = accept_sampling(p, q, drafts, ka, drafted)
         active = ~done
         proposed = proposed + jnp.sum(jnp.where(active, drafted, 0))
