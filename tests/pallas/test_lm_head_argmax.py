@@ -122,3 +122,31 @@ def test_kernel_equals_reference_gpu(b):
     np.testing.assert_array_equal(got[exact], logits.argmax(axis=1)[exact])
     chosen = logits[np.arange(b), got]
     assert np.all(chosen >= logits.max(axis=1) - 1e-3 * np.abs(logits).max())
+
+
+def test_greedy_speculative_decoding_through_the_kernel_equals_plain_greedy(monkeypatch):
+    """Target ids (first token, verify chunk) and the draft's picks through the kernel (interpret mode): the output
+    is the reference path's plain greedy decoding."""
+    from mamba_llama_jax.inference import speculative as spec
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
+    from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, dtype="float32", tie_word_embeddings=True)
+    target, draft = LlamaLM(cfg, rngs=nnx.Rngs(0)), LlamaLM(cfg, rngs=nnx.Rngs(1))
+    prompts = [[5, 6, 7, 8], [100, 3, 9]]
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+    jax.clear_caches()
+    want = Generator(target).run(prompts, SamplingConfig(max_new_tokens=8)).ids()
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in the tests above
+    dispatch.forget_choices(lm.OP)
+    try:
+        for d in (target, draft):  # every draft accepted / most rejected
+            out, lengths, _ = spec.SpeculativeDecoder(target, d).run(prompts, k=3, max_new_tokens=8)
+            assert [out[r, :m].tolist() for r, m in enumerate(lengths)] == want
+        assert dispatch.last_choice(lm.OP) == lm.PALLAS_TRITON
+    finally:
+        spec._speculate.clear_cache()
+        jax.clear_caches()
