@@ -39,7 +39,8 @@ taken beside gate·up's dots / written by the o-projection kernel as partials (t
 `wdk` / `wdx` = in that form, the down projection + residual as one Pallas launch (`matmul_residual_pallas`) / as
 XLA's GEMM and fusion (the default: `fused_decode.tiling(weighed_down=...)`),
 `pdl` / `nopdl` = every Pallas kernel executes Hopper's `griddepcontrol.launch_dependents` first / does not
-(MAMBA_LLAMA_PDL_TRIGGER, `pallas_kernels.pdl`: the next kernel's programs then wait on the SMs),
+(MAMBA_LLAMA_PDL_TRIGGER, `pallas_kernels.pdl`: the next kernel's programs then wait on the SMs), `lmx` = greedy
+ids from XLA's LM-head GEMM and argmax rather than `pallas_kernels.lm_head_argmax` (MAMBA_LLAMA_LM_HEAD_KERNEL=0),
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop
@@ -263,13 +264,15 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["weighed_down"] = {"wdk": "kernel", "wdx": "xla"}[tok]
         elif tok in ("pdl", "nopdl"):
             env["MAMBA_LLAMA_PDL_TRIGGER"] = "1" if tok == "pdl" else "0"
+        elif tok == "lmx":
+            env["MAMBA_LLAMA_LM_HEAD_KERNEL"] = "0"
         elif tok == "hw":
             continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
                              "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, wdk, "
-                             "wdx, pdl, nopdl, hw)")
+                             "wdx, pdl, nopdl, lmx, hw)")
     return tiling, env
 
 

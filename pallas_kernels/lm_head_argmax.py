@@ -19,6 +19,7 @@ decode step computed before: argmax over `h @ wt.T` in fp32.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ F32 = jnp.float32
 PALLAS_TRITON = dispatch.PALLAS_TRITON
 REFERENCE = "reference_xla"
 OP = "lm_head_argmax"
+KERNEL_ENV = "MAMBA_LLAMA_LM_HEAD_KERNEL"
 # Not yet compiled and compared with the reference on a GPU: the dispatcher takes it only with
 # MAMBA_LLAMA_UNVERIFIED_KERNELS=1 until its `-m gpu` test has passed there.
 GPU_VERIFIED = False
@@ -131,8 +133,10 @@ def lm_head_argmax_pallas(h: jax.Array, wt: jax.Array, *, interpret: bool = Fals
 
 def choice(b: int, vocab: int, k: int) -> str:
     """Which implementation `lm_head_argmax` uses for these shapes: the kernel where allowed (GPU_VERIFIED, or
-    MAMBA_LLAMA_UNVERIFIED_KERNELS=1; interpret mode off a GPU with MAMBA_LLAMA_INTERPRET_KERNELS=1) and tiled."""
-    ok = dispatch.kernel_allowed(GPU_VERIFIED) and plan(b, vocab, k) is not None
+    MAMBA_LLAMA_UNVERIFIED_KERNELS=1; interpret mode off a GPU with MAMBA_LLAMA_INTERPRET_KERNELS=1), tiled, and
+    not turned off (MAMBA_LLAMA_LM_HEAD_KERNEL=0: XLA's GEMM and argmax, for comparisons)."""
+    off = os.environ.get(KERNEL_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    ok = not off and dispatch.kernel_allowed(GPU_VERIFIED) and plan(b, vocab, k) is not None
     return PALLAS_TRITON if ok else REFERENCE
 
 

@@ -85,6 +85,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("nopdl")[1] == {"MAMBA_LLAMA_PDL_TRIGGER": "0"}
     assert bdp.parse_variant("wdk+guw")[0] == {"weighed_down": "kernel"}
     assert bdp.parse_variant("wdx")[0] == {"weighed_down": "xla"}
+    assert bdp.parse_variant("lmx+nopdl")[1] == {"MAMBA_LLAMA_LM_HEAD_KERNEL": "0", "MAMBA_LLAMA_PDL_TRIGGER": "0"}
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (

@@ -82,6 +82,9 @@ def test_dispatcher_records_and_falls_back(monkeypatch):
     assert lm.choice(2, 256, 64) == (lm.PALLAS_TRITON if on_gpu() and lm.GPU_VERIFIED else lm.REFERENCE)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
     assert lm.choice(2, 256, 64) == lm.PALLAS_TRITON and lm.choice(96, 256, 64) == lm.REFERENCE
+    monkeypatch.setenv(lm.KERNEL_ENV, "0")
+    assert lm.choice(2, 256, 64) == lm.REFERENCE
+    monkeypatch.delenv(lm.KERNEL_ENV)
     assert has_pallas_call(lambda a, b: lm.lm_head_argmax(a, b), h, wt)
     assert dispatch.last_choice(lm.OP) == lm.PALLAS_TRITON
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
