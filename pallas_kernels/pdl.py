@@ -8,8 +8,8 @@ off cost the decode step 7-8 %, benchmarks/results/generate_s18_flags.md), but n
 kernels executes `launch_dependents`, so the kernel after each of them reaches the SMs only once all of its
 programs have exited. `triggered` makes a kernel execute it as its first instruction (`trigger_enabled`): the
 next kernel's programs are then resident and waiting when this one ends. Correctness does not depend on where the
-trigger sits: the waiting kernel's `griddepcontrol.wait` returns only when the kernels it depends on have
-completed and their writes are visible.
+trigger sits, provided the kernel launched early waits (`griddepcontrol.wait` returns only when the kernels it
+depends on have completed and their writes are visible): `triggered` kernels wait right after their trigger.
 
 `globaltimer_lo` reads the GPU's global nanosecond clock (low 32 bits) and `wait` is `griddepcontrol.wait`; the
 PDL probe (benchmarks/probe_pdl.py) uses both to see when a kernel starts against when the one before it ends.
@@ -114,10 +114,13 @@ def trigger_enabled() -> bool:
 
 
 def triggered(kernel: Callable[..., None]) -> Callable[..., None]:
-    """`kernel` executing `launch_dependents` before anything else."""
+    """`kernel` executing `launch_dependents` before anything else, then `wait`: a kernel launched early reads
+    nothing before the kernels it depends on are done, whether or not XLA put a wait at its entry (a second wait
+    returns at once; where the kernel was not launched with PDL it returns at once too)."""
 
     def body(*refs: Any) -> None:
         launch_dependents()
+        wait()
         kernel(*refs)
 
     return body

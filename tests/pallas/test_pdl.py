@@ -40,7 +40,7 @@ def test_lowered_kernel_carries_each_instruction_where_asked():
     triggered = lower_for_h100(call(pdl.triggered(add_one)), aval)
     probed = lower_for_h100(call(probe), aval)
     assert "griddepcontrol" not in plain
-    assert "griddepcontrol.launch_dependents" in triggered and "griddepcontrol.wait" not in triggered
+    assert "griddepcontrol.launch_dependents" in triggered and "griddepcontrol.wait" in triggered
     assert "griddepcontrol.wait" in probed and "%globaltimer_lo" in probed
 
 
