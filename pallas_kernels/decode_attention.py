@@ -55,7 +55,7 @@ from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.attention import NEG_INF, decode_attention_reference, rope_and_write
 from mamba_llama_jax.ops.partials import project_partials
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most
+from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_at_most, pow2_dividing
 from pallas_kernels.triton_call import triton_call
 
 F32 = jnp.float32
@@ -68,10 +68,7 @@ MAX_PROGRAMS = 8 * SMS  # `plan` stops splitting here
 
 def pick_block(slots: int, cap: int = 128) -> int:
     """The largest power of two <= cap dividing `slots` (blocks must tile the cache exactly)."""
-    blk = 1
-    while blk * 2 <= cap and slots % (blk * 2) == 0:
-        blk *= 2
-    return blk
+    return pow2_dividing(slots, cap)
 
 
 # `override_plan` sets the split count, block, warps, merge, dot form and pipeline stages for a while (the

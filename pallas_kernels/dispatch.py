@@ -103,6 +103,14 @@ def pow2_at_least(v: int, least: int) -> int:
     return p
 
 
+def pow2_dividing(n: int, cap: int) -> int:
+    """The largest power of two <= cap dividing n: a block that tiles n exactly (Triton blocks are powers of two)."""
+    blk = 1
+    while blk * 2 <= cap and n % (blk * 2) == 0:
+        blk *= 2
+    return blk
+
+
 def pow2_at_most(v: int) -> int:
     """The largest power of two <= v (v >= 1): a split count or block that a power-of-two tiling needs."""
     p = 1

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.partials import row_scale, weigh
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import is_pow2, pow2_at_least
+from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_dividing
 from pallas_kernels.decode_attention import merge_partials
 from pallas_kernels.triton_call import triton_call
 
@@ -200,10 +200,7 @@ def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Arra
 
 def _block(n: int, cap: int) -> int:
     """Largest power of two <= cap dividing n."""
-    blk = 1
-    while blk * 2 <= cap and n % (blk * 2) == 0:
-        blk *= 2
-    return blk
+    return pow2_dividing(n, cap)
 
 
 def _bad(msg: str) -> KernelError:

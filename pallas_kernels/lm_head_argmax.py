@@ -50,14 +50,6 @@ def lm_head_argmax_reference(h: jax.Array, wt: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _pow2_tiling(n: int, cap: int) -> int:
-    """The largest power of two <= cap dividing n."""
-    blk = 1
-    while blk * 2 <= cap and n % (blk * 2) == 0:
-        blk *= 2
-    return blk
-
-
 def padded_rows(b: int) -> int:
     """Rows the kernel runs for b hidden rows: 16, 32 or 64, or b itself above 64 (then a multiple of 64)."""
     return dispatch.pow2_at_least(b, 16) if b <= MAX_GROUP else b
@@ -67,8 +59,8 @@ def plan(b: int, vocab: int, k: int, block_v: int = 0) -> tuple[int, int, int] |
     """(rows, block_v, block_k) for b rows of width k over `vocab` ids (blocks of at most `block_v` ids, 0:
     TILING's), or None where the kernel does not tile."""
     rows = padded_rows(b)
-    bn = _pow2_tiling(vocab, block_v or TILING["block_v"])
-    bk = _pow2_tiling(k, TILING["block_k"])
+    bn = dispatch.pow2_dividing(vocab, block_v or TILING["block_v"])
+    bk = dispatch.pow2_dividing(k, TILING["block_k"])
     if b < 1 or rows % MAX_GROUP and rows > MAX_GROUP or bn < 16 or bk < 16:
         return None
     return rows, bn, bk
