@@ -36,11 +36,8 @@ times the MLP norm's weight, gate·up taking them and the norm's row scale after
 default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
 taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
 `fused_decode.tiling(squares=...)`),
-`wdk` / `wdx` = in that form, the down projection + residual as one Pallas launch (`matmul_residual_pallas`) / as
-XLA's GEMM and fusion (the default: `fused_decode.tiling(weighed_down=...)`),
-`pdl` / `nopdl` = every Pallas kernel executes Hopper's `griddepcontrol.launch_dependents` first / does not
-(MAMBA_LLAMA_PDL_TRIGGER, `pallas_kernels.pdl`: the next kernel's programs then wait on the SMs), `lmx` = greedy
-ids from XLA's LM-head GEMM and argmax rather than `pallas_kernels.lm_head_argmax` (MAMBA_LLAMA_LM_HEAD_KERNEL=0),
+`lmk` = greedy ids from `pallas_kernels.lm_head_argmax` (the LM head + argmax in one kernel, opt-in:
+MAMBA_LLAMA_LM_HEAD_KERNEL=1) rather than XLA's GEMM and argmax,
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
 its weights never read from HBM), `dsN` / `dkN` = N pipeline stages / at most N of K a step of the fused dot path's
 K loop
@@ -54,7 +51,9 @@ results/decode_profile_s26_b64.md; `apf` / `apn`, the attention kernel touching 
 they wait in L2 (or not), in results/decode_profile_s27_prefetch.md; `vpN`, the attention loop reading the next block
 ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.md; `guf`, the step's five-launch
 `fold` form past the fused GEMVs' batches (norm weights folded into the next projections), in
-results/decode_profile_s22_fold.md.)
+results/decode_profile_s22_fold.md; `pdl`, every Pallas kernel executing `griddepcontrol.launch_dependents` and
+`griddepcontrol.wait` first, and `wdk`, the `weighed` form's down projection + residual as one Pallas launch, in
+results/generate_s29_lm_pdl.md and generate_s29_wdk.md.)
 """
 
 from __future__ import annotations
@@ -260,19 +259,15 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         elif tok in ("sqg", "sqo"):
             tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
-        elif tok in ("wdk", "wdx"):
-            tiling["weighed_down"] = {"wdk": "kernel", "wdx": "xla"}[tok]
-        elif tok in ("pdl", "nopdl"):
-            env["MAMBA_LLAMA_PDL_TRIGGER"] = "1" if tok == "pdl" else "0"
-        elif tok == "lmx":
-            env["MAMBA_LLAMA_LM_HEAD_KERNEL"] = "0"
+        elif tok == "lmk":
+            env["MAMBA_LLAMA_LM_HEAD_KERNEL"] = "1"
         elif tok == "hw":
             continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, wdk, "
-                             "wdx, pdl, nopdl, lmx, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, lmk, "
+                             "hw)")
     return tiling, env
 
 

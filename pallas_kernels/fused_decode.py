@@ -509,7 +509,7 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o", "weighed_down": "xla"}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o"}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 # Where the `weighed` form takes its rows' sums of squares (`tiling(squares=...)`): "gate_up" = gate·up loads the
@@ -520,32 +520,24 @@ MERGES = ("combine", "xla", "kernel")
 # issue 3's table 0.804 against 0.814 (generate_s28_squares.md). Both ways passed the GPU tests there
 # (test-gpu-s28-squares.xml).
 SQUARES = ("gate_up", "o")
-# The `weighed` form's down projection + residual (`tiling(weighed_down=...)`, `weighed_down`): "xla" = XLA's GEMM
-# (split over K) and the fusion that sums its partials and adds the residual, two launches (the default); "kernel" =
-# `matmul_residual_pallas` on the dot path, one launch.
-WEIGHED_DOWNS = ("xla", "kernel")
 
 
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
            dot_rows: int | None = None, dot_block: int | None = None,
-           dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None,
-           weighed_down: str | None = None) -> Iterator[None]:
+           dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
     stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
-    (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES) and
-    `weighed_down` what runs its down projection (WEIGHED_DOWNS). Clear
+    (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES). Clear
     jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
     if squares is not None and squares not in SQUARES:
         raise _bad(f"tiling squares must be one of {SQUARES}, got {squares!r}")
-    if weighed_down is not None and weighed_down not in WEIGHED_DOWNS:
-        raise _bad(f"tiling weighed_down must be one of {WEIGHED_DOWNS}, got {weighed_down!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
     if dot_block is not None and dot_block not in (16, 32, 64, 128):
@@ -555,10 +547,9 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
     if dot_k is not None and dot_k not in (16, 32, 64, 128):
         raise _bad(f"tiling dot_k must be one of 16, 32, 64, 128, got {dot_k}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares,
-           "weighed_down": weighed_down}
+           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares}
     for k, v in new.items():
-        if k not in ("merge", "dot_stages", "squares", "weighed_down") and v is not None and (v < 0 or (v and v & (v - 1))):
+        if k not in ("merge", "dot_stages", "squares") and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old, old_named = dict(_TILING), set(_NAMED)
     _TILING.update({k: v for k, v in new.items() if v is not None})
@@ -880,17 +871,6 @@ def gate_up_weighed(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, ep
     if choice == PALLAS_TRITON:
         return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, squares=squares, interpret=_interpret())
     return gate_up_weighed_reference(hw, rows, wt_gate_up, eps=eps, squares=squares)
-
-
-def weighed_down(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:
-    """(d) in the `weighed` form: `matmul_residual`, or with `tiling(weighed_down="kernel")` the dot-path kernel
-    where `weighed_choice` allows (recorded under "fused_decode" as matmul_residual's choice is)."""
-    b, k = _check_rows(a, "a")
-    n = _check_matrix(wt, k, "wt")
-    if _TILING["weighed_down"] == "kernel" and weighed_choice(b, k, n) == PALLAS_TRITON:
-        _record(PALLAS_TRITON)
-        return matmul_residual_pallas(a, wt, residual, interpret=_interpret())
-    return matmul_residual(a, wt, residual)
 
 
 def matmul_residual(a: jax.Array, wt: jax.Array, residual: jax.Array) -> jax.Array:

@@ -40,15 +40,12 @@ def triton_call(kernel: Callable[..., None], *, grid: tuple[int, ...], out_shape
                 num_warps: int, num_stages: int, name: str,
                 input_output_aliases: dict[int, int] | None = None) -> Callable[..., Any]:
     """`pl.pallas_call` of a Triton-style kernel (no block specs: every ref is a whole array, programs index it
-    themselves). On a GPU (`interpret` False) it compiles with `num_warps` / `num_stages`, and on Hopper the kernel
-    first lets the next kernel on the SMs where `pdl.trigger_enabled()`; in interpret mode it runs on the CPU,
-    bounds-checked unless `MAMBA_LLAMA_CHECK_BOUNDS=0` (module docstring)."""
+    themselves). On a GPU (`interpret` False) it compiles with `num_warps` / `num_stages`; in interpret mode it
+    runs on the CPU, bounds-checked unless `MAMBA_LLAMA_CHECK_BOUNDS=0` (module docstring)."""
     aliases = dict(input_output_aliases or {})
     common = dict(grid=grid, out_shape=out_shape, name=name, input_output_aliases=aliases)
     if not interpret:
-        from pallas_kernels import pdl
-        body = pdl.triggered(kernel) if pdl.trigger_enabled() else kernel
-        return pl.pallas_call(body, compiler_params=compiler_params(num_warps, num_stages),
+        return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps, num_stages),
                               interpret=False, **common)
     if not check_bounds():
         return pl.pallas_call(kernel, interpret=True, **common)

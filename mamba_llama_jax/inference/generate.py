@@ -59,7 +59,7 @@ from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
     attn_combine_residual, combine_max_splits, gate_up, gate_up_weighed, kernels_would_run, matmul_residual,
-    matmul_residual_weigh, matmul_t, merge_mode, norm_gate_up, norm_matmul, rms_norm_reference, swiglu, weighed_down,
+    matmul_residual_weigh, matmul_t, merge_mode, norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
 )
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
@@ -191,9 +191,9 @@ def _spec(s: SamplingConfig, vocab: int) -> _Spec:
 
 
 def greedy_ids(model: DecoderLM, h: jax.Array) -> jax.Array:
-    """(b,) int32 greedy ids for final-norm hidden rows h (b, D): with a tied head (the embedding table is the
-    output-major weight) the LM head and argmax as one kernel where it runs (`pallas_kernels.lm_head_argmax`: no
-    logits in memory), else argmax over `model.logits`."""
+    """(b,) int32 greedy ids for final-norm hidden rows h (b, D): argmax over the logits, or, with a tied head (the
+    embedding table is the output-major weight), through `pallas_kernels.lm_head_argmax`, whose kernel (no logits in
+    memory) runs where MAMBA_LLAMA_LM_HEAD_KERNEL=1 asks for it."""
     if model.lm_head is None:
         dt = jnp.dtype(model.cfg.dtype)
         return lm_head_argmax(h.astype(dt), model.embed_tokens.embedding[...].astype(dt))
@@ -400,7 +400,7 @@ class FusedMLP(nnx.Module):
             b, t, width = x.rows.shape
             x2 = x.rows.reshape(b * t, width).astype(dt)
             act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps, squares=x.squares)
-            return weighed_down(act, self.down[...].astype(dt), x2).reshape(b, t, width)
+            return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
         b, t, width = x.shape
         if t != 1 and not verify_rows_fused():
             return x + self(norm(x))

@@ -81,11 +81,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("hw+ana") == ({"attn_newest": "after"}, {})  # hw: read by profile_variant
     assert bdp.parse_variant("guw+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_DECODE_GATE_UP": "weighed"})
     assert bdp.parse_variant("sqg")[0] == {"squares": "gate_up"}
-    assert bdp.parse_variant("pdl+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_PDL_TRIGGER": "1"})
-    assert bdp.parse_variant("nopdl")[1] == {"MAMBA_LLAMA_PDL_TRIGGER": "0"}
-    assert bdp.parse_variant("wdk+guw")[0] == {"weighed_down": "kernel"}
-    assert bdp.parse_variant("wdx")[0] == {"weighed_down": "xla"}
-    assert bdp.parse_variant("lmx+nopdl")[1] == {"MAMBA_LLAMA_LM_HEAD_KERNEL": "0", "MAMBA_LLAMA_PDL_TRIGGER": "0"}
+    assert bdp.parse_variant("lmk+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_LM_HEAD_KERNEL": "1"})
     assert bdp.parse_variant("fd64+g32+db64") == ({"dot_rows": 32, "dot_block": 64}, {"MAMBA_LLAMA_FUSED_DECODE": "64"})
     assert bdp.parse_variant("cublas") == ({}, {"MAMBA_LLAMA_DECODE_GEMM": "cublas"})
     assert bdp.parse_variant("as2+gu+uv+g64+ds8") == (
@@ -100,6 +96,9 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         bdp.parse_variant("ana+apv1")  # measured and removed (decode_profile_s26_b64.md)
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("apf")  # measured and removed (decode_profile_s27_prefetch.md)
+    for removed in ("pdl", "wdk"):  # measured and removed (generate_s29_lm_pdl.md, generate_s29_wdk.md)
+        with pytest.raises(SystemExit, match="unknown variant setting"):
+            bdp.parse_variant(removed)
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("bn1+fast")
     monkeypatch.delenv("MAMBA_LLAMA_FUSED_DECODE", raising=False)

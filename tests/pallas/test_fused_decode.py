@@ -254,25 +254,7 @@ def test_weighed_form_bad_args_and_dispatch(monkeypatch):
         with fd.tiling(squares="down"):
             pass
     assert fd.square_parts(576, 64) == (36, 64) and fd.square_parts(64, 16) == (4, 4)
-    with pytest.raises(KernelError, match="weighed_down must be one of"):
-        with fd.tiling(weighed_down="cublas"):
-            pass
     assert_dot_path_dispatch(monkeypatch, fd.weighed_choice, fd.WEIGHED_GPU_VERIFIED, 576)
-
-
-def test_weighed_down_takes_the_kernel_only_when_asked(monkeypatch):
-    """`weighed_down`: matmul_residual's choice (the reference past the 1-D path's batches) unless the tiling asks
-    for the dot-path kernel; either way the reference's result up to summation order."""
-
-    t = inputs(16, 64, 32)
-    want = fd.matmul_residual_reference(t["a"], t["w"], t["res"])
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    # a new function each time: jax reuses a function's trace, and the choice is made while tracing
-    assert not has_pallas_call(lambda a, w, r: fd.weighed_down(a, w, r), t["a"], t["w"], t["res"])
-    with fd.tiling(weighed_down="kernel"):
-        assert has_pallas_call(lambda a, w, r: fd.weighed_down(a, w, r), t["a"], t["w"], t["res"])
-        got = fd.weighed_down(t["a"], t["w"], t["res"])
-    assert rel(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [16, 64])
