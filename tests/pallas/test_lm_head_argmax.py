@@ -79,12 +79,13 @@ def test_lowers_for_an_h100_at_smollm2_shape():
 def test_dispatcher_records_and_falls_back(monkeypatch):
     h, wt = rows_and_head(2, 256, 64)
     monkeypatch.delenv(dispatch.INTERPRET_ENV, raising=False)
+    monkeypatch.setenv(lm.KERNEL_ENV, "1")
     assert lm.choice(2, 256, 64) == (lm.PALLAS_TRITON if on_gpu() and lm.GPU_VERIFIED else lm.REFERENCE)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
     assert lm.choice(2, 256, 64) == lm.PALLAS_TRITON and lm.choice(96, 256, 64) == lm.REFERENCE
-    monkeypatch.setenv(lm.KERNEL_ENV, "0")
-    assert lm.choice(2, 256, 64) == lm.REFERENCE
     monkeypatch.delenv(lm.KERNEL_ENV)
+    assert lm.choice(2, 256, 64) == lm.REFERENCE  # opt-in
+    monkeypatch.setenv(lm.KERNEL_ENV, "1")
     assert has_pallas_call(lambda a, b: lm.lm_head_argmax(a, b), h, wt)
     assert dispatch.last_choice(lm.OP) == lm.PALLAS_TRITON
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
@@ -104,6 +105,7 @@ def test_greedy_generation_through_the_kernel_equals_the_reference_path(monkeypa
     want = Generator(model).run(prompts, SamplingConfig(max_new_tokens=6)).ids()
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(lm.KERNEL_ENV, "1")
     jax.clear_caches()
     dispatch.forget_choices(lm.OP)
     got = Generator(model).run(prompts, SamplingConfig(max_new_tokens=6)).ids()
@@ -143,6 +145,7 @@ def test_greedy_speculative_decoding_through_the_kernel_equals_plain_greedy(monk
     want = Generator(target).run(prompts, SamplingConfig(max_new_tokens=8)).ids()
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+    monkeypatch.setenv(lm.KERNEL_ENV, "1")
     monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in the tests above
     dispatch.forget_choices(lm.OP)
     try:
