@@ -198,11 +198,6 @@ def attn_combine_residual_reference(o_part: jax.Array, m: jax.Array, l: jax.Arra
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def _block(n: int, cap: int) -> int:
-    """Largest power of two <= cap dividing n."""
-    return pow2_dividing(n, cap)
-
-
 def _bad(msg: str) -> KernelError:
     return KernelError(f"fused_decode: {msg}")
 
@@ -581,9 +576,9 @@ def pick_block_n(n: int, rows: int, *, combine: bool = False) -> int:
     2 / 1, 0.649 at 4 / 1, 0.722 at 4 / 2 (the previous default). The combine kernel may take its own (`tiling`):
     each of its programs also merges every split of every head, work that grows with the number of programs."""
     if rows in DOT_ROWS:
-        return _block(n, _TILING["dot_block"])
+        return pow2_dividing(n, _TILING["dot_block"])
     cap = (_TILING["combine_block"] if combine else 0) or _TILING["row_block"]
-    return _block(n, cap)
+    return pow2_dividing(n, cap)
 
 
 def merge_mode() -> str:
@@ -622,7 +617,7 @@ def _call(kernel: Any, out: Any, grid: int, interpret: bool, num_warps: int, nam
 def block_k(k: int, rows: int) -> int:
     """K per step of a kernel's K loop: the largest power of two up to 128 tiling K (the 1-D path unrolls the
     loop), on the dot path up to `tiling(dot_k=)` (a step's three tiles are what each pipeline stage holds)."""
-    return _block(k, _TILING["dot_k"] if rows in DOT_ROWS else 128)
+    return pow2_dividing(k, _TILING["dot_k"] if rows in DOT_ROWS else 128)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))

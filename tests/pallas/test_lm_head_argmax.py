@@ -93,21 +93,33 @@ def test_dispatcher_records_and_falls_back(monkeypatch):
     assert dispatch.last_choice(lm.OP) == lm.REFERENCE
 
 
-def test_greedy_generation_through_the_kernel_equals_the_reference_path(monkeypatch):
+# a tiny tied model whose vocabulary the kernel tiles
+TIED = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, dtype="float32", tie_word_embeddings=True)
+
+
+def reference_ids_then_kernel(monkeypatch, model, prompts, n):
+    """`model`'s plain greedy ids on the reference path; then the environment that routes greedy ids through the
+    kernel in interpret mode, with jax's caches and the op's recorded choice cleared."""
     from mamba_llama_jax.inference.generate import Generator, SamplingConfig
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, dtype="float32", tie_word_embeddings=True)
-    model = LlamaLM(cfg, rngs=nnx.Rngs(0))
-    prompts = [[5, 6, 7, 8], [100, 3]]
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
     jax.clear_caches()
-    want = Generator(model).run(prompts, SamplingConfig(max_new_tokens=6)).ids()
+    want = Generator(model).run(prompts, SamplingConfig(max_new_tokens=n)).ids()
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
     monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
     monkeypatch.setenv(lm.KERNEL_ENV, "1")
     jax.clear_caches()
     dispatch.forget_choices(lm.OP)
+    return want
+
+
+def test_greedy_generation_through_the_kernel_equals_the_reference_path(monkeypatch):
+    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
+
+    model = LlamaLM(TIED, rngs=nnx.Rngs(0))
+    prompts = [[5, 6, 7, 8], [100, 3]]
+    want = reference_ids_then_kernel(monkeypatch, model, prompts, 6)
     got = Generator(model).run(prompts, SamplingConfig(max_new_tokens=6)).ids()
     assert dispatch.last_choice(lm.OP) == lm.PALLAS_TRITON
     assert got == want
@@ -133,21 +145,12 @@ def test_greedy_speculative_decoding_through_the_kernel_equals_plain_greedy(monk
     """Target ids (first token, verify chunk) and the draft's picks through the kernel (interpret mode): the output
     is the reference path's plain greedy decoding."""
     from mamba_llama_jax.inference import speculative as spec
-    from mamba_llama_jax.inference.generate import Generator, SamplingConfig
     from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, dtype="float32", tie_word_embeddings=True)
-    target, draft = LlamaLM(cfg, rngs=nnx.Rngs(0)), LlamaLM(cfg, rngs=nnx.Rngs(1))
+    target, draft = LlamaLM(TIED, rngs=nnx.Rngs(0)), LlamaLM(TIED, rngs=nnx.Rngs(1))
     prompts = [[5, 6, 7, 8], [100, 3, 9]]
-    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
-    jax.clear_caches()
-    want = Generator(target).run(prompts, SamplingConfig(max_new_tokens=8)).ids()
-    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV)
-    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
-    monkeypatch.setenv(lm.KERNEL_ENV, "1")
+    want = reference_ids_then_kernel(monkeypatch, target, prompts, 8)
     monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # the kernel runs checked in the tests above
-    dispatch.forget_choices(lm.OP)
     try:
         for d in (target, draft):  # every draft accepted / most rejected
             out, lengths, _ = spec.SpeculativeDecoder(target, d).run(prompts, k=3, max_new_tokens=8)
