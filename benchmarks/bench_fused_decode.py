@@ -190,6 +190,7 @@ def run_dot(shapes: dict[str, tuple[str, int, int]], batches: tuple[int, ...], g
     import jax
 
     from pallas_kernels import fused_decode as fd
+    from pallas_kernels.dispatch import pow2_dividing
 
     rows_out = []
     for b in batches:
@@ -201,7 +202,7 @@ def run_dot(shapes: dict[str, tuple[str, int, int]], batches: tuple[int, ...], g
             keys = ("dot_rows", "dot_block", "dot_stages", "dot_k")
             for vals in itertools.product(*(grid[kk] for kk in keys), warps):
                 t, nw = dict(zip(keys, vals[:4])), vals[4]
-                bk = fd._block(k, t["dot_k"])
+                bk = pow2_dividing(k, t["dot_k"])
                 if t["dot_rows"] > b or (t["dot_k"] > bk and bk in grid["dot_k"]):
                     continue  # more rows than the batch, or the same K step as another dot_k of the grid
                 label = "pallas g{dot_rows} db{dot_block} ds{dot_stages} dk{dot_k}".format(**t) + f" w{nw}"
