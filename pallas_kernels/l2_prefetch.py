@@ -1,0 +1,138 @@
+"""Pulling arrays into L2 from inside this project's Triton kernels, for kernels that run after them.
+
+Why: at batch 64 a decode step's GEMMs are latency-bound, not bandwidth-bound (~0.2-0.7 TB/s), and part of their
+time is the DRAM latency of weights read cold: with every layer reading layer 0's weights (all in L2) the step
+took 0.04-0.05 ms less on the H100 (benchmarks/results/decode_profile_s27_prefetch.md, the `hw` diagnostic). Session
+27 had the attention kernel load one element of every sector of the next weights: the loads cost that kernel more
+than the GEMMs gained. Hopper's `cp.async.bulk.prefetch.L2.global [address], bytes` instead hands a whole range to
+the SM's copy engine, one instruction a thread, no registers held and nothing waited for: a kernel with idle memory
+bandwidth can warm the weights of the kernels after it (`fused_decode.tiling(prefetch=...)` says which).
+
+`prefetch` is one primitive with a side effect (so it is neither deleted nor moved), lowered to Triton's inline
+assembly like `pallas_kernels.pdl`'s instructions; it needs Pallas's Triton lowering internals (`jax._src`), and
+where they are missing (another jax) `available()` is False and the kernels leave it out. It has no meaning in
+interpret mode: kernels call it only when compiled for a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+ALIGN = 16  # the instruction's address and size granularity (bytes)
+MIN_CHUNK = 256  # smallest range a thread is handed: a few DRAM bursts
+
+
+def _build() -> Any:
+    """The primitive (None where this jax's Pallas Triton lowering is not as expected)."""
+    try:
+        from jax._src import core as jax_core
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering
+        from jax._src.pallas.triton import primitives as tt_prims
+    except ImportError:
+        return None
+    effect = getattr(tt_prims, "barrier_effect", None)
+    if effect is None:
+        return None
+    prim = jax_core.Primitive("mamba_llama_prefetch_l2")
+    prim.multiple_results = True
+
+    @prim.def_effectful_abstract_eval
+    def _abstract(ref: Any, starts: Any, sizes: Any) -> Any:
+        del ref, starts, sizes
+        return [], {effect}
+
+    @lowering.register_lowering(prim)
+    def _lower(ctx: Any, ptr: Any, starts: Any, sizes: Any) -> Any:
+        del ctx
+        shape = ir.RankedTensorType(starts.type).shape
+        ptrs = tt_dialect.splat(ir.RankedTensorType.get(shape, ptr.type), ptr)
+        ptrs = tt_dialect.addptr(ptrs.type, ptrs, starts)
+        addrs = tt_dialect.ptr_to_int(ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(64)), ptrs)
+        i32 = ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(32))
+        tt_dialect.elementwise_inline_asm([i32], "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+                                          constraints="=r,l,r", pure=False, packed_element=1, args=[addrs, sizes])
+        return []
+
+    return prim
+
+
+_PRIM = _build()
+
+
+def available() -> bool:
+    """Whether this jax lets the kernels execute the instruction."""
+    return _PRIM is not None
+
+
+def chunking(nbytes: int, threads: int) -> tuple[int, int]:
+    """(chunk, chunks): `nbytes` cut into `chunks` ranges of `chunk` bytes (the last one shorter where they do not
+    divide), chunk a multiple of ALIGN and at least MIN_CHUNK, so that `threads` threads cover it in one pass."""
+    if nbytes <= 0 or nbytes % ALIGN:
+        raise ValueError(f"prefetch needs a positive size in multiples of {ALIGN} bytes, got {nbytes}")
+    per = -(-nbytes // threads)
+    chunk = max(MIN_CHUNK, -(-per // ALIGN) * ALIGN)
+    return chunk, -(-nbytes // chunk)
+
+
+def ranges(nbytes: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (start, size) in bytes that thread t of `threads` prefetches (`chunking`): thread t takes chunk
+    t mod chunks, so threads past the chunks repeat early ones (an L2 hit: no DRAM traffic) rather than idle in a
+    branch; what `prefetch` computes in a kernel, as numpy (for tests)."""
+    chunk, chunks = chunking(nbytes, threads)
+    starts = (np.arange(threads) % chunks) * chunk
+    return starts, np.minimum(chunk, nbytes - starts)
+
+
+def prefetch(refs: tuple[Any, ...], *, thread: jax.Array, threads: int) -> None:
+    """Inside a Triton kernel: every ref's whole array into L2, shared over `threads` threads of the grid, of which
+    this program holds `thread` (an int32 (T,) vector, T its warps × 32: one element a thread, so each thread issues
+    one instruction a ref)."""
+    if _PRIM is None:
+        raise RuntimeError("this jax's Pallas Triton lowering has no room for the L2 prefetch")
+    for ref in refs:
+        item = jnp.dtype(ref.dtype).itemsize
+        nbytes = int(np.prod(ref.shape)) * item
+        chunk, chunks = chunking(nbytes, threads)
+        start = (thread % chunks) * chunk
+        size = jnp.minimum(chunk, nbytes - start)
+        _PRIM.bind(ref, start // item, size)
+
+
+def program_threads(num_warps: int, grid: tuple[int, ...]) -> tuple[jax.Array, int]:
+    """(this program's threads as indices over the whole grid, an int32 (num_warps × 32,) vector; the grid's
+    thread count) for a kernel launched over the static `grid` (row-major over its axes)."""
+    t = num_warps * 32
+    p = jnp.int32(0)
+    for a, n in enumerate(grid):
+        p = p * n + pl.program_id(a)
+    return p * t + jax.lax.broadcasted_iota(jnp.int32, (t,), 0), int(np.prod(grid)) * t
+
+
+def with_prefetch(kernel: Any, *, n_in: int, n_prefetch: int, at: str, grid: tuple[int, ...],
+                  num_warps: int) -> Any:
+    """`kernel(*inputs, *outputs)` taking `n_prefetch` more inputs after its `n_in` own, whose arrays its programs
+    pull into L2 (`prefetch`, shared over the whole `grid`) before their work (`at` "start") or after it ("end")."""
+    if at not in ("start", "end"):
+        raise ValueError(f"prefetch at must be 'start' or 'end', got {at!r}")
+
+    def wrapped(*refs: Any) -> None:
+        ins, ahead, outs = refs[:n_in], refs[n_in:n_in + n_prefetch], refs[n_in + n_prefetch:]
+
+        def issue() -> None:
+            thread, threads = program_threads(num_warps, grid)
+            prefetch(ahead, thread=thread, threads=threads)
+
+        if at == "start":
+            issue()
+        kernel(*ins, *outs)
+        if at == "end":
+            issue()
+
+    return wrapped
