@@ -39,7 +39,8 @@ taken beside gate·up's dots / written by the o-projection kernel as partials (t
 `pfo` / `pfoe` / `pfs` / `pfn` = in that form, weights pulled into L2 by Hopper's bulk prefetch
 (`pallas_kernels.l2_prefetch`): the MLP's gate·up and down by the o-projection kernel before its K loop / after its
 stores, or gate·up's by the o-projection and down's by the gate·up kernel, or as `pfo` and the next layer's q·k·v
-and o by the gate·up kernel (`fused_decode.tiling(prefetch=...)`),
+and o by the gate·up kernel (`fused_decode.tiling(prefetch=...)`); `pfl` = those line by line (`prefetch.global.L2`)
+rather than a range a thread (`tiling(prefetch_by="lines")`),
 `lmk` = greedy ids from `pallas_kernels.lm_head_argmax` (the LM head + argmax in one kernel, opt-in:
 MAMBA_LLAMA_LM_HEAD_KERNEL=1) rather than XLA's GEMM and argmax,
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
@@ -265,6 +266,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
         elif tok in ("pfo", "pfoe", "pfs", "pfn"):
             tiling["prefetch"] = {"pfo": "o", "pfoe": "oe", "pfs": "split", "pfn": "next"}[tok]
+        elif tok == "pfl":
+            tiling["prefetch_by"] = "lines"
         elif tok == "lmk":
             env["MAMBA_LLAMA_LM_HEAD_KERNEL"] = "1"
         elif tok == "hw":
@@ -273,7 +276,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
                              "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pfo, "
-                             "pfoe, pfs, pfn, lmk, hw)")
+                             "pfoe, pfs, pfn, pfl, lmk, hw)")
     return tiling, env
 
 

@@ -504,7 +504,8 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o", "prefetch": ""}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o", "prefetch": "",
+                           "prefetch_by": "bulk"}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 # Where the `weighed` form takes its rows' sums of squares (`tiling(squares=...)`): "gate_up" = gate·up loads the
@@ -519,7 +520,8 @@ SQUARES = ("gate_up", "o")
 # (`pallas_kernels.l2_prefetch`; `tiling(prefetch=...)`): "" = none; "o" = the o-projection kernel, the MLP's
 # gate·up and down, before its K loop; "oe" = the same after its stores; "split" = the o-projection gate·up's
 # before its K loop, gate·up the down projection's before its own; "next" = "o", and gate·up the next layer's
-# q·k·v and o (`FusedAttention.ahead`, where the next layer is one).
+# q·k·v and o (`FusedAttention.ahead`, where the next layer is one). `tiling(prefetch_by=...)`: with Hopper's bulk
+# prefetch, a range a thread, or line by line (`l2_prefetch.KINDS`).
 PREFETCH = ("", "o", "oe", "split", "next")
 
 
@@ -528,14 +530,15 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
            dot_rows: int | None = None, dot_block: int | None = None,
            dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None,
-           prefetch: str | None = None) -> Iterator[None]:
+           prefetch: str | None = None, prefetch_by: str | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
     stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
     (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES);
-    `prefetch` which of its kernels pulls the MLP's weights into L2 (PREFETCH). Clear
+    `prefetch` which of its kernels pulls the MLP's weights into L2 (PREFETCH) and `prefetch_by` how
+    (`l2_prefetch.KINDS`). Clear
     jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
@@ -543,6 +546,8 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
         raise _bad(f"tiling squares must be one of {SQUARES}, got {squares!r}")
     if prefetch is not None and prefetch not in PREFETCH:
         raise _bad(f"tiling prefetch must be one of {PREFETCH}, got {prefetch!r}")
+    if prefetch_by is not None and prefetch_by not in l2_prefetch.KINDS:
+        raise _bad(f"tiling prefetch_by must be one of {l2_prefetch.KINDS}, got {prefetch_by!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
     if dot_block is not None and dot_block not in (16, 32, 64, 128):
@@ -553,9 +558,9 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
         raise _bad(f"tiling dot_k must be one of 16, 32, 64, 128, got {dot_k}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
            "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares,
-           "prefetch": prefetch}
+           "prefetch": prefetch, "prefetch_by": prefetch_by}
     for k, v in new.items():
-        if k not in ("merge", "dot_stages", "squares", "prefetch") and v is not None and (
+        if k not in ("merge", "dot_stages", "squares", "prefetch", "prefetch_by") and v is not None and (
                 v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old, old_named = dict(_TILING), set(_NAMED)
@@ -626,7 +631,7 @@ def _call(kernel: Any, out: Any, grid: int, interpret: bool, num_warps: int, nam
     warps = num_warps or pick_warps(rows)
     if prefetch and not interpret and l2_prefetch.available():
         kernel = l2_prefetch.with_prefetch(kernel, n_in=len(args), n_prefetch=len(prefetch), at=prefetch_at,
-                                           grid=grids, num_warps=warps)
+                                           grid=grids, num_warps=warps, kind=_TILING["prefetch_by"])
         args = (*args, *prefetch)
     return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name, num_warps=warps,
                        num_stages=_TILING["dot_stages"] if rows in DOT_ROWS else 1)(*args)

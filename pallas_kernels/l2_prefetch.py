@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels.dispatch import pow2_at_least
+
 ALIGN = 16  # the instruction's address and size granularity (bytes)
 MIN_CHUNK = 256  # smallest range a thread is handed: a few DRAM bursts
 
@@ -44,20 +46,24 @@ def _build() -> Any:
     prim.multiple_results = True
 
     @prim.def_effectful_abstract_eval
-    def _abstract(ref: Any, starts: Any, sizes: Any) -> Any:
+    def _abstract(ref: Any, starts: Any, *sizes: Any) -> Any:
         del ref, starts, sizes
         return [], {effect}
 
     @lowering.register_lowering(prim)
-    def _lower(ctx: Any, ptr: Any, starts: Any, sizes: Any) -> Any:
+    def _lower(ctx: Any, ptr: Any, starts: Any, *sizes: Any) -> Any:
         del ctx
         shape = ir.RankedTensorType(starts.type).shape
         ptrs = tt_dialect.splat(ir.RankedTensorType.get(shape, ptr.type), ptr)
         ptrs = tt_dialect.addptr(ptrs.type, ptrs, starts)
         addrs = tt_dialect.ptr_to_int(ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(64)), ptrs)
         i32 = ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(32))
-        tt_dialect.elementwise_inline_asm([i32], "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
-                                          constraints="=r,l,r", pure=False, packed_element=1, args=[addrs, sizes])
+        if sizes:  # a range a thread: the copy engine's bulk prefetch
+            asm, constraints = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r"
+        else:  # the line holding each address
+            asm, constraints = "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l"
+        tt_dialect.elementwise_inline_asm([i32], asm, constraints=constraints, pure=False, packed_element=1,
+                                          args=[addrs, *sizes])
         return []
 
     return prim
@@ -90,19 +96,50 @@ def ranges(nbytes: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.minimum(chunk, nbytes - starts)
 
 
-def prefetch(refs: tuple[Any, ...], *, thread: jax.Array, threads: int) -> None:
+LINE = 128  # bytes a `prefetch.global.L2` brings in
+
+
+def line_chunking(nbytes: int, threads: int) -> tuple[int, int]:
+    """(lines, chunks) for prefetching line by line: each thread takes `lines` lines (a power of two: one Triton
+    tensor), `nbytes` cut into `chunks` <= threads ranges of that many lines."""
+    if nbytes <= 0:
+        raise ValueError(f"prefetch needs a positive size, got {nbytes}")
+    lines = pow2_at_least(-(-nbytes // (LINE * threads)), 1)
+    return lines, -(-nbytes // (lines * LINE))
+
+
+def line_starts(nbytes: int, threads: int) -> np.ndarray:
+    """(threads, lines): the byte each thread's line prefetches address (`line_chunking`; lines past the end are
+    the array's last byte again); what `prefetch(kind="lines")` computes in a kernel, as numpy (for tests)."""
+    lines, chunks = line_chunking(nbytes, threads)
+    start = (np.arange(threads) % chunks) * lines * LINE
+    return np.minimum(start[:, None] + np.arange(lines)[None, :] * LINE, nbytes - 1)
+
+
+KINDS = ("bulk", "lines")
+
+
+def prefetch(refs: tuple[Any, ...], *, thread: jax.Array, threads: int, kind: str = "bulk") -> None:
     """Inside a Triton kernel: every ref's whole array into L2, shared over `threads` threads of the grid, of which
-    this program holds `thread` (an int32 (T,) vector, T its warps × 32: one element a thread, so each thread issues
-    one instruction a ref)."""
+    this program holds `thread` (an int32 (T,) vector, T its warps × 32: one element a thread). `kind` "bulk": each
+    thread hands one range a ref to the copy engine (`ranges`); "lines": each issues one `prefetch.global.L2` a
+    128-byte line of its range (`line_starts`)."""
     if _PRIM is None:
         raise RuntimeError("this jax's Pallas Triton lowering has no room for the L2 prefetch")
+    if kind not in KINDS:
+        raise ValueError(f"prefetch kind must be one of {KINDS}, got {kind!r}")
     for ref in refs:
         item = jnp.dtype(ref.dtype).itemsize
         nbytes = int(np.prod(ref.shape)) * item
-        chunk, chunks = chunking(nbytes, threads)
-        start = (thread % chunks) * chunk
-        size = jnp.minimum(chunk, nbytes - start)
-        _PRIM.bind(ref, start // item, size)
+        if kind == "bulk":
+            chunk, chunks = chunking(nbytes, threads)
+            start = (thread % chunks) * chunk
+            _PRIM.bind(ref, start // item, jnp.minimum(chunk, nbytes - start))
+            continue
+        lines, chunks = line_chunking(nbytes, threads)
+        start = (thread % chunks) * (lines * LINE)
+        at = start[:, None] + jax.lax.broadcasted_iota(jnp.int32, (thread.shape[0], lines), 1) * LINE
+        _PRIM.bind(ref, jnp.minimum(at, nbytes - 1) // item)
 
 
 def program_threads(num_warps: int, grid: tuple[int, ...]) -> tuple[jax.Array, int]:
@@ -116,9 +153,10 @@ def program_threads(num_warps: int, grid: tuple[int, ...]) -> tuple[jax.Array, i
 
 
 def with_prefetch(kernel: Any, *, n_in: int, n_prefetch: int, at: str, grid: tuple[int, ...],
-                  num_warps: int) -> Any:
+                  num_warps: int, kind: str = "bulk") -> Any:
     """`kernel(*inputs, *outputs)` taking `n_prefetch` more inputs after its `n_in` own, whose arrays its programs
-    pull into L2 (`prefetch`, shared over the whole `grid`) before their work (`at` "start") or after it ("end")."""
+    pull into L2 (`prefetch` of `kind`, shared over the whole `grid`) before their work (`at` "start") or after it
+    ("end")."""
     if at not in ("start", "end"):
         raise ValueError(f"prefetch at must be 'start' or 'end', got {at!r}")
 
@@ -127,7 +165,7 @@ def with_prefetch(kernel: Any, *, n_in: int, n_prefetch: int, at: str, grid: tup
 
         def issue() -> None:
             thread, threads = program_threads(num_warps, grid)
-            prefetch(ahead, thread=thread, threads=threads)
+            prefetch(ahead, thread=thread, threads=threads, kind=kind)
 
         if at == "start":
             issue()

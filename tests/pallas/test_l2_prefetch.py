@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_helpers import triton_modules_for_h100  # noqa: E402
 
 INSTR = "cp.async.bulk.prefetch.L2.global"
+LINE_INSTR = "prefetch.global.L2 ["
 needs_prim = pytest.mark.skipif(not lp.available(), reason="this jax's Pallas Triton lowering moved")
 
 
@@ -43,6 +44,18 @@ def test_ranges_cover_each_array_exactly(units, threads):
     assert chunks <= threads and chunk >= lp.MIN_CHUNK  # one pass; no thread handed a sliver
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 400_000), st.sampled_from([32, 128, 4 * 32 * 36, 4 * 32 * 192, 8 * 32 * 500]))
+def test_lines_cover_each_array_exactly(units, threads):
+    nbytes = units * 2  # bf16 arrays
+    at = lp.line_starts(nbytes, threads)
+    lines, chunks = lp.line_chunking(nbytes, threads)
+    assert at.shape == (threads, lines) and chunks <= threads and lines & (lines - 1) == 0
+    assert at.min() >= 0 and at.max() <= nbytes - 1
+    assert np.array_equal(np.unique(at // lp.LINE), np.arange(-(-nbytes // lp.LINE)))  # every line, none past
+    assert lines == 1 or chunks * lines // 2 * lp.LINE < nbytes  # no more lines a thread than needed
+
+
 def test_bad_sizes_and_places():
     for bad in (0, 24, -16):
         with pytest.raises(ValueError, match="multiples of 16"):
@@ -52,17 +65,22 @@ def test_bad_sizes_and_places():
     with pytest.raises(KernelError, match="prefetch must be one of"):
         with fd.tiling(prefetch="gate_up"):
             pass
+    with pytest.raises(KernelError, match="prefetch_by must be one of"):
+        with fd.tiling(prefetch_by="words"):
+            pass
 
 S, BF = jax.ShapeDtypeStruct, jnp.bfloat16
 D, INTER = 576, 1536  # SmolLM2-135M
 
 
-def lowered_o(rows: int, at: str, n_ahead: int) -> str:
+def lowered_o(rows: int, at: str, n_ahead: int, by: str = "bulk") -> str:
     ahead = (S((2 * INTER, D), BF), S((D, INTER), BF))[:n_ahead]
 
     def fn(a, w, res, nw, *pf):
         return fd.matmul_residual_weigh_pallas(a, w, res, nw, squares=True, prefetch=pf, prefetch_at=at)
-    (text,) = triton_modules_for_h100(fn, S((rows, D), BF), S((D, D), BF), S((rows, D), BF), S((D,), BF), *ahead)
+    with fd.tiling(prefetch_by=by):
+        (text,) = triton_modules_for_h100(fn, S((rows, D), BF), S((D, D), BF), S((rows, D), BF), S((D,), BF),
+                                          *ahead)
     return text
 
 
@@ -76,6 +94,8 @@ def test_weighed_kernels_lower_with_the_instruction_once_an_array(rows):
             if n:  # before the K loop, or after the last store
                 first, last = text.index(INSTR), text.rindex(INSTR)
                 assert (last < text.index("scf.for")) if at == "start" else (first > text.rindex("tt.store")), at
+    lines = lowered_o(rows, "start", 2, by="lines")
+    assert lines.count(LINE_INSTR) == 2 and INSTR not in lines
     for pf in ((), (S((D, INTER), BF),)):
         (gu,) = triton_modules_for_h100(
             lambda hw, x, w, *dn: fd.gate_up_weighed_pallas(hw, x, w, eps=1e-5, prefetch=dn),
