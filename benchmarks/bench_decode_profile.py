@@ -39,8 +39,9 @@ taken beside gate·up's dots / written by the o-projection kernel as partials (t
 `pfo` / `pfoe` / `pfs` / `pfn` = in that form, weights pulled into L2 by Hopper's bulk prefetch
 (`pallas_kernels.l2_prefetch`): the MLP's gate·up and down by the o-projection kernel before its K loop / after its
 stores, or gate·up's by the o-projection and down's by the gate·up kernel, or as `pfo` and the next layer's q·k·v
-and o by the gate·up kernel (`fused_decode.tiling(prefetch=...)`); `pfl` = those line by line (`prefetch.global.L2`)
-rather than a range a thread (`tiling(prefetch_by="lines")`),
+and o by the gate·up kernel (`fused_decode.tiling(prefetch=...)`; all slower on the H100 at 64, in
+results/decode_profile_s30_prefetch.md); `pfl` = those line by line (`prefetch.global.L2`) rather than a range a
+thread (`tiling(prefetch_by="lines")`; not yet measured),
 `lmk` = greedy ids from `pallas_kernels.lm_head_argmax` (the LM head + argmax in one kernel, opt-in:
 MAMBA_LLAMA_LM_HEAD_KERNEL=1) rather than XLA's GEMM and argmax,
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with

@@ -521,7 +521,9 @@ SQUARES = ("gate_up", "o")
 # gate·up and down, before its K loop; "oe" = the same after its stores; "split" = the o-projection gate·up's
 # before its K loop, gate·up the down projection's before its own; "next" = "o", and gate·up the next layer's
 # q·k·v and o (`FusedAttention.ahead`, where the next layer is one). `tiling(prefetch_by=...)`: with Hopper's bulk
-# prefetch, a range a thread, or line by line (`l2_prefetch.KINDS`).
+# prefetch, a range a thread, or line by line (`l2_prefetch.KINDS`). Off by default: with the bulk prefetch every
+# way measured slower on the H100 at 64 rows (benchmarks/results/decode_profile_s30_prefetch.md: 0.822-0.866 ms a
+# step against 0.786-0.793, the issuing kernel held until its ranges arrive); line by line not yet measured.
 PREFETCH = ("", "o", "oe", "split", "next")
 
 

@@ -4,9 +4,16 @@ Why: at batch 64 a decode step's GEMMs are latency-bound, not bandwidth-bound (~
 time is the DRAM latency of weights read cold: with every layer reading layer 0's weights (all in L2) the step
 took 0.04-0.05 ms less on the H100 (benchmarks/results/decode_profile_s27_prefetch.md, the `hw` diagnostic). Session
 27 had the attention kernel load one element of every sector of the next weights: the loads cost that kernel more
-than the GEMMs gained. Hopper's `cp.async.bulk.prefetch.L2.global [address], bytes` instead hands a whole range to
-the SM's copy engine, one instruction a thread, no registers held and nothing waited for: a kernel with idle memory
-bandwidth can warm the weights of the kernels after it (`fused_decode.tiling(prefetch=...)` says which).
+than the GEMMs gained. Two ways here, neither holding a register (`fused_decode.tiling(prefetch=..., prefetch_by=...)`
+says which kernel prefetches which weights, and how):
+- "bulk": Hopper's `cp.async.bulk.prefetch.L2.global [address], bytes`, a whole range a thread handed to the SM's
+  copy engine. Measured in the H100's decode loop at batch 64 (benchmarks/results/decode_profile_s30_prefetch.md):
+  the kernels after it gain what `hw` gains there, but a program does not exit before its ranges have arrived, so
+  the issuing kernel pays about their transfer time (the o-projection +1.4-1.8 µs a layer for 5.3 MB) and the step
+  is slower (0.822-0.866 ms against 0.786-0.793). Not used by default.
+- "lines": one `prefetch.global.L2 [address]` a 128-byte line, which nothing waits for. Not yet measured on a GPU
+  (its Triton module compiles for sm_90, checked with triton 3.6 off the device); the profile's `pfo+pfl` is the
+  run that decides.
 
 `prefetch` is one primitive with a side effect (so it is neither deleted nor moved), lowered to Triton's inline
 assembly like `pallas_kernels.pdl`'s instructions; it needs Pallas's Triton lowering internals (`jax._src`), and
@@ -24,6 +31,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import pow2_at_least
+from pallas_kernels.pdl import triton_internals
 
 ALIGN = 16  # the instruction's address and size granularity (bytes)
 MIN_CHUNK = 256  # smallest range a thread is handed: a few DRAM bursts
@@ -31,18 +39,11 @@ MIN_CHUNK = 256  # smallest range a thread is handed: a few DRAM bursts
 
 def _build() -> Any:
     """The primitive (None where this jax's Pallas Triton lowering is not as expected)."""
-    try:
-        from jax._src import core as jax_core
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.triton import dialect as tt_dialect
-        from jax._src.pallas.triton import lowering
-        from jax._src.pallas.triton import primitives as tt_prims
-    except ImportError:
+    t = triton_internals()
+    if t is None:
         return None
-    effect = getattr(tt_prims, "barrier_effect", None)
-    if effect is None:
-        return None
-    prim = jax_core.Primitive("mamba_llama_prefetch_l2")
+    ir, tt_dialect, effect = t.ir, t.tt_dialect, t.effect
+    prim = t.core.Primitive("mamba_llama_prefetch_l2")
     prim.multiple_results = True
 
     @prim.def_effectful_abstract_eval
@@ -50,7 +51,7 @@ def _build() -> Any:
         del ref, starts, sizes
         return [], {effect}
 
-    @lowering.register_lowering(prim)
+    @t.lowering.register_lowering(prim)
     def _lower(ctx: Any, ptr: Any, starts: Any, *sizes: Any) -> Any:
         del ctx
         shape = ir.RankedTensorType(starts.type).shape

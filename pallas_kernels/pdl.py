@@ -26,8 +26,11 @@ import jax
 import jax.numpy as jnp
 
 
-def _build() -> Any:
-    """The side-effecting inline-asm primitive (None where this jax's Pallas Triton lowering is not as expected)."""
+def triton_internals() -> Any:
+    """What a side-effecting inline-assembly primitive of the project's Triton kernels is built from, as a namespace
+    (core, ir, tt_dialect, lowering, effect), or None where this jax's Pallas Triton lowering is not as expected
+    (`pallas_kernels.l2_prefetch` builds its own with it)."""
+    import types
     try:
         from jax._src import core as jax_core
         from jax._src.lib.mlir import ir
@@ -39,14 +42,23 @@ def _build() -> Any:
     effect = getattr(tt_prims, "barrier_effect", None)
     if effect is None:
         return None
-    prim = jax_core.Primitive("mamba_llama_inline_asm_i32")
+    return types.SimpleNamespace(core=jax_core, ir=ir, tt_dialect=tt_dialect, lowering=lowering, effect=effect)
+
+
+def _build() -> Any:
+    """The side-effecting inline-asm primitive (None where this jax's Pallas Triton lowering is not as expected)."""
+    t = triton_internals()
+    if t is None:
+        return None
+    ir, tt_dialect, effect = t.ir, t.tt_dialect, t.effect
+    prim = t.core.Primitive("mamba_llama_inline_asm_i32")
 
     @prim.def_effectful_abstract_eval
     def _abstract(*, asm: str) -> Any:
         del asm
-        return jax_core.ShapedArray((), jnp.int32), {effect}
+        return t.core.ShapedArray((), jnp.int32), {effect}
 
-    @lowering.register_lowering(prim)
+    @t.lowering.register_lowering(prim)
     def _lower(ctx: Any, *, asm: str) -> Any:
         del ctx
         i32 = ir.IntegerType.get_signless(32)
