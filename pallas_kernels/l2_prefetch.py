@@ -88,13 +88,13 @@ def chunking(nbytes: int, threads: int) -> tuple[int, int]:
     return chunk, -(-nbytes // chunk)
 
 
-def ranges(nbytes: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (start, size) in bytes that thread t of `threads` prefetches (`chunking`): thread t takes chunk
-    t mod chunks, so threads past the chunks repeat early ones (an L2 hit: no DRAM traffic) rather than idle in a
-    branch; what `prefetch` computes in a kernel, as numpy (for tests)."""
+def ranges(thread: Any, nbytes: int, threads: int, xp: Any = np) -> tuple[Any, Any]:
+    """The (start, size) in bytes that the threads `thread` (a vector of indices < threads) prefetch of an array of
+    `nbytes` (`chunking`): thread t takes chunk t mod chunks, so threads past the chunks repeat early ones (an L2
+    hit: no DRAM traffic) rather than idle in a branch. `xp`: numpy (tests) or jax.numpy (`prefetch`, in a kernel)."""
     chunk, chunks = chunking(nbytes, threads)
-    starts = (np.arange(threads) % chunks) * chunk
-    return starts, np.minimum(chunk, nbytes - starts)
+    starts = (thread % chunks) * chunk
+    return starts, xp.minimum(chunk, nbytes - starts)
 
 
 LINE = 128  # bytes a `prefetch.global.L2` brings in
@@ -109,12 +109,12 @@ def line_chunking(nbytes: int, threads: int) -> tuple[int, int]:
     return lines, -(-nbytes // (lines * LINE))
 
 
-def line_starts(nbytes: int, threads: int) -> np.ndarray:
-    """(threads, lines): the byte each thread's line prefetches address (`line_chunking`; lines past the end are
-    the array's last byte again); what `prefetch(kind="lines")` computes in a kernel, as numpy (for tests)."""
+def line_starts(thread: Any, nbytes: int, threads: int, xp: Any = np) -> Any:
+    """(len(thread), lines): the byte each of the threads `thread`'s lines prefetches address, in an array of
+    `nbytes` (`line_chunking`; lines past the end are the array's last byte again). `xp` as in `ranges`."""
     lines, chunks = line_chunking(nbytes, threads)
-    start = (np.arange(threads) % chunks) * lines * LINE
-    return np.minimum(start[:, None] + np.arange(lines)[None, :] * LINE, nbytes - 1)
+    start = (thread % chunks) * (lines * LINE)
+    return xp.minimum(start[:, None] + xp.arange(lines, dtype=xp.int32)[None, :] * LINE, nbytes - 1)
 
 
 KINDS = ("bulk", "lines")
@@ -133,14 +133,10 @@ def prefetch(refs: tuple[Any, ...], *, thread: jax.Array, threads: int, kind: st
         item = jnp.dtype(ref.dtype).itemsize
         nbytes = int(np.prod(ref.shape)) * item
         if kind == "bulk":
-            chunk, chunks = chunking(nbytes, threads)
-            start = (thread % chunks) * chunk
-            _PRIM.bind(ref, start // item, jnp.minimum(chunk, nbytes - start))
-            continue
-        lines, chunks = line_chunking(nbytes, threads)
-        start = (thread % chunks) * (lines * LINE)
-        at = start[:, None] + jax.lax.broadcasted_iota(jnp.int32, (thread.shape[0], lines), 1) * LINE
-        _PRIM.bind(ref, jnp.minimum(at, nbytes - 1) // item)
+            start, size = ranges(thread, nbytes, threads, jnp)
+            _PRIM.bind(ref, start // item, size)
+        else:
+            _PRIM.bind(ref, line_starts(thread, nbytes, threads, jnp) // item)
 
 
 def program_threads(num_warps: int, grid: tuple[int, ...]) -> tuple[jax.Array, int]:

@@ -32,7 +32,7 @@ needs_prim = pytest.mark.skipif(not lp.available(), reason="this jax's Pallas Tr
 @given(st.integers(1, 400_000), st.sampled_from([32, 128, 4 * 32 * 36, 4 * 32 * 192, 8 * 32 * 500]))
 def test_ranges_cover_each_array_exactly(units, threads):
     nbytes = units * lp.ALIGN
-    starts, sizes = lp.ranges(nbytes, threads)
+    starts, sizes = lp.ranges(np.arange(threads), nbytes, threads)
     assert starts.shape == sizes.shape == (threads,)
     assert np.all(starts % lp.ALIGN == 0) and np.all(sizes % lp.ALIGN == 0) and np.all(sizes > 0)
     assert np.all(starts + sizes <= nbytes)
@@ -48,7 +48,7 @@ def test_ranges_cover_each_array_exactly(units, threads):
 @given(st.integers(1, 400_000), st.sampled_from([32, 128, 4 * 32 * 36, 4 * 32 * 192, 8 * 32 * 500]))
 def test_lines_cover_each_array_exactly(units, threads):
     nbytes = units * 2  # bf16 arrays
-    at = lp.line_starts(nbytes, threads)
+    at = lp.line_starts(np.arange(threads), nbytes, threads)
     lines, chunks = lp.line_chunking(nbytes, threads)
     assert at.shape == (threads, lines) and chunks <= threads and lines & (lines - 1) == 0
     assert at.min() >= 0 and at.max() <= nbytes - 1
