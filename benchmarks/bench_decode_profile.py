@@ -20,7 +20,8 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` 
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
-(`decode_attention.NEWEST_BY_BATCH`),
+(`decode_attention.NEWEST_BY_BATCH`), `afe` / `afl` = its first block's loads issued at the kernel's start, before
+the prologue's / in the pipelined loop (the default) (`decode_attention.FIRST`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -251,6 +252,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("ana", "anb"):
             tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
+        elif tok in ("afe", "afl"):
+            tiling["attn_first"] = {"afe": "early", "afl": "loop"}[tok]
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -276,8 +279,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pfo, "
-                             "pfoe, pfs, pfn, pfl, lmk, hw)")
+                             "anb, afe, afl, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, "
+                             "sqo, pfo, pfoe, pfs, pfn, pfl, lmk, hw)")
     return tiling, env
 
 
@@ -292,7 +295,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""))}
+                         ("shares", ""), ("newest", ""), ("first", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

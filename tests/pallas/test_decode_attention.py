@@ -133,6 +133,47 @@ def test_dot_form_newest_equals_reference_interpret(newest, b, slots, index, spl
         jax.clear_caches()
 
 
+@pytest.mark.parametrize("newest,b,slots,index,splits,dtype", [
+    ("after", 3, 96, 48, 4, jnp.bfloat16),    # one block a split: the early block alone, the loop empty
+    ("after", 2, 96, 50, 1, jnp.float32),     # four blocks in one program: the early one and three in the loop
+    ("block", 2, 96, 10, 4, jnp.float32),     # one filled block: splits 1-3 empty, their early loads ignored
+    ("block", 2, 96, 95, 2, jnp.bfloat16),    # the new token in the last block, two splits of two blocks
+])
+def test_dot_form_first_block_early_equals_reference_interpret(newest, b, slots, index, splits, dtype):
+    """FIRST "early" (`override_plan(first="early")`): the first block's tiles loaded before the prologue (so before
+    the cache write, stale at the new slot) and folded in after the loop: output, partials and caches the
+    reference's with either place of the new token, for empty, one-block and longer splits."""
+    h, kv, d = 9, 3, 32
+    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 3, dtype=dtype)
+    args = args[:6] + (args[6].at[1, index].set(False),)  # row 1's new slot invalid: left out, as the reference does
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
+        decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
+        dot=True))(*args))
+    jax.clear_caches()
+    try:
+        with da.override_plan(newest=newest, first="early"):
+            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
+            if splits > 1:
+                assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
+            text = kernel_text()
+        jax.clear_caches()
+        with da.override_plan(newest=newest, first="loop"):
+            assert text != kernel_text()  # the option took effect
+    finally:
+        jax.clear_caches()
+
+
+def test_first_is_planned():
+    """FIRST is the default; the override wins; a bad value raises."""
+    assert da.planned_first() == da.FIRST
+    with da.override_plan(first="early"):
+        assert da.planned_first() == "early"
+    with pytest.raises(KernelError, match="first"):
+        with da.override_plan(first="soon"):
+            pass
+
+
 def test_newest_is_planned_by_batch():
     """NEWEST_BY_BATCH: substituted into its block at batch 1, after the loop from 16 (measured, see there); the
     override wins; a bad value raises."""
@@ -421,9 +462,11 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
                         S((b, splits, h), f32), S((b, splits, h), f32))
     jax.clear_caches()
     try:
-        with da.override_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
-            lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
-                                              block=block, splits=splits, dot=True), *avals)
+        for first in ("loop", "early"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
+            with da.override_plan(newest="after", first=first):
+                lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                                  block=block, splits=splits, dot=True), *avals)
+            jax.clear_caches()
     finally:
         jax.clear_caches()
 
@@ -469,16 +512,18 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("first", ["loop", "early"])
 @pytest.mark.parametrize("newest", ["after", "block"])
 @pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
-def test_dot_form_newest_equals_reference_gpu(newest, b, slots, index):
-    """The tensor-core form with either place of the new token (`override_plan(newest=)`) compiled through Triton
-    at SmolLM2's heads, merged and unmerged, in the blocks and splits the batch plans."""
+def test_dot_form_newest_equals_reference_gpu(newest, first, b, slots, index):
+    """The tensor-core form with either place of the new token (`override_plan(newest=)`) and either time of its
+    first block's loads (`first=`) compiled through Triton at SmolLM2's heads, merged and unmerged, in the blocks
+    and splits the batch plans."""
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
     block, splits = plan(b, 3, slots, max_splits=16)
     jax.clear_caches()
     try:
-        with da.override_plan(newest=newest):
+        with da.override_plan(newest=newest, first=first):
             assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
             assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
     finally:
