@@ -12,6 +12,12 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
     # decode-path variants side by side in one run (the teacher, batch 1):
     python benchmarks/bench_decode_profile.py --models teacher --batches 1 --variants default,bn1w1,c16,bn1w1+c16,xla
 
+The loop runs under the process's own XLA_FLAGS (none unless set), as `run.py generate` does, so its unprofiled
+walls compare with bench_generate's `fused_nocmdbuf` variant, not with its `fused` (the issue-3 table's), which adds
+`--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: at batch 64 on the H100 the two differed by ~0.02 ms a step
+across runs (0.786-0.793 here against 0.811, results/decode_profile_s30_prefetch.md, generate_s30.md), a difference
+not yet measured side by side.
+
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on the
 fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
 `xla` = fused GEMVs off (MAMBA_LLAMA_FUSED_DECODE=0), `uv` = kernels not yet verified on the GPU allowed
