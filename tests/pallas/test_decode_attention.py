@@ -101,15 +101,26 @@ def test_dot_form_in_the_planned_blocks_equals_reference_interpret(block, dtype)
     assert_equal_to_reference(args, h, kv, splits=1, block=block, dot=True, tol=tol)
 
 
-@pytest.mark.parametrize("newest,b,slots,index,splits,dtype", [
-    ("after", 2, 64, 0, 1, jnp.float32),      # the first slot: only the new token counts
-    ("after", 3, 96, 48, 4, jnp.bfloat16),    # 4 blocks in 4 splits: the new token opens the last one
-    ("block", 2, 96, 50, 4, jnp.float32),
-])
-def test_dot_form_newest_equals_reference_interpret(newest, b, slots, index, splits, dtype):
+F32, BF16 = jnp.float32, jnp.bfloat16
+AFTER, BLOCK = dict(newest="after"), dict(newest="block")
+
+
+@pytest.mark.parametrize("plan,other,b,slots,index,splits,dtype", [
+    (AFTER, BLOCK, 2, 64, 0, 1, F32),     # the first slot: only the new token counts
+    (AFTER, BLOCK, 3, 96, 48, 4, BF16),   # 4 blocks in 4 splits: the new token opens the last one
+    (BLOCK, AFTER, 2, 96, 50, 4, F32),
+    # FIRST "early": the first block's tiles loaded before the prologue (so before the cache write, stale at the new
+    # slot) and folded in after the loop
+    (dict(AFTER, first="early"), dict(AFTER, first="loop"), 3, 96, 48, 4, BF16),  # the early block alone a split
+    (dict(AFTER, first="early"), dict(AFTER, first="loop"), 2, 96, 50, 1, F32),   # it and three in the loop
+    (dict(BLOCK, first="early"), dict(BLOCK, first="loop"), 2, 96, 10, 4, F32),   # splits 1-3 empty
+    (dict(BLOCK, first="early"), dict(BLOCK, first="loop"), 2, 96, 95, 2, BF16),  # the new token in the last block
+], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index, splits, dtype):
     """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
-    its block ("block"): output, partials and caches the reference's; a row whose new slot is invalid (row 1) leaves
-    the new token out as the reference does."""
+    its block ("block"), and with its first block read early or in the loop (`first`): output, partials and caches
+    the reference's; a row whose new slot is invalid (row 1) leaves the new token out as the reference does; the
+    `other` settings trace a different kernel (the option took effect)."""
     h, kv, d = 9, 3, 32
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
     if index:
@@ -118,47 +129,15 @@ def test_dot_form_newest_equals_reference_interpret(newest, b, slots, index, spl
     kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
         decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
         dot=True))(*args))
-    other = {"after": "block", "block": "after"}[newest]
     jax.clear_caches()  # what was traced under other settings is not reused
     try:
-        with da.override_plan(newest=newest):
+        with da.override_plan(**plan):
             assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
             if splits > 1:
                 assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
             text = kernel_text()
         jax.clear_caches()
-        with da.override_plan(newest=other):
-            assert text != kernel_text()  # the option took effect
-    finally:
-        jax.clear_caches()
-
-
-@pytest.mark.parametrize("newest,b,slots,index,splits,dtype", [
-    ("after", 3, 96, 48, 4, jnp.bfloat16),    # one block a split: the early block alone, the loop empty
-    ("after", 2, 96, 50, 1, jnp.float32),     # four blocks in one program: the early one and three in the loop
-    ("block", 2, 96, 10, 4, jnp.float32),     # one filled block: splits 1-3 empty, their early loads ignored
-    ("block", 2, 96, 95, 2, jnp.bfloat16),    # the new token in the last block, two splits of two blocks
-])
-def test_dot_form_first_block_early_equals_reference_interpret(newest, b, slots, index, splits, dtype):
-    """FIRST "early" (`override_plan(first="early")`): the first block's tiles loaded before the prologue (so before
-    the cache write, stale at the new slot) and folded in after the loop: output, partials and caches the
-    reference's with either place of the new token, for empty, one-block and longer splits."""
-    h, kv, d = 9, 3, 32
-    args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 3, dtype=dtype)
-    args = args[:6] + (args[6].at[1, index].set(False),)  # row 1's new slot invalid: left out, as the reference does
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
-        decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
-        dot=True))(*args))
-    jax.clear_caches()
-    try:
-        with da.override_plan(newest=newest, first="early"):
-            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
-            if splits > 1:
-                assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
-            text = kernel_text()
-        jax.clear_caches()
-        with da.override_plan(newest=newest, first="loop"):
+        with da.override_plan(**other):
             assert text != kernel_text()  # the option took effect
     finally:
         jax.clear_caches()
