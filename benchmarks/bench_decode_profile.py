@@ -12,11 +12,10 @@ launches; this tells which, and so whether fewer kernels per layer (one per laye
     # decode-path variants side by side in one run (the teacher, batch 1):
     python benchmarks/bench_decode_profile.py --models teacher --batches 1 --variants default,bn1w1,c16,bn1w1+c16,xla
 
-The loop runs under the process's own XLA_FLAGS (none unless set), as `run.py generate` does, so its unprofiled
-walls compare with bench_generate's `fused_nocmdbuf` variant, not with its `fused` (the issue-3 table's), which adds
-`--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: at batch 64 on the H100 the two differed by ~0.02 ms a step
-across runs (0.786-0.793 here against 0.811, results/decode_profile_s30_prefetch.md, generate_s30.md), a difference
-not yet measured side by side.
+The loop runs without command buffers around the while loop (bench_generate's `fused_nocmdbuf`, not its `fused`, nor
+`run.py`'s decoding commands, which add `--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: 2.3 % faster at
+batch 64 on the H100, results/generate_s32.md): the profiler does not see the kernels of a loop recorded as a CUDA
+graph (results/decode_profile_s32_cmdbuf.md), so XLA_FLAGS that record it stop this script before it compiles.
 
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on the
 fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
@@ -140,6 +139,16 @@ def summarize(events: list[tuple[str, int, int]], steps: int, wall_ms_per_step: 
             "kernels": len(events) / steps,
             "by_kind": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:10])}
+
+
+def require_traced_loops(who: str) -> None:
+    """Stops a profiling run before it compiles anything when XLA_FLAGS put while loops in command buffers: the
+    profiler would see none of the decode loop's kernels (results/decode_profile_s32_cmdbuf.md)."""
+    from mamba_llama_jax.inference.xla_flags import COMMAND_BUFFER, loops_in_command_buffers
+
+    if loops_in_command_buffers(os.environ.get("XLA_FLAGS", "")):
+        raise SystemExit(f"{who}: XLA_FLAGS record while loops as CUDA graphs ({os.environ['XLA_FLAGS']!r}), whose "
+                         f"kernels the profiler does not see; profile without them (e.g. XLA_FLAGS={COMMAND_BUFFER}=)")
 
 
 def traced_kernel_events(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, int, int]] | None]:
@@ -375,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem", default="", help="result file name (default decode_profile)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args(argv)
+    require_traced_loops("bench_decode_profile")
     from bench_env import device, now, versions
 
     variants = a.variants.split(",")

@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import device, now, versions  # noqa: E402
 
-CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+from mamba_llama_jax.inference.xla_flags import DECODE_FLAGS as CMDBUF  # noqa: E402 (what run.py decodes with)
 FORCE_REF = "MAMBA_LLAMA_FORCE_REFERENCE"  # pallas_kernels.dispatch.FORCE_REFERENCE_ENV (no jax import here)
 FUSED_ENV = "MAMBA_LLAMA_FUSED_DECODE"  # pallas_kernels.fused_decode.FUSED_DECODE_ENV
 DECODE_GEMM_ENV = "MAMBA_LLAMA_DECODE_GEMM"  # inference.generate.DECODE_GEMM_ENV

@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cmdbuf", action="store_true", help=f"do not add {CMDBUF} to XLA_FLAGS")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one speculative run and one plain run per row: where a round and a plain "
-                    "step go (kernels by kind)")
+                    "step go (kernels by kind); implies --no-cmdbuf")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rewrite the markdown of a saved result (JSON.md beside it) with this version's columns")
@@ -503,7 +503,13 @@ def main(argv: list[str] | None = None) -> None:
         args.prompt_len, args.new_tokens, args.reps = 16, 16, 2
     if bool(args.target) != bool(args.draft):
         ap.error("--target and --draft go together")
-    device_flags(not (args.tiny or args.no_cmdbuf))
+    if args.profile:
+        from bench_decode_profile import require_traced_loops
+
+        require_traced_loops("bench_speculative --profile")
+    # --profile: no command buffers, whose kernels the profiler does not see (and under which this run's traced plain
+    # step crashed with CUDA_ERROR_LAUNCH_FAILED on the H100: results/decode_profile_s32_cmdbuf.md)
+    device_flags(not (args.tiny or args.no_cmdbuf or args.profile))
     deadline = Deadline(args.deadline_s)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(

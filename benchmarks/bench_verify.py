@@ -50,6 +50,7 @@ from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig
 from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.inference.generate import prepare_for_inference
 from mamba_llama_jax.inference.speculative import verify
+from mamba_llama_jax.inference.xla_flags import DECODE_FLAGS, use_decode_flags
 from mamba_llama_jax.models.cache import DecodeState, MambaCache
 from mamba_llama_jax.models.llama import LlamaLM
 from mamba_llama_jax.models.mamba import ssd_step
@@ -68,19 +69,14 @@ F32 = jnp.float32
 # ------------------------------------------------------------------------------------------------- plumbing
 
 
-CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+CMDBUF = DECODE_FLAGS
 
 
 def device_flags(enable: bool) -> None:
-    """While loops as CUDA-graph conditionals (bench_generate's best decode flags). XLA reads XLA_FLAGS when the
-    backend starts, so this must run before anything touches a device (importing this project does not)."""
-    from jax._src import xla_bridge
-
-    if enable and CMDBUF not in os.environ.get("XLA_FLAGS", ""):
-        if xla_bridge._backends:
-            print("warning: the JAX backend is already up; XLA_FLAGS unchanged", file=sys.stderr)
-            return
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CMDBUF).strip()
+    """The CLI's decoding flags (while loops as CUDA-graph conditionals), so that the figures are what
+    `run.py speculate` gets; before anything touches a device."""
+    if enable and use_decode_flags() == "late":
+        print("warning: the JAX backend is already up; XLA_FLAGS unchanged", file=sys.stderr)
 
 
 class Deadline:

@@ -557,12 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="plain text continuation, no chat template")
     _add_model(g)
     _add_sampling(g, 128)
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, decodes=True)
 
     c = sub.add_parser("chat", help="interactive chat, streaming the answers")
     _add_model(c)
     _add_sampling(c, 256)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=cmd_chat, decodes=True)
 
     d = sub.add_parser("demo", help="load the teacher, answer a few chat prompts, print tokens/s")
     _add_model(d)
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-prompts", type=int, default=32, help="teacher answers to train on")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of configs/recipes/smollm2-135m-demo.yaml, e.g. stages.1.steps=20")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, decodes=True)
 
     v = sub.add_parser("convert", help="build a hybrid from the teacher and save it (MambaInLlama format)")
     _add_model(v)
@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--seed", type=int, default=0)
     gl.add_argument("--shard-index", type=int, default=0, help="this host's shard (multi-host)")
     gl.add_argument("--shard-count", type=int, default=1)
-    gl.set_defaults(func=cmd_gen_labels)
+    gl.set_defaults(func=cmd_gen_labels, decodes=True)
 
     sp = sub.add_parser("speculate", help="speculative decoding: a draft proposes k tokens, the target verifies")
     sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-chat", action="store_true")
     _add_model(sp)
     _add_sampling(sp, 128)
-    sp.set_defaults(func=cmd_speculate)
+    sp.set_defaults(func=cmd_speculate, decodes=True)
 
     ac = sub.add_parser("acceptance", help="predict speculative acceptance of a draft for each k, from one run of "
                         "the target and one forward of each model (no speculative loop): exact for greedy decoding, "
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     ac.add_argument("--no-chat", action="store_true")
     _add_model(ac)
-    ac.set_defaults(func=cmd_acceptance)
+    ac.set_defaults(func=cmd_acceptance, decodes=True)
 
     helps = {"pipeline": "run every stage of a training recipe (configs/recipes/*.yaml)",
              "distill": "run a one-stage recipe whose stage distils (objective distill, hidden or orient)",
@@ -687,8 +687,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_decode_flags() -> None:
+    # Before the command's first device touch: XLA reads XLA_FLAGS once, when the backend starts.
+    from mamba_llama_jax.inference.xla_flags import use_decode_flags
+
+    use_decode_flags()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "decodes", False):
+        _use_decode_flags()
     try:
         return int(args.func(args) or 0)
     except Preempted as e:

@@ -33,6 +33,35 @@ def test_subcommands():
 
 TINY = __import__("pathlib").Path(__file__).parent / "fixtures" / "tiny_llama"
 
+DECODING = {"generate", "chat", "demo", "gen-labels", "speculate", "acceptance"}
+
+
+@pytest.fixture(autouse=True)
+def decode_flags_calls(monkeypatch):
+    """The commands here run in the test process, whose XLA_FLAGS the decoding flags must not change (processes
+    that tests start inherit it): record the calls instead. test_xla_flags.py runs the real thing in a fresh
+    process."""
+    calls = []
+    monkeypatch.setattr("mamba_llama_jax.cli._use_decode_flags", lambda: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("cmd", [["generate", "--prompt", "x"], ["chat"], ["demo"], ["gen-labels", "--out", "d"],
+                                 ["speculate", "--prompt", "x", "--draft", "d"], ["acceptance", "--draft", "d"],
+                                 ["convert", "--out", "d"], ["pipeline", "--config", "c.yaml"],
+                                 ["eval", "--out", "o.json"]])
+def test_decoding_commands_set_the_decode_flags(cmd, monkeypatch, decode_flags_calls):
+    monkeypatch.setattr("mamba_llama_jax.cli.build_parser", lambda real=build_parser: _stub_commands(real()))
+    assert main(cmd) == 0
+    assert len(decode_flags_calls) == (cmd[0] in DECODING)
+
+
+def _stub_commands(parser):
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=lambda args: 0)
+    return parser
+
 
 def test_convert_then_generate_from_saved_hybrid(tmp_path, capsys):
     out = tmp_path / "hybrid50"

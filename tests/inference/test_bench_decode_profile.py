@@ -169,6 +169,15 @@ def test_bad_model_name_and_deadline(bdp, tmp_path):
     assert "Skipped at the deadline: teacher b=1 default" in (tmp_path / "decode_profile_tiny.md").read_text()
 
 
+def test_command_buffered_loops_stop_the_run(bdp, tmp_path, monkeypatch):
+    """XLA_FLAGS that record the decode loop as a CUDA graph hide its kernels from the profiler: a clear stop before
+    anything is compiled, naming the way out."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL")
+    with pytest.raises(SystemExit, match="does not see; profile without them"):
+        bdp.main(["--tiny", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
 def test_hot_weights_share_layer_zeros_arrays(bdp):
     """`hw`: every layer's arrays become layer 0's where shapes match (the hybrid's Mamba and attention layers keep
     their own where they differ), nothing outside the layers changes, and the shared state still decodes."""

@@ -149,6 +149,26 @@ def test_render_flag_rewrites_and_refuses_what_is_not_a_result(monkeypatch, tmp_
     sys.modules.pop("bench_speculative", None)
 
 
+def test_profile_runs_without_command_buffers(monkeypatch, tmp_path):
+    """--profile never adds the command-buffer flags (the profiler cannot see their kernels), and stops at once if
+    XLA_FLAGS already has them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+
+    added = []
+    monkeypatch.setattr(bs, "device_flags", lambda enable: added.append(enable))
+    monkeypatch.setattr(bs, "Deadline", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        bs.main(["--profile", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="stop here"):
+        bs.main(["--out", str(tmp_path)])
+    assert added == [False, True]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL")
+    with pytest.raises(SystemExit, match="does not see"):
+        bs.main(["--profile", "--out", str(tmp_path)])
+    sys.modules.pop("bench_speculative", None)
+
+
 @pytest.mark.slow
 def test_tiny_run_with_profile(monkeypatch, tmp_path):
     """The whole script on the CPU with --profile: every row has a round and a plain-step profile."""
