@@ -25,8 +25,7 @@ GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` 
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
 program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
-(`decode_attention.NEWEST_BY_BATCH`), `afe` / `afl` = its first block's loads issued at the kernel's start, before
-the prologue's / in the pipelined loop (the default) (`decode_attention.FIRST`),
+(`decode_attention.NEWEST_BY_BATCH`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
 merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 `sw` / `sf` = the attention splits share the window's blocks (as up to session 22) / the filled blocks (the default,
@@ -65,7 +64,8 @@ ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.
 `fold` form past the fused GEMVs' batches (norm weights folded into the next projections), in
 results/decode_profile_s22_fold.md; `pdl`, every Pallas kernel executing `griddepcontrol.launch_dependents` and
 `griddepcontrol.wait` first, and `wdk`, the `weighed` form's down projection + residual as one Pallas launch, in
-results/generate_s29_lm_pdl.md and generate_s29_wdk.md.)
+results/generate_s29_lm_pdl.md and generate_s29_wdk.md; `afe`, the attention kernel's first block loaded at its start,
+before the prologue, in results/generate_s32.md and decode_profile_s32.md.)
 """
 
 from __future__ import annotations
@@ -267,8 +267,6 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_dot"] = tok == "adot"
         elif tok in ("ana", "anb"):
             tiling["attn_newest"] = {"ana": "after", "anb": "block"}[tok]
-        elif tok in ("afe", "afl"):
-            tiling["attn_first"] = {"afe": "early", "afl": "loop"}[tok]
         elif tok in ("sw", "sf"):
             tiling["attn_shares"] = {"sw": "window", "sf": "fill"}[tok]
         elif tok in ("amk", "amx"):
@@ -294,8 +292,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, afe, afl, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, "
-                             "sqo, pfo, pfoe, pfs, pfn, pfl, lmk, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pfo, "
+                             "pfoe, pfs, pfn, pfl, lmk, hw)")
     return tiling, env
 
 
@@ -310,7 +308,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""), ("first", ""))}
+                         ("shares", ""), ("newest", ""))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

@@ -75,7 +75,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "shares": "", "newest": "", "first": ""}
+                                  "shares": "", "newest": ""}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -109,13 +109,6 @@ SHARES = "fill"
 # selects. Both pass the GPU tests (test-gpu-s26-options.xml). (p entering p·V as one rounded part instead of two
 # was measured with it and removed: no faster with "after", 0.819 vs 0.815 at 64, decode_profile_s26_b64.md `apv1`.)
 NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
-# When the tensor-core form reads its first block (`planned_first`): "loop" inside the pipelined block loop, or
-# "early", its loads issued at the kernel's start, before the prologue's (the q·k·v row, its norm and RoPE, the cache
-# write), and the block folded in after the loop. Why: the loop's loads come after the cache write in program order
-# and the compiler may not move them above it (the same buffer), so a program's chain is two memory latencies before
-# its first dot, the prologue's and the first block's; early, they overlap. The early tiles may hold the slot the
-# step writes stale, which both `newest` forms replace (or leave out) anyway. Softmax order is free (online).
-FIRST = "loop"
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -156,16 +149,14 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "",
-                  first: str = "") -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "") -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
     tensor-core form (True) or the elementwise one (False), `shares` what the splits share ("fill" / "window",
-    `SHARES`), `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH) and
-    `first` when it reads its first block ("loop" / "early", FIRST), for steps traced anew. Clear jax's caches
-    (`jax.clear_caches`) so that nothing traced before is reused."""
+    `SHARES`) and `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH), for
+    steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -180,11 +171,9 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     if newest not in ("", "block", "after"):
         raise KernelError(f"decode_attention: override_plan newest must be 'block' or 'after', got {newest!r}")
-    if first not in ("", "loop", "early"):
-        raise KernelError(f"decode_attention: override_plan first must be 'loop' or 'early', got {first!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          shares=shares, newest=newest, first=first)
+                          shares=shares, newest=newest)
     try:
         yield
     finally:
@@ -217,12 +206,6 @@ def planned_newest(batch: int) -> str:
     """Where the tensor-core form takes the new token at this batch, "block" / "after": the override's
     (`override_plan`), else NEWEST_BY_BATCH's."""
     return _PLAN_OVERRIDE["newest"] or by_batch(NEWEST_BY_BATCH, batch)
-
-
-def planned_first() -> str:
-    """When the tensor-core form reads its first block, "loop" / "early" (see FIRST): the override's
-    (`override_plan`), else FIRST."""
-    return _PLAN_OVERRIDE["first"] or FIRST
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -287,7 +270,7 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, newest: str, fill: bool = True, first: str = "loop"):
+            dot: bool, parts: int, eps: float, newest: str, fill: bool = True):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
     bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, half = h // kv, d // 2
@@ -298,9 +281,6 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     # window's (see SHARES)
     filled = filled_blocks(index, block, nblocks)
     lo, hi = split_range(si, filled, blocks_per_split(filled, splits, None if fill else nblocks))
-    # FIRST "early": the first block's loads go out before the prologue's
-    early = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, jnp.minimum(lo, nblocks - 1), block) \
-        if dot and first == "early" else None
     c, s = cos_ref[bi, :], sin_ref[bi, :]
     heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
     v_off = (h + kv + ki) * d
@@ -327,7 +307,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
                     g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
-                    newest=newest, early=early)
+                    newest=newest)
         return
 
     def body(i, carry):
@@ -436,13 +416,11 @@ def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: 
 
 
 def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
-                block: int, index, lo, hi, scale: float, partials: bool, newest: str,
-                early: tuple[jax.Array, ...] | None = None) -> None:
+                block: int, index, lo, hi, scale: float, partials: bool, newest: str) -> None:
     """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
     rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
     extracted at the end (`pick_row`). The new token (slot `index`) substituted into its block (`newest`
-    "block") or left out of the loop and added after it from registers ("after"). `early`: block lo's tiles as
-    loaded at the kernel's start (FIRST), folded in after the loop over the others."""
+    "block") or left out of the loop and added after it from registers ("after")."""
     half = d // 2
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
@@ -455,8 +433,8 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
     q1f, q2f = q1, q2
     q1, q2 = q1.astype(cdt), q2.astype(cdt)  # qs are rounded to the compute dtype already: exact for bf16 caches
 
-    def fold(i, tiles, carry):
-        k1b, k2b, vb, valid = tiles
+    def attend(i, carry):
+        k1b, k2b, vb, valid = _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block)
         slot = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         if newest == "after":  # the loaded tiles go straight into the dots
             ok = ((valid != 0) & (slot < index))[None, :]
@@ -468,15 +446,8 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         ok = ((valid != 0) & (slot <= index))[None, :]
         return online_update(carry, (dot_t(q1, kb1) + dot_t(q2, kb2)) * scale, ok, vb)  # scores (G, block)
 
-    def attend(i, carry):
-        return fold(i, _cache_block(kc_ref, vc_ref, valid_ref, bi, ki, i, block), carry)
-
     init = (jnp.full((rows_g,), NEG_INF, F32), jnp.zeros((rows_g,), F32), jnp.zeros((rows_g, d), F32))
-    if early is None:
-        m, l, acc = jax.lax.fori_loop(lo, hi, attend, init)
-    else:  # block lo last: its loads were the kernel's first, the loop's pipeline starts on lo + 1. An empty split
-        # (lo = hi = the filled blocks) folds a block past the newest slot, which the mask leaves out whole.
-        m, l, acc = fold(lo, early, jax.lax.fori_loop(lo + 1, hi, attend, init))
+    m, l, acc = jax.lax.fori_loop(lo, hi, attend, init)
     if newest == "after":  # the split whose blocks hold slot `index` adds the new token, if it is valid
         nb = index // block
         mine = (lo <= nb) & (nb < hi) & (valid_ref[bi, index] != 0)
@@ -554,8 +525,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     dtype = qkv.dtype if rows is None else rows.dtype
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b),
-                             first=planned_first())
+                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b))
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused

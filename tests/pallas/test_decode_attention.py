@@ -109,17 +109,10 @@ AFTER, BLOCK = dict(newest="after"), dict(newest="block")
     (AFTER, BLOCK, 2, 64, 0, 1, F32),     # the first slot: only the new token counts
     (AFTER, BLOCK, 3, 96, 48, 4, BF16),   # 4 blocks in 4 splits: the new token opens the last one
     (BLOCK, AFTER, 2, 96, 50, 4, F32),
-    # FIRST "early": the first block's tiles loaded before the prologue (so before the cache write, stale at the new
-    # slot) and folded in after the loop
-    (dict(AFTER, first="early"), dict(AFTER, first="loop"), 3, 96, 48, 4, BF16),  # the early block alone a split
-    (dict(AFTER, first="early"), dict(AFTER, first="loop"), 2, 96, 50, 1, F32),   # it and three in the loop
-    (dict(BLOCK, first="early"), dict(BLOCK, first="loop"), 2, 96, 10, 4, F32),   # splits 1-3 empty
-    (dict(BLOCK, first="early"), dict(BLOCK, first="loop"), 2, 96, 95, 2, BF16),  # the new token in the last block
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index, splits, dtype):
     """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
-    its block ("block"), and with its first block read early or in the loop (`first`): output, partials and caches
-    the reference's; a row whose new slot is invalid (row 1) leaves the new token out as the reference does; the
+    its block ("block"): output, partials and caches the reference's; a row whose new slot is invalid (row 1) leaves the new token out as the reference does; the
     `other` settings trace a different kernel (the option took effect)."""
     h, kv, d = 9, 3, 32
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
@@ -141,16 +134,6 @@ def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index
             assert text != kernel_text()  # the option took effect
     finally:
         jax.clear_caches()
-
-
-def test_first_is_planned():
-    """FIRST is the default; the override wins; a bad value raises."""
-    assert da.planned_first() == da.FIRST
-    with da.override_plan(first="early"):
-        assert da.planned_first() == "early"
-    with pytest.raises(KernelError, match="first"):
-        with da.override_plan(first="soon"):
-            pass
 
 
 def test_newest_is_planned_by_batch():
@@ -441,11 +424,9 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
                         S((b, splits, h), f32), S((b, splits, h), f32))
     jax.clear_caches()
     try:
-        for first in ("loop", "early"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
-            with da.override_plan(newest="after", first=first):
-                lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
-                                                  block=block, splits=splits, dot=True), *avals)
-            jax.clear_caches()
+        with da.override_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
+            lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                              block=block, splits=splits, dot=True), *avals)
     finally:
         jax.clear_caches()
 
@@ -491,18 +472,16 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
-@pytest.mark.parametrize("first", ["loop", "early"])
 @pytest.mark.parametrize("newest", ["after", "block"])
 @pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
-def test_dot_form_newest_equals_reference_gpu(newest, first, b, slots, index):
-    """The tensor-core form with either place of the new token (`override_plan(newest=)`) and either time of its
-    first block's loads (`first=`) compiled through Triton at SmolLM2's heads, merged and unmerged, in the blocks
-    and splits the batch plans."""
+def test_dot_form_newest_equals_reference_gpu(newest, b, slots, index):
+    """The tensor-core form with either place of the new token (`override_plan(newest=)`) compiled through Triton
+    at SmolLM2's heads, merged and unmerged, in the blocks and splits the batch plans."""
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
     block, splits = plan(b, 3, slots, max_splits=16)
     jax.clear_caches()
     try:
-        with da.override_plan(newest=newest, first=first):
+        with da.override_plan(newest=newest):
             assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
             assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
     finally:
