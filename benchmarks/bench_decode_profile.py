@@ -41,12 +41,6 @@ times the MLP norm's weight, gate·up taking them and the norm's row scale after
 default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
 taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
 `fused_decode.tiling(squares=...)`),
-`pfo` / `pfoe` / `pfs` / `pfn` = in that form, weights pulled into L2 by Hopper's bulk prefetch
-(`pallas_kernels.l2_prefetch`): the MLP's gate·up and down by the o-projection kernel before its K loop / after its
-stores, or gate·up's by the o-projection and down's by the gate·up kernel, or as `pfo` and the next layer's q·k·v
-and o by the gate·up kernel (`fused_decode.tiling(prefetch=...)`; all slower on the H100 at 64, in
-results/decode_profile_s30_prefetch.md); `pfl` = those line by line (`prefetch.global.L2`) rather than a range a
-thread (`tiling(prefetch_by="lines")`; not yet measured),
 `lmk` = greedy ids from `pallas_kernels.lm_head_argmax` (the LM head + argmax in one kernel, opt-in:
 MAMBA_LLAMA_LM_HEAD_KERNEL=1) rather than XLA's GEMM and argmax,
 `hw` = every layer reads layer 0's weight arrays, so they stay in L2 across the step (a diagnostic: the step with
@@ -65,7 +59,9 @@ ahead, in results/decode_profile_s20_vp_gu.md and decode_profile_s24_b64_stages.
 results/decode_profile_s22_fold.md; `pdl`, every Pallas kernel executing `griddepcontrol.launch_dependents` and
 `griddepcontrol.wait` first, and `wdk`, the `weighed` form's down projection + residual as one Pallas launch, in
 results/generate_s29_lm_pdl.md and generate_s29_wdk.md; `afe`, the attention kernel's first block loaded at its start,
-before the prologue, in results/generate_s32.md and decode_profile_s32.md.)
+before the prologue, in results/generate_s32.md and decode_profile_s32.md; `pfo` / `pfoe` / `pfs` / `pfn` / `pfl`, the
+`weighed` form's kernels pulling the next kernels' weights into L2 (`pallas_kernels/l2_prefetch.py`: Hopper's bulk
+prefetch, or one `prefetch.global.L2` a line), in results/decode_profile_s30_prefetch.md and decode_profile_s32.md.)
 """
 
 from __future__ import annotations
@@ -281,10 +277,6 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             env["MAMBA_LLAMA_DECODE_SPLIT_K"] = m.group(1)
         elif tok in ("sqg", "sqo"):
             tiling["squares"] = {"sqg": "gate_up", "sqo": "o"}[tok]
-        elif tok in ("pfo", "pfoe", "pfs", "pfn"):
-            tiling["prefetch"] = {"pfo": "o", "pfoe": "oe", "pfs": "split", "pfn": "next"}[tok]
-        elif tok == "pfl":
-            tiling["prefetch_by"] = "lines"
         elif tok == "lmk":
             env["MAMBA_LLAMA_LM_HEAD_KERNEL"] = "1"
         elif tok == "hw":
@@ -292,8 +284,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
                              "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
-                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, pfo, "
-                             "pfoe, pfs, pfn, pfl, lmk, hw)")
+                             "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, lmk, "
+                             "hw)")
     return tiling, env
 
 

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 
 from mamba_llama_jax.errors import KernelError
 from mamba_llama_jax.ops.partials import row_scale, weigh
-from pallas_kernels import dispatch, l2_prefetch
+from pallas_kernels import dispatch
 from pallas_kernels.dispatch import is_pow2, pow2_at_least, pow2_dividing
 from pallas_kernels.decode_attention import merge_partials
 from pallas_kernels.triton_call import triton_call
@@ -504,8 +504,7 @@ def _attn_combine_kernel(op_ref, m_ref, l_ref, wt_ref, res_ref, o_ref, *, heads:
 # The 1-D path's tiling, read when a kernel is traced. `tiling` overrides them for a while (the decode-step
 # benchmark's variants, side by side in one run).
 _TILING: dict[str, Any] = {"row_block": 1, "row_warps": 1, "combine_block": 0, "merge": "kernel", "dot_rows": 16,
-                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o", "prefetch": "",
-                           "prefetch_by": "bulk"}
+                           "dot_block": 16, "dot_stages": 3, "dot_k": 128, "squares": "o"}
 DOT_WARPS = 4
 MERGES = ("combine", "xla", "kernel")
 # Where the `weighed` form takes its rows' sums of squares (`tiling(squares=...)`): "gate_up" = gate·up loads the
@@ -516,40 +515,24 @@ MERGES = ("combine", "xla", "kernel")
 # issue 3's table 0.804 against 0.814 (generate_s28_squares.md). Both ways passed the GPU tests there
 # (test-gpu-s28-squares.xml).
 SQUARES = ("gate_up", "o")
-# Which `weighed`-form kernel pulls which weights into L2 ahead of the kernels that read them
-# (`pallas_kernels.l2_prefetch`; `tiling(prefetch=...)`): "" = none; "o" = the o-projection kernel, the MLP's
-# gate·up and down, before its K loop; "oe" = the same after its stores; "split" = the o-projection gate·up's
-# before its K loop, gate·up the down projection's before its own; "next" = "o", and gate·up the next layer's
-# q·k·v and o (`FusedAttention.ahead`, where the next layer is one). `tiling(prefetch_by=...)`: with Hopper's bulk
-# prefetch, a range a thread, or line by line (`l2_prefetch.KINDS`). Off by default: with the bulk prefetch every
-# way measured slower on the H100 at 64 rows (benchmarks/results/decode_profile_s30_prefetch.md: 0.822-0.866 ms a
-# step against 0.786-0.793, the issuing kernel held until its ranges arrive); line by line not yet measured.
-PREFETCH = ("", "o", "oe", "split", "next")
 
 
 @contextlib.contextmanager
 def tiling(*, row_block: int | None = None, row_warps: int | None = None,
            combine_block: int | None = None, merge: str | None = None,
            dot_rows: int | None = None, dot_block: int | None = None,
-           dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None,
-           prefetch: str | None = None, prefetch_by: str | None = None) -> Iterator[None]:
+           dot_stages: int | None = None, dot_k: int | None = None, squares: str | None = None) -> Iterator[None]:
     """Within the block, kernels traced anew use these outputs per program / warps on the 1-D path, and this
     output block for `attn_combine_residual` (0: as the other kernels); `merge` says where a split decode
     attention's partials are merged in the decode step (`merge_mode`); `dot_rows` / `dot_block` the dot path's
     rows (`dot_group`: 16..64) / outputs (`pick_block_n`: 16..128) per program and `dot_stages` the pipeline
     stages of its K loop (1..8, Triton's num_stages; default 3) and `dot_k` the most K a step of that loop takes
-    (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES);
-    `prefetch` which of its kernels pulls the MLP's weights into L2 (PREFETCH) and `prefetch_by` how
-    (`l2_prefetch.KINDS`). Clear
+    (`block_k`: 16..128, default 128); `squares` where the `weighed` form sums its rows' squares (SQUARES). Clear
     jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
     if merge is not None and merge not in MERGES:
         raise _bad(f"tiling merge must be one of {MERGES}, got {merge!r}")
     if squares is not None and squares not in SQUARES:
         raise _bad(f"tiling squares must be one of {SQUARES}, got {squares!r}")
-    if prefetch is not None and prefetch not in PREFETCH:
-        raise _bad(f"tiling prefetch must be one of {PREFETCH}, got {prefetch!r}")
-    if prefetch_by is not None and prefetch_by not in l2_prefetch.KINDS:
-        raise _bad(f"tiling prefetch_by must be one of {l2_prefetch.KINDS}, got {prefetch_by!r}")
     if dot_rows is not None and dot_rows not in DOT_ROWS:
         raise _bad(f"tiling dot_rows must be one of {DOT_ROWS}, got {dot_rows}")
     if dot_block is not None and dot_block not in (16, 32, 64, 128):
@@ -559,11 +542,9 @@ def tiling(*, row_block: int | None = None, row_warps: int | None = None,
     if dot_k is not None and dot_k not in (16, 32, 64, 128):
         raise _bad(f"tiling dot_k must be one of 16, 32, 64, 128, got {dot_k}")
     new = {"row_block": row_block, "row_warps": row_warps, "combine_block": combine_block, "merge": merge,
-           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares,
-           "prefetch": prefetch, "prefetch_by": prefetch_by}
+           "dot_rows": dot_rows, "dot_block": dot_block, "dot_stages": dot_stages, "dot_k": dot_k, "squares": squares}
     for k, v in new.items():
-        if k not in ("merge", "dot_stages", "squares", "prefetch", "prefetch_by") and v is not None and (
-                v < 0 or (v and v & (v - 1))):
+        if k not in ("merge", "dot_stages", "squares") and v is not None and (v < 0 or (v and v & (v - 1))):
             raise _bad(f"tiling {k} must be a power of two (or 0 for combine_block), got {v}")
     old, old_named = dict(_TILING), set(_NAMED)
     _TILING.update({k: v for k, v in new.items() if v is not None})
@@ -623,19 +604,13 @@ def _check_kernel_shape(rows: int, *widths: int) -> None:
                    f"{rows} rows and widths {widths}; use the *_reference functions (or the dispatchers)")
 
 
-def _call(kernel: Any, out: Any, grid: int, interpret: bool, num_warps: int, name: str, *args: Any,
-          prefetch: tuple[jax.Array, ...] = (), prefetch_at: str = "start") -> Any:
+def _call(kernel: Any, out: Any, grid: int, interpret: bool, num_warps: int, name: str, *args: Any) -> Any:
     """Launches `kernel` over `grid` output blocks (and, on the dot path, the row groups) for `out` (one shape or a
-    tuple of them, all with the same rows); on a GPU its programs also pull the `prefetch` arrays into L2, before
-    the kernel's work or after it (`prefetch_at`: "start" / "end"; `l2_prefetch.with_prefetch`)."""
+    tuple of them, all with the same rows)."""
     rows = jax.tree.leaves(out)[0].shape[0]
     grids = (grid, rows // dot_group(rows)) if rows in DOT_ROWS else (grid,)
-    warps = num_warps or pick_warps(rows)
-    if prefetch and not interpret and l2_prefetch.available():
-        kernel = l2_prefetch.with_prefetch(kernel, n_in=len(args), n_prefetch=len(prefetch), at=prefetch_at,
-                                           grid=grids, num_warps=warps, kind=_TILING["prefetch_by"])
-        args = (*args, *prefetch)
-    return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name, num_warps=warps,
+    return triton_call(kernel, grid=grids, out_shape=out, interpret=interpret, name=name,
+                       num_warps=num_warps or pick_warps(rows),
                        num_stages=_TILING["dot_stages"] if rows in DOT_ROWS else 1)(*args)
 
 
@@ -706,15 +681,13 @@ def matmul_residual_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, *, 
                      a.astype(dt), wt.astype(dt), residual)
 
 
-@functools.partial(jax.jit, static_argnames=("squares", "block_n", "interpret", "num_warps", "prefetch_at"))
+@functools.partial(jax.jit, static_argnames=("squares", "block_n", "interpret", "num_warps"))
 def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Array, norm_weight: jax.Array, *,
                                  squares: bool = False, block_n: int = 0, interpret: bool = False,
-                                 num_warps: int = 0, prefetch: tuple[jax.Array, ...] = (),
-                                 prefetch_at: str = "start") -> tuple[jax.Array, ...]:
+                                 num_warps: int = 0) -> tuple[jax.Array, ...]:
     """(b) with the next norm's weighed rows as a second output (and, with `squares`, the rows' sum-of-squares
     partials as a third), one launch on the dot path (16 / 32 / 64 rows) in MATMUL_RESIDUAL_TILING; same result as
-    `matmul_residual_weigh_reference` up to summation order. On a GPU its programs pull the `prefetch` arrays
-    into L2 (`_call`)."""
+    `matmul_residual_weigh_reference` up to summation order."""
     b, k = _check_rows(a, "a")
     n = _check_matrix(wt, k, "wt")
     _check_rows(residual, "residual", n)
@@ -731,16 +704,16 @@ def matmul_residual_weigh_pallas(a: jax.Array, wt: jax.Array, residual: jax.Arra
         out = jax.ShapeDtypeStruct((b, n), dt)
         sq = (jax.ShapeDtypeStruct((pow2_at_least(parts, 1), b), F32),) if squares else ()
         return _call(kern, (out, out, *sq), parts, interpret, num_warps, "matmul_residual_weigh",
-                     a.astype(dt), wt.astype(dt), residual, norm_weight, prefetch=prefetch, prefetch_at=prefetch_at)
+                     a.astype(dt), wt.astype(dt), residual, norm_weight)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_n", "interpret", "num_warps"))
 def gate_up_weighed_pallas(hw: jax.Array, rows: jax.Array | None, wt_gate_up: jax.Array, *, eps: float,
                            squares: jax.Array | None = None, block_n: int = 0, interpret: bool = False,
-                           num_warps: int = 0, prefetch: tuple[jax.Array, ...] = ()) -> jax.Array:
+                           num_warps: int = 0) -> jax.Array:
     """(c) on weighed rows (`gate_up_weighed_reference`: the row scale from `squares` where given, else from
     `rows`), one launch on the dot path in GATE_UP_TILING (with GATE_UP_TILING_BY_ROWS's changes); same result as
-    the reference up to summation order. On a GPU its programs pull the `prefetch` arrays into L2 first."""
+    the reference up to summation order."""
     b, k, inter = _check_gate_up(hw, wt_gate_up, "hw")
     sq = getattr(squares, "shape", None)
     if b not in DOT_ROWS or (squares is None and getattr(rows, "shape", None) != hw.shape) or (
@@ -754,8 +727,7 @@ def gate_up_weighed_pallas(hw: jax.Array, rows: jax.Array | None, wt_gate_up: ja
         kern = functools.partial(_gate_up_weighed_kernel, k=k, bk=block_k(k, b), bn=bn, inter=inter, eps=float(eps),
                                  squared=squares is not None)
         return _call(kern, jax.ShapeDtypeStruct((b, inter), hw.dtype), inter // bn, interpret, num_warps,
-                     "gate_up_weighed", hw, rows if squares is None else squares, wt_gate_up.astype(hw.dtype),
-                     prefetch=prefetch)
+                     "gate_up_weighed", hw, rows if squares is None else squares, wt_gate_up.astype(hw.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps"))
@@ -872,39 +844,27 @@ def square_parts(n: int, rows: int) -> tuple[int, int]:
     return parts, pow2_at_least(parts, 1)
 
 
-def prefetch_mode() -> str:
-    """Which `weighed`-form kernel pulls the MLP's weights into L2, as traced now (PREFETCH)."""
-    return _TILING["prefetch"]
-
-
-def matmul_residual_weigh(a: jax.Array, wt: jax.Array, residual: jax.Array, norm_weight: jax.Array, *,
-                          ahead: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, ...]:
+def matmul_residual_weigh(a: jax.Array, wt: jax.Array, residual: jax.Array,
+                          norm_weight: jax.Array) -> tuple[jax.Array, ...]:
     """(b) writing the next norm's weighed rows too (`weighed_choice`), and the rows' sum-of-squares partials where
-    `squares_from()` is "o"; records its choice under "o_weigh". `ahead`: the MLP's (gate·up, down) weights, which
-    its kernel pulls into L2 as `prefetch_mode()` says."""
+    `squares_from()` is "o"; records its choice under "o_weigh"."""
     b, k = _check_rows(a, "a")
     choice = weighed_choice(b, k, _check_matrix(wt, k, "wt"))
     dispatch.record_choice("o_weigh", choice)
     squares = squares_from() == "o"
     if choice == PALLAS_TRITON:
-        mode = prefetch_mode()
-        pf = {"o": ahead, "oe": ahead, "split": ahead[:1], "next": ahead}.get(mode, ())
-        return matmul_residual_weigh_pallas(a, wt, residual, norm_weight, squares=squares, interpret=_interpret(),
-                                            prefetch=tuple(pf), prefetch_at="end" if mode == "oe" else "start")
+        return matmul_residual_weigh_pallas(a, wt, residual, norm_weight, squares=squares, interpret=_interpret())
     return matmul_residual_weigh_reference(a, wt, residual, norm_weight, squares=squares)
 
 
 def gate_up_weighed(hw: jax.Array, rows: jax.Array, wt_gate_up: jax.Array, *, eps: float,
-                    squares: jax.Array | None = None, ahead: tuple[jax.Array, ...] = ()) -> jax.Array:
+                    squares: jax.Array | None = None) -> jax.Array:
     """(c) on weighed rows (`weighed_choice`), the row scale from `squares` where given; records its choice under
-    "gate_up". `ahead`: the down projection's weights, then the next layer's first ones, which its kernel pulls into
-    L2 as `prefetch_mode()` says."""
+    "gate_up"."""
     choice = weighed_choice(*_check_gate_up(hw, wt_gate_up, "hw"))
     dispatch.record_choice("gate_up", choice)
     if choice == PALLAS_TRITON:
-        pf = {"split": ahead[:1], "next": ahead[1:]}.get(prefetch_mode(), ())
-        return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, squares=squares, interpret=_interpret(),
-                                      prefetch=pf)
+        return gate_up_weighed_pallas(hw, rows, wt_gate_up, eps=eps, squares=squares, interpret=_interpret())
     return gate_up_weighed_reference(hw, rows, wt_gate_up, eps=eps, squares=squares)
 
 

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 
 def triton_internals() -> Any:
     """What a side-effecting inline-assembly primitive of the project's Triton kernels is built from, as a namespace
-    (core, ir, tt_dialect, lowering, effect), or None where this jax's Pallas Triton lowering is not as expected
-    (`pallas_kernels.l2_prefetch` builds its own with it)."""
+    (core, ir, tt_dialect, lowering, effect), or None where this jax's Pallas Triton lowering is not as expected."""
     import types
     try:
         from jax._src import core as jax_core

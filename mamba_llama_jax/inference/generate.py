@@ -245,22 +245,15 @@ class FusedAttention(nnx.Module):
     def init_cache(self, batch: int, slots: int) -> Any:
         return Attention.init_cache(self, batch, slots)  # type: ignore[arg-type]  (same fields)
 
-    def ahead(self) -> tuple[jax.Array, jax.Array]:
-        """The decode step's (q·k·v, o) weights, for a kernel of the layer before to pull into L2."""
-        dt = jnp.dtype(self.dtype)
-        return self.qkv[...].astype(dt), self.o[...].astype(dt)
-
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any, next_norm: Any = None,
-                        ahead: tuple[jax.Array, ...] = ()) -> tuple[Any, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
+                        next_norm: Any = None) -> tuple[Any, Any]:
         """x + attention(norm(x)) for one decode token per row (x: (b, 1, D)), as three or four launches on GPU at
         small batch: RMSNorm + q·k·v (`fused_decode.norm_matmul`), decode attention, the merge of its sequence
         splits when it ran split (`merge_splits`, or in the next kernel's prologue: `fused_decode.merge_mode`), and
         o-projection + residual. Each piece falls back to its
         reference on its own (CPU, large batch, shapes a kernel does not tile): then this is exactly
         `x + self(norm(x), ctx, cache)[0]`. Given the MLP's norm (`next_norm`) where the `weighed` MLP form applies
-        (`gate_up_rows`), the result is `WeighedRows` (the rows and the rows times that norm's weight); `ahead` are
-        the MLP's weights (`FusedMLP.ahead`), which that form's o-projection may pull into L2
-        (`fused_decode.prefetch_mode`)."""
+        (`gate_up_rows`), the result is `WeighedRows` (the rows and the rows times that norm's weight)."""
         from mamba_llama_jax.models.cache import KVCache
 
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -285,7 +278,7 @@ class FusedAttention(nnx.Module):
                 return matmul_residual(merged, wo, x2)[:, None], KVCache(kc, vc)
         out, kc, vc = decode_attention(*args, **kw, **proj)
         if next_norm is not None and weighed_form(b, wo.shape[0]):
-            rows, hw, *squares = matmul_residual_weigh(out, wo, x2, next_norm.weight[...], ahead=ahead)
+            rows, hw, *squares = matmul_residual_weigh(out, wo, x2, next_norm.weight[...])
             return WeighedRows(rows[:, None], hw, *squares), KVCache(kc, vc)
         return matmul_residual(out, wo, x2)[:, None], KVCache(kc, vc)
 
@@ -391,29 +384,22 @@ class FusedMLP(nnx.Module):
         self.dtype = mlp.down_proj.dtype
         self.inter = mlp.gate_proj.kernel.shape[1]
 
-    def ahead(self) -> tuple[jax.Array, jax.Array]:
-        """The decode step's (gate·up, down) weights, for a kernel before this MLP to pull into L2."""
-        dt = jnp.dtype(self.dtype)
-        return self.gate_up[...].astype(dt), self.down[...].astype(dt)
-
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
         gu = matmul_t(x.astype(dt), self.gate_up[...].astype(dt))
         return matmul_t(swiglu(gu, self.inter), self.down[...].astype(dt))
 
-    def norm_residual(self, x: Any, norm: Any, next_ahead: tuple[jax.Array, ...] = ()) -> jax.Array:
+    def norm_residual(self, x: Any, norm: Any) -> jax.Array:
         """x + self(norm(x)), the b·t tokens of x (b, t, D) taken as rows: at a decode step or a speculative
         verify chunk, two launches on GPU while b·t is small: RMSNorm + gate·up + SiLU·mul
         (`fused_decode.norm_gate_up`) and down + residual (`fused_decode.matmul_residual`); their references
         elsewhere (prefill, larger batches), which are exactly the unfused ops. x as `WeighedRows` (the `weighed`
-        form): gate·up takes its weighed rows and applies the norm's row scale (`fused_decode.gate_up_weighed`), and
-        may pull the down projection's weights or the next layer's (`next_ahead`) into L2 (`prefetch_mode`)."""
+        form): gate·up takes its weighed rows and applies the norm's row scale (`fused_decode.gate_up_weighed`)."""
         if isinstance(x, WeighedRows):
             dt = jnp.dtype(self.dtype)
             b, t, width = x.rows.shape
             x2 = x.rows.reshape(b * t, width).astype(dt)
-            act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps, squares=x.squares,
-                                  ahead=(self.down[...].astype(dt), *next_ahead))
+            act = gate_up_weighed(x.weighed, x2, self.gate_up[...].astype(dt), eps=norm.eps, squares=x.squares)
             return matmul_residual(act, self.down[...].astype(dt), x2).reshape(b, t, width)
         b, t, width = x.shape
         if t != 1 and not verify_rows_fused():
@@ -466,14 +452,14 @@ class FusedMamba2(Mamba2):
         (the reference, `Mamba2`'s own, elsewhere)."""
         return mamba2_chunk(*args, **kw)
 
-    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any, next_norm: Any = None,
-                        ahead: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, Any]:
+    def decode_residual(self, x: jax.Array, norm: Any, ctx: Context, cache: Any,
+                        next_norm: Any = None) -> tuple[jax.Array, Any]:
         """x + mixer(norm(x)) for one decode token per row (x: (b, 1, D)): three launches on GPU (see the class);
-        each falls back to its reference on its own, and the references are exactly the unfused ops. (`next_norm`,
-        `ahead`: the attention layers' signature; the rows come back plain, never `WeighedRows`.)"""
+        each falls back to its reference on its own, and the references are exactly the unfused ops. (`next_norm`:
+        the attention layers' signature; the rows come back plain, never `WeighedRows`.)"""
         from mamba_llama_jax.models.cache import MambaCache
 
-        del next_norm, ahead
+        del next_norm
 
         dt = jnp.dtype(self.dtype)
         x2 = x[:, 0].astype(dt)

@@ -228,10 +228,7 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context, cache: Any, verify: bool = False,
-                 next_ahead: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, Any]:
-        # `next_ahead`: the weights the next layer reads first (`DecoderLM.hidden`), which an inference copy's MLP
-        # may pull into L2 while it runs (`pallas_kernels.l2_prefetch`).
+    def __call__(self, x: jax.Array, ctx: Context, cache: Any, verify: bool = False) -> tuple[jax.Array, Any]:
         # Inference copies (`inference.generate.prepare_for_inference`) give the mixer and the MLP methods that
         # take the norm and the residual too: at a decode step they fold RMSNorm into the next projection and the
         # residual add into the previous one (fused small-batch kernels: fewer launches per layer).
@@ -242,9 +239,7 @@ class Block(nnx.Module):
         elif fold and x.shape[1] == 1:
             # an MLP that takes the norm itself may get its rows weighed by the o-projection (`WeighedRows`)
             nxt = self.post_attention_layernorm if hasattr(self.mlp, "norm_residual") else None
-            # ... and the MLP's weights, which that form's o-projection may pull into L2 while it runs
-            ahead = self.mlp.ahead() if nxt is not None and hasattr(self.mlp, "ahead") else ()
-            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache, next_norm=nxt, ahead=ahead)
+            x, cache = self.mixer.decode_residual(x, self.input_layernorm, ctx, cache, next_norm=nxt)
         else:
             h = self.input_layernorm(x)
             # Verification needs every prefix's recurrent state; attention needs nothing extra (its rollback is
@@ -255,7 +250,7 @@ class Block(nnx.Module):
                 y, cache = self.mixer(h, ctx, cache)
             x = x + y
         if hasattr(self.mlp, "norm_residual"):
-            return self.mlp.norm_residual(x, self.post_attention_layernorm, next_ahead=next_ahead), cache
+            return self.mlp.norm_residual(x, self.post_attention_layernorm), cache
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
@@ -313,9 +308,7 @@ class DecoderLM(nnx.Module):
             if remat != "none" and cache is None:
                 x, c = remat_layer(layer, x, ctx, remat), None
             else:
-                nxt = self.layers[i + 1].mixer if i + 1 < len(self.layers) else None
-                ahead = nxt.ahead() if cache is not None and hasattr(nxt, "ahead") else ()
-                x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify, next_ahead=ahead)
+                x, c = layer(x, ctx, None if cache is None else cache.layers[i], verify)
             x = constrain_batch(x)
             new_layers.append(c)
         x = self.norm(x)

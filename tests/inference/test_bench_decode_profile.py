@@ -96,8 +96,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         bdp.parse_variant("ana+apv1")  # measured and removed (decode_profile_s26_b64.md)
     with pytest.raises(SystemExit, match="unknown variant setting"):
         bdp.parse_variant("apf")  # measured and removed (decode_profile_s27_prefetch.md)
-    # measured and removed (generate_s29_lm_pdl.md, generate_s29_wdk.md, generate_s32.md)
-    for removed in ("pdl", "wdk", "afe", "afl"):
+    # measured and removed (generate_s29_lm_pdl.md, generate_s29_wdk.md, generate_s32.md, decode_profile_s3*.md)
+    for removed in ("pdl", "wdk", "afe", "afl", "pfo", "pfoe", "pfs", "pfn", "pfl"):
         with pytest.raises(SystemExit, match="unknown variant setting"):
             bdp.parse_variant(removed)
     with pytest.raises(SystemExit, match="unknown variant setting"):

@@ -376,41 +376,6 @@ def test_weighed_mlp_form_through_its_kernels_interpret(model, monkeypatch):
         jax.clear_caches()
 
 
-@pytest.mark.parametrize("mode", ["o", "split", "next"])
-def test_weighed_form_hands_the_mlp_weights_to_prefetch(model, monkeypatch, mode):
-    """`fused_decode.tiling(prefetch=...)`: the `weighed` form's o-projection kernel gets the same layer's gate·up
-    and down weights to pull into L2 ("o"), or gate·up's alone while the gate·up kernel gets down's ("split"), or
-    "o" and the gate·up kernel gets the next layer's q·k·v and o (none in the last layer: "next"); the greedy
-    tokens stay XLA's own (interpret mode leaves the instruction out: `test_l2_prefetch.py`)."""
-    from mamba_llama_jax.inference import gate_up_rows as gu
-    from pallas_kernels import dispatch
-    from pallas_kernels import fused_decode as fd
-
-    seen = {"matmul_residual_weigh": [], "gate_up_weighed": []}
-    for name in seen:
-        real = getattr(fd, f"{name}_pallas")
-
-        def spy(*a, _real=real, _name=name, **kw):
-            seen[_name].append(tuple(p.shape for p in kw.get("prefetch", ())))
-            return _real(*a, **kw)
-        monkeypatch.setattr(fd, f"{name}_pallas", spy)
-    prompts = [PROMPTS[i % 2][: 2 + i % 6] + [i + 1] for i in range(16)]
-    with fd.tiling(prefetch=mode):
-        want, got, _ = interpret_run(model, monkeypatch, prompts, {gu.GATE_UP_ENV: "weighed",
-                                                                   dispatch.UNVERIFIED_ENV: "1"},
-                                     ("o_weigh",), max_new_tokens=2, window_block=16)
-    np.testing.assert_array_equal(got, want)
-    c = model.cfg
-    d, inter, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    o_ahead = ((2 * inter, d),) if mode == "split" else ((2 * inter, d), (d, inter))
-    gu_ahead = {"o": {()}, "split": {((d, inter),)},
-                "next": {(((c.num_heads + 2 * c.num_kv_heads) * hd, d), (d, c.num_heads * hd)), ()}}[mode]
-    assert seen["matmul_residual_weigh"] and set(seen["matmul_residual_weigh"]) == {o_ahead}
-    assert seen["gate_up_weighed"] and set(seen["gate_up_weighed"]) == gu_ahead
-    if mode == "next":  # one trace of the step: every layer but the last hands the next one's weights
-        assert seen["gate_up_weighed"][-c.num_layers:].count(()) == 1
-
-
 @pytest.mark.parametrize("squares", ["gate_up", "o"])
 def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch, squares):
     """The `weighed` form in a 50 % hybrid at 16 rows (interpret mode): its attention layers hand weighed rows to

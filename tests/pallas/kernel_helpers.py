@@ -115,24 +115,3 @@ def lower_for_h100(fn, *avals) -> str:
     finally:
         lib.get_gpu_info = saved
     return exported.mlir_module()
-
-
-def triton_modules_for_h100(fn, *avals) -> list[str]:
-    """The Triton modules (text) of the kernels `fn` lowers to for an H100 (`lower_for_h100`), in order: the
-    exported module holds them as bytecode, where equal strings are stored once."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-    lower, texts = reg.lowering.lower_jaxpr_to_triton_module, []
-
-    def keep(*a, **kw):
-        out = lower(*a, **kw)
-        texts.append(out.module.operation.get_asm())
-        return out
-
-    jax.clear_caches()  # a cached lowering would not pass through `keep`
-    reg.lowering.lower_jaxpr_to_triton_module = keep
-    try:
-        lower_for_h100(fn, *avals)
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = lower
-        jax.clear_caches()
-    return texts

@@ -458,33 +458,6 @@ def test_weighed_form_kernels_equal_reference_gpu(rows):
         check_weighed(rows, d, d, inter, dtype=jnp.float32, tol=1e-4, interpret=False, squares=squares)
 
 
-@pytest.mark.parametrize("rows", [16, 64])
-@(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
-def test_weighed_kernels_with_l2_prefetch_unchanged_gpu(rows):
-    """The `weighed` form's kernels pulling the MLP's weights into L2 (`l2_prefetch`, either kind, before or after
-    their work) compute bit for bit what they compute without, at SmolLM2's shapes."""
-    from pallas_kernels import l2_prefetch
-    assert l2_prefetch.available()
-    d, inter = SMOL["d"], SMOL["inter"]
-    t = inputs(rows, d, d, dtype=jnp.bfloat16, seed=rows)
-    gate_up = (jax.random.normal(jax.random.key(1), (2 * inter, d)) / 24.0).astype(jnp.bfloat16)
-    down = (jax.random.normal(jax.random.key(2), (d, inter)) / 40.0).astype(jnp.bfloat16)
-    nw = (1.0 + 0.2 * jax.random.normal(jax.random.key(3), (d,))).astype(jnp.bfloat16)
-    plain = fd.matmul_residual_weigh_pallas(t["a"], t["w"], t["res"], nw, squares=True)
-    h, hw, sq = plain
-    want = fd.gate_up_weighed_pallas(hw, None, gate_up, eps=1e-5, squares=sq)
-    for by in l2_prefetch.KINDS:
-        jax.clear_caches()  # the kind is read at trace time
-        with fd.tiling(prefetch_by=by):
-            for at in ("start", "end"):
-                got = fd.matmul_residual_weigh_pallas(t["a"], t["w"], t["res"], nw, squares=True,
-                                                      prefetch=(gate_up, down), prefetch_at=at)
-                for g, p in zip(got, plain):
-                    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(p, np.float32))
-            got = fd.gate_up_weighed_pallas(hw, None, gate_up, eps=1e-5, squares=sq, prefetch=(down,))
-            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
 @pytest.mark.parametrize("rows,slots,index", [(1, 384, 200), (1, 4352, 4200), (4, 384, 130), (16, 384, 300)])
 @(lambda f: functools.reduce(lambda g, m: m(g), gpu, f))
 def test_split_attention_and_combine_gpu(rows, slots, index):
