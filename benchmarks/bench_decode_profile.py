@@ -16,6 +16,10 @@ The loop runs without command buffers around the while loop (bench_generate's `f
 `run.py`'s decoding commands, which add `--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: 2.3 % faster at
 batch 64 on the H100, results/generate_s32.md): the profiler does not see the kernels of a loop recorded as a CUDA
 graph (results/decode_profile_s32_cmdbuf.md), so XLA_FLAGS that record it stop this script before it compiles.
+Its default decode is also shorter (128 new tokens against the table's 256, so a cache filled 192 slots deep on
+average rather than 256): at batch 64 on the H100 its step read 0.802 ms where `fused_nocmdbuf` read 0.840 on the
+same machine (decode_profile_s32.md, generate_s32.md): 64 more filled slots a row are ~94 MB more K/V a step, ~0.038
+ms at that machine's 2,498 GB/s, the whole gap. `--new-tokens 256` measures the table's work.
 
 A variant is `default` or `+`-joined settings, each traced anew: `bnNwM` = N outputs per program and M warps on the
 fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-projection (`fused_decode.tiling`),
