@@ -27,7 +27,8 @@ fused GEMVs' 1-D path, `cN` = N outputs per program for the split-merging o-proj
 (MAMBA_LLAMA_UNVERIFIED_KERNELS=1: kernels whose file says GPU_VERIFIED = False), `cublas` = the decode program's
 GEMMs on cuBLAS (MAMBA_LLAMA_DECODE_GEMM=cublas: `generate.decode_gemm`), `fdN` = fused GEMVs up to batch N, `sN` =
 N attention splits, `abN` / `awN` / `asN` = N-slot attention blocks / N warps / N pipeline stages per attention
-program, `adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
+program, `ahN` = N query heads an attention program (of its KV head's group: `decode_attention.HEADS_BY_BATCH`),
+`adot` / `aew` = the attention kernel's tensor-core / elementwise form (`decode_attention.planned_dot`),
 `ana` / `anb` = its tensor-core form taking the new token after the block loop / substituted into its block
 (`decode_attention.NEWEST_BY_BATCH`),
 `amk` / `amx` = the splits of the unfused decode path (batches above the fused GEMVs') merged by the Pallas
@@ -257,6 +258,8 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             tiling["attn_warps"] = int(m.group(1))
         elif m := re.fullmatch(r"as(\d+)", tok):
             tiling["attn_stages"] = int(m.group(1))
+        elif m := re.fullmatch(r"ah(\d+)", tok):
+            tiling["attn_heads"] = int(m.group(1))
         elif tok in ("gu", "gux", "guw"):
             env["MAMBA_LLAMA_DECODE_GATE_UP"] = {"gu": "kernel", "gux": "xla", "guw": "weighed"}[tok]
         elif m := re.fullmatch(r"ds(\d+)", tok):
@@ -287,7 +290,7 @@ def parse_variant(name: str) -> tuple[dict[str, int], dict[str, str]]:
             continue  # read by `profile_variant`: a diagnostic of the weights, not a setting of the code
         else:
             raise SystemExit(f"bench_decode_profile: unknown variant setting {tok!r} in {name!r} "
-                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, adot, aew, ana, "
+                             "(default, xla, uv, cublas, fdN, bnN, bnNwM, cN, sN, abN, awN, asN, ahN, adot, aew, ana, "
                              "anb, amk, amx, sw, sf, mx, mk, mc, gN, dbN, dsN, dkN, kqN, gu, gux, guw, sqg, sqo, lmk, "
                              "hw)")
     return tiling, env
@@ -304,7 +307,7 @@ def applied(variant: str) -> Iterator[None]:
     tiling, env = parse_variant(variant)
     attn = {k: tiling.pop(f"attn_{k}", d)
             for k, d in (("splits", 0), ("block", 0), ("warps", 0), ("merge", ""), ("dot", None), ("stages", 0),
-                         ("shares", ""), ("newest", ""))}
+                         ("shares", ""), ("newest", ""), ("heads", 0))}
     with _Env(env), fd.tiling(**tiling), da.override_plan(**attn):
         yield
 

@@ -75,7 +75,7 @@ def pick_block(slots: int, cap: int = 128) -> int:
 # decode-step benchmark's variants); 0 / "" / None = `plan` / `planned_warps` / the default / `planned_dot` /
 # STAGES_BY_BATCH decides.
 _PLAN_OVERRIDE: dict[str, Any] = {"splits": 0, "block": 0, "warps": 0, "merge": "", "dot": None, "stages": 0,
-                                  "shares": "", "newest": ""}
+                                  "shares": "", "newest": "", "heads": 0}
 # Software-pipeline depth of the K/V block loop (Triton's num_stages) by batch (`by_batch`): 3 up to batch 64, 2
 # above. At batch 64 over 3-4 blocks the kernel is latency-bound: under Nsight Compute it read its K/V at
 # ~1 TB/s with 9 % occupancy, its warps mostly waiting on global loads (benchmarks/results/ncu_attention_b64.md), so
@@ -109,6 +109,17 @@ SHARES = "fill"
 # selects. Both pass the GPU tests (test-gpu-s26-options.xml). (p entering p·V as one rounded part instead of two
 # was measured with it and removed: no faster with "after", 0.819 vs 0.815 at 64, decode_profile_s26_b64.md `apv1`.)
 NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
+# Query heads a program attends for, by batch (`planned_heads`): 0 = its KV head's whole group (g = h / kv), one
+# program per KV head, which loads each K/V block once for all g; a divisor of g splits the group over g / heads
+# programs, which load the same blocks (the later ones mostly from L2). Only the first program of a group writes the
+# new token's K/V; the others take it from registers (both `newest` forms do already). The idea: the kernel is
+# latency-bound (at batch 64, 192 programs on 132 SMs at 9 % occupancy: benchmarks/results/ncu_attention_b64.md),
+# and one head a program triples the programs with no merge to pay, as more splits would. Measured on the H100 in
+# the decode loop at SmolLM2's heads (benchmarks/results/decode_profile_s32_heads.md, generate_s32_heads.md): at
+# batch 1 the kernel 3.59 -> 3.25 µs a layer and the step 0.465-0.468 -> 0.454 ms; at batch 64 the kernel 8.6 ->
+# 11.4 µs a layer (three programs reading each block cost more than the occupancy gains), so one head a program at
+# batch 1 only (batches 2-63 not measured: the whole group as before).
+HEADS_BY_BATCH = ((1, 1), (2, 0))
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,
@@ -149,14 +160,16 @@ def dot_block_cap(batch: int) -> int:
 
 @contextlib.contextmanager
 def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str = "",
-                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "") -> Iterator[None]:
+                  dot: bool | None = None, stages: int = 0, shares: str = "", newest: str = "",
+                  heads: int = 0) -> Iterator[None]:
     """Within the block, `plan` returns `splits` splits (a power of two; capped by the window and `max_splits`)
     of `block`-slot blocks (a power of two >= 16; capped by the largest block tiling the window), the kernel
     runs `warps` warps a program and `stages` pipeline stages (`STAGES_BY_BATCH`), `decode_attention_pallas` merges its
     splits with `merge` ("xla": `merge_partials`, the default; "kernel": `merge_partials_pallas`), `dot` picks the
     tensor-core form (True) or the elementwise one (False), `shares` what the splits share ("fill" / "window",
-    `SHARES`) and `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH), for
-    steps traced anew. Clear jax's caches (`jax.clear_caches`) so that nothing traced before is reused."""
+    `SHARES`), `newest` where the tensor-core form takes the new token ("block" / "after", NEWEST_BY_BATCH) and
+    `heads` the query heads a program attends for (HEADS_BY_BATCH), for steps traced anew. Clear jax's caches
+    (`jax.clear_caches`) so that nothing traced before is reused."""
     for name, v, least in (("splits", splits, 1), ("block", block, 16), ("warps", warps, 1)):
         if v and (v < least or v & (v - 1)):
             raise KernelError(f"decode_attention: override_plan {name} must be a power of two >= {least} (or 0), "
@@ -171,9 +184,11 @@ def override_plan(*, splits: int = 0, block: int = 0, warps: int = 0, merge: str
         raise KernelError(f"decode_attention: override_plan shares must be 'fill' or 'window', got {shares!r}")
     if newest not in ("", "block", "after"):
         raise KernelError(f"decode_attention: override_plan newest must be 'block' or 'after', got {newest!r}")
+    if not isinstance(heads, int) or heads < 0:
+        raise KernelError(f"decode_attention: override_plan heads must be an int >= 1 (or 0), got {heads!r}")
     old = dict(_PLAN_OVERRIDE)
     _PLAN_OVERRIDE.update(splits=splits, block=block, warps=warps, merge=merge, dot=dot, stages=stages,
-                          shares=shares, newest=newest)
+                          shares=shares, newest=newest, heads=heads)
     try:
         yield
     finally:
@@ -206,6 +221,13 @@ def planned_newest(batch: int) -> str:
     """Where the tensor-core form takes the new token at this batch, "block" / "after": the override's
     (`override_plan`), else NEWEST_BY_BATCH's."""
     return _PLAN_OVERRIDE["newest"] or by_batch(NEWEST_BY_BATCH, batch)
+
+
+def planned_heads(group: int, batch: int) -> int:
+    """The query heads a program attends for at this batch, of a KV head's `group` (see HEADS_BY_BATCH): the
+    override's (`override_plan`), else HEADS_BY_BATCH's, where it divides the group; else the whole group."""
+    want = _PLAN_OVERRIDE["heads"] or by_batch(HEADS_BY_BATCH, batch)
+    return want if want and group % want == 0 else group
 
 
 def planned_dot(batch: int, dot: bool | None = None) -> bool:
@@ -270,10 +292,13 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
 def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_ref,  # inputs
             o_ref, m_ref, l_ref, kco_ref, vco_ref,  # outputs (kco/vco alias kc/vc)
             *, h: int, kv: int, d: int, block: int, nblocks: int, splits: int, partials: bool, dtype: Any,
-            dot: bool, parts: int, eps: float, newest: str, fill: bool = True):
+            dot: bool, parts: int, eps: float, newest: str, fill: bool = True, hp: int = 0):
     del kco_ref, vco_ref  # aliased: written through kc_ref/vc_ref's buffers below
-    bi, ki, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, si = pl.program_id(0), pl.program_id(2)
     g, half = h // kv, d // 2
+    hp = hp or g  # query heads this program attends for (HEADS_BY_BATCH): the group's hp-wide part jq
+    ki, jq = (pl.program_id(1), 0) if hp == g else (pl.program_id(1) // (g // hp), pl.program_id(1) % (g // hp))
+    head0 = ki * g + jq * hp
     # clamped as the reference's dynamic_update_slice clamps its write: an index past the cache (a caller's bug)
     # then gives the reference's answer instead of a write out of bounds
     index = jnp.minimum(idx_ref[0], kc_ref.shape[1] - 1)
@@ -282,7 +307,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     filled = filled_blocks(index, block, nblocks)
     lo, hi = split_range(si, filled, blocks_per_split(filled, splits, None if fill else nblocks))
     c, s = cos_ref[bi, :], sin_ref[bi, :]
-    heads = [(ki * g + j) * d for j in range(g)] + [(h + ki) * d]  # this group's q heads, then its k head
+    heads = [(head0 + j) * d for j in range(hp)] + [(h + ki) * d]  # this program's q heads, then its k head
     v_off = (h + kv + ki) * d
     vals = _projection(qkv_ref, rows_ref, bi, parts, eps, dtype,
                        [(o, half) for o in heads] + [(o + half, half) for o in heads] + [(v_off, d)])
@@ -292,12 +317,12 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
         x1, x2 = vals[i], vals[n + i]
         return ((x1 * c - x2 * s).astype(dtype).astype(F32), (x2 * c + x1 * s).astype(dtype).astype(F32))
 
-    qs = [rope(i) for i in range(g)]
-    k1, k2 = rope(g)
+    qs = [rope(i) for i in range(hp)]
+    k1, k2 = rope(hp)
     k1c, k2c = k1.astype(kc_ref.dtype), k2.astype(kc_ref.dtype)
     v_new = vals[-1].astype(vc_ref.dtype)
 
-    @pl.when(si == 0)
+    @pl.when((si == 0) & (jq == 0))  # one program of the group writes; the others' loop leaves that slot out
     def _write():
         kc_ref[bi, index, ki, pl.ds(0, half)] = k1c
         kc_ref[bi, index, ki, pl.ds(half, half)] = k2c
@@ -306,7 +331,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
     scale = 1.0 / math.sqrt(d)
     if dot:
         _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, bi=bi, ki=ki, si=si,
-                    g=g, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
+                    head0=head0, d=d, block=block, index=index, lo=lo, hi=hi, scale=scale, partials=partials,
                     newest=newest)
         return
 
@@ -319,7 +344,7 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
         vb = jnp.where(new, v_new[None, :], vc_ref[bi, rows, ki, :]).astype(F32)
         ok = (valid_ref[bi, rows] != 0) & (slot <= index)
         out = []
-        for j in range(g):
+        for j in range(hp):
             m, l, acc = carry[3 * j: 3 * j + 3]
             q1, q2 = qs[j]
             sc = (jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1)) * scale
@@ -331,12 +356,12 @@ def _kernel(qkv_ref, kc_ref, vc_ref, cos_ref, sin_ref, idx_ref, valid_ref, rows_
         return tuple(out)
 
     init = []
-    for _ in range(g):
+    for _ in range(hp):
         init += [jnp.full((), NEG_INF, F32), jnp.zeros((), F32), jnp.zeros((d,), F32)]
     res = jax.lax.fori_loop(lo, hi, body, tuple(init))
-    for j in range(g):
+    for j in range(hp):
         m, l, acc = res[3 * j: 3 * j + 3]
-        head = ki * g + j
+        head = head0 + j
         if not partials:
             o_ref[bi, pl.ds(head * d, d)] = (acc / jnp.maximum(l, 1e-30)).astype(o_ref.dtype)
         else:
@@ -415,13 +440,14 @@ def _cache_block(kc_ref: Any, vc_ref: Any, valid_ref: Any, bi: Any, ki: Any, i: 
             valid_ref[bi, rows])
 
 
-def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, g: int, d: int,
+def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_new, *, bi, ki, si, head0, d: int,
                 block: int, index, lo, hi, scale: float, partials: bool, newest: str) -> None:
-    """The block loop of `_kernel` with tensor-core dots (module docstring): the group's g roped query heads as
-    rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row (`online_update`), each row's results
-    extracted at the end (`pick_row`). The new token (slot `index`) substituted into its block (`newest`
-    "block") or left out of the loop and added after it from registers ("after")."""
-    half = d // 2
+    """The block loop of `_kernel` with tensor-core dots (module docstring): the program's g roped query heads
+    (heads head0.., of KV head ki) as rows 0..g-1 of a (G, d/2) pair of tiles, an online softmax per row
+    (`online_update`), each row's results extracted at the end (`pick_row`). The new token (slot `index`)
+    substituted into its block (`newest` "block") or left out of the loop and added after it from registers
+    ("after")."""
+    half, g = d // 2, len(qs)
     cdt = kc_ref.dtype
     rows_g = pow2_at_least(g, DOT_ROWS)
     row = jax.lax.broadcasted_iota(jnp.int32, (rows_g, half), 0)
@@ -459,7 +485,7 @@ def _attend_dot(kc_ref, vc_ref, valid_ref, o_ref, m_ref, l_ref, qs, k1c, k2c, v_
         m, l, acc = m_new, l * corr + p, acc * corr[:, None] + p[:, None] * v_new.astype(F32)[None, :]
     for j in range(g):
         acc_j, l_j = pick_row(acc, j), pick_row(l, j)
-        head = ki * g + j
+        head = head0 + j
         if not partials:
             o_ref[bi, pl.ds(head * d, d)] = (acc_j / jnp.maximum(l_j, 1e-30)).astype(o_ref.dtype)
         else:
@@ -523,9 +549,10 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
     splits = max(1, min(splits, nblocks))
     use_dot = uses_dot(b, d, dot)
     dtype = qkv.dtype if rows is None else rows.dtype
+    hp = planned_heads(h // kv, b)
     kern = functools.partial(_kernel, h=h, kv=kv, d=d, block=block, nblocks=nblocks, splits=splits,
                              partials=partials, dtype=dtype, dot=use_dot, parts=0 if rows is None else qkv.shape[0],
-                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b))
+                             eps=float(eps), fill=planned_shares() == "fill", newest=planned_newest(b), hp=hp)
     if not partials:
         o_shape = jax.ShapeDtypeStruct((b, h * d), dtype)
         ml_shape = jax.ShapeDtypeStruct((1, 1, 1), F32)  # unused
@@ -534,7 +561,7 @@ def _launch(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Arr
         ml_shape = jax.ShapeDtypeStruct((b, splits, h), F32)
     return triton_call(
         kern,
-        grid=(b, kv, splits),
+        grid=(b, kv * (h // kv // hp), splits),
         out_shape=(o_shape, ml_shape, ml_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={1: 3, 2: 4},

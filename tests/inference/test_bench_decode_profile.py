@@ -77,6 +77,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     assert bdp.parse_variant("adot+s1")[0] == {"attn_dot": True, "attn_splits": 1}
     assert bdp.parse_variant("aew")[0] == {"attn_dot": False}
     assert bdp.parse_variant("ana+ab32")[0] == {"attn_newest": "after", "attn_block": 32}
+    assert bdp.parse_variant("ah1+ana")[0] == {"attn_heads": 1, "attn_newest": "after"}
     assert bdp.parse_variant("anb")[0] == {"attn_newest": "block"}
     assert bdp.parse_variant("hw+ana") == ({"attn_newest": "after"}, {})  # hw: read by profile_variant
     assert bdp.parse_variant("guw+sqo") == ({"squares": "o"}, {"MAMBA_LLAMA_DECODE_GATE_UP": "weighed"})
@@ -109,7 +110,8 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
         seen.update(block=fd.pick_block_n(576, 1), combine=fd.pick_block_n(576, 1, combine=True),
                     warps=fd.pick_warps(1), env=os.environ.get("MAMBA_LLAMA_FUSED_DECODE"),
                     splits=da.plan(1, 3, 384, max_splits=16)[1], merge=fd.merge_mode(), dot=da.planned_dot(64),
-                    shares=da.planned_shares(), newest=da.planned_newest(64), hot=hot_weights)
+                    shares=da.planned_shares(), newest=da.planned_newest(64), heads=da.planned_heads(3, 64),
+                    hot=hot_weights)
         return {}
     monkeypatch.setattr(bdp, "profile_decode", fake_profile)
     defaults = (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
@@ -117,10 +119,12 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
     dot_default = da.planned_dot(64)
     bdp.profile_variant("bn2w2+c16+fd4+s2+mx+aew", None, 1)
     assert seen == {"block": 2, "combine": 16, "warps": 2, "env": "4", "splits": 2, "merge": "xla", "dot": False,
-                    "shares": "fill", "newest": "after", "hot": False}
-    bdp.profile_variant("adot+sw+anb+hw", None, 1)
+                    "shares": "fill", "newest": "after", "heads": 3, "hot": False}
+    bdp.profile_variant("adot+sw+anb+ah1+hw", None, 1)
     assert seen["dot"] is True and seen["shares"] == "window" and seen["newest"] == "block" and seen["hot"] is True
+    assert seen["heads"] == 1
     assert da.planned_dot(64) is dot_default and da.planned_shares() == "fill" and da.planned_newest(64) == "after"
+    assert da.planned_heads(3, 64) == 3
     # everything back as it was
     assert (fd.pick_block_n(576, 1), fd.pick_block_n(576, 1, combine=True), fd.pick_warps(1),
             da.plan(1, 3, 384, max_splits=16), fd.merge_mode()) == defaults

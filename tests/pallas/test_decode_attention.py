@@ -109,10 +109,14 @@ AFTER, BLOCK = dict(newest="after"), dict(newest="block")
     (AFTER, BLOCK, 2, 64, 0, 1, F32),     # the first slot: only the new token counts
     (AFTER, BLOCK, 3, 96, 48, 4, BF16),   # 4 blocks in 4 splits: the new token opens the last one
     (BLOCK, AFTER, 2, 96, 50, 4, F32),
+    # one query head a program (HEADS_BY_BATCH): three programs a KV head, the first writing the new token's K/V
+    (dict(AFTER, heads=1), AFTER, 3, 96, 48, 4, BF16),
+    (dict(BLOCK, heads=1), BLOCK, 2, 96, 50, 1, F32),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index, splits, dtype):
     """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
-    its block ("block"): output, partials and caches the reference's; a row whose new slot is invalid (row 1) leaves the new token out as the reference does; the
+    its block ("block"), and with one query head a program (`heads=1`): output, partials and caches the
+    reference's; a row whose new slot is invalid (row 1) leaves the new token out as the reference does; the
     `other` settings trace a different kernel (the option took effect)."""
     h, kv, d = 9, 3, 32
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index + 1, dtype=dtype)
@@ -132,6 +136,44 @@ def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index
         jax.clear_caches()
         with da.override_plan(**other):
             assert text != kernel_text()  # the option took effect
+    finally:
+        jax.clear_caches()
+
+
+def test_heads_are_planned_by_batch():
+    """HEADS_BY_BATCH: one head a program at batch 1, the whole group from 2 (measured, see there); an override that
+    divides the group wins at every batch, one that does not leaves the group whole; a bad value raises."""
+    assert [da.planned_heads(3, b) for b in (1, 2, 16, 64, 256)] == [1, 3, 3, 3, 3]
+    assert [da.planned_heads(g, 1) for g in (1, 4, 8)] == [1, 1, 1]
+    with da.override_plan(heads=1):
+        assert [da.planned_heads(g, 64) for g in (1, 3, 4)] == [1, 1, 1]
+    with da.override_plan(heads=2):
+        assert [da.planned_heads(g, b) for g in (1, 3, 4) for b in (1, 64)] == [1, 1, 3, 3, 2, 2]
+    for bad in (-1, 1.5):
+        with pytest.raises(KernelError, match="heads"):
+            with da.override_plan(heads=bad):
+                pass
+
+
+@pytest.mark.parametrize("heads,splits", [(1, 1), (2, 2), (1, 4)])
+def test_elementwise_form_with_part_of_a_group_equals_reference_interpret(heads, splits):
+    """The elementwise form with 1 or 2 of a 4-head group a program (HEADS_BY_BATCH), merged and as split partials:
+    the reference's outputs and caches, row 1's new slot invalid; the programs split the group (a different
+    kernel)."""
+    h, kv, d, index = 8, 2, 16, 40
+    args = make_inputs(3, 64, h, kv, d, index, pad=[0, 5, 17], seed=heads + splits)
+    args = args[:6] + (args[6].at[1, index].set(False),)
+    text = lambda: str(jax.make_jaxpr(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv,
+                                                        block=16, splits=splits, interpret=True, dot=False))(*args))
+    jax.clear_caches()
+    try:
+        whole = text()
+        jax.clear_caches()
+        with da.override_plan(heads=heads):
+            assert text() != whole
+            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=False)
+            if splits > 1:
+                assert_partials_equal(args, h, kv, block=16, splits=splits, dot=False)
     finally:
         jax.clear_caches()
 
@@ -427,6 +469,11 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
         with da.override_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
             lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
                                               block=block, splits=splits, dot=True), *avals)
+        jax.clear_caches()
+        with da.override_plan(heads=1):  # a program a query head (HEADS_BY_BATCH), both forms
+            for dot in (False, True):
+                lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                                  block=block, splits=splits, dot=dot), *avals)
     finally:
         jax.clear_caches()
 
@@ -472,16 +519,18 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
+@pytest.mark.parametrize("heads", [0, 1])
 @pytest.mark.parametrize("newest", ["after", "block"])
 @pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
-def test_dot_form_newest_equals_reference_gpu(newest, b, slots, index):
-    """The tensor-core form with either place of the new token (`override_plan(newest=)`) compiled through Triton
-    at SmolLM2's heads, merged and unmerged, in the blocks and splits the batch plans."""
+def test_dot_form_newest_equals_reference_gpu(newest, heads, b, slots, index):
+    """The tensor-core form with either place of the new token (`override_plan(newest=)`), its KV head's whole group
+    or one query head a program (`heads=`), compiled through Triton at SmolLM2's heads, merged and unmerged, in the
+    blocks and splits the batch plans."""
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
     block, splits = plan(b, 3, slots, max_splits=16)
     jax.clear_caches()
     try:
-        with da.override_plan(newest=newest):
+        with da.override_plan(newest=newest, heads=heads):
             assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
             assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
     finally:
