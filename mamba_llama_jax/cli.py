@@ -683,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=256, help="answer length for --chat")
     ev.add_argument("--api-judge", default=None, metavar="MODEL",
                     help="also ask an OpenAI-compatible judge (needs network and $OPENAI_API_KEY; untested here)")
-    ev.set_defaults(func=cmd_eval)
+    ev.set_defaults(func=cmd_eval, decodes=True)  # --chat answers prompts
     return parser
 
 

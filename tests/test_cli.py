@@ -33,7 +33,7 @@ def test_subcommands():
 
 TINY = __import__("pathlib").Path(__file__).parent / "fixtures" / "tiny_llama"
 
-DECODING = {"generate", "chat", "demo", "gen-labels", "speculate", "acceptance"}
+DECODING = {"generate", "chat", "demo", "gen-labels", "speculate", "acceptance", "eval"}
 
 
 @pytest.fixture(autouse=True)
