@@ -7,7 +7,9 @@ plus `interpret`, `block` and `splits`. Why one kernel: at decode the step is la
 Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row and one share of the sequence: it
 rotates that head's k, writes k/v into the cache (split 0 only; the caches are aliased in/out, so nothing else is
 copied), and runs an online softmax over its share of the filled blocks for the g = h/kv query heads that share the
-head — each K/V block is read once for all g heads. The number of filled blocks is dynamic (`index // block + 1`,
+head — each K/V block is read once for all g heads. (At batch 1, HEADS_BY_BATCH splits each group over g programs,
+one query head each, the grid's second axis kv_heads · g: more programs for the latency-bound loop, each block then
+read g times.) The number of filled blocks is dynamic (`index // block + 1`,
 bounded by the static window), so one compiled step serves every cache fill, and the splits share those blocks
 (`split_of_slots`), not the window: a decode step's cache is filled from the prompt's end to the window's, and a
 static share left the later splits idle while the first carried the whole chain. The new token's k/v enter the
