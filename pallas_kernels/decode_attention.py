@@ -7,7 +7,7 @@ plus `interpret`, `block` and `splits`. Why one kernel: at decode the step is la
 Layout: grid (batch, kv_heads, splits). A program owns one KV head of one row and one share of the sequence: it
 rotates that head's k, writes k/v into the cache (split 0 only; the caches are aliased in/out, so nothing else is
 copied), and runs an online softmax over its share of the filled blocks for the g = h/kv query heads that share the
-head — each K/V block is read once for all g heads. (At batch 1, HEADS_BY_BATCH splits each group over g programs,
+head — each K/V block is read once for all g heads. (Up to batch 4, HEADS_BY_BATCH splits each group over g programs,
 one query head each, the grid's second axis kv_heads · g: more programs for the latency-bound loop, each block then
 read g times.) The number of filled blocks is dynamic (`index // block + 1`,
 bounded by the static window), so one compiled step serves every cache fill, and the splits share those blocks
@@ -117,11 +117,12 @@ NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
 # new token's K/V; the others take it from registers (both `newest` forms do already). The idea: the kernel is
 # latency-bound (at batch 64, 192 programs on 132 SMs at 9 % occupancy: benchmarks/results/ncu_attention_b64.md),
 # and one head a program triples the programs with no merge to pay, as more splits would. Measured on the H100 in
-# the decode loop at SmolLM2's heads (benchmarks/results/decode_profile_s32_heads.md, generate_s32_heads.md): at
-# batch 1 the kernel 3.59 -> 3.25 µs a layer and the step 0.465-0.468 -> 0.454 ms; at batch 64 the kernel 8.6 ->
-# 11.4 µs a layer (three programs reading each block cost more than the occupancy gains), so one head a program at
-# batch 1 only (batches 2-63 not measured: the whole group as before).
-HEADS_BY_BATCH = ((1, 1), (2, 0))
+# the decode loop at SmolLM2's heads (benchmarks/results/decode_profile_s32_heads*.md, generate_s32_heads.md): at
+# batch 1 the kernel 3.59 -> 3.25 µs a layer and the step 0.465-0.468 -> 0.454 ms (the 50 % hybrid's step 0.579 ->
+# 0.570), at 4 the kernel 3.69 -> 3.43 µs; at 16 it is 5.5 -> 7.8 µs and at 64 8.6 -> 11.4 µs (three programs
+# reading each block cost more than the occupancy gains). So one head a program up to batch 4 (2 and 3 between
+# measured wins), the whole group from 5 (5-15 not measured).
+HEADS_BY_BATCH = ((1, 1), (5, 0))
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
 # in the whole decode loop, each form in its own process (benchmarks/results/generate_s17a.md, generate_s17b.md,

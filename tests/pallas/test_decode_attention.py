@@ -7,6 +7,7 @@ reference cannot pass as the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -69,9 +70,24 @@ def assert_equal_to_reference(args, h, kv, *, window=0, tol=1e-5, interpret=True
     (1, 64, 3, 3, 16, 63, 0, 4),     # MHA (g = 1), split over the sequence, last slot
     (3, 64, 9, 3, 32, 21, 0, 2),     # SmolLM2's grouping (g = 3), 2 filled blocks in 2 splits, row 2's first padding
 ])
-def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, splits):
+@pytest.mark.parametrize("group", [False, True], ids=["planned", "group"])
+def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, group):
+    """The planned kernel (at these batches one query head a program, HEADS_BY_BATCH) and the KV head's whole group a
+    program: the reference's output and caches."""
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index)
-    assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
+    with heads_override(h // kv if group else 0):
+        assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
+
+
+@contextlib.contextmanager
+def heads_override(heads):
+    """override_plan(heads=) with jax's caches cleared around it (the kernels' jit caches key on arguments only)."""
+    jax.clear_caches()
+    try:
+        with da.override_plan(heads=heads):
+            yield
+    finally:
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
@@ -81,13 +97,16 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
     (1, 64, 6, 2, 32, 50, 48, 1, jnp.float32),    # window shorter than the cache
     (2, 64, 9, 3, 32, 40, 0, 2, jnp.bfloat16),    # bf16: p as two rounded parts
 ])
-def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype):
-    """The tensor-core form (q heads as tile rows, dots for q·Kᵀ and p·V): the same output and caches."""
+@pytest.mark.parametrize("group", [False, True], ids=["planned", "group"])
+def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype, group):
+    """The tensor-core form (q heads as tile rows, dots for q·Kᵀ and p·V), planned and with the whole group a
+    program: the same output and caches."""
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index, dtype=dtype)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
-    if splits > 1:
-        assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
+    with heads_override(h // kv if group else 0):
+        assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
+        if splits > 1:
+            assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
 
 
 @pytest.mark.parametrize("block,dtype", [(32, jnp.float32), (64, jnp.bfloat16)])
@@ -109,9 +128,13 @@ AFTER, BLOCK = dict(newest="after"), dict(newest="block")
     (AFTER, BLOCK, 2, 64, 0, 1, F32),     # the first slot: only the new token counts
     (AFTER, BLOCK, 3, 96, 48, 4, BF16),   # 4 blocks in 4 splits: the new token opens the last one
     (BLOCK, AFTER, 2, 96, 50, 4, F32),
-    # one query head a program (HEADS_BY_BATCH): three programs a KV head, the first writing the new token's K/V
-    (dict(AFTER, heads=1), AFTER, 3, 96, 48, 4, BF16),
-    (dict(BLOCK, heads=1), BLOCK, 2, 96, 50, 1, F32),
+    # one query head a program (HEADS_BY_BATCH): three programs a KV head, the first writing the new token's K/V,
+    # against the whole group (3) a program
+    (dict(AFTER, heads=1), dict(AFTER, heads=3), 3, 96, 48, 4, BF16),
+    (dict(BLOCK, heads=1), dict(BLOCK, heads=3), 2, 96, 50, 1, F32),
+    # and the whole group a program, which these small batches no longer take by default
+    (dict(AFTER, heads=3), dict(AFTER, heads=1), 3, 96, 48, 4, BF16),
+    (dict(BLOCK, heads=3), dict(BLOCK, heads=1), 2, 96, 50, 1, F32),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index, splits, dtype):
     """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
@@ -141,9 +164,9 @@ def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index
 
 
 def test_heads_are_planned_by_batch():
-    """HEADS_BY_BATCH: one head a program at batch 1, the whole group from 2 (measured, see there); an override that
-    divides the group wins at every batch, one that does not leaves the group whole; a bad value raises."""
-    assert [da.planned_heads(3, b) for b in (1, 2, 16, 64, 256)] == [1, 3, 3, 3, 3]
+    """HEADS_BY_BATCH: one head a program up to batch 4, the whole group from 5 (measured, see there); an override
+    that divides the group wins at every batch, one that does not leaves the group whole; a bad value raises."""
+    assert [da.planned_heads(3, b) for b in (1, 2, 4, 5, 16, 64, 256)] == [1, 1, 1, 3, 3, 3, 3]
     assert [da.planned_heads(g, 1) for g in (1, 4, 8)] == [1, 1, 1]
     with da.override_plan(heads=1):
         assert [da.planned_heads(g, 64) for g in (1, 3, 4)] == [1, 1, 1]
@@ -167,7 +190,8 @@ def test_elementwise_form_with_part_of_a_group_equals_reference_interpret(heads,
                                                         block=16, splits=splits, interpret=True, dot=False))(*args))
     jax.clear_caches()
     try:
-        whole = text()
+        with da.override_plan(heads=h // kv):
+            whole = text()
         jax.clear_caches()
         with da.override_plan(heads=heads):
             assert text() != whole
@@ -521,7 +545,7 @@ def test_dot_form_equals_reference_gpu(b, slots, index, dtype):
 @pytest.mark.skipif(not on_gpu(), reason="needs a GPU (the device)")
 @pytest.mark.parametrize("heads", [0, 1])
 @pytest.mark.parametrize("newest", ["after", "block"])
-@pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256)])
+@pytest.mark.parametrize("b,slots,index", [(64, 384, 300), (1, 384, 200), (16, 384, 256), (4, 384, 230)])
 def test_dot_form_newest_equals_reference_gpu(newest, heads, b, slots, index):
     """The tensor-core form with either place of the new token (`override_plan(newest=)`), its KV head's whole group
     or one query head a program (`heads=`), compiled through Triton at SmolLM2's heads, merged and unmerged, in the
