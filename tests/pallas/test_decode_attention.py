@@ -63,6 +63,18 @@ def assert_equal_to_reference(args, h, kv, *, window=0, tol=1e-5, interpret=True
                                   .reshape(got[2][:, idx].shape))
 
 
+@contextlib.contextmanager
+def fresh_plan(**settings):
+    """`da.override_plan(**settings)` with jax's caches cleared before and after: the kernels' jit caches key on
+    their arguments only, so a step traced under other settings would be reused."""
+    jax.clear_caches()
+    try:
+        with da.override_plan(**settings):
+            yield
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits", [
     (2, 32, 4, 2, 16, 0, 0, 1),      # first slot: attends to itself only
     (2, 48, 4, 2, 16, 37, 0, 1),     # several blocks, dynamic bound
@@ -75,19 +87,8 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
     """The planned kernel (at these batches one query head a program, HEADS_BY_BATCH) and the KV head's whole group a
     program: the reference's output and caches."""
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index)
-    with heads_override(h // kv if group else 0):
+    with fresh_plan(heads=h // kv if group else 0):
         assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
-
-
-@contextlib.contextmanager
-def heads_override(heads):
-    """override_plan(heads=) with jax's caches cleared around it (the kernels' jit caches key on arguments only)."""
-    jax.clear_caches()
-    try:
-        with da.override_plan(heads=heads):
-            yield
-    finally:
-        jax.clear_caches()
 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
@@ -103,7 +104,7 @@ def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, 
     program: the same output and caches."""
     args = make_inputs(b, slots, h, kv, d, index, pad=[0, 5, 17][:b], seed=index, dtype=dtype)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    with heads_override(h // kv if group else 0):
+    with fresh_plan(heads=h // kv if group else 0):
         assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16, dot=True, tol=tol)
         if splits > 1:
             assert_partials_equal(args, h, kv, block=16, splits=splits, window=window, tol=tol, dot=True)
@@ -149,18 +150,13 @@ def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index
     kernel_text = lambda: str(jax.make_jaxpr(functools.partial(
         decode_attention_pallas, num_heads=h, num_kv_heads=kv, block=16, splits=splits, interpret=True,
         dot=True))(*args))
-    jax.clear_caches()  # what was traced under other settings is not reused
-    try:
-        with da.override_plan(**plan):
-            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
-            if splits > 1:
-                assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
-            text = kernel_text()
-        jax.clear_caches()
-        with da.override_plan(**other):
-            assert text != kernel_text()  # the option took effect
-    finally:
-        jax.clear_caches()
+    with fresh_plan(**plan):
+        assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=True, tol=tol)
+        if splits > 1:
+            assert_partials_equal(args, h, kv, block=16, splits=splits, tol=tol, dot=True)
+        text = kernel_text()
+    with fresh_plan(**other):
+        assert text != kernel_text()  # the option took effect
 
 
 def test_heads_are_planned_by_batch():
@@ -188,18 +184,13 @@ def test_elementwise_form_with_part_of_a_group_equals_reference_interpret(heads,
     args = args[:6] + (args[6].at[1, index].set(False),)
     text = lambda: str(jax.make_jaxpr(functools.partial(decode_attention_pallas, num_heads=h, num_kv_heads=kv,
                                                         block=16, splits=splits, interpret=True, dot=False))(*args))
-    jax.clear_caches()
-    try:
-        with da.override_plan(heads=h // kv):
-            whole = text()
-        jax.clear_caches()
-        with da.override_plan(heads=heads):
-            assert text() != whole
-            assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=False)
-            if splits > 1:
-                assert_partials_equal(args, h, kv, block=16, splits=splits, dot=False)
-    finally:
-        jax.clear_caches()
+    with fresh_plan(heads=h // kv):
+        whole = text()
+    with fresh_plan(heads=heads):
+        assert text() != whole
+        assert_equal_to_reference(args, h, kv, splits=splits, block=16, dot=False)
+        if splits > 1:
+            assert_partials_equal(args, h, kv, block=16, splits=splits, dot=False)
 
 
 def test_newest_is_planned_by_batch():
@@ -256,15 +247,10 @@ def test_dot_form_is_planned_by_batch_and_override(monkeypatch):
 def test_unfused_merge_by_the_merge_kernel_interpret():
     """override_plan(merge="kernel"): the split kernel's partials merged by merge_partials_pallas, same result."""
     args = make_inputs(3, 64, 9, 3, 32, 40, pad=[0, 5, 17], seed=3)
-    jax.clear_caches()
-    try:
-        with da.override_plan(merge="kernel"):
-            fn = lambda *a: decode_attention_pallas(*a, num_heads=9, num_kv_heads=3, splits=4, block=16,
-                                                    interpret=True)
-            assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2  # attention, then the merge kernel
-            assert_equal_to_reference(args, 9, 3, splits=4, block=16)
-    finally:
-        jax.clear_caches()
+    with fresh_plan(merge="kernel"):
+        fn = lambda *a: decode_attention_pallas(*a, num_heads=9, num_kv_heads=3, splits=4, block=16, interpret=True)
+        assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2  # attention, then the merge kernel
+        assert_equal_to_reference(args, 9, 3, splits=4, block=16)
     with pytest.raises(KernelError, match="merge must be"):
         with da.override_plan(merge="combine"):
             pass
@@ -326,13 +312,9 @@ def test_window_shares_kernel_equals_reference_interpret():
     """SHARES = "window" (the splits share the window's blocks, statically): kernel and reference split alike —
     here differently from the default (2 filled blocks of 6: one split holds both, the other three idle)."""
     args = make_inputs(2, 96, 6, 2, 16, 20, pad=[0, 5], seed=20)
-    jax.clear_caches()
-    try:
-        with da.override_plan(shares="window"):
-            assert_partials_equal(args, 6, 2, block=16, splits=4)
-            window = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)
-    finally:
-        jax.clear_caches()
+    with fresh_plan(shares="window"):
+        assert_partials_equal(args, 6, 2, block=16, splits=4)
+        window = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)
     fill = decode_attention_partials_reference(*args, num_heads=6, num_kv_heads=2, block=16, splits=4)
     assert (np.asarray(window[2])[:, 1] == 0).all() and (np.asarray(fill[2])[:, 1] > 0).all()  # l of split 1
 
@@ -488,18 +470,13 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(b, slots):
     if splits > 1:
         lowers_for_h100(functools.partial(merge_partials_pallas, dtype=bf), S((b, splits, h * d), f32),
                         S((b, splits, h), f32), S((b, splits, h), f32))
-    jax.clear_caches()
-    try:
-        with da.override_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
+    with fresh_plan(newest="after"):  # the tensor-core form's new token after its loop (NEWEST_BY_BATCH)
+        lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
+                                          block=block, splits=splits, dot=True), *avals)
+    with fresh_plan(heads=1):  # a program a query head (HEADS_BY_BATCH), both forms
+        for dot in (False, True):
             lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
-                                              block=block, splits=splits, dot=True), *avals)
-        jax.clear_caches()
-        with da.override_plan(heads=1):  # a program a query head (HEADS_BY_BATCH), both forms
-            for dot in (False, True):
-                lowers_for_h100(functools.partial(decode_attention_partials_pallas, num_heads=h, num_kv_heads=kv,
-                                                  block=block, splits=splits, dot=dot), *avals)
-    finally:
-        jax.clear_caches()
+                                              block=block, splits=splits, dot=dot), *avals)
 
 
 @pytest.mark.gpu
@@ -552,13 +529,9 @@ def test_dot_form_newest_equals_reference_gpu(newest, heads, b, slots, index):
     blocks and splits the batch plans."""
     args = make_inputs(b, slots, 9, 3, 64, index, dtype=jnp.bfloat16, pad=[0, 7, 100, 3] * (b // 4) or [11])
     block, splits = plan(b, 3, slots, max_splits=16)
-    jax.clear_caches()
-    try:
-        with da.override_plan(newest=newest, heads=heads):
-            assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
-            assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
-    finally:
-        jax.clear_caches()
+    with fresh_plan(newest=newest, heads=heads):
+        assert_equal_to_reference(args, 9, 3, tol=1e-2, interpret=False, dot=True)
+        assert_partials_equal(args, 9, 3, block=block, splits=splits, tol=1e-2, interpret=False, dot=True)
 
 
 # ------------------------------------------------------------ q·k·v as split-K partials (`rows=`, inference.split_k)
