@@ -17,6 +17,16 @@ DECODE_FLAGS = COMMAND_BUFFER + "=+WHILE,+CONDITIONAL"
 Outcome = Literal["added", "user", "late"]
 
 
+def _command_buffer_setting(flags: str) -> str | None:
+    """The value of the last `--xla_gpu_enable_command_buffer=` in XLA_FLAGS `flags` (XLA takes the last), None
+    where there is none."""
+    value = None
+    for flag in flags.split():
+        if flag.startswith(COMMAND_BUFFER + "="):
+            value = flag.split("=", 1)[1]
+    return value
+
+
 def _backend_started() -> bool:
     from jax._src import xla_bridge
 
@@ -29,7 +39,7 @@ def use_decode_flags(environ: MutableMapping[str, str] | None = None) -> Outcome
     started already, so a change would be silently ignored and none is made."""
     env = os.environ if environ is None else environ
     flags = env.get("XLA_FLAGS", "")
-    if COMMAND_BUFFER + "=" in flags:
+    if _command_buffer_setting(flags) is not None:
         return "user"
     if _backend_started():
         return "late"
@@ -42,10 +52,7 @@ def loops_in_command_buffers(flags: str) -> bool:
     such a graph (a traced decode step shows ~3 kernels: benchmarks/results/decode_profile_s32_cmdbuf.md), so
     kernel breakdowns need them off. The last setting wins, as in XLA; "+X" / "-X" edit XLA's default set, which
     has no WHILE."""
-    value = None
-    for flag in flags.split():
-        if flag.startswith(COMMAND_BUFFER + "="):
-            value = flag.split("=", 1)[1]
+    value = _command_buffer_setting(flags)
     if not value:
         return False
     modes = [m.strip().upper() for m in value.split(",") if m.strip()]
