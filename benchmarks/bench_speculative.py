@@ -34,6 +34,7 @@ and the write-up) and lists what it skipped. Writes <out>/speculative.json and <
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -61,6 +62,7 @@ from mamba_llama_jax.inference.speculative import (SpeculativeDecoder, _latest, 
                                                     draft_vocabulary, verify)
 from mamba_llama_jax.models.llama import DecoderLM, LlamaLM  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels.decode_attention import MAX_BLOCK  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama1b": dict(
@@ -275,7 +277,8 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
     gen = Generator(target)
     subset = (draft_vocabulary(vocab, args.draft_vocab, keep=tok.eos_token_ids if tok is not None else ())
               if args.draft_vocab else None)
-    dec = SpeculativeDecoder(target, draft, draft_vocab=subset)
+    decoders = {m: SpeculativeDecoder(target, draft, draft_vocab=subset, slot_multiple=m)
+                for m in args.slot_multiple}
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     rng = np.random.default_rng(0)
     for b in args.batch:
@@ -298,14 +301,15 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                 nan = float("nan")
                 tc = (component_times(target, b, plen, kinds, args.reps) if args.components
                       else {kk: nan for kk in kinds})
-                dcomp = (component_times(draft, b, plen, (("step", 1), ("verify", 2)), args.reps, dec.draft_head)
+                head = next(iter(decoders.values())).draft_head
+                dcomp = (component_times(draft, b, plen, (("step", 1), ("verify", 2)), args.reps, head)
                          if args.components
                          else {("step", 1): nan, ("verify", 2): nan})
-                for k in args.k:
+                for k, (mult, dec) in itertools.product(args.k, decoders.items()):
                     if deadline.over():
-                        results["skipped"].append(f"{name} b={b} {impl} k={k}")
+                        results["skipped"].append(f"{name} b={b} {impl} k={k} slots×{mult}")
                         continue
-                    spec = lambda g, k=k: dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop)
+                    spec = lambda g, k=k, dec=dec: dec.run(g, k=k, max_new_tokens=args.new_tokens, stop=args.stop)
                     runs = [spec(g) for g in groups]
                     t_spec = timed_groups(spec, groups, args.reps)
                     pairs = [(out[r], plain[r]) for (out, _, _), plain in zip(runs, plain_out) for r in range(b)]
@@ -318,7 +322,8 @@ def run_pair(name: str, target: DecoderLM, draft: DecoderLM, tok: Any, args: arg
                     stats = [st for _, _, st in runs]
                     t_plain, t_verify = tc[("decode", 1)], tc[("verify", k + 1)]
                     t_draft, t_draft2 = dcomp[("step", 1)], dcomp[("verify", 2)]
-                    row = dict(shape=name, batch=b, k=k, impl=impl, verify_choice=dispatch.last_choice("verify"),
+                    row = dict(shape=name, batch=b, k=k, impl=impl, slot_multiple=mult,
+                               verify_choice=dispatch.last_choice("verify"),
                                kernel_choices=kernel_choices(),
                                prompts=len(groups) * b, plain_tok_s=len(groups) * b * args.new_tokens / t_plain_e2e,
                                spec_tok_s=len(groups) * b * args.new_tokens / t_spec,
@@ -366,6 +371,11 @@ def kernel_choices() -> dict[str, str | None]:
     return {**dispatch.last_choices(*CHOICE_OPS), "verify_rows_fused": str(verify_rows_fused())}
 
 
+def _slot_multiple(row: dict[str, Any]) -> int:
+    """The row's cache rounding; rows saved before it was recorded ran the decoder's old one, the prompt multiple."""
+    return int(row.get("slot_multiple", 16))
+
+
 def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [f"# Speculative decoding ({results['device']}, {args.dtype}, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, {results['date']})", "",
@@ -393,12 +403,13 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
                 "per proposed draft, and loop@a (which assumes every round drafts k) does not apply."
                 if args.stop else ""),
              "",
-             "| shape | batch | prompts | k | impl | plain tok/s | spec tok/s | acc | drafts | same | diverge | "
-             "margin | t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS) + " | "
-             + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
-             "|" + "---|" * (15 + len(ALPHAS) + len(LOOP_ALPHAS))]
+             "| shape | batch | prompts | k | impl | slots× | plain tok/s | spec tok/s | acc | drafts | same | "
+             "diverge | margin | t_step ms | t_verify ms | t_draft ms | " + " | ".join(f"proj@{a}" for a in ALPHAS)
+             + " | " + " | ".join(f"loop@{a}" for a in LOOP_ALPHAS) + " |",
+             "|" + "---|" * (16 + len(ALPHAS) + len(LOOP_ALPHAS))]
     for r in results["runs"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r.get('prompts', r['batch'])} | {r['k']} | {r['impl']} | "
+                     f"{_slot_multiple(r)} | "
                      f"{r['plain_tok_s']:.0f} | "
                      f"{r['spec_tok_s']:.0f} | {r['measured_acceptance']:.2f} | "
                      f"{r.get('drafts_per_round', r['k']):.2f} | {r['identical_share']:.2f} | "
@@ -411,24 +422,24 @@ def render_md(results: dict[str, Any], args: argparse.Namespace) -> str:
     if chosen:
         lines += ["", "Kernels the dispatchers chose (latest trace before the row was written; "
                   "`pallas_kernels.dispatch.last_choice`):", ""]
-        lines += [f"- {r['shape']} b={r['batch']} k={r['k']} {r['impl']}: verify {r['verify_choice']}, "
+        lines += [f"- {r['shape']} b={r['batch']} k={r['k']} {r['impl']} slots×{_slot_multiple(r)}: verify "
+                  f"{r['verify_choice']}, "
                   + ", ".join(f"{op} {c}" for op, c in r["kernel_choices"].items()) for r in chosen]
     profiled = [r for r in results["runs"] if "profile" in r]
     if profiled:
         lines += ["", "Where a round and a plain step go (one profiled run of the first prompt group; ms per round / "
                   "per plain step, each run's prefills included, amortised; busy = union of the kernels' intervals; by "
                   "kind: ms (kernels)):", "",
-                  "| shape | batch | k | impl | what | wall ms | busy ms | kernels | busy by kind |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| shape | batch | k | impl | slots× | what | wall ms | busy ms | kernels | busy by kind |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in profiled:
             for what, pr in (("round", r["profile"]["round"]), ("plain step", r["profile"]["plain_step"])):
+                head = f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {_slot_multiple(r)} | {what} | "
                 if "error" in pr:
-                    lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {what} | "
-                                 f"{pr['error']} | | | |")
+                    lines.append(head + f"{pr['error']} | | | |")
                     continue
                 kinds = "; ".join(f"{kk} {v['ms']:.3f} ({v['count']:.0f})" for kk, v in pr["by_kind"].items())
-                lines.append(f"| {r['shape']} | {r['batch']} | {r['k']} | {r['impl']} | {what} | "
-                             f"{pr['wall_ms']:.3f} | {pr['busy_ms']:.3f} | {pr['kernels']:.0f} | {kinds} |")
+                lines.append(head + f"{pr['wall_ms']:.3f} | {pr['busy_ms']:.3f} | {pr['kernels']:.0f} | {kinds} |")
     if results["skipped"]:
         lines += ["", f"**Deadline reached** (--deadline-s {args.deadline_s:.0f}): skipped "
                   + "; ".join(results["skipped"])]
@@ -451,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="the draft scores only the first N ids and the end-of-turn ids "
                     "(speculative.draft_vocabulary); 0: every id")
+    ap.add_argument("--slot-multiple", nargs="+", type=int, default=[MAX_BLOCK], metavar="N",
+                    help="round the speculative loop's KV caches up to a multiple of N slots (SpeculativeDecoder's "
+                    f"slot_multiple; default {MAX_BLOCK}); several values: one row each, side by side")
     ap.add_argument("--stop", type=float, default=0.0, metavar="P",
                     help="rows stop drafting once the draft's top probability is below P (draft_round's `stop`)")
     ap.add_argument("--prompt-len", type=int, default=128)

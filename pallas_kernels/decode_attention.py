@@ -66,9 +66,13 @@ REFERENCE = "reference_xla"
 SMS = 132  # H100 / H200 SXM streaming multiprocessors
 MIN_SPLIT_SLOTS = 16  # the shortest sequence piece `plan` gives a program
 MAX_PROGRAMS = 8 * SMS  # `plan` stops splitting here
+# The longest K/V block a program loads at once. A cache of a multiple of MAX_BLOCK slots gets whole blocks of it;
+# others get the largest power of two dividing their slots, down to 16 (the speculative loop's 208-slot caches:
+# up to 13 serial blocks of 16 a program, where 128 gives 2), so callers that choose the length round it to this.
+MAX_BLOCK = 128
 
 
-def pick_block(slots: int, cap: int = 128) -> int:
+def pick_block(slots: int, cap: int = MAX_BLOCK) -> int:
     """The largest power of two <= cap dividing `slots` (blocks must tile the cache exactly)."""
     return pow2_dividing(slots, cap)
 
@@ -121,7 +125,9 @@ NEWEST_BY_BATCH = ((1, "block"), (16, "after"))
 # batch 1 the kernel 3.59 -> 3.25 µs a layer and the step 0.465-0.468 -> 0.454 ms (the 50 % hybrid's step 0.579 ->
 # 0.570), at 4 the kernel 3.69 -> 3.43 µs; at 16 it is 5.5 -> 7.8 µs and at 64 8.6 -> 11.4 µs (three programs
 # reading each block cost more than the occupancy gains). So one head a program up to batch 4 (2 and 3 between
-# measured wins), the whole group from 5 (5-15 not measured).
+# measured wins), the whole group from 5: at 8 one head a program is 4.3 -> 4.6 µs a layer and at 12 4.8 -> 6.1, the
+# step 0.759-0.770 vs 0.776-0.777 ms and 0.792-0.797 vs 0.832-0.846 (decode_profile_s33_heads_b8.md; 5-7 not
+# measured).
 HEADS_BY_BATCH = ((1, 1), (5, 0))
 
 # The tensor-core form (`planned_dot`) serves batches >= DOT_MIN_BATCH (0 = never): every batch. Measured on H100s
@@ -275,14 +281,14 @@ def plan(batch: int, kv: int, window: int, *, max_splits: int = 64, dot: bool | 
     """
     if forced := _PLAN_OVERRIDE["splits"]:
         splits = pow2_at_most(max(1, min(forced, window // MIN_SPLIT_SLOTS, max_splits)))
-        block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
+        block = pick_block(window, min(MAX_BLOCK, max(MIN_SPLIT_SLOTS, window // splits)))
     elif batch * kv >= SMS:
         block = pick_block(window)
         programs = (2 if planned_dot(batch, dot) else 4) * SMS
         splits = pow2_at_most(max(1, min(max_splits, window // block, programs // (batch * kv))))
     else:
         splits = pow2_at_most(max(1, min(window // MIN_SPLIT_SLOTS, max_splits, MAX_PROGRAMS // (batch * kv))))
-        block = pick_block(window, min(128, max(MIN_SPLIT_SLOTS, window // splits)))
+        block = pick_block(window, min(MAX_BLOCK, max(MIN_SPLIT_SLOTS, window // splits)))
     block_cap = _PLAN_OVERRIDE["block"]
     if not (block_cap or forced) and planned_dot(batch, dot):
         block_cap = dot_block_cap(batch)

@@ -65,6 +65,7 @@ from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec
                                                  greedy_ids, left_pad, prepare_for_inference)
 from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk
 from mamba_llama_jax.models.llama import DecoderLM
+from pallas_kernels.decode_attention import MAX_BLOCK
 from pallas_kernels.lm_head_argmax import lm_head_argmax
 
 # --------------------------------------------------------------------------------------------- pending state
@@ -467,11 +468,17 @@ class SpeculativeDecoder:
     """A target and a draft prepared once (weights in the compute dtype, on device) for repeated calls.
 
     Weights are captured at construction, as in `generate.Generator`. `draft_vocab`: the ids the draft may propose
-    (`draft_vocabulary` builds the usual choice), or None for all.
+    (`draft_vocabulary` builds the usual choice), or None for all. `slot_multiple`: the KV caches' length is rounded
+    up to a multiple of it (default the attention kernels' longest block, `decode_attention.MAX_BLOCK`: whole
+    blocks, the shortest serial chain a program walks; a few hundred bytes a slot and layer more at most).
     """
 
     def __init__(self, target: DecoderLM, draft: DecoderLM, *, prompt_multiple: int = 16, pad_id: int = 0,
-                 fuse: bool = True, draft_vocab: Sequence[int] | np.ndarray | None = None):
+                 fuse: bool = True, draft_vocab: Sequence[int] | np.ndarray | None = None,
+                 slot_multiple: int = MAX_BLOCK):
+        if not isinstance(slot_multiple, int) or slot_multiple < 1:
+            raise GenerationError(f"slot_multiple (the KV caches' length is rounded to it) must be an integer >= 1, "
+                                  f"got {slot_multiple!r}")
         if draft.cfg.vocab_size != target.cfg.vocab_size:
             raise GenerationError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                                   f"({target.cfg.vocab_size}): the draft must share the target's tokenizer")
@@ -482,6 +489,7 @@ class SpeculativeDecoder:
         self.draft_head = None if draft_vocab is None else _draft_head(self.draft_def, self.draft_state,
                                                                        draft_vocab, self.cfg.vocab_size)
         self.prompt_multiple = max(1, prompt_multiple)
+        self.slot_multiple = slot_multiple
         self.pad_id = int(pad_id)
 
     def _batch(self, prompt_ids: Sequence[Sequence[int]], n_new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,7 +517,7 @@ class SpeculativeDecoder:
         tokens, mask = self._batch(prompt_ids, n_new)
         # A running row holds < prompt + n_new + k tokens after compaction, and a round needs k+1 free slots.
         need = tokens.shape[1] + n_new + 2 * (k + 1)
-        slots = _round_up(need, self.prompt_multiple) if slots is None else int(slots)
+        slots = _round_up(need, self.slot_multiple) if slots is None else int(slots)
         if slots < tokens.shape[1] + 2 * (k + 1):
             raise GenerationError(f"slots={slots} is too small for a {tokens.shape[1]}-token prompt and k={k}")
         spec = _spec(sampling, self.cfg.vocab_size)

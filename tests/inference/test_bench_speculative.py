@@ -73,8 +73,36 @@ def test_render_saved_rewrites_the_markdown_from_the_json(monkeypatch, tmp_path)
               "kernel_choices": {"verify_attention": "pallas_triton", "mamba2_chunk": None,
                                  "verify_rows_fused": "True"}}
     out = bs.render_md({**results, "runs": [picked]}, bs.build_parser().parse_args(["--k", "3"]))
-    assert ("- target b=1 k=3 kernel: verify pallas_triton, verify_attention pallas_triton, mamba2_chunk None, "
-            "verify_rows_fused True") in out
+    assert ("- target b=1 k=3 kernel slots×16: verify pallas_triton, verify_attention pallas_triton, mamba2_chunk "
+            "None, verify_rows_fused True") in out
+    # the cache rounding: rows saved before it was recorded ran the decoder's old one (the prompt multiple, 16)
+    assert header.split(" | ")[5] == "slots×" and row.split(" | ")[5] == "16"
+    rounded = bs.render_md({**results, "runs": [_row(slot_multiple=128)]}, bs.build_parser().parse_args([]))
+    assert next(line for line in rounded.splitlines() if line.startswith("| target")).split(" | ")[5] == "128"
+    sys.modules.pop("bench_speculative", None)
+
+
+def test_one_decoder_a_slot_multiple(monkeypatch):
+    """--slot-multiple: one SpeculativeDecoder per value (default the attention kernels' longest block)."""
+    import argparse
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speculative as bs
+    from pallas_kernels.decode_attention import MAX_BLOCK
+
+    made = []
+    monkeypatch.setattr(bs, "SpeculativeDecoder", lambda *a, slot_multiple, **kw: made.append(slot_multiple))
+    monkeypatch.setattr(bs, "Generator", lambda *a, **kw: None)
+    over = bs.Deadline(0.0, end=0.0)
+    for argv, want in (([], [MAX_BLOCK]), (["--slot-multiple", "16", "128"], [16, 128])):
+        args = bs.build_parser().parse_args(argv)
+        assert isinstance(args, argparse.Namespace) and args.slot_multiple == want
+        made.clear()
+        results = dict(skipped=[], runs=[])
+        target = SimpleNamespace(cfg=SimpleNamespace(vocab_size=10))
+        bs.run_pair("tiny", target, None, None, args, over, results, lambda: None)
+        assert made == want and results["skipped"] == ["tiny b=1", "tiny b=16"]
     sys.modules.pop("bench_speculative", None)
 
 

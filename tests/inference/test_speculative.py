@@ -167,6 +167,25 @@ def test_mixed_acceptance_batch_equals_rows_alone_and_plain():
         assert st1.compactions == 0
 
 
+def test_cache_length_rounds_to_the_slot_multiple(monkeypatch):
+    """By default the loop's caches are whole attention-kernel blocks long (decode_attention.MAX_BLOCK), any
+    multiple gives the same tokens, and an explicit `slots` is taken as it is."""
+    from mamba_llama_jax.inference import speculative as spec_mod
+    from pallas_kernels.decode_attention import MAX_BLOCK
+
+    seen = []
+    orig = spec_mod._speculate
+    monkeypatch.setattr(spec_mod, "_speculate", lambda *a, **kw: (seen.append(kw["slots"]), orig(*a, **kw))[1])
+    tgt, draft, k = target(0.5), noisy_copy(0.5), 3
+    need = 16 + N + 2 * (k + 1)  # the prompts padded to 16, the new tokens, two rounds' chunks
+    outs = [SpeculativeDecoder(tgt, draft, slot_multiple=m).run(PROMPTS, k=k, max_new_tokens=N)[0]
+            for m in (MAX_BLOCK, 16, 7)]
+    assert seen == [MAX_BLOCK, need, -(-need // 7) * 7]
+    assert all((o == outs[0]).all() for o in outs[1:])
+    SpeculativeDecoder(tgt, draft).run(PROMPTS, k=k, max_new_tokens=N, slots=need + 3)
+    assert seen[-1] == need + 3
+
+
 def test_eos_stops_rows_and_pads():
     tgt, draft = target(0.5), noisy_copy(0.5)
     ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
@@ -630,6 +649,9 @@ def test_sampling_preserves_target_distribution(sampling, draft_vocab, stop):
 def test_bad_requests():
     with pytest.raises(GenerationError, match="vocabulary"):
         SpeculativeDecoder(target(0.5), LlamaLM(TINY, rngs=nnx.Rngs(0)))
+    for bad in (0, -16, 12.5, "128"):
+        with pytest.raises(GenerationError, match="slot_multiple"):
+            SpeculativeDecoder(target(0.5), target(0.5), slot_multiple=bad)
     dec = SpeculativeDecoder(target(0.5), target(0.5))
     with pytest.raises(GenerationError, match="k"):
         dec.run(PROMPTS, k=0)
