@@ -49,7 +49,7 @@ from mamba_llama_jax.ops.attention import attend_one
 from mamba_llama_jax.ops.partials import matmul_t_partials, weigh
 from pallas_kernels import dispatch
 from pallas_kernels.decode_attention import (
-    PALLAS_TRITON, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
+    PALLAS_TRITON, by_batch, decode_attention, decode_attention_choice, decode_attention_partials, kernel_would_run,
     merge_partials, merge_splits, plan, uses_dot,
 )
 from pallas_kernels.lm_head_argmax import lm_head_argmax
@@ -58,9 +58,37 @@ from pallas_kernels.mamba_chunk import mamba2_chunk
 from pallas_kernels.mamba_decode import mamba2_decode
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.fused_decode import (
-    attn_combine_residual, combine_max_splits, gate_up, gate_up_weighed, kernels_would_run, matmul_residual,
-    matmul_residual_weigh, matmul_t, merge_mode, norm_gate_up, norm_matmul, rms_norm_reference, swiglu,
+    DEFAULT_MAX_HIDDEN, attn_combine_residual, combine_max_splits, gate_up, gate_up_weighed, kernels_would_run,
+    matmul_residual, matmul_residual_weigh, matmul_t, merge_mode, norm_gate_up, norm_matmul, rms_norm_reference,
+    swiglu,
 )
+
+# `Generator.run` decodes a batch as this many rows, by batch (`by_batch`; 0 = as it is), where the decode step's
+# kernels are tuned for the padded count and not for the batch's own: the fused GEMVs serve 1-4 rows and the dot-path
+# forms (`gate_up_rows`, `split_k`, the attention plans) 16, 32 and 64, while other row counts run XLA's GEMMs and
+# fusions (~340 launches a step at 8 rows against 253 at 16). Measured on the H100 in one run (SmolLM2-135M shape,
+# prompt 128, 256 new tokens; benchmarks/results/generate_s33_batches.md), ms a step: 4 0.620; 5 0.784, 8 0.745,
+# 12 0.767, 16 0.677; 24 0.783, 32 0.778; 48 0.904, 64 0.824. So 5-15 rows decode as 16 and 33-63 as 64 (the
+# padded step is the shorter one although it carries more rows); 17-31 stay (32 rows are no faster than 24).
+# End to end through `run` (batch_padding_s33.md): 8-11 % faster decoding at 5, 8, 12 and 48 prompts, for up to
+# 1.4 ms more prefill (the padding rows' prompts), made up after 15-20 new tokens: so only from PAD_MIN_NEW_TOKENS.
+# The padding rows repeat the first prompt and count as finished from the start; the output is the batch's own rows.
+# Only where this was measured: Llama models (no Mamba layers) up to the fused GEMVs' model size, with the decode
+# kernels on (GPUs). `MAMBA_LLAMA_DECODE_PAD_BATCH=0` turns it off.
+PAD_BATCH_BY_BATCH = ((5, 16), (17, 0), (33, 64), (65, 0))
+PAD_MIN_NEW_TOKENS = 32
+PAD_BATCH_ENV = "MAMBA_LLAMA_DECODE_PAD_BATCH"
+
+
+def pad_batch_allowed() -> bool:
+    """False where MAMBA_LLAMA_DECODE_PAD_BATCH turns batch padding off ("0"/"off"); unset or "1"/"on": on."""
+    v = os.environ.get(PAD_BATCH_ENV, "").strip().lower()
+    if v in ("", "1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise GenerationError(f"{PAD_BATCH_ENV} must be 0/off or 1/on, got {v!r}")
+
 
 # Speculative verify chunks through the decode step's kernels (`verify_residual` below: the chunk's b·(k+1) tokens
 # as rows of the fused GEMVs): its `-m gpu` test (the chunk through these kernels = the unfused verify) passed on an
@@ -574,9 +602,11 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: 
 @decode_jit(static_argnames=("graphdef", "spec", "n_new", "eos", "pad_id", "phases"), donate_argnames=("cache",))
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, first: jax.Array, key: jax.Array,
                  temperature: jax.Array, top_p: jax.Array, *, spec: _Spec, n_new: int, eos: tuple[int, ...],
-                 pad_id: int, phases: tuple[tuple[int, int], ...]) -> tuple[jax.Array, jax.Array, DecodeState]:
+                 pad_id: int, phases: tuple[tuple[int, int], ...],
+                 live: jax.Array | None = None) -> tuple[jax.Array, jax.Array, DecodeState]:
     """All decode steps in one program. Returns (b, n_new) tokens (pad after EOS), the index of the first step
-    not run, and the cache (returned so that the donated input buffers are updated in place)."""
+    not run, and the cache (returned so that the donated input buffers are updated in place). `live` (b,): rows
+    that are False count as finished from the start (`Generator.decode_batch`'s padding rows), None: every row."""
     model = nnx.merge(graphdef, state)
     b = first.shape[0]
     eos_arr = jnp.asarray(eos, jnp.int32)
@@ -585,7 +615,8 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeState, f
         return jnp.isin(t, eos_arr) if eos else jnp.zeros(t.shape, bool)
 
     out = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(first)
-    carry = (jnp.int32(1), first, cache, is_eos(first), out)
+    done = is_eos(first) if live is None else is_eos(first) | ~live
+    carry = (jnp.int32(1), first, cache, done, out)
     for last_step, window in phases:
         _set_window(model, window)  # a static attribute: each phase traces its own loop body
 
@@ -698,6 +729,8 @@ class Generator:
         self.cfg = model.cfg
         self.graphdef, self.state, self.fused = prepare_for_inference(model, fuse=fuse)
         self.has_attention = has_fused_attention(self.graphdef, self.state)
+        self.all_attention = all(isinstance(layer.mixer, FusedAttention)
+                                 for layer in nnx.merge(self.graphdef, self.state).layers)
         self.window_block = window_block if self.has_attention else 0
         self.prompt_multiple = max(1, prompt_multiple)
         self.pad_id = int(pad_id)
@@ -730,6 +763,17 @@ class Generator:
         ok = kernels_would_run(batch, c.hidden_size, c.intermediate_size)
         return "pallas_triton" if ok else "reference_xla"
 
+    def decode_batch(self, batch: int, new_tokens: int = PAD_MIN_NEW_TOKENS) -> int:
+        """The rows `run` decodes `batch` prompts as, for up to `new_tokens` new tokens each (PAD_BATCH_BY_BATCH
+        says where and why it pads): `batch` itself unless the decode kernels run (GPU), the model is a fused Llama
+        no wider than the fused GEMVs' bound, at least PAD_MIN_NEW_TOKENS are asked for and padding is not turned
+        off."""
+        c = self.cfg
+        if not (self.all_attention and self.uses_kernel() and c.hidden_size <= DEFAULT_MAX_HIDDEN
+                and new_tokens >= PAD_MIN_NEW_TOKENS and pad_batch_allowed()):
+            return batch
+        return max(batch, by_batch(PAD_BATCH_BY_BATCH, batch))
+
     def phases(self, plen: int, n_new: int, slots: int) -> tuple[tuple[int, int], ...]:
         """The decode loop's phases. The kernel bounds its reads by the fill itself, so it needs one phase (one
         traced loop body, one compile); the reference reads a static window, so it grows in `window_block`s."""
@@ -748,7 +792,9 @@ class Generator:
             eos_ids: Sequence[int] = ()) -> GenerationOutput:
         """Generates for a batch of token-id prompts; EOS ends a row (pass no eos_ids for a fixed length)."""
         rows = self._check(prompt_ids, sampling)
-        tokens, mask = self._batch(rows)
+        n = len(rows)
+        width = self.decode_batch(n, sampling.max_new_tokens)
+        tokens, mask = self._batch(rows + [rows[0]] * (width - n))
         n_new = sampling.max_new_tokens
         slots = self._slots(tokens.shape[1], n_new)
         spec = _spec(sampling, self.cfg.vocab_size)
@@ -761,9 +807,11 @@ class Generator:
         first = jax.block_until_ready(first)
         t1 = time.perf_counter()
         phases = self.phases(tokens.shape[1], n_new, slots)
+        live = None if width == n else jnp.arange(width) < n
         out, steps, _ = _decode_loop(self.graphdef, self.state, cache, first, key, temp, top_p, spec=spec, n_new=n_new,
-                                  eos=eos, pad_id=self.pad_id, phases=phases)
-        out = np.asarray(jax.block_until_ready(out))
+                                     eos=eos, pad_id=self.pad_id, phases=phases, live=live)
+        out = np.asarray(jax.block_until_ready(out))[:n]
+        mask = mask[:n]
         t2 = time.perf_counter()
 
         lengths = []

@@ -430,3 +430,76 @@ def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch)
         assert dispatch.last_choice("qkv_projection") == "norm_matmul"
     finally:
         jax.clear_caches()
+
+
+def test_decode_batch_pads_where_the_table_says(model, monkeypatch):
+    """Padding only where the decode kernels run (GPU), for fused Llamas within the fused GEMVs' width, unless the
+    environment turns it off: 5-15 rows as 16, 33-63 as 64, the rest as they are."""
+    import dataclasses
+
+    from mamba_llama_jax.config import HybridConfig, MambaConfig
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.inference import generate as G
+
+    g = Generator(model)
+    assert [g.decode_batch(b) for b in (1, 5, 8, 33, 70)] == [1, 5, 8, 33, 70]  # CPU: no decode kernels
+    monkeypatch.setattr(Generator, "uses_kernel", lambda self: True)
+    want = {b: 16 if 5 <= b <= 15 else 64 if 33 <= b <= 63 else b for b in range(1, 300)}
+    assert {b: g.decode_batch(b) for b in range(1, 300)} == want
+    assert g.decode_batch(8, G.PAD_MIN_NEW_TOKENS) == 16 and g.decode_batch(8, G.PAD_MIN_NEW_TOKENS - 1) == 8
+    monkeypatch.setenv(G.PAD_BATCH_ENV, "off")
+    assert g.decode_batch(8) == 8
+    monkeypatch.setenv(G.PAD_BATCH_ENV, "sometimes")
+    with pytest.raises(GenerationError, match=G.PAD_BATCH_ENV):
+        g.decode_batch(8)
+    monkeypatch.setenv(G.PAD_BATCH_ENV, "1")
+    assert g.decode_batch(8) == 16
+    hybrid = Generator(build_hybrid(model, HybridConfig(attn_fraction=0.5, mamba=MambaConfig(chunk_size=4)),
+                                    rngs=nnx.Rngs(1)))
+    assert hybrid.decode_batch(8) == 8  # measured for Llamas only
+    assert Generator(model, fuse=False).decode_batch(8) == 8
+    g.cfg = dataclasses.replace(g.cfg, hidden_size=2048)
+    assert g.decode_batch(8) == 8
+
+
+def test_padded_batch_gives_the_batch_alone(gen, monkeypatch):
+    """Rows added by decode_batch change nothing in the batch's own output (greedy, EOS, prompt count)."""
+    eos = [int(gen.run([PROMPTS[0]], SamplingConfig(max_new_tokens=N)).tokens[0, 3])]
+    plain = gen.run(PROMPTS, SamplingConfig(max_new_tokens=N), eos_ids=eos)
+    from mamba_llama_jax.inference import generate as G
+
+    monkeypatch.setattr(Generator, "decode_batch", lambda self, b, new_tokens: b + 5)
+    seen, loop = [], G._decode_loop
+    monkeypatch.setattr(G, "_decode_loop", lambda *a, **kw: (seen.append(kw["live"]), loop(*a, **kw))[1])
+    padded = gen.run(PROMPTS, SamplingConfig(max_new_tokens=N), eos_ids=eos)
+    assert np.asarray(seen[0]).tolist() == [True] * len(PROMPTS) + [False] * 5  # the padding rows start finished
+    assert padded.tokens.shape == plain.tokens.shape == (len(PROMPTS), N)
+    assert (padded.tokens == plain.tokens).all() and padded.lengths == plain.lengths
+    assert padded.prompt_tokens == plain.prompt_tokens == sum(map(len, PROMPTS))
+    assert padded.steps == plain.steps
+
+
+def test_rows_not_live_are_finished_from_the_start(gen):
+    """`_decode_loop(live=)`: a row marked not live neither runs the loop on nor emits tokens."""
+    from mamba_llama_jax.inference import generate as G
+
+    sampling = SamplingConfig(max_new_tokens=N)
+    ends = gen.run([PROMPTS[0]], sampling).tokens[0]
+    other = gen.run([PROMPTS[1]], sampling).tokens[0]
+    eos = next(int(t) for t in ends[2:] if t not in other)  # ends row 0 early, never row 1
+    tokens, mask = gen._batch(PROMPTS)
+    slots = gen._slots(tokens.shape[1], N)
+    spec = G._spec(sampling, CFG.vocab_size)
+    key, temp, top_p = gen._dyn(sampling)
+
+    def loop(live):
+        first, cache = G._prefill(gen.graphdef, gen.state, jnp.asarray(tokens), jnp.asarray(mask), key, temp, top_p,
+                                  slots=slots, spec=spec)
+        return G._decode_loop(gen.graphdef, gen.state, cache, first, key, temp, top_p, spec=spec, n_new=N,
+                              eos=(eos,), pad_id=0, phases=gen.phases(tokens.shape[1], N, slots), live=live)
+
+    out_all, steps_all, _ = loop(None)
+    out_one, steps_one, _ = loop(jnp.asarray([True, False]))
+    stop = list(ends).index(eos)
+    assert int(steps_all) == N and int(steps_one) == stop + 1  # row 1 alone would run to the end
+    assert (out_one[0] == out_all[0]).all() and (np.asarray(out_one[1, 1:]) == 0).all()
