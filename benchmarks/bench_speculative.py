@@ -29,6 +29,8 @@ median time. Median of --reps timed runs after one warm-up. Stops starting
 new measurements once --deadline-s has passed (the default leaves a 10-minute device call room for the last one
 and the write-up) and lists what it skipped. Writes <out>/speculative.json and <out>/speculative.md.
 `--profile`: one more run per row traced, a round and a plain step broken down by kind of kernel.
+`--slot-multiple N [N ...]`: the loop's KV caches rounded to each multiple in turn (`SpeculativeDecoder`'s
+`slot_multiple`; default the attention kernels' 128-slot block), one row each.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[
     fori_loop so the host call's launch overhead is amortised, restarting from the same cache each time (the fill
     stays fixed). Traced here: call inside `verify_impl`."""
     graphdef, state, _ = prepare_for_inference(model)
-    slots = prompt_len + 64
+    slots = -(-(prompt_len + 64) // MAX_BLOCK) * MAX_BLOCK  # whole attention blocks, as the loop's caches
 
     @jax.jit
     def prefill(state: Any, tok: jax.Array) -> Any:
