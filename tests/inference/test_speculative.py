@@ -168,8 +168,8 @@ def test_mixed_acceptance_batch_equals_rows_alone_and_plain():
 
 
 def test_cache_length_rounds_to_the_slot_multiple(monkeypatch):
-    """By default the loop's caches are whole attention-kernel blocks long (decode_attention.MAX_BLOCK), any
-    multiple gives the same tokens, and an explicit `slots` is taken as it is."""
+    """By default the loop's caches are whole attention-kernel blocks long (decode_attention.MAX_BLOCK), and another
+    multiple gives the same tokens. (An explicit `slots` is taken as it is: the mixed-acceptance test's compaction.)"""
     from mamba_llama_jax.inference import speculative as spec_mod
     from pallas_kernels.decode_attention import MAX_BLOCK
 
@@ -179,11 +179,9 @@ def test_cache_length_rounds_to_the_slot_multiple(monkeypatch):
     tgt, draft, k = target(0.5), noisy_copy(0.5), 3
     need = 16 + N + 2 * (k + 1)  # the prompts padded to 16, the new tokens, two rounds' chunks
     outs = [SpeculativeDecoder(tgt, draft, slot_multiple=m).run(PROMPTS, k=k, max_new_tokens=N)[0]
-            for m in (MAX_BLOCK, 16, 7)]
-    assert seen == [MAX_BLOCK, need, -(-need // 7) * 7]
-    assert all((o == outs[0]).all() for o in outs[1:])
-    SpeculativeDecoder(tgt, draft).run(PROMPTS, k=k, max_new_tokens=N, slots=need + 3)
-    assert seen[-1] == need + 3
+            for m in (MAX_BLOCK, 7)]
+    assert seen == [MAX_BLOCK, -(-need // 7) * 7]
+    assert (outs[0] == outs[1]).all()
 
 
 def test_eos_stops_rows_and_pads():
