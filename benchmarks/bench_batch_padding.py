@@ -38,8 +38,9 @@ def measure(gen: Any, prompts: list[list[int]], sampling: Any, runs: int) -> dic
         out = gen.run(prompts, sampling)
         dec.append(out.decode_s / max(1, out.steps))
         pre.append(out.prefill_s)
-    return {"rows": gen.decode_batch(len(prompts), sampling.max_new_tokens), "decode_ms_per_step": statistics.median(dec) * 1e3,
-            "prefill_ms": statistics.median(pre) * 1e3, "runs": runs, "tokens": first.tokens}
+    return {"rows": gen.decode_batch(len(prompts), sampling.max_new_tokens),
+            "decode_ms_per_step": statistics.median(dec) * 1e3, "prefill_ms": statistics.median(pre) * 1e3,
+            "runs": runs, "tokens": first.tokens}
 
 
 def render_md(res: dict[str, Any]) -> str:

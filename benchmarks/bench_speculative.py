@@ -58,7 +58,7 @@ from bench_verify import CMDBUF, Deadline, device_flags, touch, verify_impl  # n
 from mamba_llama_jax.config import HybridConfig, LlamaConfig, MambaConfig  # noqa: E402
 from mamba_llama_jax.convert.from_attention import build_hybrid  # noqa: E402
 from mamba_llama_jax.inference import speculative as spec_mod  # noqa: E402
-from mamba_llama_jax.inference.generate import (Generator, SamplingConfig, decode_gemm,  # noqa: E402
+from mamba_llama_jax.inference.generate import (Generator, SamplingConfig, _round_up, decode_gemm,  # noqa: E402
                                                 prepare_for_inference, verify_rows_fused)
 from mamba_llama_jax.inference.speculative import (SpeculativeDecoder, _latest, draft_logits,  # noqa: E402
                                                     draft_vocabulary, verify)
@@ -137,7 +137,7 @@ def component_times(model: DecoderLM, batch: int, prompt_len: int, kinds: tuple[
     fori_loop so the host call's launch overhead is amortised, restarting from the same cache each time (the fill
     stays fixed). Traced here: call inside `verify_impl`."""
     graphdef, state, _ = prepare_for_inference(model)
-    slots = -(-(prompt_len + 64) // MAX_BLOCK) * MAX_BLOCK  # whole attention blocks, as the loop's caches
+    slots = _round_up(prompt_len + 64, MAX_BLOCK)  # whole attention blocks, as the loop's caches
 
     @jax.jit
     def prefill(state: Any, tok: jax.Array) -> Any:

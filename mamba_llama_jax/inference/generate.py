@@ -565,10 +565,6 @@ def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.G
     return graphdef, jax.tree_util.tree_map_with_path(cast, state), fused
 
 
-def has_fused_attention(graphdef: nnx.GraphDef, state: nnx.State) -> bool:
-    return any(isinstance(layer.mixer, FusedAttention) for layer in nnx.merge(graphdef, state).layers)
-
-
 # ---------------------------------------------------------------------------------------------- jitted programs
 
 
@@ -728,9 +724,8 @@ class Generator:
                  pad_id: int = 0):
         self.cfg = model.cfg
         self.graphdef, self.state, self.fused = prepare_for_inference(model, fuse=fuse)
-        self.has_attention = has_fused_attention(self.graphdef, self.state)
-        self.all_attention = all(isinstance(layer.mixer, FusedAttention)
-                                 for layer in nnx.merge(self.graphdef, self.state).layers)
+        attention = [isinstance(layer.mixer, FusedAttention) for layer in nnx.merge(self.graphdef, self.state).layers]
+        self.has_attention, self.all_attention = any(attention), all(attention)
         self.window_block = window_block if self.has_attention else 0
         self.prompt_multiple = max(1, prompt_multiple)
         self.pad_id = int(pad_id)
