@@ -40,10 +40,10 @@ merge kernel / by XLA (the default) (`decode_attention.override_plan`),
 (`fused_decode.dot_group` / `fused_decode.pick_block_n`), `kqN` = past the fused GEMVs' batches, the q·k·v GEMM as N
 split-K partials summed in the attention kernel's prologue, RMSNorm folded across (`inference.split_k`: N = 0 / 1 is
 XLA's own GEMM and norm), `gu` / `gux` = past the fused GEMVs' batches, gate·up +
-SiLU·mul in one kernel on XLA's normalised rows (the default at 16 and 32 rows) / XLA's GEMM and fusion
-(`inference.gate_up_rows`), `guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing the rows
-times the MLP norm's weight, gate·up taking them and the norm's row scale after its dots (no norm launch; the
-default at 64 rows: `gate_up_rows.DEFAULT_FORM_BY_ROWS`), `sqg` / `sqo` = in that form, the rows' sums of squares
+SiLU·mul in one kernel on XLA's normalised rows (the default at 16 and 32 rows until session 34) / XLA's GEMM and
+fusion (`inference.gate_up_rows`), `guw` = the `weighed` MLP form: the o-projection + residual in one kernel writing
+the rows times the MLP norm's weight, gate·up taking them and the norm's row scale after its dots (no norm launch; the
+default at 16, 32 and 64 rows: `gate_up_rows.DEFAULT_FORM`), `sqg` / `sqo` = in that form, the rows' sums of squares
 taken beside gate·up's dots / written by the o-projection kernel as partials (the default since session 28:
 `fused_decode.tiling(squares=...)`),
 `lmk` = greedy ids from `pallas_kernels.lm_head_argmax` (the LM head + argmax in one kernel, opt-in:

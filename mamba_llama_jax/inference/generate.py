@@ -69,7 +69,9 @@ from pallas_kernels.fused_decode import (
 # fusions (~340 launches a step at 8 rows against 253 at 16). Measured on the H100 in one run (SmolLM2-135M shape,
 # prompt 128, 256 new tokens; benchmarks/results/generate_s33_batches.md), ms a step: 4 0.620; 5 0.784, 8 0.745,
 # 12 0.767, 16 0.677; 24 0.783, 32 0.778; 48 0.904, 64 0.824. So 5-15 rows decode as 16 and 33-63 as 64 (the
-# padded step is the shorter one although it carries more rows); 17-31 stay (32 rows are no faster than 24).
+# padded step is the shorter one although it carries more rows); 17-31 stay (32 rows are no faster than 24 there;
+# since session 34 the `weighed` MLP form runs at 32 rows too, 0.757 → 0.733 ms in the profile harness, and padding
+# 17-31 to 32 is not measured yet).
 # End to end through `run` (batch_padding_s33.md): 8-11 % faster decoding at 5, 8, 12 and 48 prompts, for up to
 # 1.4 ms more prefill (the padding rows' prompts), made up after 15-20 new tokens: so only from PAD_MIN_NEW_TOKENS.
 # The padding rows repeat the first prompt and count as finished from the start; the output is the batch's own rows.

@@ -313,7 +313,7 @@ def test_split_k_beside_the_fused_kernels_interpret(model, monkeypatch):
 
 
 def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
-    """MAMBA_LLAMA_DECODE_GATE_UP=kernel (the default): at 16 rows (past the fused GEMVs' batches) the decode
+    """MAMBA_LLAMA_DECODE_GATE_UP=kernel: at 16 rows (past the fused GEMVs' batches) the decode
     step's MLP runs XLA's RMSNorm, then gate·up + SiLU·mul in one kernel launch (interpret mode), then XLA's down +
     residual: the same greedy tokens (fp32) as XLA's own MLP (=xla); 8 rows (not a dot-path count) keep XLA's; a
     bad value is a clear error."""
@@ -343,7 +343,7 @@ def test_gate_up_rows_through_the_kernel_interpret(model, monkeypatch):
     with pytest.raises(GenerationError, match="MAMBA_LLAMA_DECODE_GATE_UP must be 'kernel', 'weighed' or 'xla'"):
         gu.gate_up_form(16)
     monkeypatch.delenv(gu.GATE_UP_ENV)
-    assert [gu.gate_up_form(r) for r in (16, 32, 64, 4)] == ["kernel", "kernel", "weighed", "xla"]  # the default
+    assert [gu.gate_up_form(r) for r in (16, 32, 64, 4)] == ["weighed", "weighed", "weighed", "xla"]  # the default
     monkeypatch.setenv(gu.GATE_UP_ENV, "xla")
     assert gu.gate_up_form(16) == "xla"
     monkeypatch.setenv(gu.GATE_UP_ENV, " Kernel ")
