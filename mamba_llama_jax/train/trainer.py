@@ -533,6 +533,18 @@ class FitResult:
     stopped_early: bool = False
 
 
+def _warn_if_schedule_changed(stage: StageConfig, start: int, saved_steps: Any) -> None:
+    """Extending a run (resuming with more `steps`, say) is allowed, but the learning-rate schedule is a function
+    of `steps`: a cosine that had nearly reached its floor restarts from higher up. Says so, with the rates at the
+    resumed step, rather than let the loss curve jump unexplained. Checkpoints from before `steps` was saved: quiet."""
+    if not isinstance(saved_steps, int) or saved_steps == stage.steps:
+        return
+    was, now = float(lr_schedule(stage.optim, saved_steps)(start)), float(lr_schedule(stage.optim, stage.steps)(start))
+    log.warning("stage %s: resuming step %d of a run planned for %d steps with steps=%d: the learning-rate schedule "
+                "now spans %d steps (lr at step %d: %.3g -> %.3g)", stage.name, start, saved_steps, stage.steps,
+                stage.steps, start, was, now)
+
+
 def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *, out_dir: str | Path,
         mesh: jax.sharding.Mesh | None = None, seed: int = 0, checkpoint: CheckpointConfig = CheckpointConfig(),
         log_every: int = 10, progress: bool = True,
@@ -567,6 +579,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
             raise CheckpointError(f"{ckpt.dir} holds stage {meta.get('stage')!r}, not {stage.name!r}: use another "
                                   "output directory")
         log.info("stage %s: resuming from step %d", stage.name, start)
+        _warn_if_schedule_changed(stage, start, meta.get("steps"))
         ckpt.quarantine_after(start)
     trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
     rng = state["rng"]
@@ -582,7 +595,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
     def save(step: int, loss: float) -> None:
         ckpt.save(step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state, "rng": rng,
                          "step": _step_array(step, mesh)}, data_iter,
-                  {"stage": stage.name, "step": step, "loss": loss})
+                  {"stage": stage.name, "step": step, "loss": loss, "steps": stage.steps})
 
     def log_step(step: int, m: dict[str, float]) -> None:
         nonlocal t_last, tok_since

@@ -1,6 +1,6 @@
 """The trainer on one CPU device: frozen parameters, packed == unpacked, gradient accumulation, attention init
 beats random init, MOHAWK alignment, kill -9 resume == uninterrupted run, corrupt checkpoints, non-finite loss,
-a shallow student."""
+a shallow student, a resumed stage with another step count."""
 
 import os
 import subprocess
@@ -227,3 +227,24 @@ def test_callback_stop_keeps_the_trained_parameters_and_resumes(teacher, tmp_pat
     want, got = params_of(full), params_of(h2)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resume_with_other_steps_says_the_schedule_changed(teacher, tmp_path, caplog):
+    """Extending a finished stage (steps 2 -> 4) resumes from its checkpoint and warns that the learning-rate
+    schedule now spans the new count, with the rates at the resumed step; resuming with the same count is quiet."""
+    ck = CheckpointConfig(every=2, keep=3, async_save=False)
+    h = tiny.hybrid(teacher)
+    two = tiny.stage(steps=2, optim=OptimConfig(lr=3e-3, warmup_steps=0))
+    trainer.fit(two, h, teacher, data(two), out_dir=tmp_path, checkpoint=ck, progress=False)
+    with caplog.at_level("WARNING", logger=trainer.log.name):
+        trainer.fit(two, h, teacher, data(two), out_dir=tmp_path, checkpoint=ck, progress=False)
+        assert not [r for r in caplog.records if "schedule" in r.getMessage()]
+        four = tiny.replace(two, steps=4)
+        r = trainer.fit(four, h, teacher, data(four), out_dir=tmp_path, checkpoint=ck, progress=False)
+    assert r.steps == 4
+    was = float(trainer.lr_schedule(two.optim, 2)(2))
+    now = float(trainer.lr_schedule(two.optim, 4)(2))
+    assert was < now  # the cosine had reached its floor at 2 of 2 and is half-way at 2 of 4
+    msgs = [r.getMessage() for r in caplog.records if "schedule" in r.getMessage()]
+    assert msgs == [f"stage lw: resuming step 2 of a run planned for 2 steps with steps=4: the learning-rate "
+                    f"schedule now spans 4 steps (lr at step 2: {was:.3g} -> {now:.3g})"]
