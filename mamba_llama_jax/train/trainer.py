@@ -533,13 +533,14 @@ class FitResult:
     stopped_early: bool = False
 
 
-def _warn_if_schedule_changed(stage: StageConfig, start: int, saved_steps: Any) -> None:
+def _warn_if_schedule_changed(stage: StageConfig, start: int, saved_steps: Any, schedule: optax.Schedule) -> None:
     """Extending a run (resuming with more `steps`, say) is allowed, but the learning-rate schedule is a function
     of `steps`: a cosine that had nearly reached its floor restarts from higher up. Says so, with the rates at the
-    resumed step, rather than let the loss curve jump unexplained. Checkpoints from before `steps` was saved: quiet."""
+    resumed step (`schedule`: the one this run trains with), rather than let the loss curve jump unexplained.
+    Checkpoints from before `steps` was saved: quiet."""
     if not isinstance(saved_steps, int) or saved_steps == stage.steps:
         return
-    was, now = float(lr_schedule(stage.optim, saved_steps)(start)), float(lr_schedule(stage.optim, stage.steps)(start))
+    was, now = float(lr_schedule(stage.optim, saved_steps)(start)), float(schedule(start))
     log.warning("stage %s: resuming step %d of a run planned for %d steps with steps=%d: the learning-rate schedule "
                 "now spans %d steps (lr at step %d: %.3g -> %.3g)", stage.name, start, saved_steps, stage.steps,
                 stage.steps, start, was, now)
@@ -579,7 +580,7 @@ def fit(stage: StageConfig, student: DecoderLM, teacher: DecoderLM, data: Any, *
             raise CheckpointError(f"{ckpt.dir} holds stage {meta.get('stage')!r}, not {stage.name!r}: use another "
                                   "output directory")
         log.info("stage %s: resuming from step %d", stage.name, start)
-        _warn_if_schedule_changed(stage, start, meta.get("steps"))
+        _warn_if_schedule_changed(stage, start, meta.get("steps"), step_obj.schedule)
         ckpt.quarantine_after(start)
     trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
     rng = state["rng"]
