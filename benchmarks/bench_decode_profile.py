@@ -93,7 +93,8 @@ KINDS = (
     ("decode attention", re.compile(r"decode_attention")),
     ("fused GEMVs", re.compile(r"norm_matmul|norm_gate_up|matmul_residual|attn_combine")),
     ("Mamba kernels", re.compile(r"multistep|ssd|selective|verify|mamba2_decode")),
-    ("cuBLAS / GEMM", re.compile(r"gemm|gemv|cublas|cutlass|matmul|sm90_xmma", re.I)),
+    # nvjet_*: the names cuBLAS's GEMMs took on the H100 (decode_profile_s35_cublas.json)
+    ("cuBLAS / GEMM", re.compile(r"gemm|gemv|cublas|cutlass|matmul|sm90_xmma|nvjet", re.I)),
     ("copies / memset", re.compile(r"copy|memset|memcpy", re.I)),
     ("XLA fusions", re.compile(r"fusion|triton|reduce|loop_|input_|wrapped", re.I)),
 )

@@ -41,6 +41,7 @@ def test_kinds_of_the_projects_kernels(bdp):
     assert bdp.kind_of("multistep_verify") == "Mamba kernels"
     assert bdp.kind_of("input_reduce_fusion_2") == "XLA fusions"
     assert bdp.kind_of("sm90_xmma_gemm_bf16") == "cuBLAS / GEMM"
+    assert bdp.kind_of("nvjet_sm90_tss_144x64_64x8_4x1_v_bz_TNN") == "cuBLAS / GEMM"
     assert bdp.kind_of("something_else") == "other"
 
 
