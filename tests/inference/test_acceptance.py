@@ -40,6 +40,7 @@ def test_prediction_equals_the_loops_statistics():
     assert 0.0 < preds[0].agreement < 1.0
 
 
+@pytest.mark.slow  # 28 s on 2 cores (2026-12-07): `make test-slow`
 def test_prediction_with_eos_and_a_reduced_draft_vocabulary():
     tgt, drf = target(0.25), noisy_copy(0.25)
     y, _ = greedy_agreement(tgt, drf, PROMPTS, N)

@@ -135,6 +135,7 @@ def test_variants_parse_and_restore_the_defaults(bdp, monkeypatch):
             pass
 
 
+@pytest.mark.slow  # 23 s on 2 cores (2026-12-07): `make test-slow`
 def test_tiny_run_with_variants(bdp, tmp_path):
     assert bdp.main(["--tiny", "--models", "teacher", "--batches", "1", "--variants",
                      "default,bn1w1+c16,xla,s2+mk+adot", "--stem", "decode_variants", "--out", str(tmp_path)]) == 0

@@ -32,6 +32,7 @@ def test_compiled_generate_equals_the_generator(monkeypatch):
     sys.modules.pop("bench_generate", None)
 
 
+@pytest.mark.slow  # 22 s on 2 cores (2026-12-07): `make test-slow`
 def test_variants_with_profile_settings(monkeypatch, tmp_path):
     """`NAME@SETTINGS`: a bench_generate variant with bench_decode_profile's settings in force while it is traced
     (checked before any worker starts); the tiny teacher suite runs one side by side with the plain variant."""

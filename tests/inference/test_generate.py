@@ -376,7 +376,7 @@ def test_weighed_mlp_form_through_its_kernels_interpret(model, monkeypatch):
         jax.clear_caches()
 
 
-@pytest.mark.parametrize("squares", ["gate_up", "o"])
+@pytest.mark.parametrize("squares", [pytest.param("gate_up", marks=pytest.mark.slow), "o"])  # gate_up: 17 s
 def test_weighed_mlp_form_in_a_hybrid_interpret(monkeypatch, squares):
     """The `weighed` form in a 50 % hybrid at 16 rows (interpret mode): its attention layers hand weighed rows to
     their MLPs, its Mamba layers plain rows, whose MLPs then take the gate·up kernel on XLA's normalised rows: the

@@ -605,8 +605,9 @@ def _peaky(model, scale):
 
 @pytest.mark.parametrize("sampling,draft_vocab,stop", [
     (SamplingConfig(temperature=1.0, seed=3), None, 0.0),
-    (SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4), None, 0.0),
-    (SamplingConfig(temperature=1.0, top_k=6, seed=5), [1, 4, 6, 7], 0.0),
+    pytest.param(SamplingConfig(temperature=1.5, top_k=5, top_p=0.9, seed=4), None, 0.0,
+                 marks=pytest.mark.slow),  # 16 s
+    pytest.param(SamplingConfig(temperature=1.0, top_k=6, seed=5), [1, 4, 6, 7], 0.0, marks=pytest.mark.slow),  # 13 s
     (SamplingConfig(temperature=1.0, seed=6), None, 0.6),
 ], ids=["plain", "topk-topp", "draft-vocab", "early-stop"])
 def test_sampling_preserves_target_distribution(sampling, draft_vocab, stop):

@@ -20,6 +20,7 @@ def _bench(monkeypatch):
     return bench_kv_loop
 
 
+@pytest.mark.slow  # 20 s on 2 cores (2026-12-07): `make test-slow`
 def test_tiny_run_checks_and_times_each_variant(tmp_path, monkeypatch):
     bkl = _bench(monkeypatch)
     variants = ["xla_sum", "sum@hm", "dot+valid+where", "dot+valid_pf", "kernel"]

@@ -75,14 +75,23 @@ def fresh_plan(**settings):
         jax.clear_caches()
 
 
-@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits", [
+def each_plan(shapes: list[tuple], slow: list[str | None]) -> list:
+    """Every shape under both plans (the planned one and the KV head's whole group a program), ids `planned-...` /
+    `group-...`; `slow[i]` names the plan under which shape i runs only in `make test-slow` (5-13 s a case on 2
+    cores; its other plan stays in the default run)."""
+    return [pytest.param(*shape, group, id="-".join([plan, *(getattr(v, "__name__", str(v)) for v in shape)]),
+                         marks=[pytest.mark.slow] if plan == slow_plan else [])
+            for shape, slow_plan in zip(shapes, slow, strict=True)
+            for group, plan in ((False, "planned"), (True, "group"))]
+
+
+@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,group", each_plan([
     (2, 32, 4, 2, 16, 0, 0, 1),      # first slot: attends to itself only
     (2, 48, 4, 2, 16, 37, 0, 1),     # several blocks, dynamic bound
     (1, 64, 6, 2, 16, 50, 48, 1),    # static window shorter than the cache
     (1, 64, 3, 3, 16, 63, 0, 4),     # MHA (g = 1), split over the sequence, last slot
     (3, 64, 9, 3, 32, 21, 0, 2),     # SmolLM2's grouping (g = 3), 2 filled blocks in 2 splits, row 2's first padding
-])
-@pytest.mark.parametrize("group", [False, True], ids=["planned", "group"])
+], slow=["group", "group", "planned", None, None]))
 def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, group):
     """The planned kernel (at these batches one query head a program, HEADS_BY_BATCH) and the KV head's whole group a
     program: the reference's output and caches."""
@@ -91,14 +100,13 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, index, window, sp
         assert_equal_to_reference(args, h, kv, window=window, splits=splits, block=16)
 
 
-@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype", [
+@pytest.mark.parametrize("b,slots,h,kv,d,index,window,splits,dtype,group", each_plan([
     (2, 48, 4, 2, 32, 37, 0, 1, jnp.float32),     # g = 2, several blocks
     (1, 64, 3, 3, 32, 63, 0, 4, jnp.float32),     # MHA (g = 1), split, last slot
     (3, 64, 9, 3, 32, 21, 0, 2, jnp.float32),     # SmolLM2's grouping, a split with no valid slot
     (1, 64, 6, 2, 32, 50, 48, 1, jnp.float32),    # window shorter than the cache
     (2, 64, 9, 3, 32, 40, 0, 2, jnp.bfloat16),    # bf16: p as two rounded parts
-])
-@pytest.mark.parametrize("group", [False, True], ids=["planned", "group"])
+], slow=["group", "group", "planned", "planned", "group"]))
 def test_dot_form_equals_reference_interpret(b, slots, h, kv, d, index, window, splits, dtype, group):
     """The tensor-core form (q heads as tile rows, dots for q·Kᵀ and p·V), planned and with the whole group a
     program: the same output and caches."""
@@ -127,15 +135,17 @@ AFTER, BLOCK = dict(newest="after"), dict(newest="block")
 
 @pytest.mark.parametrize("plan,other,b,slots,index,splits,dtype", [
     (AFTER, BLOCK, 2, 64, 0, 1, F32),     # the first slot: only the new token counts
-    (AFTER, BLOCK, 3, 96, 48, 4, BF16),   # 4 blocks in 4 splits: the new token opens the last one
+    pytest.param(AFTER, BLOCK, 3, 96, 48, 4, BF16, marks=pytest.mark.slow),  # 4 blocks in 4 splits: the new token
+    # opens the last one (15 s; `make test-slow`)
     (BLOCK, AFTER, 2, 96, 50, 4, F32),
     # one query head a program (HEADS_BY_BATCH): three programs a KV head, the first writing the new token's K/V,
     # against the whole group (3) a program
     (dict(AFTER, heads=1), dict(AFTER, heads=3), 3, 96, 48, 4, BF16),
     (dict(BLOCK, heads=1), dict(BLOCK, heads=3), 2, 96, 50, 1, F32),
-    # and the whole group a program, which these small batches no longer take by default
-    (dict(AFTER, heads=3), dict(AFTER, heads=1), 3, 96, 48, 4, BF16),
-    (dict(BLOCK, heads=3), dict(BLOCK, heads=1), 2, 96, 50, 1, F32),
+    # and the whole group a program, which these small batches no longer take by default (the mirrors of the two
+    # cases above: 13 s and 6 s, in `make test-slow`)
+    pytest.param(dict(AFTER, heads=3), dict(AFTER, heads=1), 3, 96, 48, 4, BF16, marks=pytest.mark.slow),
+    pytest.param(dict(BLOCK, heads=3), dict(BLOCK, heads=1), 2, 96, 50, 1, F32, marks=pytest.mark.slow),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_dot_form_options_equal_reference_interpret(plan, other, b, slots, index, splits, dtype):
     """The tensor-core form with the new token added after the block loop (`newest="after"`) or substituted into
@@ -174,7 +184,7 @@ def test_heads_are_planned_by_batch():
                 pass
 
 
-@pytest.mark.parametrize("heads,splits", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("heads,splits", [(1, 1), (2, 2), pytest.param(1, 4, marks=pytest.mark.slow)])  # 1-4: 15 s
 def test_elementwise_form_with_part_of_a_group_equals_reference_interpret(heads, splits):
     """The elementwise form with 1 or 2 of a 4-head group a program (HEADS_BY_BATCH), merged and as split partials:
     the reference's outputs and caches, row 1's new slot invalid; the programs split the group (a different

@@ -114,6 +114,8 @@ def reference_ids_then_kernel(monkeypatch, model, prompts, n):
     return want
 
 
+# 71 s on 2 cores (2026-12-07): `make test-slow`; the speculative loop through the kernel stays in the default run
+@pytest.mark.slow
 def test_greedy_generation_through_the_kernel_equals_the_reference_path(monkeypatch):
     from mamba_llama_jax.inference.generate import Generator, SamplingConfig
 

@@ -100,11 +100,11 @@ CPU_CASES = [
     # odd length (padded tail), groups of 4 channels, one group per program, documents + initial state
     pytest.param(2, 13, 8, 4, 2, 4, 4, True, True, id="odd-l-groups-segments-init"),
     # b = 1, one group split over two programs: dB/dC partial sums over the channel blocks
-    pytest.param(1, 8, 16, 16, 1, 8, 8, False, False, id="b1-g1-two-blocks"),
+    pytest.param(1, 8, 16, 16, 1, 8, 8, False, False, id="b1-g1-two-blocks", marks=pytest.mark.slow),  # 9 s
     # groups of 2 channels, four groups per program (G > 1)
     pytest.param(2, 9, 16, 8, 8, 4, 8, True, False, id="many-groups-per-block"),
     # rep 12 -> padded to 16 channels a group, n 3 -> padded to 4
-    pytest.param(1, 10, 12, 3, 1, 4, 16, False, True, id="padded-channels-and-state"),
+    pytest.param(1, 10, 12, 3, 1, 4, 16, False, True, id="padded-channels-and-state", marks=pytest.mark.slow),  # 9 s
 ]
 
 

@@ -56,10 +56,10 @@ def check_forward(ins, segs, *, softplus=True, tol, interpret=True, chunk=64, ag
 # (b, l, h, p, n, g, dtype, segments, initial state)
 CPU_CASES = [
     pytest.param(2, 100, 4, 64, 32, 2, jnp.float32, False, True, id="odd-length-groups-init"),
-    pytest.param(1, 64, 2, 64, 16, 2, jnp.float32, False, False, id="b1-g=h-one-chunk"),
+    pytest.param(1, 64, 2, 64, 16, 2, jnp.float32, False, False, id="b1-g=h-one-chunk", marks=pytest.mark.slow),
     pytest.param(2, 150, 2, 64, 64, 1, jnp.float32, True, True, id="g1-segments-init"),
     pytest.param(1, 130, 4, 64, 64, 2, jnp.bfloat16, True, True, id="bf16-segments-odd-length"),
-    pytest.param(1, 96, 2, 128, 32, 2, jnp.bfloat16, False, True, id="bf16-p128"),
+    pytest.param(1, 96, 2, 128, 32, 2, jnp.bfloat16, False, True, id="bf16-p128", marks=pytest.mark.slow),
 ]
 
 

@@ -78,7 +78,7 @@ def check_against_reference(ins, segs, *, chunk, softplus=True, interpret=True, 
 MEGACORE = pltpu.InterpretParams(num_cores_or_threads=2, random_seed=3)  # "parallel" axes split over 2 cores
 CASES = [
     pytest.param(2, 40, 4, 16, 16, 2, 16, True, True, True, id="odd-length-groups-segments-init"),
-    pytest.param(1, 32, 2, 16, 32, 2, 16, False, False, True, id="b1-g=h-plain"),
+    pytest.param(1, 32, 2, 16, 32, 2, 16, False, False, True, id="b1-g=h-plain", marks=pytest.mark.slow),  # 10 s
     pytest.param(2, 45, 2, 32, 16, 1, 32, True, True, MEGACORE, id="g1-chunk32-megacore-shuffled"),
 ]
 

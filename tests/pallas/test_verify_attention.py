@@ -67,10 +67,12 @@ def test_kernel_equals_reference_interpret(b, slots, h, kv, d, t, index, block, 
 
 @pytest.mark.parametrize("b,slots,h,kv,d,t,index,block,splits,dtype", [
     (1, 64, 9, 3, 32, 3, 37, 16, 4, jnp.float32),    # 3 filled blocks over 4 splits: the last split has none
-    (2, 64, 4, 2, 32, 4, 5, 16, 4, jnp.float32),     # one filled block: split 0 alone sees cached slots
-    (1, 64, 4, 2, 32, 3, 0, 16, 2, jnp.float32),     # an empty cache: split 0's chunk keys are all there is
+    # one filled block: split 0 alone sees cached slots (this and the two slow cases below: `make test-slow`)
+    pytest.param(2, 64, 4, 2, 32, 4, 5, 16, 4, jnp.float32, marks=pytest.mark.slow),
+    # an empty cache: split 0's chunk keys are all there is
+    pytest.param(1, 64, 4, 2, 32, 3, 0, 16, 2, jnp.float32, marks=pytest.mark.slow),
     (3, 64, 9, 3, 32, 4, 50, 16, 2, jnp.float32),    # two blocks a split, left padding per row
-    (1, 64, 4, 4, 32, 9, 55, 16, 4, jnp.float32),    # MHA, k = 8, the chunk fills the cache's end
+    pytest.param(1, 64, 4, 4, 32, 9, 55, 16, 4, jnp.float32, marks=pytest.mark.slow),  # MHA, k = 8, the cache's end
     (2, 128, 9, 3, 64, 3, 100, 16, 8, jnp.bfloat16),  # bf16
 ])
 def test_split_kernel_equals_reference_interpret(b, slots, h, kv, d, t, index, block, splits, dtype):

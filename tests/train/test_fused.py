@@ -39,7 +39,8 @@ def _value_and_grads(model, teacher, batch, cfg, train, fns):
 
 @pytest.mark.parametrize("train,cfg", [
     ("mamba", LossConfig(ce_weight=1.0, kl_weight=0.1, kl_normalization="sequence_sum")),
-    ("all", LossConfig(ce_weight=0.5, kl_weight=1.0, temperature=2.0, kl_normalization="token_mean")),
+    pytest.param("all", LossConfig(ce_weight=0.5, kl_weight=1.0, temperature=2.0, kl_normalization="token_mean"),
+                 marks=pytest.mark.slow),  # 11 s
     ("all", LossConfig(ce_weight=0.0, kl_weight=1.0, ce_normalization="sequence_sum")),
 ], ids=["layerwise", "all-T2", "kl-only"])
 def test_fused_objective_equals_materialised(train, cfg, monkeypatch):

@@ -21,7 +21,7 @@ from mamba_llama_jax.train import mesh as mesh_lib  # noqa: E402
 from mamba_llama_jax.train.trainer import build_step  # noqa: E402
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots"])  # full: 25 s
 def test_remat_keeps_gradients(policy):
     h = tiny.hybrid(tiny.teacher())
     tok = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 16)))
