@@ -70,8 +70,9 @@ from pallas_kernels.fused_decode import (
 # prompt 128, 256 new tokens; benchmarks/results/generate_s33_batches.md), ms a step: 4 0.620; 5 0.784, 8 0.745,
 # 12 0.767, 16 0.677; 24 0.783, 32 0.778; 48 0.904, 64 0.824. So 5-15 rows decode as 16 and 33-63 as 64 (the
 # padded step is the shorter one although it carries more rows). With the `weighed` MLP form at 32 rows (session 34)
-# 32 rows beat 20-28 end to end (batch_padding_s35_b32.md): 1.01x at 20, 1.03x at 24, 1.05x at 28, for ~1 ms more
-# prefill, which 20 prompts make up only after ~160 new tokens; so 24-31 decode as 32 and 17-23 stay.
+# a 32-row step is shorter than a 20-28-row one (batch_padding_s35_b32.md, through `run`): 1.01x at 20, 1.03x at 24,
+# 1.05x at 28, for ~1 ms more prefill, which 20 prompts make up only after ~160 new tokens (24: ~30); so 24-31
+# decode as 32 and 17-23 stay.
 # End to end through `run` (batch_padding_s33.md): 8-11 % faster decoding at 5, 8, 12 and 48 prompts, for up to
 # 1.4 ms more prefill (the padding rows' prompts), made up after 15-20 new tokens: so only from PAD_MIN_NEW_TOKENS.
 # The padding rows repeat the first prompt and count as finished from the start; the output is the batch's own rows.
@@ -111,7 +112,7 @@ def verify_rows_fused() -> bool:
 
 # XLA's GEMMs inside the decode programs on GPUs (the plain loop, the streaming step, the speculative loop):
 # "triton" = XLA's default, its autotuned Triton GEMM fusions; "cublas" = `xla_gpu_enable_triton_gemm` off for
-# those programs alone (prefill and training keep XLA's choice). cuBLAS measured slower with today's step on the
+# those programs alone (prefill and training keep XLA's choice). cuBLAS measured slower with session 35's step on the
 # H100 (benchmarks/results/decode_profile_s35_cublas.md, one process): 0.862 vs 0.798 ms a step at 64, 0.823 vs
 # 0.743 at 32, 0.762 vs 0.670 at 16 (and no faster at 64, slower at 1, in session 15), so the default stays XLA's.
 DECODE_GEMM = "triton"
