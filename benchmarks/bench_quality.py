@@ -437,6 +437,7 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
                            "planned_steps": {s.name: s.steps for _, _, s in phases}, "ran_steps": {},
                            "tokens": 0, "cut_short": [], "ppl_after": {}, **({"mix": mix_info} if mix_info else {})}
     student, last_ppl = None, None
+    compile_s = scale.compile_s  # the allowance per stage, raised to the longest first step measured so far
     for n, (kind, lay, stage) in enumerate(phases):
         if lay is not None:
             converted = set() if student is None else set(student.mamba_layers)
@@ -451,19 +452,25 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
                 last_ppl = row["ppl_after"]["init"] = _ppl(student, corpora, scale)
         # Each stage gets its compile time plus the time left after every remaining stage's compile, in proportion
         # to its planned steps, so a slow device shortens every stage rather than starving the last ones (SFT,
-        # DPO), and a stage with few steps is not cut before its first step has compiled.
-        pool = train_budget - (clock() - t0) - scale.compile_s * (len(phases) - n)
-        left = scale.compile_s + max(pool, 0.0) * stage.steps / sum(s.steps for _, _, s in phases[n:])
-        if left <= 0:
+        # DPO). The compile time is measured, not assumed: a stage's share of the pool is counted from the end of
+        # its first step (compile + one step), and that time raises the allowance kept for the stages after it. A
+        # fixed allowance made targets incomparable across hosts: on a host that compiled slower than it assumed,
+        # the later stages ran one step each (speculative_s35_sampled.md).
+        pool = train_budget - (clock() - t0) - compile_s * (len(phases) - n)
+        share = max(pool, 0.0) * stage.steps / sum(s.steps for _, _, s in phases[n:])
+        if clock() - t0 >= train_budget:  # spent: a stage would overrun the call by its compile at least
             row["cut_short"].append(stage.name)
             continue
         examples = pairs if stage.data.kind == "pairs" else train if kind == "sft" else distill_rows
         ds = pipeline.build_dataset(examples, tok, stage.data, batch_size=stage.batch_size)
         ref = nnx.clone(student) if stage.objective == "dpo" else teacher.model
-        t_stage = clock()
+        t_stage, first_step_end = clock(), []
 
-        def out_of_time(step: int, m: dict[str, float], _t=t_stage, _left=left) -> bool:
-            return clock() - _t > _left
+        def out_of_time(step: int, m: dict[str, float], _first=first_step_end, _share=share) -> bool:
+            now = clock()
+            if not _first:
+                _first.append(now)
+            return now - _first[0] > _share
 
         res = fit(stage, student, ref, ds, out_dir=out_dir / row["row"].replace("/", "_") / stage.name,
                   progress=False, callbacks=[out_of_time])
@@ -473,6 +480,10 @@ def _train(fraction: str, variant: str, corpus_dir: Path, scale: Scale, out_dir:
         row["tokens"] += res.steps * stage.batch_size * scale.seq_len
         row.setdefault("losses", {})[stage.name] = _loss_summary(res.metrics)
         row.setdefault("stage_s", {})[stage.name] = round(clock() - t_stage, 1)
+        if first_step_end:
+            first_s = first_step_end[0] - t_stage
+            row.setdefault("first_step_s", {})[stage.name] = round(first_s, 1)
+            compile_s = max(compile_s, first_s)
         last_ppl = None  # the student changed
         if n + 1 == len(phases) or phases[n + 1][0] != kind:  # after each phase (the ladder counts as one)
             last_ppl = row["ppl_after"][kind] = _ppl(student, corpora, scale)

@@ -44,7 +44,7 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
     tick = itertools.count()
     monkeypatch.setattr(bq, "clock", lambda: float(next(tick)))  # 1 s a reading: the cuts fall deterministically
     saved = []
-    row = bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", budget_s=23,
+    row = bq.run_chain("50", "main", out, bq.TINY, tmp_path / "runs", budget_s=27,
                        save=lambda r: saved.append(json.dumps(r)), keep_model=tmp_path / "kept")
     cut = [s for s in row["cut_short"] if row["ran_steps"].get(s, 0) >= 2]  # stopped after some real steps
     assert cut == ["end-to-end"] and row["ran_steps"]["end-to-end"] < row["planned_steps"]["end-to-end"]
@@ -57,6 +57,36 @@ def test_chain_cut_short_still_evaluates_the_trained_model(bq, corpus, tmp_path,
     kept = {f.name for f in (tmp_path / "kept").iterdir()}  # --keep-model: the export stays for a later call
     assert {"config.json", "mamba_config.json", "model.safetensors"} <= kept and set(row["export"]["sha256"]) <= kept
     assert json.loads(saved[-1])["chat"] == row["chat"]
+
+
+@pytest.mark.slow
+def test_chain_stages_train_after_a_compile_longer_than_assumed(bq, corpus, tmp_path, monkeypatch):
+    """A host that compiles slower than the scale's allowance: a stage's share of the time starts after its first
+    step, and the stages after it keep the measured compile time aside (session 35's target trained 1 step a
+    stage: each stage's time went to compiling)."""
+    import dataclasses
+
+    from mamba_llama_jax.train import trainer
+
+    out, _ = corpus
+    tick, compiling = itertools.count(), [0.0]
+    monkeypatch.setattr(bq, "clock", lambda: float(next(tick)) + compiling[0])
+    fit = trainer.fit
+
+    def compiles_40_s(stage, *args, callbacks=(), **kwargs):
+        def first_step(step, metrics):
+            compiling[0] += 40.0 if step == 1 else 0.0
+        return fit(stage, *args, callbacks=[first_step, *callbacks], **kwargs)
+
+    monkeypatch.setattr(trainer, "fit", compiles_40_s)
+    scale = dataclasses.replace(bq.TINY, compile_s=10.0)  # assumes 10 s a stage; each takes 41
+    row = bq.run_chain("50", "main", out, scale, tmp_path / "runs", budget_s=120, keep_model=tmp_path / "kept",
+                       phase="train")
+    assert row["ran_steps"]["layerwise-0"] == row["planned_steps"]["layerwise-0"] == 2  # not cut at its compile
+    assert all(s >= 41.0 for s in row["first_step_s"].values())
+    assert all(row["ran_steps"][s] >= 2 for s in row["ran_steps"])  # every stage that ran trained past step 1
+    # the measured compile is kept aside: once the budget is spent the last stages are skipped, not run 1 step each
+    assert {"sft", "dpo"} <= set(row["cut_short"]) and "sft" not in row["ran_steps"]
 
 
 @pytest.mark.slow
