@@ -71,14 +71,14 @@ from pallas_kernels.fused_decode import (
 # 12 0.767, 16 0.677; 24 0.783, 32 0.778; 48 0.904, 64 0.824. So 5-15 rows decode as 16 and 33-63 as 64 (the
 # padded step is the shorter one although it carries more rows). With the `weighed` MLP form at 32 rows (session 34)
 # a 32-row step is shorter than a 20-28-row one (batch_padding_s35_b32.md, through `run`): 1.01x at 20, 1.03x at 24,
-# 1.05x at 28, for ~1 ms more prefill, which 20 prompts make up only after ~160 new tokens (24: ~30); so 24-31
-# decode as 32 and 17-23 stay.
+# 1.05x at 28, for ~1 ms more prefill, which 20 prompts make up only after ~160 new tokens (24: ~30); 1.03x at 21
+# and 22, 1.04x at 23 for 0-1.2 ms more prefill (batch_padding_s36_21_23.md). So 21-31 decode as 32, 17-20 stay.
 # End to end through `run` (batch_padding_s33.md): 8-11 % faster decoding at 5, 8, 12 and 48 prompts, for up to
 # 1.4 ms more prefill (the padding rows' prompts), made up after 15-20 new tokens: so only from PAD_MIN_NEW_TOKENS.
 # The padding rows repeat the first prompt and count as finished from the start; the output is the batch's own rows.
 # Only where this was measured: Llama models (no Mamba layers) up to the fused GEMVs' model size, with the decode
 # kernels on (GPUs). `MAMBA_LLAMA_DECODE_PAD_BATCH=0` turns it off.
-PAD_BATCH_BY_BATCH = ((5, 16), (17, 0), (24, 32), (33, 64), (65, 0))
+PAD_BATCH_BY_BATCH = ((5, 16), (17, 0), (21, 32), (33, 64), (65, 0))
 PAD_MIN_NEW_TOKENS = 32
 PAD_BATCH_ENV = "MAMBA_LLAMA_DECODE_PAD_BATCH"
 

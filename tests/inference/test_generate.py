@@ -434,7 +434,7 @@ def test_split_k_form_through_the_attention_kernel_interpret(model, monkeypatch)
 
 def test_decode_batch_pads_where_the_table_says(model, monkeypatch):
     """Padding only where the decode kernels run (GPU), for fused Llamas within the fused GEMVs' width, unless the
-    environment turns it off: 5-15 rows as 16, 24-31 as 32, 33-63 as 64, the rest as they are."""
+    environment turns it off: 5-15 rows as 16, 21-31 as 32, 33-63 as 64, the rest as they are."""
     import dataclasses
 
     from mamba_llama_jax.config import HybridConfig, MambaConfig
@@ -444,7 +444,7 @@ def test_decode_batch_pads_where_the_table_says(model, monkeypatch):
     g = Generator(model)
     assert [g.decode_batch(b) for b in (1, 5, 8, 33, 70)] == [1, 5, 8, 33, 70]  # CPU: no decode kernels
     monkeypatch.setattr(Generator, "uses_kernel", lambda self: True)
-    want = {b: 16 if 5 <= b <= 15 else 32 if 24 <= b <= 31 else 64 if 33 <= b <= 63 else b for b in range(1, 300)}
+    want = {b: 16 if 5 <= b <= 15 else 32 if 21 <= b <= 31 else 64 if 33 <= b <= 63 else b for b in range(1, 300)}
     assert {b: g.decode_batch(b) for b in range(1, 300)} == want
     assert g.decode_batch(8, G.PAD_MIN_NEW_TOKENS) == 16 and g.decode_batch(8, G.PAD_MIN_NEW_TOKENS - 1) == 8
     monkeypatch.setenv(G.PAD_BATCH_ENV, "off")
