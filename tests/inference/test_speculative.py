@@ -178,16 +178,22 @@ def test_cache_length_rounds_to_the_slot_multiple(monkeypatch):
     monkeypatch.setattr(spec_mod, "_speculate", lambda *a, **kw: (seen.append(kw["slots"]), orig(*a, **kw))[1])
     tgt, draft, k = target(0.5), noisy_copy(0.5), 3
     need = 16 + N + 2 * (k + 1)  # the prompts padded to 16, the new tokens, two rounds' chunks
-    outs = [SpeculativeDecoder(tgt, draft, slot_multiple=m).run(PROMPTS, k=k, max_new_tokens=N)[0]
+    # test_eos_stops_rows_and_pads's EOS: its loop (the same static arguments) is then compiled once for both tests
+    eos = _mid_answer_eos(tgt)
+    outs = [SpeculativeDecoder(tgt, draft, slot_multiple=m).run(PROMPTS, k=k, max_new_tokens=N, eos_ids=[eos])[0]
             for m in (MAX_BLOCK, 7)]
     assert seen == [MAX_BLOCK, -(-need // 7) * 7]
     assert (outs[0] == outs[1]).all()
 
 
+def _mid_answer_eos(tgt):
+    """A token row 0 emits mid-way (and maybe others too)."""
+    return reference_greedy(tgt, PROMPTS[0], N)[5]
+
+
 def test_eos_stops_rows_and_pads():
     tgt, draft = target(0.5), noisy_copy(0.5)
-    ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
-    eos = ref[0][5]  # a token row 0 emits mid-way (and maybe others too)
+    eos = _mid_answer_eos(tgt)
     out, lengths, _ = SpeculativeDecoder(tgt, draft, pad_id=0).run(PROMPTS, k=3, max_new_tokens=N, eos_ids=[eos])
     got = [out[r, :n].tolist() for r, n in enumerate(lengths)]
     assert got == [reference_greedy(tgt, p, N, eos=(eos,)) for p in PROMPTS]
@@ -220,10 +226,12 @@ def test_reduced_draft_vocab_keeps_greedy_exact_and_bounds_acceptance():
     tgt, k = target(0.25), 3
     ref = [reference_greedy(tgt, p, N) for p in PROMPTS]
     used = sorted({t for r in ref for t in r})
-    covering = draft_vocabulary(CFG.vocab_size, 4, keep=used)
+    missing = np.setdiff1d(np.arange(CFG.vocab_size), used[::2])  # half of the answers' tokens left out
+    # as many ids as `missing`: the subset's size is the draft head's shape, so both runs share one compiled loop
+    covering = next(v for size in range(1, CFG.vocab_size + 1)
+                    if len(v := draft_vocabulary(CFG.vocab_size, size, keep=used)) == len(missing))
     got, st = speculative_generate(tgt, tgt, PROMPTS, k=k, max_new_tokens=N, draft_vocab=covering)
     assert got == ref and st.acceptance_rate == 1.0
-    missing = np.setdiff1d(np.arange(CFG.vocab_size), used[::2])  # half of the answers' tokens left out
     got, st = speculative_generate(tgt, tgt, PROMPTS, k=k, max_new_tokens=N, draft_vocab=missing)
     assert got == ref and 0 < st.acceptance_rate < 1
 
