@@ -115,3 +115,26 @@ def lower_for_h100(fn, *avals) -> str:
     finally:
         lib.get_gpu_info = saved
     return exported.mlir_module()
+
+
+def clear_jit_caches() -> None:
+    """Empties the traces and executables of every jitted function the project's kernel modules define, so that the
+    next call traces again under the current plan or tiling. Not `jax.clear_caches()`: that also drops every
+    eager op's executable, and a kernel test recompiling its inputs' and reference's ops after each clear spent
+    ~40 % of its time on them. `clear_cache()` drops the traces of the function's body; `make_jaxpr(f)` of the
+    jitted function itself keys its own trace on that object, evicted here too (a JAX internal: without it,
+    everything is cleared)."""
+    import sys
+
+    try:
+        from jax._src.interpreters.partial_eval import trace_to_jaxpr
+        evict = trace_to_jaxpr.evict_weakref
+    except (ImportError, AttributeError):
+        jax.clear_caches()
+        return
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] == "pallas_kernels":
+            for obj in list(vars(mod).values()):
+                if callable(getattr(obj, "clear_cache", None)) and hasattr(obj, "_fun"):
+                    obj.clear_cache()
+                    evict(obj)

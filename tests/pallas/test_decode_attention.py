@@ -28,7 +28,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
+from kernel_helpers import clear_jit_caches, has_pallas_call, lower_for_h100, on_gpu, rel  # noqa: E402
 
 
 def make_inputs(b, slots, h, kv, d, index, *, dtype=jnp.float32, seed=0, pad=None):
@@ -63,24 +63,16 @@ def assert_equal_to_reference(args, h, kv, *, window=0, tol=1e-5, interpret=True
                                   .reshape(got[2][:, idx].shape))
 
 
-def clear_kernel_caches() -> None:
-    """Empties the module's jitted entry points' caches (their traces and executables). Not `jax.clear_caches()`:
-    that also drops every eager op's executable, and recompiling those (make_inputs, the reference) was ~40 % of
-    this module's time."""
-    for fn in (decode_attention_pallas, decode_attention_partials_pallas, merge_partials_pallas):
-        fn.clear_cache()
-
-
 @contextlib.contextmanager
 def fresh_plan(**settings):
     """`da.override_plan(**settings)` with the kernels' caches cleared before and after: their jit caches key on
     their arguments only, so a step traced under other settings would be reused."""
-    clear_kernel_caches()
+    clear_jit_caches()
     try:
         with da.override_plan(**settings):
             yield
     finally:
-        clear_kernel_caches()
+        clear_jit_caches()
 
 
 def each_plan(shapes: list[tuple], slow: list[str | None]) -> list:

@@ -27,7 +27,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_helpers import has_pallas_call, lower_for_h100, on_gpu, pallas_call_launch, rel  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    clear_jit_caches, has_pallas_call, lower_for_h100, on_gpu, pallas_call_launch, rel,
+)
 
 
 SMOL = dict(d=576, h=9, kv=3, hd=64, inter=1536)  # SmolLM2-135M
@@ -75,13 +77,13 @@ def test_gemv_kernels_equal_reference_interpret(rows):
 def test_dot_path_row_groups_interpret(dot_rows):
     """32 rows through the dot path: in two groups of 16 (grid axis 1) or one; each group its own rows' norm."""
     assert fd.dot_group(32) == 16
-    jax.clear_caches()
+    clear_jit_caches()
     try:
         with fd.tiling(dot_rows=dot_rows):
             assert fd.dot_group(32) == dot_rows
             check_all(32, 64, 48, dtype=jnp.float32, tol=1e-5, interpret=True)
     finally:
-        jax.clear_caches()
+        clear_jit_caches()
     with pytest.raises(KernelError, match="dot_rows"):
         with fd.tiling(dot_rows=8):
             pass
@@ -94,7 +96,7 @@ def test_dot_path_output_blocks_interpret():
     """64 outputs per program on the dot path (`tiling(dot_block=64)`): one program's (16, 64) dots over the whole
     width equal the reference, the combine kernel's too; a block the dots cannot take is an error."""
     assert fd.pick_block_n(64, 16) == 16
-    jax.clear_caches()
+    clear_jit_caches()
     try:
         with fd.tiling(dot_block=64):
             assert fd.pick_block_n(64, 16) == 64 and fd.pick_block_n(48, 16) == 16 and fd.pick_block_n(64, 3) == 1
@@ -106,7 +108,7 @@ def test_dot_path_output_blocks_interpret():
             got = fd.attn_combine_residual_pallas(o_part, m, l, w, res, interpret=True)
             assert rel(got, fd.matmul_residual_reference(attn, w, res)) < 1e-5
     finally:
-        jax.clear_caches()
+        clear_jit_caches()
     with pytest.raises(KernelError, match="dot_block"):
         with fd.tiling(dot_block=8):
             pass
@@ -118,7 +120,7 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
     row groups of 16 or all 64 rows a program, at any pipeline depth of its K loop (`tiling(dot_stages=)`) and K
     step (`tiling(dot_k=)`: 96 = 3 steps of 32 or 6 of 16); and norm_gate_up = RMSNorm then gate_up, exactly (the
     decode path's split of it, `inference.gate_up_rows`)."""
-    jax.clear_caches()
+    clear_jit_caches()
     try:
         with fd.tiling(dot_rows=dot_rows, dot_stages=stages, dot_k=dot_k):
             assert fd.block_k(96, 64) == min(dot_k, 32) and fd.block_k(96, 4) == 32  # the 1-D path: up to 128
@@ -129,7 +131,7 @@ def test_gate_up_on_normalised_rows_interpret(dot_rows, stages, dot_k):
                 assert got.shape == (64, 48) and got.dtype == dtype
                 assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < tol
     finally:
-        jax.clear_caches()
+        clear_jit_caches()
     t = inputs(16, 64, 32, seed=1)
     np.testing.assert_array_equal(
         np.asarray(fd.norm_gate_up_reference(t["x"], t["nw"], t["w2"], eps=1e-5)),
@@ -143,7 +145,7 @@ def test_gate_up_own_tiling():
     to 128) or their own (matmul_residual: all rows a program, 8 stages), and nothing leaks out of a call."""
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     h, w = S((64, 576), bf), S((3072, 576), bf)
-    jax.clear_caches()
+    clear_jit_caches()
     try:
         assert fd.GATE_UP_TILING == {"dot_rows": 16, "dot_block": 32, "dot_stages": 4, "dot_k": 64}
         assert pallas_call_launch(fd.gate_up_pallas, h, w) == ((48, 4), 4)
@@ -153,7 +155,7 @@ def test_gate_up_own_tiling():
         assert fd.MATMUL_RESIDUAL_TILING == {"dot_rows": 64, "dot_stages": 8}  # matmul_residual's own
         assert fd.dot_group(64) == 16 and pallas_call_launch(fd.matmul_residual_pallas, S((64, 1536), bf),
                                                              S((576, 1536), bf), S((64, 576), bf)) == ((36, 1), 8)
-        launch = lambda: (jax.clear_caches(), pallas_call_launch(fd.gate_up_pallas, h, w))[1]  # noqa: E731
+        launch = lambda: (clear_jit_caches(), pallas_call_launch(fd.gate_up_pallas, h, w))[1]  # noqa: E731
         with fd.tiling(dot_rows=64):
             assert launch() == ((48, 1), 4)
         with fd.tiling(dot_stages=3, dot_block=16):
@@ -165,7 +167,7 @@ def test_gate_up_own_tiling():
         assert fd.dot_group(64) == 16 and fd._TILING["dot_stages"] == 3 and fd._TILING["dot_k"] == 128
         assert not fd._NAMED and fd.block_k(576, 64) == 64 and fd.block_k(1536, 64) == 128
     finally:
-        jax.clear_caches()
+        clear_jit_caches()
 
 
 def test_gate_up_bad_args_and_dispatch(monkeypatch):
@@ -365,10 +367,10 @@ def test_kernels_lower_to_triton_at_smollm2_shapes(rows):
     lowers_for_h100(fd.matmul_residual_pallas, S((rows, inter), bf), S((d, inter), bf), S((rows, d), bf))
     if rows in fd.DOT_ROWS:
         for kw in ({}, {"dot_rows": 64, "dot_stages": 8}):  # its own; all rows a program with 8 stages (session 20's)
-            jax.clear_caches()
+            clear_jit_caches()
             with fd.tiling(**kw):
                 lowers_for_h100(fd.gate_up_pallas, S((rows, d), bf), S((2 * inter, d), bf))
-        jax.clear_caches()
+        clear_jit_caches()
     sp = fd.combine_max_splits(rows)
     lowers_for_h100(fd.attn_combine_residual_pallas, S((rows, sp, h * hd), f32), S((rows, sp, h), f32),
                     S((rows, sp, h), f32), S((d, h * hd), bf), S((rows, d), bf))
