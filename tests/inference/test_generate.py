@@ -1,5 +1,7 @@
 """Generation: KV-cache decoding equals recomputation, batching/padding invariance, sampling, stops, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +37,20 @@ def greedy_batch(gen):
     return gen.run(PROMPTS, SamplingConfig(max_new_tokens=N))
 
 
-def recompute_greedy(model, prompt, n):
-    """Greedy decoding without a cache: the whole sequence re-run for every new token."""
-    fwd = jax.jit(lambda t: model(t)[0][0, -1])
+def recompute_greedy(model, prompt, n, width=CFG.max_position_embeddings):
+    """Greedy decoding without a cache: the whole sequence re-run for every new token. Right-padded to `width`
+    and read at its last real position (causal: the padding changes nothing before it), so every length is one
+    compiled forward, not one per length."""
+    fwd = _last_logits(model, width)
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(fwd(jnp.asarray([seq])))))
+        seq.append(int(jnp.argmax(fwd(jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1))))
     return seq[len(prompt):]
+
+
+@functools.cache
+def _last_logits(model, width):
+    return jax.jit(lambda t, i: model(t)[0][0, i])
 
 
 def test_phases_cover_every_step():
