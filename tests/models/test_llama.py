@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,51 +18,65 @@ def model():
     return LlamaLM(CFG, rngs=nnx.Rngs(0))
 
 
+@pytest.fixture(scope="module")
+def run(model):
+    """model(tokens, **kw) under one jax.jit (nnx.split/merge, as test_hybrid.py's `jitted`): one compile per shape
+    instead of one per primitive."""
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames=("prefill",))
+    def fwd(state, tokens, cache=None, token_mask=None, segment_ids=None, prefill=False):
+        return nnx.merge(graphdef, state)(tokens, cache=cache, token_mask=token_mask, segment_ids=segment_ids,
+                                          prefill=prefill)
+
+    return lambda tokens, **kw: fwd(state, tokens, **kw)
+
+
 def tokens(b, t, seed=1):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size)
 
 
-def test_prefill_then_decode_equals_full_forward(model):
+def test_prefill_then_decode_equals_full_forward(model, run):
     tok = tokens(2, 12)
-    full, _ = model(tok)
+    full, _ = run(tok)
     cache = model.init_cache(2, 16)
-    logits, cache = model(tok[:, :5], cache=cache, prefill=True)
+    logits, cache = run(tok[:, :5], cache=cache, prefill=True)
     outs = [logits]
     for i in range(5, 12):
-        logits, cache = model(tok[:, i:i + 1], cache=cache)
+        logits, cache = run(tok[:, i:i + 1], cache=cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
     # A multi-token chunk against a non-empty cache (the speculative-verify shape) agrees too.
     cache = model.init_cache(2, 16)
-    _, cache = model(tok[:, :5], cache=cache, prefill=True)
-    chunk, cache = model(tok[:, 5:9], cache=cache)
+    _, cache = run(tok[:, :5], cache=cache, prefill=True)
+    chunk, cache = run(tok[:, 5:9], cache=cache)
     np.testing.assert_allclose(chunk, full[:, 5:9], atol=1e-5)
     assert int(cache.index) == 9 and cache.positions.tolist() == [9, 9]
 
 
-def test_left_padded_batch_equals_rows_alone(model):
+def test_left_padded_batch_equals_rows_alone(model, run):
     a, b = tokens(1, 7, seed=2), tokens(1, 4, seed=3)
     pad = jnp.zeros((1, 3), jnp.int32)
     batch = jnp.concatenate([a, jnp.concatenate([pad, b], 1)], 0)
     mask = jnp.concatenate([jnp.ones((1, 7), bool), jnp.arange(7)[None] >= 3], 0)
     cache = model.init_cache(2, 10)
-    logits, cache = model(batch, token_mask=mask, cache=cache, prefill=True)
-    step, _ = model(jnp.array([[5], [6]]), cache=cache)
-    alone_a, _ = model(jnp.concatenate([a, jnp.array([[5]])], 1))
-    alone_b, _ = model(jnp.concatenate([b, jnp.array([[6]])], 1))
+    logits, cache = run(batch, token_mask=mask, cache=cache, prefill=True)
+    step, _ = run(jnp.array([[5], [6]]), cache=cache)
+    alone_a, _ = run(jnp.concatenate([a, jnp.array([[5]])], 1))
+    alone_b, _ = run(jnp.concatenate([b, jnp.array([[6]])], 1))
     np.testing.assert_allclose(logits[0], alone_a[0, :7], atol=1e-5)
     np.testing.assert_allclose(logits[1, 3:], alone_b[0, :4], atol=1e-5)
     np.testing.assert_allclose(step[0, 0], alone_a[0, 7], atol=1e-5)
     np.testing.assert_allclose(step[1, 0], alone_b[0, 4], atol=1e-5)
 
 
-def test_packed_documents_equal_separate_runs(model):
+def test_packed_documents_equal_separate_runs(run):
     a, b = tokens(1, 5, seed=4), tokens(1, 6, seed=5)
     packed = jnp.concatenate([a, b], 1)
     seg = jnp.array([[0] * 5 + [1] * 6])
-    logits, _ = model(packed, segment_ids=seg)
-    np.testing.assert_allclose(logits[0, :5], model(a)[0][0], atol=1e-5)
-    np.testing.assert_allclose(logits[0, 5:], model(b)[0][0], atol=1e-5)
+    logits, _ = run(packed, segment_ids=seg)
+    np.testing.assert_allclose(logits[0, :5], run(a)[0][0], atol=1e-5)
+    np.testing.assert_allclose(logits[0, 5:], run(b)[0][0], atol=1e-5)
 
 
 def test_llama3_rope_scaling_bands():
