@@ -1,6 +1,7 @@
 """HybridLM: 100 % attention is the teacher; caches of mixed attention/Mamba layers decode exactly."""
 
-import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,9 @@ from mamba_llama_jax.convert.from_attention import build_hybrid
 from mamba_llama_jax.models.cache import KVCache, MambaCache
 from mamba_llama_jax.models.llama import LlamaLM
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_helpers import jitted  # noqa: E402
+
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=8, num_heads=4, num_kv_heads=2,
                   dtype="float32")
 
@@ -20,18 +24,6 @@ CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layer
 @pytest.fixture(scope="module")
 def teacher():
     return LlamaLM(CFG, rngs=nnx.Rngs(0))
-
-
-def jitted(model):
-    """model(tokens, **kw) under one jax.jit (nnx.split/merge), so repeated decode steps compile once."""
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames=("prefill",))
-    def run(state, tokens, cache=None, token_mask=None, segment_ids=None, prefill=False):
-        return nnx.merge(graphdef, state)(tokens, cache=cache, token_mask=token_mask, segment_ids=segment_ids,
-                                          prefill=prefill)
-
-    return lambda tokens, **kw: run(state, tokens, **kw)
 
 
 def tokens(b, t, seed=1):

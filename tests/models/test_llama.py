@@ -1,4 +1,5 @@
-import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,9 @@ from flax import nnx
 
 from mamba_llama_jax.config import LlamaConfig, RopeScaling
 from mamba_llama_jax.models.llama import LlamaLM, rope_inv_freq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_helpers import jitted  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   dtype="float32", rope_theta=1e4)
@@ -20,16 +24,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def run(model):
-    """model(tokens, **kw) under one jax.jit (nnx.split/merge, as test_hybrid.py's `jitted`): one compile per shape
-    instead of one per primitive."""
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames=("prefill",))
-    def fwd(state, tokens, cache=None, token_mask=None, segment_ids=None, prefill=False):
-        return nnx.merge(graphdef, state)(tokens, cache=cache, token_mask=token_mask, segment_ids=segment_ids,
-                                          prefill=prefill)
-
-    return lambda tokens, **kw: fwd(state, tokens, **kw)
+    return jitted(model)
 
 
 def tokens(b, t, seed=1):
