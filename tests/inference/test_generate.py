@@ -37,11 +37,11 @@ def greedy_batch(gen):
     return gen.run(PROMPTS, SamplingConfig(max_new_tokens=N))
 
 
-def recompute_greedy(model, prompt, n, width=CFG.max_position_embeddings):
-    """Greedy decoding without a cache: the whole sequence re-run for every new token. Right-padded to `width`
-    and read at its last real position (causal: the padding changes nothing before it), so every length is one
-    compiled forward, not one per length."""
-    fwd = _last_logits(model, width)
+def recompute_greedy(model, prompt, n):
+    """Greedy decoding without a cache: the whole sequence re-run for every new token. Right-padded to the whole
+    context and read at its last real position (causal: the padding changes nothing before it), so every length is
+    one compiled forward, not one per length."""
+    fwd, width = _last_logits(model), CFG.max_position_embeddings
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(jnp.argmax(fwd(jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1))))
@@ -49,7 +49,7 @@ def recompute_greedy(model, prompt, n, width=CFG.max_position_embeddings):
 
 
 @functools.cache
-def _last_logits(model, width):
+def _last_logits(model):
     return jax.jit(lambda t, i: model(t)[0][0, i])
 
 
