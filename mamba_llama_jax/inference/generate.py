@@ -532,6 +532,15 @@ def _fusable_attention(m: Any) -> bool:
 _CAST = frozenset({"kernel", "embedding", "qkv", "o", "gate_up", "down", "in_t", "out_t"})
 
 
+def _param_name(path: tuple[Any, ...]) -> str | None:
+    """The parameter a state leaf belongs to: the path's last dict key. Newer flax versions put the Variable's own
+    `.value` attribute after it, so the path's last entry alone names nothing (every cast was silently skipped)."""
+    for k in reversed(path):
+        if isinstance(k, jax.tree_util.DictKey):
+            return str(k.key)
+    return None
+
+
 def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State, bool]:
     """(graphdef, state, fused): a copy of `model` with fused projections where possible and weight matrices
     cast to the compute dtype. The original model is left untouched.
@@ -559,8 +568,7 @@ def prepare_for_inference(model: DecoderLM, *, fuse: bool = True) -> tuple[nnx.G
     compute = jnp.dtype(model.cfg.dtype)
 
     def cast(path: tuple[Any, ...], x: Any) -> Any:
-        name = getattr(path[-1], "key", path[-1]) if path else None
-        if (name in _CAST and isinstance(x, jax.Array) and x.ndim >= 2
+        if (_param_name(path) in _CAST and isinstance(x, jax.Array) and x.ndim >= 2
                 and jnp.issubdtype(x.dtype, jnp.floating)):
             return x.astype(compute)
         return x

@@ -235,6 +235,39 @@ def test_hybrid_fast_path_equals_unfused_decode():
     assert got == unfused_greedy(hybrid, prompts, 8)
 
 
+def test_inference_copy_holds_weight_matrices_in_the_compute_dtype():
+    """A checkpoint loads with fp32 parameters (`load_teacher`, `import_mambainllama`) and computes in bf16: the
+    inference copy stores every weight matrix the model casts on each call in bf16 (half the bytes a decode step
+    reads), keeps what the model upcasts to fp32 as it is, and computes the same logits."""
+    import dataclasses
+
+    from mamba_llama_jax.config import HybridConfig
+    from mamba_llama_jax.convert.from_attention import build_hybrid
+    from mamba_llama_jax.inference.generate import prepare_for_inference
+
+    cfg = dataclasses.replace(HCFG, dtype="bfloat16", param_dtype="float32")
+    hybrid = build_hybrid(LlamaLM(cfg, rngs=nnx.Rngs(3)), HybridConfig(attn_fraction=0.5), rngs=nnx.Rngs(4))
+    for fuse in (True, False):
+        graphdef, state, _ = prepare_for_inference(hybrid, fuse=fuse)
+        copy = nnx.merge(graphdef, state)
+        mats = {"embedding": copy.embed_tokens.embedding, "mamba in": copy.layers[0].mixer.in_proj.kernel,
+                "mamba out": copy.layers[0].mixer.out_proj.kernel}
+        if fuse:
+            attn, mlp = copy.layers[1].mixer, copy.layers[1].mlp
+            mats.update(qkv=attn.qkv, o=attn.o, gate_up=mlp.gate_up, down=mlp.down)
+        else:
+            mats.update(q=copy.layers[1].mixer.q_proj.kernel, down=copy.layers[1].mlp.down_proj.kernel)
+        assert {k: str(v[...].dtype) for k, v in mats.items()} == {k: "bfloat16" for k in mats}
+        mixer = copy.layers[0].mixer
+        kept = [mixer.A_log, mixer.D, mixer.dt_bias, mixer.conv1d.weight, mixer.norm.weight,
+                copy.layers[0].input_layernorm.weight, copy.norm.weight]
+        assert {str(v[...].dtype) for v in kept} == {"float32"}
+    toks = jnp.asarray([[5, 17, 3, 8, 41, 9, 60]])
+    graphdef, state, _ = prepare_for_inference(hybrid, fuse=False)
+    np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(toks)[0], np.float32),
+                                  np.asarray(hybrid(toks)[0], np.float32))
+
+
 def test_decode_gemm_choice(gen, greedy_batch, monkeypatch):
     """The decode programs' GEMM backend: XLA's options only on GPUs, one compiled program per choice, a bad
     MAMBA_LLAMA_DECODE_GEMM a clear error."""
