@@ -1,6 +1,6 @@
 """Recipe configs load strictly; a two-stage progressive recipe runs end to end on the tiny fixture teacher and a
 second call resumes from the finished checkpoints without training again; a shallow two-stage recipe (keep_layers)
-exports a model that reloads to the same logits."""
+exports a model that reloads to the same logits, and resumes the same way."""
 
 import json
 from pathlib import Path
@@ -103,6 +103,9 @@ def test_recipe_errors(tmp_path):
         load_config(TrainConfig, p, ["stages=[{name: a, batch_size: 3, grad_accum: 2, data: {source: x}}]"])
 
 
+# 20 s alone, 57 s in `make test` (2026-12-07): `make test-slow`. Its two stages, their metrics, the export and the
+# resume without training again are in the default run's test_shallow_progressive_recipe_exports_a_reloadable_draft.
+@pytest.mark.slow
 def test_progressive_recipe_runs_and_resumes(tmp_path):
     from mamba_llama_jax.train.trainer import run_recipe
 
@@ -201,12 +204,21 @@ def test_shallow_progressive_recipe_exports_a_reloadable_draft(tmp_path):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    student = run_recipe(path, progress=False, teacher=_deeper_tiny_teacher())
+    teacher = _deeper_tiny_teacher()
+    student = run_recipe(path, progress=False, teacher=teacher)
     assert len(student.layers) == 2 and student.attn_layers == ()
+    for stage in ("half", "all-mamba"):
+        lines = (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(ln)["step"] for ln in lines] == [1, 2]
     cfg, hyb, loaded, tok = import_mambainllama(tmp_path / "run" / "model", dtype="float32")
     assert cfg.num_layers == 2 and hyb.attn_layers == () and hyb.keep_layers is None and tok is not None
     tokens = jnp.asarray([[1, 17, 42, 99, 7, 250, 3, 64]], jnp.int32)
     np.testing.assert_allclose(np.asarray(loaded(tokens)[0]), np.asarray(student(tokens)[0]), rtol=1e-6, atol=1e-6)
+    again = run_recipe(path, progress=False, teacher=teacher)  # both stages complete: restored, not retrained
+    for x, y in zip(jax_leaves(nnx.state(student, nnx.Param)), jax_leaves(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(x, y)
+    for stage in ("half", "all-mamba"):  # the metrics logs still describe one run each
+        assert len((tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_per_layer_objective_with_a_shallow_student_fails_before_training(tmp_path):
