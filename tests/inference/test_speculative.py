@@ -112,7 +112,10 @@ def _fwd(model):
 # ----------------------------------------------------------------------------------------------- greedy = plain
 
 # One fast case per attention share, random and self drafts, small and large k; the full grid is `-m slow`.
-FAST = {(0.5, "random", 8), (0.25, "self", 5), (0.0, "random", 2), (0.0, "self", 1)}
+# (0.0, random, 2) is slow too (21 s in make test): rejections rolling back a target's Mamba states are in attn0.5-
+# random-k8 and the mixed-acceptance test, a pure-Mamba target in attn0.0-self-k1, a pure-Mamba draft's cache in
+# test_shallow_draft_of_the_target_is_exact.
+FAST = {(0.5, "random", 8), (0.25, "self", 5), (0.0, "self", 1)}
 DRAFT_FOR = {0.5: "llama", 0.25: "hybrid", 0.0: "mamba"}
 
 
