@@ -35,3 +35,25 @@ def load_benchmark():
             spec.loader.exec_module(mod)
         return sys.modules[name]
     return load
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for one module whose tests compile the same programs again (each `fit` jits
+    its own step; `jax.clear_caches()` before a kernel choice drops the reference path's executables too). Keyed by
+    the program's HLO and compile options, so a hit runs exactly what compiling would give, and a program traced
+    differently is compiled anew. Switched off after the module (a JAX internal: without it, nothing is cached)."""
+    try:
+        from jax._src.compilation_cache import reset_cache
+    except ImportError:
+        yield
+        return
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the large programs, not every small op
+    reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    reset_cache()

@@ -47,6 +47,10 @@ def teacher():
     return tiny.teacher()
 
 
+# the fits here compile the same few steps again (the SIGTERM test's three runs, the non-finite cases)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
 # ---------------------------------------------------------------------------------------------------- SIGTERM
 
 

@@ -38,25 +38,8 @@ def teacher():
     return tiny.teacher()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-    """A persistent compilation cache for this module: every `fit` builds its own jitted step, and the tests here
-    compile the same few steps over and over (the same program, keyed by its HLO, so a hit runs exactly what a
-    compile would produce). Reset afterwards (a JAX internal: without it, nothing is cached)."""
-    try:
-        from jax._src.compilation_cache import reset_cache
-    except ImportError:
-        yield
-        return
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the steps, not every small op
-    reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    reset_cache()
+# every `fit` builds its own jitted step, and the tests here compile the same few steps over and over
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def test_frozen_params_unchanged(teacher, tmp_path):
