@@ -25,7 +25,7 @@ import tiny  # noqa: E402
 import train_worker  # noqa: E402
 from mamba_llama_jax.config import CheckpointConfig  # noqa: E402
 from mamba_llama_jax.data import pipeline  # noqa: E402
-from mamba_llama_jax.errors import CheckpointError, Preempted, TrainingError  # noqa: E402
+from mamba_llama_jax.errors import Preempted, TrainingError  # noqa: E402
 from mamba_llama_jax.train import trainer  # noqa: E402
 
 
