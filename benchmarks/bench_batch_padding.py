@@ -43,6 +43,17 @@ def measure(gen: Any, prompts: list[list[int]], sampling: Any, runs: int) -> dic
             "runs": runs, "tokens": first.tokens}
 
 
+def parse_batches(ap: argparse.ArgumentParser, value: str) -> list[int]:
+    """--batches as positive integers, or the parser's usage error."""
+    try:
+        batches = [int(b) for b in value.split(",")]
+    except ValueError:
+        ap.error(f"--batches must be comma-separated integers, got {value!r}")
+    if not batches or min(batches) < 1:
+        ap.error("--batches must be positive")
+    return batches
+
+
 def render_md(res: dict[str, Any]) -> str:
     lines = [f"# Batch padding in Generator.run ({res['device']}, {res['date']})", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items())
@@ -73,12 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--stem", default="batch_padding")
     args = ap.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if not batches or min(batches) < 1:
-        ap.error("--batches must be positive")
+    batches = parse_batches(ap, args.batches)
     if args.tiny:  # new tokens: as few as the padding takes (generate.PAD_MIN_NEW_TOKENS)
         args.prompt_len, args.new_tokens, args.runs = 16, 32, 2
     flags = use_decode_flags()

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_batch_padding import measure, parse_batches  # noqa: E402
 from bench_env import device, now, versions  # noqa: E402
 from mamba_llama_jax.inference.xla_flags import use_decode_flags  # noqa: E402
 
@@ -77,18 +77,6 @@ def cast_skipped() -> Iterator[None]:
         yield
     finally:
         G._param_name = keep
-
-
-def measure(gen: Any, prompts: list[list[int]], sampling: Any, runs: int) -> dict[str, Any]:
-    """Median decode ms a step and prefill ms of `gen.run(prompts)` over `runs` calls after a warm-up."""
-    first = gen.run(prompts, sampling)
-    dec, pre = [], []
-    for _ in range(runs):
-        out = gen.run(prompts, sampling)
-        dec.append(out.decode_s / max(1, out.steps))
-        pre.append(out.prefill_s)
-    return {"decode_ms_per_step": statistics.median(dec) * 1e3, "prefill_ms": statistics.median(pre) * 1e3,
-            "runs": runs, "tokens": first.tokens}
 
 
 def weight_bytes(gen: Any) -> int:
@@ -146,12 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     models = _csv(ap, args.models, MODELS, "--models")
     sides = _csv(ap, args.sides, SIDES, "--sides")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if not batches or min(batches) < 1:
-        ap.error("--batches must be positive")
+    batches = parse_batches(ap, args.batches)
     if args.tiny:
         args.prompt_len, args.new_tokens, args.runs = 16, 8, 2
     t0 = time.perf_counter()
