@@ -262,10 +262,10 @@ def test_inference_copy_holds_weight_matrices_in_the_compute_dtype():
         kept = [mixer.A_log, mixer.D, mixer.dt_bias, mixer.conv1d.weight, mixer.norm.weight,
                 copy.layers[0].input_layernorm.weight, copy.norm.weight]
         assert {str(v[...].dtype) for v in kept} == {"float32"}
-    toks = jnp.asarray([[5, 17, 3, 8, 41, 9, 60]])
-    graphdef, state, _ = prepare_for_inference(hybrid, fuse=False)
-    np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(toks)[0], np.float32),
-                                  np.asarray(hybrid(toks)[0], np.float32))
+        if not fuse:  # the unfused copy runs the model's own code: the same logits, bit for bit
+            toks = jnp.asarray([[5, 17, 3, 8, 41, 9, 60]])
+            np.testing.assert_array_equal(np.asarray(copy(toks)[0], np.float32),
+                                          np.asarray(hybrid(toks)[0], np.float32))
 
 
 def test_decode_gemm_choice(gen, greedy_batch, monkeypatch):

@@ -32,9 +32,7 @@ def _batch(b=3, l=21, seed=0):
 def _value_and_grads(model, teacher, batch, cfg, train, fns):
     ref_fn, loss_fn = fns
     graphdef, tr, rest = nnx.split(model, stages.trainable_filter(model, train), ...)
-    tdef, tstate = nnx.split(teacher)
-    # under jit, as the trainer runs it: eagerly each of the teacher's ops compiled on its own
-    ref = jax.jit(lambda s, b: ref_fn(nnx.merge(tdef, s), b))(tstate, batch)
+    ref = tiny.under_jit(ref_fn, teacher)(batch)
     f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, ref, cfg)
     return jax.jit(jax.value_and_grad(f, has_aux=True))(tr)
 

@@ -58,9 +58,7 @@ def test_frozen_params_unchanged(teacher, tmp_path):
 
 def _grads(model, teacher, batch, cfg):
     graphdef, tr, rest = nnx.split(model, stages.trainable_filter(model, "mamba"), ...)
-    tdef, tstate = nnx.split(teacher)
-    # under jit, as the trainer runs it: eagerly each of the teacher's ops compiled on its own at each batch shape
-    ref = jax.jit(lambda s, b: stages.distill_reference(nnx.merge(tdef, s), b))(tstate, batch)
+    ref = tiny.under_jit(stages.distill_reference, teacher)(batch)
     f = lambda p: stages.distill_loss(nnx.merge(graphdef, p, rest), batch, ref, cfg)[0]
     return jax.jit(jax.value_and_grad(f))(tr)
 

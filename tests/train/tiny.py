@@ -61,3 +61,11 @@ def replace(cfg, **kw):
 
 class PadTok:
     pad_token_id = 0
+
+
+def under_jit(fn, model):
+    """fn(model, *args) as one compiled program, the model split into graph and state, as the trainer runs its
+    teacher: eagerly each of the model's ops would compile on its own at every new batch shape."""
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda s, *args: fn(nnx.merge(graphdef, s), *args))
+    return lambda *args: run(state, *args)
