@@ -151,16 +151,22 @@ def main(argv: list[str] | None = None) -> None:
         model_note="tiny random models" if args.tiny else "SmolLM2-135M shape, random weights, bf16 compute",
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, rows=[], skipped=[])
     args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        res["wall_s"] = time.perf_counter() - t0
+        (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
+        (args.out / f"{args.stem}.md").write_text(render_md(res))
+
     for name in models:
         fp32 = build(name, "float32", args.tiny)
-        made = {"cast": lambda: G.Generator(fp32), "bf16": lambda: G.Generator(build(name, "bfloat16", args.tiny))}
-        gens: dict[str, Any] = {}
-        for s in sides:
-            if s == "uncast":
-                with cast_skipped():
-                    gens[s] = G.Generator(fp32)
-            else:
-                gens[s] = made[s]()
+
+        def generator(side: str) -> Any:
+            if side == "bf16":
+                return G.Generator(build(name, "bfloat16", args.tiny))
+            with cast_skipped() if side == "uncast" else contextlib.nullcontext():
+                return G.Generator(fp32)
+
+        gens = {s: generator(s) for s in sides}
         rng = np.random.default_rng(0)
         for b in batches:
             if time.perf_counter() - t0 > args.deadline_s:
@@ -176,13 +182,9 @@ def main(argv: list[str] | None = None) -> None:
                 if ref is not None and s != "cast":
                     row[s]["same"] = bool((toks == ref).all())
             res["rows"].append(row)
-            res["wall_s"] = time.perf_counter() - t0
             print(json.dumps(row), flush=True)
-            (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
-            (args.out / f"{args.stem}.md").write_text(render_md(res))
-    res["wall_s"] = time.perf_counter() - t0
-    (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{args.stem}.md").write_text(render_md(res))
+            save()  # a run cut short keeps every finished row
+    save()
     print(render_md(res))
 
 
