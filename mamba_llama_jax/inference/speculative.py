@@ -6,7 +6,8 @@ parallel, Mamba layers run `multistep` from their one cached state (one multiste
 GPU) and hand back a `MambaChunk`: the state before the chunk and the chunk's inputs, not a state per token.
 Acceptance keeps a prefix; `Pending.commit` then advances every cache by exactly that many tokens per row: attention
 by masking slots, Mamba by one more multistep-verify call from the cached state with the accepted count (the state
-after n steps is written, the k per-prefix states never are) and a slice of old conv window ++ chunk inputs.
+after n steps is written, the k per-prefix states never are; one call for all of a model's Mamba2 layers,
+`cache.advance_all`) and a slice of old conv window ++ chunk inputs.
 No recurrent state per draft token exists at any point: a Mamba layer holds its cached state and, during a round,
 the latest one. In inference copies (`generate.prepare_for_inference`) a verify chunk's b·(k+1) tokens go through
 the plain decode step's fused kernels as rows where they fit them (`verify_residual` of `FusedAttention` /
@@ -63,7 +64,7 @@ from flax import nnx
 from mamba_llama_jax.errors import GenerationError
 from mamba_llama_jax.inference.generate import (SamplingConfig, _round_up, _spec, _Spec, check_prompts, decode_jit,
                                                  greedy_ids, left_pad, prepare_for_inference)
-from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk
+from mamba_llama_jax.models.cache import DecodeState, KVCache, MambaChunk, advance_all
 from mamba_llama_jax.models.llama import DecoderLM
 from pallas_kernels.decode_attention import MAX_BLOCK
 from pallas_kernels.lm_head_argmax import lm_head_argmax
@@ -92,8 +93,11 @@ class Pending:
         rel = jnp.arange(st.slots, dtype=jnp.int32)[None, :] - self.start
         in_chunk = (rel >= 0) & (self.start + rel < st.index)
         valid = jnp.where(in_chunk, rel < keep[:, None], st.valid)
-        layers = tuple(c.advance(keep) if isinstance(c, MambaChunk) else c for c in st.layers)
-        return DecodeState(layers, self.start + jnp.max(keep), valid, self.start_positions + keep)
+        layers = list(st.layers)
+        mamba = [i for i, c in enumerate(layers) if isinstance(c, MambaChunk)]
+        for i, c in zip(mamba, advance_all([layers[i] for i in mamba], keep)):
+            layers[i] = c
+        return DecodeState(tuple(layers), self.start + jnp.max(keep), valid, self.start_positions + keep)
 
 
 def verify_hidden(model: DecoderLM, tokens: jax.Array, cache: DecodeState) -> tuple[jax.Array, Pending]:

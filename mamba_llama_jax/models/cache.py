@@ -8,6 +8,7 @@ one cache layout.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
@@ -158,3 +159,38 @@ class MambaChunk:
     def prefix(self, accepted: jax.Array) -> MambaCache:
         """`MambaCache.prefix`'s contract (the cache after accepted (b,) >= 1 tokens), for per-prefix callers."""
         return self.advance(accepted)
+
+
+def advance_all(chunks: list[MambaChunk], accepted: jax.Array) -> list[MambaCache]:
+    """`[c.advance(accepted) for c in chunks]`, with the Mamba2 layers of one shape in a single multistep-verify
+    call: their heads side by side on the head axis (A is per head, so layers need nothing else of their own).
+
+    A speculative round commits every Mamba layer of the target and of the draft; one call per layer is a launch
+    per layer for a latency-bound step (a few microseconds each at batch 1), one call for all of them is one
+    launch. Each head's steps are the per-layer call's (the kernel and the reference are per head), so the
+    states are the same."""
+    acc = accepted.astype(jnp.int32)
+    out: list[MambaCache | None] = [None] * len(chunks)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(chunks):
+        if c.variant == "mamba2":
+            key = (c.before.ssm.shape, c.x.shape, c.B.shape, c.x.dtype, c.dt.dtype, c.B.dtype)
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = c.advance(acc)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = chunks[idx[0]].advance(acc)
+            continue
+        cs = [chunks[i] for i in idx]
+        # y is not wanted here; C only feeds y, so B stands in for it
+        B = jnp.concatenate([c.B for c in cs], axis=2)
+        _, ssm = dispatch.verify(jnp.concatenate([c.before.ssm for c in cs], axis=1),
+                                 jnp.concatenate([c.x for c in cs], axis=2),
+                                 jnp.concatenate([c.dt for c in cs], axis=2),
+                                 jnp.concatenate([c.A for c in cs], axis=0), B, B, dt_softplus=False, accepted=acc)
+        heads = [c.before.ssm.shape[1] for c in cs]
+        parts = jnp.split(ssm, list(itertools.accumulate(heads))[:-1], axis=1)
+        for i, c, part in zip(idx, cs, parts):
+            out[i] = MambaCache(rolled_window(c.before.conv, c.conv_in, acc), part)
+    return out

@@ -18,8 +18,9 @@ from mamba_llama_jax.inference.speculative import (
     SpeculativeDecoder, accept_greedy, accept_sampling, draft_round, draft_vocabulary, filter_logits,
     speculative_generate, verify,
 )
-from mamba_llama_jax.models.cache import KVCache, MambaCache, MambaChunk
+from mamba_llama_jax.models.cache import KVCache, MambaCache, MambaChunk, advance_all
 from mamba_llama_jax.models.llama import LlamaLM
+from pallas_kernels import dispatch
 from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -294,6 +295,38 @@ def test_commit_equals_decoding_only_the_kept_tokens(variant):
     for r in range(3):
         at = 6 + int(keep[r])
         np.testing.assert_allclose(logits[r], full[r, at:at + 2], atol=1e-5, rtol=1e-5)
+
+
+def _chunk(rng, b, t, h, g, p, n, variant="mamba2"):
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    ch = 7
+    before = MambaCache(f(b, ch, 4), f(b, h, p, n) if variant == "mamba2" else f(b, h * p, n))
+    x = f(b, t, h, p) if variant == "mamba2" else f(b, t, h * p)
+    dt = jnp.abs(f(b, t, h)) if variant == "mamba2" else jnp.abs(f(b, t, h * p))
+    A = -jnp.exp(f(h)) if variant == "mamba2" else -jnp.exp(f(h * p, n))
+    B = f(b, t, g, n)
+    return MambaChunk(before, before, f(b, t, ch), x, dt, B, A, variant)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "interpret"])
+def test_advance_all_equals_each_layers_advance(kernel, monkeypatch):
+    """One multistep-verify call for every Mamba2 layer of a shape (heads side by side, each with its own A) gives
+    each layer the state its own call gives, to the bit; other shapes and Mamba1 layers go alone."""
+    monkeypatch.setenv(dispatch.INTERPRET_ENV, "1" if kernel else "0")
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1" if kernel else "0")
+    rng = np.random.default_rng(0)
+    b, t = 3, 4
+    chunks = [_chunk(rng, b, t, 2, 2, 16, 16), _chunk(rng, b, t, 2, 1, 16, 16), _chunk(rng, b, t, 2, 2, 16, 16),
+              _chunk(rng, b, t, 2, 2, 16, 16, "mamba1"), _chunk(rng, b, t, 2, 2, 16, 16)]
+    keep = jnp.asarray([0, 2, 4], jnp.int32)
+    got = jax.jit(advance_all)(chunks, keep)
+    want = jax.jit(lambda cs, k: [c.advance(k) for c in cs])(chunks, keep)
+    assert dispatch.last_choice("verify") == ("pallas_triton" if kernel else "reference_xla")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g.ssm), np.asarray(w.ssm))
+        np.testing.assert_array_equal(np.asarray(g.conv), np.asarray(w.conv))
+    # row 0 kept nothing: its cache is the one before the chunk
+    np.testing.assert_array_equal(np.asarray(got[0].ssm[0]), np.asarray(chunks[0].before.ssm[0]))
 
 
 def test_draft_round_rolls_back_to_the_kept_prefix():
