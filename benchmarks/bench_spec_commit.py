@@ -1,6 +1,7 @@
-"""What a speculative round costs with each Mamba layer committed by its own multistep-verify call (`perlayer`, as
-before) against all Mamba2 layers of a model in one call (`batched`, `models.cache.advance_all`), side by side in one
-process, with the plain loop of the same target for scale (issue 7).
+"""What a speculative round costs with each Mamba layer committed by its own multistep-verify call and conv-window
+gather (`perlayer`, as before) against all Mamba2 layers of a model in one call (`batched_ssm`) and with their conv
+windows in one gather too (`batched`, the default: `models.cache.advance_all`), side by side in one process, with
+the plain loop of the same target for scale (issue 7).
 
 Models (random weights, speed only; `bench_param_dtype.build`): the SmolLM2-135M-shaped 50 % Mamba2 hybrid as the
 target and the 6-layer pure-Mamba2 student of that shape as the draft (the depth of the real draft,
@@ -35,23 +36,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import device, now, versions  # noqa: E402
 from mamba_llama_jax.inference.xla_flags import use_decode_flags  # noqa: E402
 
-SIDES = ("perlayer", "batched")
+SIDES = ("perlayer", "batched_ssm", "batched")
 LOOP_ALPHAS = (0.5, 0.7, 0.9, 1.0)
 
 
 @contextlib.contextmanager
 def commit(side: str) -> Iterator[None]:
-    """`Pending.commit` with its Mamba layers advanced one call each (`perlayer`) or batched (the default)."""
+    """`Pending.commit` with its Mamba layers advanced one call each (`perlayer`), with one multistep-verify call
+    but a conv-window gather each (`batched_ssm`), or both batched (`batched`, the default)."""
     from mamba_llama_jax.inference import speculative as S
+    from mamba_llama_jax.models import cache as C
 
-    keep = S.advance_all
+    keep = S.advance_all, C.rolled_windows
     if side == "perlayer":
         S.advance_all = lambda chunks, acc: [c.advance(acc) for c in chunks]
+    elif side == "batched_ssm":
+        C.rolled_windows = lambda hs, cs, acc: [C.rolled_window(h, c, acc) for h, c in zip(hs, cs)]
     S._speculate.clear_cache()  # a traced loop keeps the commit it was traced with
     try:
         yield
     finally:
-        S.advance_all = keep
+        S.advance_all, C.rolled_windows = keep
         S._speculate.clear_cache()
 
 

@@ -174,7 +174,8 @@ def advance_all(chunks: list[MambaChunk], accepted: jax.Array) -> list[MambaCach
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, c in enumerate(chunks):
         if c.variant == "mamba2":
-            key = (c.before.ssm.shape, c.x.shape, c.B.shape, c.x.dtype, c.dt.dtype, c.B.dtype)
+            key = (c.before.ssm.shape, c.before.conv.shape, c.x.shape, c.B.shape, c.conv_in.dtype, c.x.dtype,
+                   c.dt.dtype, c.B.dtype)
             groups.setdefault(key, []).append(i)
         else:
             out[i] = c.advance(acc)
@@ -189,8 +190,20 @@ def advance_all(chunks: list[MambaChunk], accepted: jax.Array) -> list[MambaCach
                                  jnp.concatenate([c.x for c in cs], axis=2),
                                  jnp.concatenate([c.dt for c in cs], axis=2),
                                  jnp.concatenate([c.A for c in cs], axis=0), B, B, dt_softplus=False, accepted=acc)
-        heads = [c.before.ssm.shape[1] for c in cs]
-        parts = jnp.split(ssm, list(itertools.accumulate(heads))[:-1], axis=1)
-        for i, c, part in zip(idx, cs, parts):
-            out[i] = MambaCache(rolled_window(c.before.conv, c.conv_in, acc), part)
+        parts = _split(ssm, [c.before.ssm.shape[1] for c in cs], axis=1)
+        convs = rolled_windows([c.before.conv for c in cs], [c.conv_in for c in cs], acc)
+        for i, conv, part in zip(idx, convs, parts):
+            out[i] = MambaCache(conv, part)
     return out
+
+
+def _split(a: jax.Array, sizes: list[int], axis: int) -> list[jax.Array]:
+    return jnp.split(a, list(itertools.accumulate(sizes))[:-1], axis=axis)
+
+
+def rolled_windows(histories: list[jax.Array], chunks: list[jax.Array], accepted: jax.Array) -> list[jax.Array]:
+    """`rolled_window` of each (history, chunk) pair as one gather: the layers' channels side by side (their
+    windows and chunks share batch, width and length), so one launch for every layer instead of one each."""
+    widths = [h.shape[1] for h in histories]
+    both = rolled_window(jnp.concatenate(histories, axis=1), jnp.concatenate(chunks, axis=2), accepted)
+    return _split(both, widths, axis=1)
