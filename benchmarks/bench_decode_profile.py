@@ -90,9 +90,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Kernel names as the GPU trace shows them: Pallas kernels carry their pallas_call name.
 KINDS = (
-    ("decode attention", re.compile(r"decode_attention")),
-    ("fused GEMVs", re.compile(r"norm_matmul|norm_gate_up|matmul_residual|attn_combine")),
-    ("Mamba kernels", re.compile(r"multistep|ssd|selective|verify|mamba2_decode")),
+    # a speculative verify chunk's attention is decode attention over k+1 rows (its "verify" is not the Mamba op's)
+    ("decode attention", re.compile(r"decode_attention|verify_attention")),
+    ("fused GEMVs", re.compile(r"norm_matmul|gate_up|matmul_residual|attn_combine")),
+    ("LM head", re.compile(r"lm_head")),
+    ("Mamba kernels", re.compile(r"multistep|ssd|selective|mamba2_decode|mamba2_chunk")),
     # nvjet_*: the names cuBLAS's GEMMs took on the H100 (decode_profile_s35_cublas.json)
     ("cuBLAS / GEMM", re.compile(r"gemm|gemv|cublas|cutlass|matmul|sm90_xmma|nvjet", re.I)),
     ("copies / memset", re.compile(r"copy|memset|memcpy", re.I)),

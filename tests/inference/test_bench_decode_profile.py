@@ -38,7 +38,10 @@ def test_summary_splits_wall_time_into_busy_and_gaps(bdp):
 def test_kinds_of_the_projects_kernels(bdp):
     assert bdp.kind_of("decode_attention") == "decode attention"
     assert bdp.kind_of("norm_gate_up") == "fused GEMVs" and bdp.kind_of("attn_combine_residual") == "fused GEMVs"
-    assert bdp.kind_of("multistep_verify") == "Mamba kernels"
+    assert bdp.kind_of("multistep_verify") == "Mamba kernels" and bdp.kind_of("mamba2_chunk__2") == "Mamba kernels"
+    assert bdp.kind_of("verify_attention") == "decode attention"
+    assert bdp.kind_of("gate_up_weighed") == "fused GEMVs" and bdp.kind_of("matmul_residual_weigh") == "fused GEMVs"
+    assert bdp.kind_of("lm_head_argmax") == "LM head"
     assert bdp.kind_of("input_reduce_fusion_2") == "XLA fusions"
     assert bdp.kind_of("sm90_xmma_gemm_bf16") == "cuBLAS / GEMM"
     assert bdp.kind_of("nvjet_sm90_tss_144x64_64x8_4x1_v_bz_TNN") == "cuBLAS / GEMM"
