@@ -310,3 +310,27 @@ def test_gpu_mamba2_layer_verify_and_advance_kernel_equals_reference(monkeypatch
     # 1e-3 this test first asked); the fp32 kernel tests above pin the arithmetic itself tightly.
     assert rel(c_k.ssm, c_r.ssm) < 5e-3
     np.testing.assert_array_equal(np.asarray(c_k.conv, np.float32), np.asarray(c_r.conv, np.float32))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_batched_commit_equals_per_layer_commits(monkeypatch):
+    """`cache.advance_all` on the SmolLM2 target's 15 Mamba2 layers (9 heads each: one compiled call over 135 heads)
+    gives each layer the state of its own compiled call, to the bit, and the same conv windows."""
+    from mamba_llama_jax.models.cache import MambaCache, MambaChunk, advance_all
+
+    monkeypatch.setenv(dispatch.UNVERIFIED_ENV, "1")
+    b, t, h, n = 1, 3, 9, 64
+    rng = np.random.default_rng(0)
+    f = lambda *shape, dt=F32: jnp.asarray(rng.standard_normal(shape), dt)
+    chunks = [MambaChunk(MambaCache(f(b, 3 * 576, 4, dt=jnp.bfloat16), f(b, h, 64, n)),
+                         MambaCache(f(b, 3 * 576, 4, dt=jnp.bfloat16), f(b, h, 64, n)),
+                         f(b, t, 3 * 576, dt=jnp.bfloat16), f(b, t, h, 64, dt=jnp.bfloat16), jnp.abs(f(b, t, h)),
+                         f(b, t, h, n, dt=jnp.bfloat16), -jnp.exp(f(h)), "mamba2") for _ in range(15)]
+    keep = jnp.asarray([2], jnp.int32)
+    got = jax.jit(advance_all)(chunks, keep)
+    assert dispatch.last_choice("verify") == mv.PALLAS_TRITON
+    want = jax.jit(lambda cs, k: [c.advance(k) for c in cs])(chunks, keep)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g.ssm), np.asarray(w.ssm))
+        np.testing.assert_array_equal(np.asarray(g.conv, np.float32), np.asarray(w.conv, np.float32))
