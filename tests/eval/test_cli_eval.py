@@ -49,5 +49,13 @@ def test_eval_errors(tmp_path, capsys):
     assert main(base + ["--ppl", "pydoc", "--context", "10000000"]) == 2
     err = capsys.readouterr().err
     assert "context" in err and "Traceback" not in err
+
+
+# ~19 s of lm-eval indexing its built-in tasks (2026-12-08): `make test-slow`. An unknown task's project error stays
+# in make test (tests/eval/test_lm_eval.py::test_local_task_through_lm_eval, local tasks only), and so does the CLI's
+# one-line exit 2 on a ConfigError (the test above).
+@pytest.mark.slow
+def test_eval_unknown_lm_eval_task(tmp_path, capsys):
+    base = ["eval", "--teacher", str(TINY), "--dtype", "float32", "--out", str(tmp_path / "r.json")]
     assert main(base + ["--lm-eval", "no_such_task_xyz", "--lm-eval-include", str(TASKS)]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
