@@ -191,16 +191,20 @@ def test_table_computes_the_goals_from_the_rows(bq, tmp_path):
     assert [p.name for p in bq.heatmaps(d)] == ["niah_teacher.png"]  # the only row with a rate matrix
 
 
-def test_mix_recipe_adds_plain_text_in_its_shares(bq):
+def test_mix_recipe_adds_plain_text_in_its_shares(bq, monkeypatch):
+    from mamba_llama_jax.data import plain_text
     from mamba_llama_jax.data.tokenizer import Tokenizer
+
+    # The first 100,000 characters of the standard library's docstrings, not all of them (parsing every source file
+    # took ~20 of this test's 24 s on 2 cores): still ~20x the prose share below. All of it: test_plain_text.py.
+    real = plain_text.stdlib_prose
+    monkeypatch.setattr(plain_text, "stdlib_prose", lambda max_chars=0: real(max_chars or 100_000))
 
     tok = Tokenizer.from_hf_dir(Path(__file__).parents[1] / "fixtures" / "tiny_llama")
     train = [{"tokens": list(range(3, 103)), "loss_mask": [0] * 20 + [1] * 80} for _ in range(50)]
     rows, info = bq._mixed(train, tok, bq.MIX["quiet-fast-mix"], 128, seed=0)
     assert rows[:50] == train and info["chat_tokens"] == 5000
     total = 5000 / (1 - 0.25)
-    from mamba_llama_jax.data import plain_text
-
     one_batch = sum(len(r["tokens"]) for r in plain_text.text_rows(tok, plain_text.recall_documents(64, seed=0), 128))
     assert info["recall_tokens"] >= 0.2 * total and info["recall_tokens"] == one_batch  # whole batches, no more
     assert 0.05 * total <= info["prose_tokens"] <= 0.05 * total + 128  # cut to its share, one row over at most
