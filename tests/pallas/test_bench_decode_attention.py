@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from pallas_kernels.triton_call import CHECK_BOUNDS_ENV
 
 ROOT = Path(__file__).parents[2]
@@ -28,6 +30,7 @@ def test_tiny_run_times_every_tiling(tmp_path, monkeypatch):
     assert "Best tiling per case" in (tmp_path / "decode_attention_tiny.md").read_text()
 
 
+@pytest.mark.slow  # 22 s on 2 cores (2026-12-08): `make test-slow`; the decode tiny run above stays
 def test_tiny_verify_run_times_every_split(tmp_path, monkeypatch):
     monkeypatch.setenv(CHECK_BOUNDS_ENV, "0")  # timed by profile events (above)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -48,8 +51,6 @@ def test_tiny_verify_run_times_every_split(tmp_path, monkeypatch):
 
 
 def test_verify_contexts_must_hold_the_chunk(tmp_path, monkeypatch, capsys):
-    import pytest
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_decode_attention as bda
 
