@@ -1,7 +1,7 @@
 """What a speculative round costs with each Mamba layer committed by its own multistep-verify call and conv-window
-gather (`perlayer`, as before) against all Mamba2 layers of a model in one call (`batched_ssm`) and with their conv
-windows in one gather too (`batched`, the default: `models.cache.advance_all`), side by side in one process, with
-the plain loop of the same target for scale (issue 7).
+gather (`perlayer`, as before) against all Mamba2 layers of a model in one call and one gather (`batched`, the
+default: `models.cache.advance_all`), side by side in one process, with the plain loop of the same target for
+scale (issue 7).
 
 Models (random weights, speed only; `bench_param_dtype.build`): the SmolLM2-135M-shaped 50 % Mamba2 hybrid as the
 target and the 6-layer pure-Mamba2 student of that shape as the draft (the depth of the real draft,
@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,39 +35,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import device, now, versions  # noqa: E402
 from mamba_llama_jax.inference.xla_flags import use_decode_flags  # noqa: E402
 
-SIDES = ("perlayer", "batched_ssm", "batched")
+SIDES = ("perlayer", "batched")
 LOOP_ALPHAS = (0.5, 0.7, 0.9, 1.0)
 
 
 @contextlib.contextmanager
 def commit(side: str) -> Iterator[None]:
-    """`Pending.commit` with its Mamba layers advanced one call each (`perlayer`), with one multistep-verify call
-    but a conv-window gather each (`batched_ssm`), or both batched (`batched`, the default)."""
+    """`Pending.commit` with its Mamba layers advanced one call each (`perlayer`) or batched (the default)."""
     from mamba_llama_jax.inference import speculative as S
-    from mamba_llama_jax.models import cache as C
 
-    keep = S.advance_all, C.rolled_windows
+    keep = S.advance_all
     if side == "perlayer":
         S.advance_all = lambda chunks, acc: [c.advance(acc) for c in chunks]
-    elif side == "batched_ssm":
-        C.rolled_windows = lambda hs, cs, acc: [C.rolled_window(h, c, acc) for h, c in zip(hs, cs)]
     S._speculate.clear_cache()  # a traced loop keeps the commit it was traced with
     try:
         yield
     finally:
-        S.advance_all, C.rolled_windows = keep
+        S.advance_all = keep
         S._speculate.clear_cache()
-
-
-def timed(fn: Any, runs: int) -> tuple[float, Any]:
-    """(median seconds over `runs` calls after one warm-up, the warm-up's result)."""
-    first = fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), first
 
 
 def render_md(res: dict[str, Any]) -> str:
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import numpy as np
     from bench_param_dtype import build
-    from bench_speculative import loop_projected, profile_run
+    from bench_speculative import loop_projected, profile_run, timed
 
     from mamba_llama_jax.inference.generate import Generator, SamplingConfig
     from mamba_llama_jax.inference.speculative import SpeculativeDecoder
@@ -129,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     dec, gen = SpeculativeDecoder(target, draft), Generator(target)
     prompt = np.random.default_rng(0).integers(0, target.cfg.vocab_size, args.prompt_len).tolist()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    t_plain, _ = timed(lambda: gen.run([prompt], sampling), args.runs)
+    t_plain = timed(lambda: gen.run([prompt], sampling), args.runs)
     res: dict[str, Any] = dict(
         date=now(), device=device(), versions=versions(), xla_flags=os.environ.get("XLA_FLAGS", ""),
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), prompt_len=args.prompt_len,
@@ -152,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             with commit(side):
                 run = lambda: dec.run([prompt], k=k, max_new_tokens=args.new_tokens)
-                t, (tokens, _, stats) = timed(run, args.runs)
+                tokens, _, stats = run()  # compiles; timed() needs no warm-up of its own then
+                t = timed(run, args.runs, warmup=0)
                 row: dict[str, Any] = dict(k=k, side=side, rounds=stats.rounds, seconds=t,
                                            acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round)
                 row["round_ms"] = 1e3 * t / stats.rounds

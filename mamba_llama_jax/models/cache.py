@@ -162,48 +162,34 @@ class MambaChunk:
 
 
 def advance_all(chunks: list[MambaChunk], accepted: jax.Array) -> list[MambaCache]:
-    """`[c.advance(accepted) for c in chunks]`, with the Mamba2 layers of one shape in a single multistep-verify
-    call: their heads side by side on the head axis (A is per head, so layers need nothing else of their own).
+    """`[c.advance(accepted) for c in chunks]`, with the Mamba2 layers of one shape advanced as one chunk: their
+    heads (state, x, dt, B, A) and conv channels side by side, so one multistep-verify call and one conv-window
+    gather for all of them (A is per head, so layers need nothing else of their own).
 
     A speculative round commits every Mamba layer of the target and of the draft; one call per layer is a launch
-    per layer for a latency-bound step (a few microseconds each at batch 1), one call for all of them is one
-    launch. Each head's steps are the per-layer call's (the kernel and the reference are per head), so the
-    states are the same."""
-    acc = accepted.astype(jnp.int32)
+    per layer for a latency-bound step (a few microseconds each at batch 1). Each head's and channel's steps are
+    the per-layer call's (the kernel and the reference are per head), so the states are the same."""
     out: list[MambaCache | None] = [None] * len(chunks)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, c in enumerate(chunks):
         if c.variant == "mamba2":
-            key = (c.before.ssm.shape, c.before.conv.shape, c.x.shape, c.B.shape, c.conv_in.dtype, c.x.dtype,
-                   c.dt.dtype, c.B.dtype)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(tuple((a.shape, a.dtype) for a in jax.tree.leaves(c)), []).append(i)
         else:
-            out[i] = c.advance(acc)
+            out[i] = c.advance(accepted)
     for idx in groups.values():
-        if len(idx) == 1:
-            out[idx[0]] = chunks[idx[0]].advance(acc)
-            continue
         cs = [chunks[i] for i in idx]
-        # y is not wanted here; C only feeds y, so B stands in for it
-        B = jnp.concatenate([c.B for c in cs], axis=2)
-        _, ssm = dispatch.verify(jnp.concatenate([c.before.ssm for c in cs], axis=1),
-                                 jnp.concatenate([c.x for c in cs], axis=2),
-                                 jnp.concatenate([c.dt for c in cs], axis=2),
-                                 jnp.concatenate([c.A for c in cs], axis=0), B, B, dt_softplus=False, accepted=acc)
-        parts = _split(ssm, [c.before.ssm.shape[1] for c in cs], axis=1)
-        convs = rolled_windows([c.before.conv for c in cs], [c.conv_in for c in cs], acc)
-        for i, conv, part in zip(idx, convs, parts):
-            out[i] = MambaCache(conv, part)
+        cat = lambda get, axis: jnp.concatenate([get(c) for c in cs], axis=axis)
+        before = MambaCache(cat(lambda c: c.before.conv, 1), cat(lambda c: c.before.ssm, 1))
+        # `advance` reads no `latest`; `before` fills the field
+        merged = MambaChunk(before, before, cat(lambda c: c.conv_in, 2), cat(lambda c: c.x, 2),
+                            cat(lambda c: c.dt, 2), cat(lambda c: c.B, 2), cat(lambda c: c.A, 0), "mamba2")
+        done = merged.advance(accepted)
+        convs = _split(done.conv, [c.before.conv.shape[1] for c in cs])
+        for i, conv, ssm in zip(idx, convs, _split(done.ssm, [c.before.ssm.shape[1] for c in cs])):
+            out[i] = MambaCache(conv, ssm)
     return out
 
 
-def _split(a: jax.Array, sizes: list[int], axis: int) -> list[jax.Array]:
-    return jnp.split(a, list(itertools.accumulate(sizes))[:-1], axis=axis)
-
-
-def rolled_windows(histories: list[jax.Array], chunks: list[jax.Array], accepted: jax.Array) -> list[jax.Array]:
-    """`rolled_window` of each (history, chunk) pair as one gather: the layers' channels side by side (their
-    windows and chunks share batch, width and length), so one launch for every layer instead of one each."""
-    widths = [h.shape[1] for h in histories]
-    both = rolled_window(jnp.concatenate(histories, axis=1), jnp.concatenate(chunks, axis=2), accepted)
-    return _split(both, widths, axis=1)
+def _split(a: jax.Array, sizes: list[int]) -> list[jax.Array]:
+    """`a` cut on axis 1 into pieces of `sizes`."""
+    return jnp.split(a, list(itertools.accumulate(sizes))[:-1], axis=1)

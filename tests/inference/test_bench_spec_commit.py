@@ -1,7 +1,6 @@
 """benchmarks/bench_spec_commit.py on the CPU: both commit sides run and give the same tokens, `perlayer` commits
-each Mamba layer by its own multistep-verify call and conv-window gather, `batched_ssm` each model's layers by one
-call and a gather each, `batched` by one call and one gather, and each side's context leaves the batched commit in
-place afterwards."""
+each Mamba layer by its own multistep-verify call and conv-window gather, `batched` each model's layers by one call
+and one gather, and the perlayer side's context leaves the batched commit in place afterwards."""
 
 import contextlib
 import json
@@ -20,7 +19,7 @@ def test_tiny_run_records_both_sides(monkeypatch, tmp_path):
     from mamba_llama_jax.models import cache as C
     from pallas_kernels import dispatch
 
-    keep, side_commit, verify = (S.advance_all, C.rolled_windows), bsc.commit, dispatch.verify
+    keep, side_commit, verify = S.advance_all, bsc.commit, dispatch.verify
     side, heads = [None], {}
 
     @contextlib.contextmanager
@@ -45,17 +44,16 @@ def test_tiny_run_records_both_sides(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "verify", counted)
     monkeypatch.setattr(bsc, "use_decode_flags", lambda: "added")
     bsc.main(["--tiny", "--k", "2", "--runs", "1", "--out", str(tmp_path), "--stem", "sc"])
-    assert (S.advance_all, C.rolled_windows) == keep  # each side's context restored the batched commit
+    assert S.advance_all is keep  # the perlayer side's context restored the batched commit
     res = json.loads((tmp_path / "sc.json").read_text())
     rows = {r["side"]: r for r in res["rows"]}
-    assert set(rows) == {"perlayer", "batched_ssm", "batched"}
-    assert rows["batched_ssm"]["same"] is True and rows["batched"]["same"] is True
+    assert set(rows) == {"perlayer", "batched"} and rows["batched"]["same"] is True
     assert all(r["rounds"] > 0 and r["round_ms"] > 0 and r["loop"]["1.0"] > 0 for r in rows.values())
     assert "| 2 | batched |" in (tmp_path / "sc.md").read_text()
     # The tiny target has 2 Mamba2 layers of 4 heads, the 2-layer draft 2 more: a batched commit sees 8 heads (a
     # model's two layers side by side), a per-layer commit 4, as every verify chunk does.
-    assert heads == {"perlayer": {4}, "batched_ssm": {4, 8}, "batched": {4, 8}}
-    assert gathers == {"perlayer": 4, "batched_ssm": 4, "batched": 2}  # a gather per layer, or per model
+    assert heads == {"perlayer": {4}, "batched": {4, 8}}
+    assert gathers == {"perlayer": 4, "batched": 2}  # a gather per layer, or per model
     with pytest.raises(SystemExit):
         bsc.main(["--tiny", "--k", "0", "--out", str(tmp_path)])
     sys.modules.pop("bench_spec_commit", None)
